@@ -165,7 +165,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", choices=["mnist1d", "charlm", "both"], default="both")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of: " + ", ".join(CONFIGS))
-    ap.add_argument("--steps", type=int, default=None, help="training steps (default: 2000 mnist1d, 600 charlm)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default: 2000 mnist1d, 300 charlm)")
     ap.add_argument("--mnist-lr", type=float, default=0.008)
     ap.add_argument("--lm-lr", type=float, default=0.003)
     ap.add_argument("--lm-bytes", type=int, default=2_000_000, help="bytes of stdlib source used (90%% train)")
@@ -186,7 +186,7 @@ def main() -> None:
             print(f"  mnist1d {name:>16}: {loss:.6g} ({rows[-1][-1]:.0f} s)", flush=True)
     if args.task in ("charlm", "both"):
         text = stdlib_text(args.lm_bytes)
-        steps = args.steps or 600
+        steps = args.steps or 300
         for name in configs:
             t = time.perf_counter()
             loss = run_charlm(CONFIGS[name], text, steps, args.lm_lr, 32, args.seed)
