@@ -1,3 +1,37 @@
-"""sfoptim: schedule-free optimizers for PyTorch."""
+"""sfoptim: schedule-free optimizers for PyTorch.
+
+Drop-in replacements for the published ``schedulefree`` package (same class
+names, arguments and defaults) built on one engine (:mod:`sfoptim.engine`);
+each algorithm contributes only its base direction.
+"""
+
+from .adamw import AdamWScheduleFree, AdamWScheduleFreeClosure, AdamWScheduleFreePaper
+from .engine import ModeError, ScheduleFreeOptimizer
+from .radam import RAdamScheduleFree, RAdamScheduleFreeClosure
+from .reference import (
+    AdamWScheduleFreeReference,
+    RAdamScheduleFreeReference,
+    ScheduleFreeWrapperReference,
+    SGDScheduleFreeReference,
+)
+from .sgd import SGDScheduleFree, SGDScheduleFreeClosure
+from .wrapper import ScheduleFreeWrapper
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "AdamWScheduleFree",
+    "AdamWScheduleFreeClosure",
+    "AdamWScheduleFreePaper",
+    "AdamWScheduleFreeReference",
+    "ModeError",
+    "RAdamScheduleFree",
+    "RAdamScheduleFreeClosure",
+    "RAdamScheduleFreeReference",
+    "SGDScheduleFree",
+    "SGDScheduleFreeClosure",
+    "SGDScheduleFreeReference",
+    "ScheduleFreeOptimizer",
+    "ScheduleFreeWrapper",
+    "ScheduleFreeWrapperReference",
+]

@@ -1,0 +1,71 @@
+"""Hyperparameter checks shared by every optimizer.
+
+Each check raises ``ValueError`` naming the argument and the offending value,
+so a typo in a config file is found at construction, not as NaN at step 500.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Any
+
+import torch
+
+
+def _as_float(name: str, value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Invalid {name}: {value!r} (a tensor {name} must hold one element)")
+        return float(value.detach().cpu().item())
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ValueError(f"Invalid {name}: {value!r} (expected a real number)")
+    return float(value)
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+    """``value`` must be a finite real number >= 0."""
+    v = _as_float(name, value)
+    if not math.isfinite(v) or v < 0.0:
+        raise ValueError(f"Invalid {name}: {value!r} (must be finite and >= 0)")
+
+
+def check_in_range(name: str, value: Any, low: float, high: float, *, low_open: bool, high_open: bool) -> None:
+    """``value`` must lie in the interval given by ``low``/``high`` and openness flags."""
+    v = _as_float(name, value)
+    ok = math.isfinite(v)
+    ok = ok and (v > low if low_open else v >= low)
+    ok = ok and (v < high if high_open else v <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"Invalid {name}: {value!r} (must be in {interval})")
+
+
+def check_interpolation(name: str, value: Any) -> None:
+    """The y/x interpolation weight beta must lie in (0, 1].
+
+    beta = 0 would make y equal z, and x could then no longer be recovered from
+    the two stored buffers, so evaluation would be impossible.
+    """
+    check_in_range(name, value, 0.0, 1.0, low_open=True, high_open=False)
+
+
+def check_warmup_steps(value: Any) -> None:
+    """Warmup is a number of steps: an integer >= 0 (a ratio like 0.05 is refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if isinstance(value, float) and value.is_integer() and value >= 0:
+            return
+        raise ValueError(
+            f"Invalid warmup_steps: {value!r} (must be an integer number of steps >= 0; "
+            "to warm up over a fraction of training, multiply it by the total number of steps)"
+        )
+
+
+def check_betas(value: Any) -> None:
+    """Adam's ``betas``: beta1 in (0, 1] (the interpolation weight), beta2 in [0, 1)."""
+    try:
+        beta1, beta2 = value
+    except (TypeError, ValueError):
+        raise ValueError(f"Invalid betas: {value!r} (expected a pair (beta1, beta2))") from None
+    check_interpolation("betas[0]", beta1)
+    check_in_range("betas[1]", beta2, 0.0, 1.0, low_open=False, high_open=True)

@@ -1,0 +1,183 @@
+r"""Schedule-free AdamW: the base direction is Adam's preconditioned gradient at ``y``.
+
+.. math::
+
+    v_t &= \beta_2 v_{t-1} + (1-\beta_2)\, g_t^2 \\
+    d_t &= \frac{\hat m_t}{\sqrt{v_t / (1-\beta_2^t)} + \epsilon} + \lambda y_t
+
+where :math:`\hat m_t = g_t` by default, or with ``inner_momentum`` =
+:math:`\mu > 0` the bias-corrected EMA
+:math:`m_t = \mu m_{t-1} + (1-\mu) g_t`, :math:`\hat m_t = m_t/(1-\mu^t)`.
+``betas[0]`` is the interpolation weight :math:`\beta` of the engine, not a
+momentum: schedule-free needs none.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import _validation
+from .averaging import AveragingStep
+from .engine import Bucket, ClosureForm, ScheduleFreeOptimizer
+
+__all__ = ["AdamWScheduleFree", "AdamWScheduleFreeClosure", "AdamWScheduleFreePaper", "adam_direction"]
+
+
+def update_second_moment(exp_avg_sq: list[Tensor], grads: list[Tensor], beta2: float) -> None:
+    r""":math:`v \leftarrow \beta_2 v + (1-\beta_2) g^2`, in place."""
+    torch._foreach_mul_(exp_avg_sq, beta2)
+    torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
+
+
+def adam_direction(
+    grads: list[Tensor],
+    exp_avg_sq: list[Tensor],
+    *,
+    step: int,
+    beta2: float,
+    eps: float,
+    bias_correction: bool = True,
+    exp_avg: Optional[list[Tensor]] = None,
+    inner_momentum: float = 0.0,
+) -> list[Tensor]:
+    r"""Updates the second moment in place and returns Adam's direction as new tensors.
+
+    :math:`v \leftarrow \beta_2 v + (1-\beta_2) g^2`;
+    direction :math:`\hat m / (\sqrt{v/(1-\beta_2^t)} + \epsilon)` (without the
+    bias correction when ``bias_correction`` is False). ``grads`` are not changed.
+    """
+    update_second_moment(exp_avg_sq, grads, beta2)
+    if bias_correction:
+        denom = torch._foreach_div(exp_avg_sq, 1 - beta2**step)
+        torch._foreach_sqrt_(denom)
+    else:
+        denom = torch._foreach_sqrt(exp_avg_sq)
+    torch._foreach_add_(denom, eps)
+    if exp_avg is None:
+        return torch._foreach_div(grads, denom)
+    torch._foreach_lerp_(exp_avg, grads, 1 - inner_momentum)
+    direction = torch._foreach_div(exp_avg, denom)
+    torch._foreach_div_(direction, 1 - inner_momentum**step)
+    return direction
+
+
+class AdamWScheduleFree(ScheduleFreeOptimizer):
+    r"""Schedule-free AdamW (Defazio et al., 2024).
+
+    No learning-rate schedule is needed: warmup is built in (``warmup_steps``)
+    and the averaged point ``x`` plays the role of the decayed iterate at every
+    step. Call :meth:`train` before training steps and :meth:`eval` before
+    evaluating or saving (the optimizer starts in train mode).
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate :math:`\gamma` (default 0.0025).
+        betas: :math:`(\beta, \beta_2)`: the interpolation weight in (0, 1] and
+            the second-moment decay in [0, 1) (default (0.9, 0.999)).
+        eps: added to the denominator (default 1e-8).
+        weight_decay: :math:`\lambda`, decoupled and applied at ``y`` (default 0).
+        warmup_steps: linear warmup length in steps (default 0).
+        r: polynomial weighting power of the average (default 0).
+        weight_lr_power: power of the maximal learning rate in the averaging
+            weights (default 2).
+        foreach: ``True``/``None`` updates all tensors of a device and dtype
+            together; ``False`` one at a time (less temporary memory).
+        inner_momentum: :math:`\mu \in [0, 1)`, an EMA of the gradient inside the
+            Adam direction (default 0: no buffer is allocated).
+
+    State per parameter: ``z`` and ``exp_avg_sq`` (plus ``exp_avg`` when
+    ``inner_momentum > 0``).
+
+    Example::
+
+        opt = sfoptim.AdamWScheduleFree(model.parameters(), lr=1e-3, warmup_steps=100)
+        opt.train(); model.train()
+        for xb, yb in loader:
+            opt.zero_grad(); loss_fn(model(xb), yb).backward(); opt.step()
+        opt.eval(); model.eval()   # parameters now hold x
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: Union[float, Tensor] = 0.0025,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        warmup_steps: int = 0,
+        r: float = 0.0,
+        weight_lr_power: float = 2.0,
+        foreach: Optional[bool] = None,
+        inner_momentum: float = 0.0,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            r=r,
+            weight_lr_power=weight_lr_power,
+            foreach=foreach,
+            inner_momentum=inner_momentum,
+        )
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict) -> None:
+        super()._validate_group(group)
+        _validation.check_betas(group["betas"])
+        _validation.check_nonnegative("eps", group["eps"])
+        _validation.check_warmup_steps(group["warmup_steps"])
+        _validation.check_in_range(
+            "inner_momentum", group.get("inner_momentum", 0.0), 0.0, 1.0, low_open=False, high_open=True
+        )
+
+    def _beta(self, group: dict) -> float:
+        return group["betas"][0]
+
+    def _state_buffers(self, group: dict) -> tuple[str, ...]:
+        if group.get("inner_momentum", 0.0) > 0:
+            return ("exp_avg_sq", "exp_avg")
+        return ("exp_avg_sq",)
+
+    _bias_correction = True
+
+    def _direction(self, group: dict, sched: AveragingStep, bucket: Bucket) -> tuple[list[Tensor], bool]:
+        inner = group.get("inner_momentum", 0.0)
+        direction = adam_direction(
+            bucket.grads,
+            bucket.buffers["exp_avg_sq"],
+            step=sched.step,
+            beta2=group["betas"][1],
+            eps=group["eps"],
+            bias_correction=self._bias_correction,
+            exp_avg=bucket.buffers["exp_avg"] if inner > 0 else None,
+            inner_momentum=inner,
+        )
+        return direction, True
+
+
+class AdamWScheduleFreeClosure(ClosureForm, AdamWScheduleFree):
+    """Schedule-free AdamW whose parameters always hold ``x``; ``step(closure)`` required.
+
+    Same arguments and math as :class:`AdamWScheduleFree`.
+    """
+
+
+class AdamWScheduleFreePaper(AdamWScheduleFree):
+    r"""The paper's Algorithm 1: Adam's bias correction folded into the learning rate.
+
+    :math:`\gamma_t = \gamma \cdot \mathrm{warmup}(t) \cdot \sqrt{1-\beta_2^t}` and
+    :math:`d_t = g_t / (\sqrt{v_t} + \epsilon)`, as in the published package
+    before version 1.3. The smaller early learning rates also enter the
+    averaging weights through ``lr_max``. Use it to reproduce published numbers.
+    """
+
+    _bias_correction = False
+
+    def _scheduled_lr(self, group: dict, step: int) -> float:
+        return super()._scheduled_lr(group, step) * math.sqrt(1 - group["betas"][1] ** step)

@@ -1,0 +1,406 @@
+r"""The schedule-free engine: everything that is not the base optimizer's direction.
+
+Schedule-free training (Defazio et al., 2024, "The Road Less Scheduled") keeps
+three sequences per parameter:
+
+.. math::
+
+    y_t &= (1-\beta)\, z_t + \beta\, x_t            &&\text{(gradients are taken here)}\\
+    z_{t+1} &= z_t - \gamma_t\, d_t                &&\text{(the base optimizer's iterate)}\\
+    x_{t+1} &= (1-c_{t+1})\, x_t + c_{t+1}\, z_{t+1} &&\text{(the average: evaluate here)}
+
+where :math:`d_t` is the base direction evaluated at :math:`y_t` (the gradient
+for SGD, the preconditioned gradient for Adam) plus weight decay
+:math:`\lambda y_t`, and :math:`c_{t+1}` comes from :mod:`sfoptim.averaging`.
+
+Only two buffers are stored: the parameter holds ``y`` in train mode (``x`` in
+eval mode) and the state holds ``z``. ``x`` is recovered from them:
+:math:`x = y + (1 - 1/\beta)(z - y)` and back :math:`y = x + (1-\beta)(z - x)`.
+One step updates ``y`` in place without forming ``x``:
+
+.. math::
+
+    y_{t+1} = \operatorname{lerp}(y_t, z_t, c_{t+1}) + \gamma_t\,(\beta(1-c_{t+1}) - 1)\, d_t
+
+This module holds that machinery once; :class:`ScheduleFreeOptimizer`
+subclasses add only :meth:`ScheduleFreeOptimizer._direction` (and, where the
+algorithm needs it, a learning-rate hook).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from . import _validation
+from .averaging import AveragingStep, averaging_step, warmup_factor
+
+__all__ = ["ModeError", "ScheduleFreeOptimizer"]
+
+
+class ModeError(RuntimeError):
+    """Raised when the optimizer is asked to step while its parameters hold ``x``."""
+
+
+_MODE_MESSAGE = (
+    "{name}.step() was called in eval mode: the parameters hold the averaged point x, "
+    "not the training point y. Call optimizer.train() before training steps "
+    "(and optimizer.eval() before evaluating or saving)."
+)
+
+
+class Bucket(NamedTuple):
+    """Tensors of one device and dtype that one backend call updates together."""
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    z: list[Tensor]
+    buffers: dict[str, list[Tensor]]
+
+
+def _real(t: Tensor) -> Tensor:
+    # Complex parameters are optimized as pairs of reals, as torch.optim does,
+    # so that |g|^2 in Adam is the squared modulus and lerp stays elementwise.
+    return torch.view_as_real(t) if torch.is_complex(t) else t
+
+
+class ScheduleFreeOptimizer(torch.optim.Optimizer):
+    """Base class of every sfoptim optimizer: mode handling, averaging, state.
+
+    Subclasses provide:
+
+    * ``_beta(group)``: the interpolation weight :math:`\\beta` of the group.
+    * ``_state_buffers(group)``: names of parameter-sized buffers besides ``z``.
+    * ``_direction(group, sched, bucket)``: the base direction at ``y``.
+    * optionally ``_scheduled_lr(group, step)`` (default: linear warmup).
+
+    The optimizer starts in train mode. In train mode the parameters hold
+    ``y``; :meth:`eval` moves them to ``x`` and :meth:`train` back.
+    """
+
+    #: Prefix of the group keys the engine owns; the wrapper namespaces them so
+    #: they cannot collide with its base optimizer's own keys (Prodigy's ``k``).
+    _key_prefix: str = ""
+    #: Group key of the weight decay applied at ``y``.
+    _decay_key: str = "weight_decay"
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        defaults = dict(defaults)
+        defaults.setdefault("foreach", None)
+        for name, value in self._schedule_defaults().items():
+            defaults.setdefault(name, value)
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ hooks
+    def _beta(self, group: dict) -> float:
+        raise NotImplementedError
+
+    def _state_buffers(self, group: dict) -> tuple[str, ...]:
+        return ()
+
+    def _scheduled_lr(self, group: dict, step: int) -> float:
+        """Learning rate of a 1-based ``step``: ``lr * min(1, step/warmup_steps)``."""
+        return float(group["lr"]) * warmup_factor(step, int(group.get("warmup_steps", 0)))
+
+    def _direction(self, group: dict, sched: AveragingStep, bucket: Bucket) -> tuple[list[Tensor], bool]:
+        """Returns the base direction for the bucket and whether the engine owns it.
+
+        When the second item is False the tensors alias something that must not
+        change (the gradients), and the engine copies before adding weight decay.
+        """
+        raise NotImplementedError
+
+    def _validate_group(self, group: dict) -> None:
+        _validation.check_nonnegative("lr", group["lr"])
+        _validation.check_nonnegative(self._decay_key.removeprefix(self._key_prefix), group[self._decay_key])
+        _validation.check_nonnegative("r", group[self._key("r")])
+        _validation.check_nonnegative("weight_lr_power", group[self._key("weight_lr_power")])
+
+    # ------------------------------------------------------------ group keys
+    def _key(self, name: str) -> str:
+        return self._key_prefix + name
+
+    def _schedule_defaults(self) -> dict[str, Any]:
+        return {
+            self._key("k"): 0,
+            self._key("train_mode"): True,
+            self._key("weight_sum"): 0.0,
+            self._key("lr_max"): -1.0,
+            self._key("scheduled_lr"): 0.0,
+        }
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Adds a group, validating its hyperparameters; it joins in the current mode."""
+        mode = self.train_mode if getattr(self, "param_groups", None) else True
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._validate_group(group)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        # A group added mid-training has no z yet, so either mode is exact for
+        # it; record the optimizer's mode so that one flag describes everything.
+        group[self._key("train_mode")] = mode
+
+    # ------------------------------------------------------------------ modes
+    @property
+    def train_mode(self) -> bool:
+        """True while the parameters hold ``y`` (training), False while they hold ``x``."""
+        return all(g[self._key("train_mode")] for g in self.param_groups)
+
+    @torch.no_grad()
+    def train(self) -> "ScheduleFreeOptimizer":
+        """Moves the parameters to the training point ``y``. Idempotent; returns self."""
+        for group in self.param_groups:
+            if not group[self._key("train_mode")]:
+                self._params_to_y(group)
+                group[self._key("train_mode")] = True
+        return self
+
+    @torch.no_grad()
+    def eval(self) -> "ScheduleFreeOptimizer":
+        """Moves the parameters to the averaged point ``x``. Idempotent; returns self."""
+        for group in self.param_groups:
+            if group[self._key("train_mode")]:
+                self._params_to_x(group)
+                group[self._key("train_mode")] = False
+        return self
+
+    def _params_with_z(self, group: dict) -> tuple[list[Tensor], list[Tensor]]:
+        ps, zs = [], []
+        for p in group["params"]:
+            state = self.state.get(p)
+            if state and "z" in state:
+                ps.append(_real(p.data))
+                zs.append(_real(state["z"]))
+        return ps, zs
+
+    def _params_to_x(self, group: dict) -> None:
+        ps, zs = self._params_with_z(group)
+        if ps:
+            torch._foreach_lerp_(ps, zs, 1 - 1 / self._beta(group))
+
+    def _params_to_y(self, group: dict) -> None:
+        ps, zs = self._params_with_z(group)
+        if ps:
+            torch._foreach_lerp_(ps, zs, 1 - self._beta(group))
+
+    @torch.no_grad()
+    def eval_params(self) -> list[Tensor]:
+        """The averaged point ``x`` of every parameter, as new tensors.
+
+        The live parameters and the state are not touched, whatever the mode.
+        The order is ``[p for g in self.param_groups for p in g["params"]]``;
+        a parameter that has not been stepped yet is its own ``x``.
+        """
+        out: list[Tensor] = []
+        for group in self.param_groups:
+            in_train = group[self._key("train_mode")]
+            for p in group["params"]:
+                out.append(self._x_of(group, p, in_train))
+        return out
+
+    def _x_of(self, group: dict, p: Tensor, in_train: bool) -> Tensor:
+        state = self.state.get(p)
+        if in_train and state and "z" in state:
+            return torch.lerp(p.detach(), state["z"], 1 - 1 / self._beta(group))
+        return p.detach().clone()
+
+    # ------------------------------------------------------------------- step
+    def _check_train_mode(self) -> None:
+        if not self.train_mode:
+            raise ModeError(_MODE_MESSAGE.format(name=type(self).__name__))
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """Performs one schedule-free step with the gradients stored in ``p.grad``.
+
+        ``closure``, if given, is evaluated first (with gradients enabled) and
+        its result returned. ``p.grad`` is read, never written.
+
+        Raises:
+            ModeError: in eval mode (call :meth:`train` first).
+            RuntimeError: for a sparse gradient; nothing has changed then.
+        """
+        self._check_train_mode()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._update()
+        return loss
+
+    def _param_label(self, group_index: int, param_index: int, p: Tensor) -> str:
+        group = self.param_groups[group_index]
+        names = group.get("param_names")
+        name = f" '{names[param_index]}'" if names else ""
+        return f"param_groups[{group_index}]['params'][{param_index}]{name} (shape {tuple(p.shape)})"
+
+    def _active_params(self, group_index: int, group: dict) -> list[Tensor]:
+        active = []
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    f"{type(self).__name__} does not support sparse gradients, but "
+                    f"{self._param_label(group_index, i, p)} has one; use a dense embedding "
+                    "(sparse=False) or torch.optim.SparseAdam for that parameter."
+                )
+            if p.grad.shape != p.shape:
+                raise RuntimeError(
+                    f"{self._param_label(group_index, i, p)} has a gradient of shape "
+                    f"{tuple(p.grad.shape)}, which does not match the parameter."
+                )
+            active.append(p)
+        return active
+
+    def _schedule(self, group: dict) -> AveragingStep:
+        step = group[self._key("k")] + 1
+        lr = self._scheduled_lr(group, step)
+        return averaging_step(
+            step,
+            lr,
+            group[self._key("lr_max")],
+            group[self._key("weight_sum")],
+            group[self._key("r")],
+            group[self._key("weight_lr_power")],
+        )
+
+    def _commit(self, group: dict, sched: AveragingStep) -> None:
+        group[self._key("k")] = sched.step
+        group[self._key("lr_max")] = sched.lr_max
+        group[self._key("weight_sum")] = sched.weight_sum
+        group[self._key("scheduled_lr")] = sched.lr
+
+    def _init_state(self, group: dict, p: Tensor) -> dict:
+        state = self.state[p]
+        if "z" not in state:
+            state["z"] = torch.clone(p.detach(), memory_format=torch.preserve_format)
+        for name in self._state_buffers(group):
+            if name not in state:
+                state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _buckets(self, group: dict, active: list[Tensor]) -> list[Bucket]:
+        names = self._state_buffers(group)
+        by_key: dict[tuple, Bucket] = {}
+        for p in active:
+            state = self._init_state(group, p)
+            key = (p.device, p.dtype)
+            if key not in by_key:
+                by_key[key] = Bucket([], [], [], {n: [] for n in names})
+            bucket = by_key[key]
+            bucket.params.append(_real(p.data))
+            bucket.grads.append(_real(p.grad))
+            bucket.z.append(_real(state["z"]))
+            for n in names:
+                bucket.buffers[n].append(_real(state[n]))
+        return list(by_key.values())
+
+    def _update(self) -> None:
+        # Validate every group before mutating anything, so that a bad gradient
+        # in the last group leaves the first group's parameters untouched.
+        plans = []
+        for gi, group in enumerate(self.param_groups):
+            plans.append((group, self._active_params(gi, group), self._schedule(group)))
+        for group, active, sched in plans:
+            if active:
+                for bucket in self._buckets(group, active):
+                    if group.get("foreach") is False:
+                        for single in _split(bucket):
+                            self._apply(group, sched, single)
+                    else:
+                        self._apply(group, sched, bucket)
+            self._commit(group, sched)
+
+    def _apply(self, group: dict, sched: AveragingStep, bucket: Bucket) -> None:
+        direction, owned = self._direction(group, sched, bucket)
+        decay = group[self._decay_key]
+        if decay != 0:
+            if owned:
+                torch._foreach_add_(direction, bucket.params, alpha=decay)
+            else:
+                direction = torch._foreach_add(direction, bucket.params, alpha=decay)
+        interpolate_and_step(bucket.params, bucket.z, direction, sched.lr, sched.ckp1, self._beta(group))
+
+    # ------------------------------------------------------------ state dicts
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for name, value in self._schedule_defaults().items():
+                group.setdefault(name, value)
+            group.setdefault("foreach", None)
+
+
+def interpolate_and_step(
+    y: list[Tensor], z: list[Tensor], d: list[Tensor], lr: float, ckp1: float, beta: float
+) -> None:
+    r"""The schedule-free update of ``y`` and ``z`` given the direction ``d`` at ``y``.
+
+    :math:`y \leftarrow \operatorname{lerp}(y, z, c) + \gamma(\beta(1-c)-1)d`,
+    :math:`z \leftarrow z - \gamma d`. Equivalent to updating ``z``, averaging
+    ``x`` and re-interpolating ``y``, without ever storing ``x``.
+    """
+    torch._foreach_lerp_(y, z, ckp1)
+    torch._foreach_add_(y, d, alpha=lr * (beta * (1 - ckp1) - 1))
+    torch._foreach_sub_(z, d, alpha=lr)
+
+
+def _split(bucket: Bucket) -> list[Bucket]:
+    return [
+        Bucket([p], [g], [z], {n: [bufs[i]] for n, bufs in bucket.buffers.items()})
+        for i, (p, g, z) in enumerate(zip(bucket.params, bucket.grads, bucket.z))
+    ]
+
+
+class ClosureForm:
+    """Mixin: parameters hold ``x`` between steps; ``step(closure)`` visits ``y``.
+
+    The closure is evaluated at ``y``, the usual update is applied, and the
+    parameters return to ``x``. No :meth:`train`/:meth:`eval` calls are needed
+    (they are accepted and do nothing), so evaluation code needs no changes.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        for group in self.param_groups:  # type: ignore[attr-defined]
+            group[self._key("train_mode")] = False  # type: ignore[attr-defined]
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)  # type: ignore[misc]
+        self.param_groups[-1][self._key("train_mode")] = False  # type: ignore[attr-defined]
+
+    def train(self) -> Any:
+        """No-op: a closure form keeps ``x`` in the parameters between steps."""
+        return self
+
+    def eval(self) -> Any:
+        """No-op: a closure form keeps ``x`` in the parameters between steps."""
+        return self
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any]) -> Any:  # type: ignore[override]
+        """Evaluates ``closure`` at ``y`` (with gradients enabled) and steps.
+
+        The closure must zero the gradients, compute the loss and call
+        ``backward()``; its return value is returned. If it raises, the
+        parameters are moved back to ``x`` before the error propagates.
+        """
+        if closure is None:
+            raise TypeError(f"{type(self).__name__}.step() needs a closure that computes the loss and gradients")
+        engine: ScheduleFreeOptimizer = self  # type: ignore[assignment]
+        for group in engine.param_groups:
+            engine._params_to_y(group)
+        try:
+            with torch.enable_grad():
+                loss = closure()
+            engine._update()
+        finally:
+            for group in engine.param_groups:
+                engine._params_to_x(group)
+        return loss
+
