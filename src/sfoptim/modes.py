@@ -8,6 +8,8 @@ right point easy to get without having to remember where to call
 
 * :func:`averaged_state_dict` -- ``model.state_dict()`` with ``x`` in it,
   computed without touching the live parameters.
+* :func:`eval_optimizer_state_dict` -- the optimizer's state dict as it
+  is in eval mode, to save next to :func:`averaged_state_dict`.
 * :func:`eval_mode` -- a context manager that evaluates at ``x`` and puts
   model and optimizer back into their previous modes on exit.
 * :func:`tie_mode` -- make ``model.train()`` / ``model.eval()`` switch the
@@ -31,6 +33,7 @@ from torch import nn
 
 __all__ = [
     "averaged_state_dict",
+    "eval_optimizer_state_dict",
     "eval_mode",
     "tie_mode",
     "TiedMode",
@@ -198,6 +201,45 @@ def averaged_state_dict(
             "changes them, so the averaged weights cannot be placed"
         )
     return result
+
+
+def _mode_key(opt: Any) -> str:
+    # The wrapper prefixes its group keys ("sf_train_mode") so they cannot
+    # clash with the base optimizer's; the engine knows the spelling.
+    key_of = getattr(opt, "_key", None)
+    return key_of("train_mode") if callable(key_of) else "train_mode"
+
+
+def eval_optimizer_state_dict(optimizer: OptimizerLike) -> dict[str, Any]:
+    """Return ``optimizer.state_dict()`` as it would read in eval mode.
+
+    Contract:
+
+    * The per-parameter state and the averaging scalars do not depend on the
+      mode; only the mode flag recorded in each param group does.  This
+      returns ``optimizer.state_dict()`` with that flag set to eval in every
+      group (the base optimizer's groups too, for the wrapper), without
+      switching or otherwise changing the optimizer.
+    * Saved together with :func:`averaged_state_dict` it makes a consistent
+      checkpoint: parameters at ``x`` and an optimizer that knows they are at
+      ``x``.  After loading both, ``optimizer.train()`` moves the parameters
+      to ``y`` and training continues where it was.
+    * Raises :class:`TypeError` when the optimizer is not schedule-free.
+    """
+    opt = unwrap_optimizer(optimizer)
+    key = _mode_key(opt)
+    sd = opt.state_dict()
+    # state_dict() builds fresh group dicts, so editing them cannot reach
+    # the live optimizer.
+    for group in sd.get("param_groups", []):
+        if key in group:
+            group[key] = False
+    base = sd.get("base")
+    if isinstance(base, dict):
+        for group in base.get("param_groups", []):
+            if key in group:
+                group[key] = False
+    return sd
 
 
 def _module_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
