@@ -227,10 +227,15 @@ def eval_optimizer_state_dict(optimizer: OptimizerLike) -> dict[str, Any]:
     * Raises :class:`TypeError` when the optimizer is not schedule-free.
     """
     opt = unwrap_optimizer(optimizer)
-    key = _mode_key(opt)
-    sd = opt.state_dict()
     # state_dict() builds fresh group dicts, so editing them cannot reach
     # the live optimizer.
+    return _mark_eval(opt.state_dict(), opt)
+
+
+def _mark_eval(sd: dict[str, Any], opt: Any) -> dict[str, Any]:
+    # Sets the mode flag to eval in a state dict produced by opt.state_dict()
+    # (or a framework's copy of one), in place; returns it.
+    key = _mode_key(opt)
     for group in sd.get("param_groups", []):
         if key in group:
             group[key] = False
