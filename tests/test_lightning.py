@@ -179,3 +179,14 @@ def test_module_without_schedule_free_optimizer_is_refused(tmp_path):
         trainer.fit(Regressor(plain_adam=True), train_loader)
     with pytest.raises(ValueError, match="bn_batches"):
         ScheduleFreeCallback(bn_batches=0)
+
+
+def test_docs_example_runs(tmp_path, monkeypatch):
+    from docs_examples import run_doc
+
+    ns = run_doc("lightning", tmp_path, monkeypatch)
+    opt = ns["trainer"].optimizers[0]
+    saved = torch.load(tmp_path / "final.ckpt", weights_only=False)["state_dict"]
+    names = [n for n, _ in ns["model"].named_parameters()]
+    for name, x in zip(names, opt.eval_params()):
+        assert torch.equal(saved[name], x)

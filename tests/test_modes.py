@@ -282,3 +282,11 @@ def test_checkpoint_at_x_resumes_the_same_trajectory(make):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for (k, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_docs_example_runs(tmp_path, monkeypatch):
+    from docs_examples import run_doc
+
+    ns = run_doc("modes", tmp_path, monkeypatch)
+    assert (tmp_path / "checkpoint.pt").exists()
+    assert ns["optimizer"].train_mode  # resumed into train mode

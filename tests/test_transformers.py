@@ -211,3 +211,13 @@ def test_callback_refuses_a_plain_optimizer(tmp_path):
         trainer.train()
     with pytest.raises(TypeError, match="optimizer_cls"):
         ScheduleFreeTrainer(model=model, args=make_args(tmp_path), optimizer_cls=torch.optim.SGD)
+
+
+def test_docs_example_runs(tmp_path, monkeypatch):
+    from docs_examples import run_doc
+
+    ns = run_doc("transformers", tmp_path, monkeypatch)
+    assert ns["trainer"].state.log_history[0]["learning_rate"] == pytest.approx(5e-3)
+    model = ns["model"]
+    for saved, p in zip(saved_params(tmp_path / "hf_final", model), model.parameters()):
+        assert torch.equal(saved, p)  # the model holds x after train()
