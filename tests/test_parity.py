@@ -221,3 +221,38 @@ def test_closure_forms_match_published(ours: type, theirs: type, kw: dict, dtype
 def test_reference_forms_match_published(ours: type, theirs: type, kw: dict, dtype: torch.dtype, capsys: Any) -> None:
     worst = run_pair(lambda p: ours(p, **kw), lambda p: theirs(p, **kw), dtype)
     assert worst <= TOL[dtype]
+
+
+@pytest.mark.parametrize(
+    "ours, theirs, kw",
+    [
+        (sfoptim.AdamWScheduleFree, schedulefree.AdamWScheduleFree, dict(lr=0.01, warmup_steps=10)),
+        (sfoptim.SGDScheduleFree, schedulefree.SGDScheduleFree, dict(lr=0.2)),
+        (sfoptim.RAdamScheduleFree, schedulefree.RAdamScheduleFree, dict(lr=0.01)),
+    ],
+)
+def test_published_checkpoint_loads_and_continues(ours: type, theirs: type, kw: dict) -> None:
+    """A run started with the published package resumes under sfoptim on the same trajectory."""
+    batches = make_batches(40)
+    model = make_model()
+    opt = theirs(model.parameters(), **kw)
+    opt.train()
+    for batch in batches[:20]:
+        opt.zero_grad()
+        loss_fn(model, batch).backward()
+        opt.step()
+    opt.eval()
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    resumed = make_model(seed=5)
+    resumed.load_state_dict(saved_model)
+    resumed_opt = ours(resumed.parameters(), **kw)
+    resumed_opt.load_state_dict(saved_opt)
+    for m, o in ((model, opt), (resumed, resumed_opt)):
+        o.train()
+        for batch in batches[20:]:
+            o.zero_grad()
+            loss_fn(m, batch).backward()
+            o.step()
+        o.eval()
+    for a, b in zip(resumed.parameters(), model.parameters()):
+        assert rel_diff(a, b) <= 1e-12
