@@ -225,13 +225,17 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             ModeError: in eval mode (call :meth:`train` first).
             RuntimeError: for a sparse gradient; nothing has changed then.
         """
-        self._check_train_mode()
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._start_step(closure)
         self._update()
         return loss
+
+    def _start_step(self, closure: Optional[Callable[[], Any]]) -> Any:
+        """Refuses to step in eval mode, then evaluates the closure (if any) with gradients on."""
+        self._check_train_mode()
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
 
     def _param_label(self, group_index: int, param_index: int, p: Tensor) -> str:
         group = self.param_groups[group_index]
