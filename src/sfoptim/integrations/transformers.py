@@ -133,7 +133,7 @@ class ScheduleFreeCallback(TrainerCallback):
 
 def _scheduled_lr(opt: Any) -> float | None:
     # The wrapper prefixes its group keys; the engine knows the spelling.
-    key = opt._key if callable(getattr(opt, "_key", None)) else (lambda name: name)
+    key = opt.group_key if callable(getattr(opt, "group_key", None)) else (lambda name: name)
     group = opt.param_groups[0]
     if not group.get(key("k"), 0):
         return None  # no step yet: nothing has been scheduled
