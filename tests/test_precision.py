@@ -185,7 +185,7 @@ def _scaled_run(skip_at: set[int], poison: bool, wrapper: bool) -> tuple[nn.Modu
         scaler.update()
         if step in skip_at:
             assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())), "skipped step moved y"
-        counts.append(opt.param_groups[0][opt._key("k")])
+        counts.append(opt.param_groups[0][opt.group_key("k")])
     return model, opt, counts
 
 
@@ -194,7 +194,7 @@ def test_gradscaler_skipped_steps_do_not_advance_the_optimizer(wrapper):
     model, opt, counts = _scaled_run({3, 7}, poison=True, wrapper=wrapper)
     clean_model, clean_opt, _ = _scaled_run({3, 7}, poison=False, wrapper=wrapper)
     assert counts == [1, 2, 3, 3, 4, 5, 6, 6, 7, 8]
-    key = opt._key("weight_sum")
+    key = opt.group_key("weight_sum")
     assert opt.param_groups[0][key] == pytest.approx(clean_opt.param_groups[0][key], rel=1e-12)
     for p, q in zip(model.parameters(), clean_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

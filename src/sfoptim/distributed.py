@@ -37,7 +37,7 @@ def averaged_state_dict(model: torch.nn.Module, optimizer: ScheduleFreeOptimizer
     """
     x_by_id: dict[int, Tensor] = {}
     for group in optimizer.param_groups:
-        in_train = group[optimizer._key("train_mode")]
+        in_train = group[optimizer.group_key("train_mode")]
         for p in group["params"]:
             x_by_id[id(p)] = optimizer._x_of(group, p, in_train).to(p.dtype)
     names_by_id: dict[int, list[str]] = {}
