@@ -88,6 +88,11 @@ class AdamWScheduleFree(ScheduleFreeOptimizer):
             together; ``False`` one at a time (less temporary memory).
         inner_momentum: :math:`\mu \in [0, 1)`, an EMA of the gradient inside the
             Adam direction (default 0: no buffer is allocated).
+        state_dtype: keep a master copy of narrower parameters and all their
+            state in this dtype (e.g. ``torch.float32`` for bfloat16 weights;
+            see :mod:`sfoptim.precision`). Default None: the parameter's dtype.
+        stochastic_rounding: round the master into the parameter stochastically
+            (only with ``state_dtype``; default False).
 
     State per parameter: ``z`` and ``exp_avg_sq`` (plus ``exp_avg`` when
     ``inner_momentum > 0``).
@@ -113,6 +118,8 @@ class AdamWScheduleFree(ScheduleFreeOptimizer):
         weight_lr_power: float = 2.0,
         foreach: Optional[bool] = None,
         inner_momentum: float = 0.0,
+        state_dtype: Optional[torch.dtype] = None,
+        stochastic_rounding: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -124,6 +131,8 @@ class AdamWScheduleFree(ScheduleFreeOptimizer):
             weight_lr_power=weight_lr_power,
             foreach=foreach,
             inner_momentum=inner_momentum,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
         )
         super().__init__(params, defaults)
 

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import _validation
+from . import _validation, precision
 from .averaging import AveragingStep, averaging_step, warmup_factor
 
 __all__ = ["ModeError", "ScheduleFreeOptimizer"]
@@ -89,6 +89,8 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         defaults = dict(defaults)
         defaults.setdefault("foreach", None)
+        defaults.setdefault("state_dtype", None)
+        defaults.setdefault("stochastic_rounding", False)
         for name, value in self._schedule_defaults().items():
             defaults.setdefault(name, value)
         super().__init__(params, defaults)
@@ -117,6 +119,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         _validation.check_nonnegative(self._decay_key.removeprefix(self._key_prefix), group[self._decay_key])
         _validation.check_nonnegative("r", group[self.group_key("r")])
         _validation.check_nonnegative("weight_lr_power", group[self.group_key("weight_lr_power")])
+        precision.check_state_dtype(group.get("state_dtype"))
 
     # ------------------------------------------------------------ group keys
     def group_key(self, name: str) -> str:
@@ -180,7 +183,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         for p in group["params"]:
             state = self.state.get(p)
             if state and "z" in state:
-                ps.append(_real(p.data))
+                ps.append(_real(_work(p, state)))
                 zs.append(_real(state["z"]))
         return ps, zs
 
@@ -188,11 +191,23 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         ps, zs = self._params_with_z(group)
         if ps:
             torch._foreach_lerp_(ps, zs, 1 - 1 / self._beta(group))
+            self._sync_params(group, group["params"])
 
     def _params_to_y(self, group: dict) -> None:
         ps, zs = self._params_with_z(group)
         if ps:
             torch._foreach_lerp_(ps, zs, 1 - self._beta(group))
+            self._sync_params(group, group["params"])
+
+    def _sync_params(self, group: dict, params: list[Tensor]) -> None:
+        """Writes the wide master copies (``state_dtype``) into their narrow parameters."""
+        ps, ms = [], []
+        for p in params:
+            state = self.state.get(p)
+            if state and "master" in state:
+                ps.append(p.data)
+                ms.append(state["master"])
+        precision.write_params(ps, ms, bool(group.get("stochastic_rounding", False)))
 
     @torch.no_grad()
     def eval_params(self) -> list[Tensor]:
@@ -212,8 +227,8 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
     def _x_of(self, group: dict, p: Tensor, in_train: bool) -> Tensor:
         state = self.state.get(p)
         if in_train and state and "z" in state:
-            return torch.lerp(p.detach(), state["z"], 1 - 1 / self._beta(group))
-        return p.detach().clone()
+            return torch.lerp(_work(p, state).detach(), state["z"], 1 - 1 / self._beta(group))
+        return (_work(p, state) if state else p).detach().clone()
 
     # ------------------------------------------------------------------- step
     def _check_train_mode(self) -> None:
@@ -288,11 +303,15 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
 
     def _init_state(self, group: dict, p: Tensor) -> dict:
         state = self.state[p]
+        wide = precision.master_dtype(group, p)
+        if wide is not None and "master" not in state:
+            state["master"] = p.detach().to(wide, memory_format=torch.preserve_format, copy=True)
+        src = _work(p, state).detach()
         if "z" not in state:
-            state["z"] = torch.clone(p.detach(), memory_format=torch.preserve_format)
+            state["z"] = torch.clone(src, memory_format=torch.preserve_format)
         for name in self._state_buffers(group):
             if name not in state:
-                state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state[name] = torch.zeros_like(src, memory_format=torch.preserve_format)
         return state
 
     def _buckets(self, group: dict, active: list[Tensor]) -> list[Bucket]:
@@ -300,12 +319,15 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         by_key: dict[tuple, Bucket] = {}
         for p in active:
             state = self._init_state(group, p)
-            key = (p.device, p.dtype)
+            work = _work(p, state)
+            key = (p.device, work.dtype)
             if key not in by_key:
                 by_key[key] = Bucket([], [], [], {n: [] for n in names})
             bucket = by_key[key]
-            bucket.params.append(_real(p.data))
-            bucket.grads.append(_real(p.grad))
+            bucket.params.append(_real(work))
+            # With a master the gradient (taken at the rounded weights) is widened too.
+            grad = p.grad if p.grad.dtype == work.dtype else p.grad.to(work.dtype)
+            bucket.grads.append(_real(grad))
             bucket.z.append(_real(state["z"]))
             for n in names:
                 bucket.buffers[n].append(_real(state[n]))
@@ -325,6 +347,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
                             self._apply(group, sched, single)
                     else:
                         self._apply(group, sched, bucket)
+                self._sync_params(group, active)
             self._commit(group, sched)
 
     def _apply(self, group: dict, sched: AveragingStep, bucket: Bucket) -> None:
@@ -344,6 +367,20 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             for name, value in self._schedule_defaults().items():
                 group.setdefault(name, value)
             group.setdefault("foreach", None)
+            group.setdefault("state_dtype", None)
+            group.setdefault("stochastic_rounding", False)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a state dict; state kept wider than its parameter (``state_dtype``) stays wide."""
+        super().load_state_dict(state_dict)
+        precision.restore_wide_state(self, state_dict)
+
+
+def _work(p: Tensor, state: dict) -> Tensor:
+    # The tensor the optimizer's arithmetic acts on: the wide master copy when
+    # the group keeps state in a wider dtype than the parameter, else the parameter.
+    master = state.get("master")
+    return master if master is not None else p.data
 
 
 def interpolate_and_step(

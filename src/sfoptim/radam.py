@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Optional, Union
 
+import torch
 from torch import Tensor
 
 from . import _validation
@@ -36,6 +37,11 @@ class RAdamScheduleFree(ScheduleFreeOptimizer):
         foreach: as for :class:`AdamWScheduleFree`.
         silent_sgd_phase: if True (default) the steps before the rectifier
             exists change nothing; if False they are SGD steps.
+        state_dtype: keep a master copy of narrower parameters and all their
+            state in this dtype (e.g. ``torch.float32`` for bfloat16 weights;
+            see :mod:`sfoptim.precision`). Default None: the parameter's dtype.
+        stochastic_rounding: round the master into the parameter stochastically
+            (only with ``state_dtype``; default False).
     """
 
     def __init__(
@@ -49,6 +55,8 @@ class RAdamScheduleFree(ScheduleFreeOptimizer):
         weight_lr_power: float = 2.0,
         foreach: Optional[bool] = None,
         silent_sgd_phase: bool = True,
+        state_dtype: Optional[torch.dtype] = None,
+        stochastic_rounding: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -59,6 +67,8 @@ class RAdamScheduleFree(ScheduleFreeOptimizer):
             weight_lr_power=weight_lr_power,
             foreach=foreach,
             silent_sgd_phase=silent_sgd_phase,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
         )
         super().__init__(params, defaults)
 

@@ -38,6 +38,11 @@ __all__ = [
 class _ExplicitXYZ(ScheduleFreeOptimizer):
     """Mode switching by copying the stored ``x`` or ``y`` into the parameters."""
 
+    def _validate_group(self, group: dict) -> None:
+        super()._validate_group(group)
+        if group.get("state_dtype") is not None:
+            raise ValueError("Invalid state_dtype: the reference forms compute in the parameters' dtype only")
+
     def _init_xyz(self, p: Tensor) -> dict:
         state = self.state[p]
         if "z" not in state:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Optional, Union
 
+import torch
 from torch import Tensor
 
 from . import _validation
@@ -40,6 +41,11 @@ class SGDScheduleFree(ScheduleFreeOptimizer):
             weights (default 2).
         foreach: ``True``/``None`` updates all tensors of a device and dtype
             together; ``False`` one at a time (less temporary memory).
+        state_dtype: keep a master copy of narrower parameters and all their
+            state in this dtype (e.g. ``torch.float32`` for bfloat16 weights;
+            see :mod:`sfoptim.precision`). Default None: the parameter's dtype.
+        stochastic_rounding: round the master into the parameter stochastically
+            (only with ``state_dtype``; default False).
 
     Example::
 
@@ -60,6 +66,8 @@ class SGDScheduleFree(ScheduleFreeOptimizer):
         r: float = 0.0,
         weight_lr_power: float = 2,
         foreach: Optional[bool] = None,
+        state_dtype: Optional[torch.dtype] = None,
+        stochastic_rounding: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -69,6 +77,8 @@ class SGDScheduleFree(ScheduleFreeOptimizer):
             r=r,
             weight_lr_power=weight_lr_power,
             foreach=foreach,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
         )
         super().__init__(params, defaults)
 

@@ -93,6 +93,13 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
     def _validate_group(self, group: dict) -> None:
         super()._validate_group(group)
         _validation.check_interpolation("momentum", group["sf_momentum"])
+        if group.get("state_dtype") is not None:
+            # The base optimizer steps the parameter tensors themselves, so a
+            # wide master would need the base optimizer's cooperation.
+            raise ValueError(
+                "Invalid state_dtype: ScheduleFreeWrapper does not support it; keep the base optimizer's "
+                "parameters in a wide dtype, or use AdamWScheduleFree/SGDScheduleFree/RAdamScheduleFree"
+            )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a group to the base optimizer and so to the wrapper."""

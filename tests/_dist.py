@@ -1,0 +1,53 @@
+"""Helpers for tests that start real ``torch.distributed`` process groups on CPU.
+
+Every distributed test spawns its own processes on a free loopback port with the
+gloo backend; nothing is mocked. Worker functions live in test modules and must
+be importable by the spawned interpreters (pytest puts ``tests/`` on sys.path,
+and spawn hands the parent's sys.path to its children).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn: Callable[..., None], args: tuple) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+        # A rank that finished must not tear down the group under a peer that is
+        # still inside a collective.
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn: Callable[..., None], world: int, *args: Any) -> None:
+    """Runs ``fn(rank, world, *args)`` on ``world`` gloo ranks; a failure on any rank raises here."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
+
+
+def rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """``||a - b|| / ||b||`` over all tensors together."""
+    num = sum(float((x.double() - y.double()).pow(2).sum()) for x, y in zip(a, b))
+    den = sum(float(y.double().pow(2).sum()) for y in b)
+    return (num / max(den, 1e-300)) ** 0.5
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor, gathering a DTensor's shards (test-side checking only)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
