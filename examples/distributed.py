@@ -22,7 +22,7 @@ The pattern to copy:
    ``torch.distributed.checkpoint``; resume with a fresh optimizer in train
    mode, load, then ``opt.train()``;
 4. to export only ``x`` without switching modes or gathering,
-   ``sfoptim.distributed.averaged_state_dict(model, opt)``.
+   ``sfoptim.averaged_state_dict(model, opt)``.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 import sfoptim
-from sfoptim.distributed import averaged_state_dict
+from sfoptim import averaged_state_dict
 
 
 def load_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

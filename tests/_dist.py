@@ -1,7 +1,8 @@
 """Helpers for tests that start real ``torch.distributed`` process groups on CPU.
 
-Every distributed test spawns its own processes on a free loopback port with the
-gloo backend; nothing is mocked. Worker functions live in test modules and must
+Every distributed test spawns its own processes with the gloo backend; they meet
+through a rendezvous file (no TCP port that a parallel run could take between
+choosing and binding it); nothing is mocked. Worker functions live in test modules and must
 be importable by the spawned interpreters (pytest puts ``tests/`` on sys.path,
 and spawn hands the parent's sys.path to its children).
 """
@@ -9,7 +10,7 @@ and spawn hands the parent's sys.path to its children).
 from __future__ import annotations
 
 import os
-import socket
+import tempfile
 from typing import Any, Callable
 
 import torch
@@ -17,15 +18,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, world: int, port: int, fn: Callable[..., None], args: tuple) -> None:
+def _entry(rank: int, world: int, store: str, fn: Callable[..., None], args: tuple) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
         # A rank that finished must not tear down the group under a peer that is
@@ -38,7 +33,8 @@ def _entry(rank: int, world: int, port: int, fn: Callable[..., None], args: tupl
 def spawn(fn: Callable[..., None], world: int, *args: Any) -> None:
     """Runs ``fn(rank, world, *args)`` on ``world`` gloo ranks; a failure on any rank raises here."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_entry, args=(world, os.path.join(tmp, "rendezvous"), fn, args), nprocs=world, join=True)
 
 
 def rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:

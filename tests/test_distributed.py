@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import sfoptim
-from sfoptim.distributed import averaged_state_dict
+from sfoptim import averaged_state_dict
 
 from _dist import full, rel_diff, spawn
 

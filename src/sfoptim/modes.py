@@ -144,7 +144,9 @@ def _x_by_param(optimizers: list[Any]) -> dict[int, torch.Tensor]:
                 f"{len(params)} parameters"
             )
         for p, x in zip(params, values):
-            xs[id(p)] = x.detach()
+            # With state_dtype, x comes from the wide master; a state dict keeps
+            # the parameter's own dtype, so it loads into the same model.
+            xs[id(p)] = x.detach().to(p.dtype)
     return xs
 
 
