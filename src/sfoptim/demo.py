@@ -407,6 +407,12 @@ def plot(result, path: Path) -> bool:
     ax2.set_ylabel("held-out accuracy")
     ax2.grid(True, which="both", alpha=0.3)
     ax2.legend(fontsize=8)
+    from matplotlib.ticker import NullFormatter
+
+    for a in (ax, ax2):
+        # Label exactly the four stopping times; log-axis minor labels collide.
+        a.set_xticks(hs, [str(h) for h in hs])
+        a.xaxis.set_minor_formatter(NullFormatter())
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
