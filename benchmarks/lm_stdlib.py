@@ -223,7 +223,7 @@ def ms(v):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=600, help="horizon T")
+    p.add_argument("--steps", type=int, default=480, help="horizon T")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--ctx", type=int, default=64)
