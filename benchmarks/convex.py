@@ -108,7 +108,7 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--grid", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0])
+    p.add_argument("--grid", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0])
     p.add_argument("--methods", nargs="+", default=["schedulefree", "linear", "polyak", "primal"])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="out/convex")
@@ -148,7 +148,7 @@ def main(argv=None):
         cells = [name]
         for m in a.methods:
             r = table[(name, m)]
-            cells.append(f"{r['acc'][0]:.4f} ± {r['acc'][1]:.4f} / {r['loss'][0]:.4f} ± {r['loss'][1]:.4f} "
+            cells.append(f"{r['acc'][0]:.4f} ± {r['acc'][1]:.4f} / {r['loss'][0]:.3g} ± {r['loss'][1]:.2g} "
                          f"({r['lr']:g}{'*' if r['edge'] else ''})")
         lines.append("| " + " | ".join(cells) + " |")
     md = "\n".join(lines)

@@ -153,10 +153,10 @@ def _model(a, seed):
     return CharLM(a.ctx, a.d, a.layers, a.heads)
 
 
-def run_schedulefree(a, data, held, seed, beta, evals, tick):
+def run_schedulefree(a, data, held, seed, beta, lr, evals, tick):
     """One schedule-free run; returns ``{step: heldout_loss}`` at ``evals``."""
     model = _model(a, seed)
-    opt = sfoptim.AdamWScheduleFree(model.parameters(), lr=a.sf_lr, betas=(beta, a.beta2),
+    opt = sfoptim.AdamWScheduleFree(model.parameters(), lr=lr, betas=(beta, a.beta2),
                                     warmup_steps=a.warmup)
     opt.train()
     out, want = {}, set(evals)
@@ -233,9 +233,10 @@ def main(argv=None):
     p.add_argument("--beta2", type=float, default=0.99)
     p.add_argument("--warmup", type=int, default=20, help="warmup steps, the same for every method")
     p.add_argument("--decay-frac", type=float, default=0.2, help="WSD: fraction of the run spent decaying")
-    p.add_argument("--sf-lr", type=float, default=0.004)
+    p.add_argument("--sf-lr", type=float, nargs="+", default=[0.008, 0.016],
+                   help="one schedule-free run per value (each is never told its stopping time)")
     p.add_argument("--sf-betas", type=float, nargs="+", default=[0.9, 0.98])
-    p.add_argument("--grid", type=float, nargs="+", default=[0.002, 0.004, 0.008])
+    p.add_argument("--grid", type=float, nargs="+", default=[0.004, 0.008, 0.016, 0.032])
     p.add_argument("--heldout", type=int, default=256, help="held-out windows")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="out/lm")
@@ -247,7 +248,7 @@ def main(argv=None):
     horizons = [round(a.steps * f) for f in FRACTIONS]
     curve = sorted({round(a.steps * i / 24) for i in range(1, 25)} | set(horizons))
     total = a.seeds * (
-        len(a.sf_betas) * a.steps + len(a.grid) * (sum(horizons) + a.steps + sum(round(a.decay_frac * h) for h in horizons) - round(a.decay_frac * a.steps)))
+        len(a.sf_betas) * len(a.sf_lr) * a.steps + len(a.grid) * (sum(horizons) + a.steps + sum(round(a.decay_frac * h) for h in horizons) - round(a.decay_frac * a.steps)))
     need = a.steps * a.batch
     print(f"stdlib: {sum(map(len, train_files)) / 1e6:.1f} MB train, {sum(map(len, held_files)) / 1e6:.1f} MB "
           f"held-out; one pass uses {need * (a.ctx + 1) / 1e6:.1f} MB", file=sys.stderr)
@@ -259,14 +260,16 @@ def main(argv=None):
         bar, tick = None, (lambda: None)
 
     t0 = time.perf_counter()
-    res = {"sf": {b: {} for b in a.sf_betas}, "cosine": {}, "wsd": {}}
+    sfk = [(b, lr) for b in a.sf_betas for lr in a.sf_lr]
+    name = lambda k: f"sf{k[0]}@{k[1]:g}"  # noqa: E731
+    res = {"sf": {k: {} for k in sfk}, "cosine": {}, "wsd": {}}
     for seed in range(a.seeds):
         data = chunks(train_files, a.ctx, seed)
         if len(data) < need:
             raise SystemExit(f"only {len(data)} windows of text for {need} needed: lower --steps/--batch")
         data = data[:need]
-        for b in a.sf_betas:
-            res["sf"][b][seed] = run_schedulefree(a, data, held, seed, b, curve, tick)
+        for k in sfk:
+            res["sf"][k][seed] = run_schedulefree(a, data, held, seed, k[0], k[1], curve, tick)
         for lr in a.grid:
             for h in horizons:
                 res["cosine"].setdefault(lr, {}).setdefault(h, {})[seed] = run_cosine(a, data, held, seed, lr, h, tick)
@@ -279,34 +282,34 @@ def main(argv=None):
     rows = []
     for h in horizons:
         row = {"steps": h, "tokens": h * a.batch * a.ctx}
-        for b in a.sf_betas:
-            row[f"sf{b}"] = ms([res["sf"][b][s][h] for s in seeds])
+        for k in sfk:
+            row[name(k)] = ms([res["sf"][k][s][h] for s in seeds])
         for kind in ("cosine", "wsd"):
             best = min(a.grid, key=lambda lr: statistics.fmean(res[kind][lr][h][s] for s in seeds))
             row[kind] = {"lr": best, "edge": best in (min(a.grid), max(a.grid)),
                          "loss": ms([res[kind][best][h][s] for s in seeds]),
                          "grid": {str(lr): statistics.fmean(res[kind][lr][h][s] for s in seeds) for lr in a.grid}}
-        for b in a.sf_betas:
-            row[f"ratio_sf{b}_cosine"] = row[f"sf{b}"][0] / row["cosine"]["loss"][0]
+        for k in sfk:
+            row[f"ratio_{name(k)}_cosine"] = row[name(k)][0] / row["cosine"]["loss"][0]
         rows.append(row)
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"args": vars(a), "seconds": time.perf_counter() - t0, "torch": torch.__version__,
               "python": sys.version.split()[0], "rows": rows,
-              "sf_curve": {str(b): {"steps": curve, "loss": [[res["sf"][b][s][t] for t in curve] for s in seeds]}
-                           for b in a.sf_betas}}
+              "sf_curve": {name(k): {"steps": curve, "loss": [[res["sf"][k][s][t] for t in curve] for s in seeds]}
+                           for k in sfk}}
     (out / "results.json").write_text(json.dumps(result, indent=2))
 
     f = lambda m: f"{m[0]:.4f} ± {m[1]:.4f}"  # noqa: E731
-    head = ["steps", "tokens"] + [f"SF β={b}" for b in a.sf_betas] + ["tuned cosine (lr)", "tuned WSD (lr)"] + \
-           [f"SF β={b} / cosine" for b in a.sf_betas]
+    head = ["steps", "tokens"] + [f"SF β={k[0]} lr {k[1]:g}" for k in sfk] + ["tuned cosine (lr)", "tuned WSD (lr)"] + \
+           [f"SF β={k[0]} lr {k[1]:g} / cosine" for k in sfk]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [str(r["steps"]), f"{r['tokens'] / 1e6:.2f}M"] + [f(r[f"sf{b}"]) for b in a.sf_betas]
+        cells = [str(r["steps"]), f"{r['tokens'] / 1e6:.2f}M"] + [f(r[name(k)]) for k in sfk]
         for kind in ("cosine", "wsd"):
             cells.append(f"{f(r[kind]['loss'])} ({r[kind]['lr']:g}{'*' if r[kind]['edge'] else ''})")
-        cells += [f"{r[f'ratio_sf{b}_cosine']:.3f}" for b in a.sf_betas]
+        cells += [f"{r[f'ratio_{name(k)}_cosine']:.3f}" for k in sfk]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     (out / "results.md").write_text(
@@ -322,10 +325,11 @@ def main(argv=None):
     except ImportError:
         return result
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, b in enumerate(a.sf_betas):
-        c = result["sf_curve"][str(b)]
+    for i, k in enumerate(sfk):
+        c = result["sf_curve"][name(k)]
         ax.plot([t * a.batch * a.ctx for t in curve], [statistics.fmean(v) for v in zip(*c["loss"])],
-                color=f"C{i}", lw=2, label=f"schedule-free AdamW β={b}, one run (lr {a.sf_lr:g})")
+                color=("C0", "C1", "C4", "C5", "C6", "C7")[i % 6], lw=2,
+                label=f"schedule-free AdamW β={k[0]}, lr {k[1]:g}: one run")
     toks = [r["tokens"] for r in rows]
     for kind, color, marker in (("cosine", "C3", "o"), ("wsd", "C2", "s")):
         ax.errorbar(toks, [r[kind]["loss"][0] for r in rows], yerr=[r[kind]["loss"][1] for r in rows],

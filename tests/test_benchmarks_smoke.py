@@ -36,6 +36,6 @@ def test_batchnorm_smoke(tmp_path):
 def test_lm_smoke(tmp_path):
     _load("lm_stdlib").main(["--steps", "16", "--seeds", "1", "--batch", "2", "--ctx", "16", "--d", "16",
                              "--layers", "1", "--heads", "2", "--warmup", "2", "--grid", "0.003",
-                             "--sf-betas", "0.9", "--heldout", "8", "--out", str(tmp_path)])
+                             "--sf-betas", "0.9", "--sf-lr", "0.01", "--heldout", "8", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [r["steps"] for r in rows] == [2, 4, 8, 16]
