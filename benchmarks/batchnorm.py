@@ -45,6 +45,7 @@ def load_digits(seed=0):
 
 
 def make_cnn():
+    """Small CNN for 8x8 inputs with BatchNorm after every hidden layer."""
     return nn.Sequential(
         nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
         nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
@@ -54,6 +55,7 @@ def make_cnn():
 
 @torch.no_grad()
 def accuracy(model, x, y):
+    """Held-out accuracy in eval mode (running BatchNorm statistics)."""
     model.eval()
     return (model(x).argmax(1) == y).float().mean().item()
 
@@ -79,6 +81,7 @@ def recompute_bn(model, x, batch, batches, seed):
 
 
 def run(a, seed, beta, data):
+    """Train one seed; return ``{epoch: (stale, recomputed, library)}`` accuracies."""
     xtr, ytr, xte, yte = data
     torch.manual_seed(seed)
     model = make_cnn()
@@ -118,6 +121,7 @@ def run(a, seed, beta, data):
 
 
 def main(argv=None):
+    """Run the benchmark and write results.json, results.md and batchnorm.png to --out."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--report", type=int, nargs="+", default=[1, 2, 5, 10], help="epochs to measure at")

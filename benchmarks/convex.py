@@ -49,6 +49,7 @@ def _finite(v):
 
 
 def full_metrics(w, b, x, y):
+    """Full-batch cross-entropy and accuracy of the linear model ``(w, b)``."""
     with torch.no_grad():
         logits = x @ w + b
         return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
@@ -103,6 +104,7 @@ def train(method, x, y, lr, epochs, batch, seed):
 
 
 def main(argv=None):
+    """Run the benchmark and write results.json, results.md and convex.png to --out."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
     p.add_argument("--epochs", type=int, default=30)

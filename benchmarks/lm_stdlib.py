@@ -85,6 +85,8 @@ def chunks(files, ctx: int, seed: int):
 # --------------------------------------------------------------------------- model
 
 class Block(nn.Module):
+    """Pre-LayerNorm transformer block: causal self-attention, then an MLP."""
+
     def __init__(self, d, heads):
         super().__init__()
         self.heads = heads
@@ -117,12 +119,14 @@ class CharLM(nn.Module):
 
 
 def lm_loss(model, batch):
+    """Next-byte cross-entropy of ``model`` on windows ``batch`` (B, ctx + 1)."""
     logits = model(batch[:, :-1])
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
 
 
 @torch.no_grad()
 def heldout_loss(model, held, bs=64):
+    """Mean next-byte loss over the held-out windows."""
     model.eval()
     tot = sum(lm_loss(model, held[i:i + bs]).item() * len(held[i:i + bs]) for i in range(0, len(held), bs))
     model.train()
@@ -218,10 +222,12 @@ def run_wsd(a, data, held, seed, lr, horizons, tick):
 # --------------------------------------------------------------------------- report
 
 def ms(v):
+    """Mean and sample standard deviation (0 for a single value)."""
     return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
 
 
 def main(argv=None):
+    """Run the benchmark and write results.json, results.md and lm.png to --out."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=480, help="horizon T")
     p.add_argument("--seeds", type=int, default=2)
