@@ -20,7 +20,7 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from torch import Tensor
 
-from . import _validation
+from . import _fused_cpu, _validation
 from .averaging import AveragingStep
 from .engine import Bucket, ClosureForm, ScheduleFreeOptimizer
 
@@ -88,6 +88,10 @@ class AdamWScheduleFree(ScheduleFreeOptimizer):
             together; ``False`` one at a time (less temporary memory).
         inner_momentum: :math:`\mu \in [0, 1)`, an EMA of the gradient inside the
             Adam direction (default 0: no buffer is allocated).
+        fused: ``None`` (default) uses the fused one-pass CPU kernel wherever
+            it runs (CPU, float32/float64, contiguous) and ``foreach`` elsewhere;
+            ``True`` asks for it and warns once where it cannot run; ``False``
+            never uses it.
 
     State per parameter: ``z`` and ``exp_avg_sq`` (plus ``exp_avg`` when
     ``inner_momentum > 0``).
@@ -113,8 +117,10 @@ class AdamWScheduleFree(ScheduleFreeOptimizer):
         weight_lr_power: float = 2.0,
         foreach: Optional[bool] = None,
         inner_momentum: float = 0.0,
+        fused: Optional[bool] = None,
     ) -> None:
         defaults = dict(
+            fused=fused,
             lr=lr,
             betas=betas,
             eps=eps,
@@ -159,6 +165,17 @@ class AdamWScheduleFree(ScheduleFreeOptimizer):
             inner_momentum=inner,
         )
         return direction, True
+
+    def _fused_direction(self, group: dict, sched: AveragingStep) -> Optional[dict[str, Any]]:
+        beta2, inner = group["betas"][1], group.get("inner_momentum", 0.0)
+        return {
+            "kind": _fused_cpu.ADAM,
+            "beta2": beta2,
+            "bias_correction2": 1 - beta2**sched.step if self._bias_correction else 1.0,
+            "eps": group["eps"],
+            "inner_momentum": inner,
+            "bias_correction1": 1 - inner**sched.step,
+        }
 
 
 class AdamWScheduleFreeClosure(ClosureForm, AdamWScheduleFree):

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Optional, Union
 
 from torch import Tensor
 
-from . import _validation
+from . import _fused_cpu, _validation
 from .averaging import AveragingStep
 from .engine import Bucket, ClosureForm, ScheduleFreeOptimizer
 
@@ -40,6 +40,10 @@ class SGDScheduleFree(ScheduleFreeOptimizer):
             weights (default 2).
         foreach: ``True``/``None`` updates all tensors of a device and dtype
             together; ``False`` one at a time (less temporary memory).
+        fused: ``None`` (default) uses the fused one-pass CPU kernel wherever
+            it runs (CPU, float32/float64, contiguous) and ``foreach`` elsewhere;
+            ``True`` asks for it and warns once where it cannot run; ``False``
+            never uses it.
 
     Example::
 
@@ -60,8 +64,10 @@ class SGDScheduleFree(ScheduleFreeOptimizer):
         r: float = 0.0,
         weight_lr_power: float = 2,
         foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
     ) -> None:
         defaults = dict(
+            fused=fused,
             lr=lr,
             momentum=momentum,
             weight_decay=weight_decay,
@@ -82,6 +88,9 @@ class SGDScheduleFree(ScheduleFreeOptimizer):
 
     def _direction(self, group: dict, sched: AveragingStep, bucket: Bucket) -> tuple[list[Tensor], bool]:
         return bucket.grads, False
+
+    def _fused_direction(self, group: dict, sched: AveragingStep) -> Optional[dict[str, Any]]:
+        return {"kind": _fused_cpu.SGD}
 
 
 class SGDScheduleFreeClosure(ClosureForm, SGDScheduleFree):
