@@ -21,6 +21,9 @@
 /* 16K elements: large enough to amortise the scheduling, small enough that
  * 400 tensors of 40K give dozens of chunks per thread. */
 #define SF_CHUNK 16384
+/* Below this many elements per thread a parallel region costs more than it
+ * saves (a fork/join is microseconds idle, far more on a loaded machine). */
+#define SF_MIN_PER_THREAD 32768
 
 enum { SF_SGD = 0, SF_ADAM = 1, SF_SGD_V = 2 };
 
@@ -41,9 +44,17 @@ typedef struct {
     int64_t idx, start, len;
 } sf_chunk;
 
-static sf_chunk *make_chunks(int64_t n, const int64_t *sizes, int64_t *count) {
-    int64_t total = 0;
-    for (int64_t i = 0; i < n; i++) total += (sizes[i] + SF_CHUNK - 1) / SF_CHUNK;
+static sf_chunk *make_chunks(int64_t n, const int64_t *sizes, int64_t *count, int *nthreads) {
+    int64_t total = 0, elems = 0;
+    for (int64_t i = 0; i < n; i++) {
+        total += (sizes[i] + SF_CHUNK - 1) / SF_CHUNK;
+        elems += sizes[i];
+    }
+    if (*nthreads < 1) *nthreads = 1;
+    if ((int64_t)*nthreads * SF_MIN_PER_THREAD > elems) {
+        int64_t useful = elems / SF_MIN_PER_THREAD;
+        *nthreads = useful > 1 ? (int)useful : 1;
+    }
     sf_chunk *chunks = (sf_chunk *)malloc((size_t)(total > 0 ? total : 1) * sizeof(sf_chunk));
     if (!chunks) return NULL;
     int64_t k = 0;
@@ -114,12 +125,10 @@ SF_STEP_BODY(double, sqrt)
     int sf_step_##T(int64_t n, T **y, T **g, T **z, T **v, T **m, const int64_t *sizes, \
                     const sf_scalars *s, int mode, int nthreads) {                      \
         int64_t count = 0;                                                               \
-        sf_chunk *chunks = make_chunks(n, sizes, &count);                                \
+        sf_chunk *chunks = make_chunks(n, sizes, &count, &nthreads);                                \
         if (!chunks) return -1;                                                          \
         const int has_m = m != 0;                                                        \
-        if (nthreads < 1) nthreads = 1;                                                  \
-        if (count < nthreads) nthreads = count > 0 ? (int)count : 1;                     \
-        _Pragma("omp parallel for schedule(static) num_threads(nthreads)")              \
+        _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)")              \
         for (int64_t k = 0; k < count; k++) {                                           \
             const int64_t i = chunks[k].idx, o = chunks[k].start, len = chunks[k].len;   \
             T *yy = y[i] + o, *zz = z[i] + o;                                            \
@@ -157,13 +166,11 @@ SF_STEP_ENTRY(double)
     int sf_wrap_before_##T(int64_t n, T **y, T **z, const int64_t *sizes, double a,     \
                            double beta, int nthreads) {                                 \
         int64_t count = 0;                                                               \
-        sf_chunk *chunks = make_chunks(n, sizes, &count);                                \
+        sf_chunk *chunks = make_chunks(n, sizes, &count, &nthreads);                                \
         if (!chunks) return -1;                                                          \
         const T ta = (T)a, shrink = (T)(1.0 - a * (1.0 - beta)), w = (T)(1.0 - 1.0 / beta); \
         const int decay = a != 0.0, upper = (1.0 - 1.0 / beta) >= 0.5;                   \
-        if (nthreads < 1) nthreads = 1;                                                  \
-        if (count < nthreads) nthreads = count > 0 ? (int)count : 1;                     \
-        _Pragma("omp parallel for schedule(static) num_threads(nthreads)")              \
+        _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)")              \
         for (int64_t k = 0; k < count; k++) {                                           \
             T *restrict yy = y[chunks[k].idx] + chunks[k].start;                         \
             T *restrict zz = z[chunks[k].idx] + chunks[k].start;                         \
@@ -191,13 +198,11 @@ SF_STEP_ENTRY(double)
     int sf_wrap_after_##T(int64_t n, T **x, T **z, const int64_t *sizes, double c,      \
                           double beta, int nthreads) {                                  \
         int64_t count = 0;                                                               \
-        sf_chunk *chunks = make_chunks(n, sizes, &count);                                \
+        sf_chunk *chunks = make_chunks(n, sizes, &count, &nthreads);                                \
         if (!chunks) return -1;                                                          \
         const T tc = (T)c, w = (T)(1.0 - beta);                                          \
         const int upper1 = c >= 0.5, upper2 = (1.0 - beta) >= 0.5;                       \
-        if (nthreads < 1) nthreads = 1;                                                  \
-        if (count < nthreads) nthreads = count > 0 ? (int)count : 1;                     \
-        _Pragma("omp parallel for schedule(static) num_threads(nthreads)")              \
+        _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)")              \
         for (int64_t k = 0; k < count; k++) {                                           \
             T *restrict xx = x[chunks[k].idx] + chunks[k].start;                         \
             const T *restrict zz = z[chunks[k].idx] + chunks[k].start;                   \
