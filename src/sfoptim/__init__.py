@@ -6,7 +6,9 @@ each algorithm contributes only its base direction.
 """
 
 from .adamw import AdamWScheduleFree, AdamWScheduleFreeClosure, AdamWScheduleFreePaper
+from .batchnorm import recalibrate_batchnorm
 from .engine import ModeError, ScheduleFreeOptimizer
+from .modes import TiedMode, averaged_state_dict, eval_mode, eval_optimizer_state_dict, tie_mode, unwrap_optimizer
 from .radam import RAdamScheduleFree, RAdamScheduleFreeClosure
 from .reference import (
     AdamWScheduleFreeReference,
@@ -34,4 +36,11 @@ __all__ = [
     "ScheduleFreeOptimizer",
     "ScheduleFreeWrapper",
     "ScheduleFreeWrapperReference",
+    "TiedMode",
+    "averaged_state_dict",
+    "eval_mode",
+    "eval_optimizer_state_dict",
+    "recalibrate_batchnorm",
+    "tie_mode",
+    "unwrap_optimizer",
 ]

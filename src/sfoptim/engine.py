@@ -89,7 +89,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         defaults = dict(defaults)
         defaults.setdefault("foreach", None)
-        defaults.setdefault(self._key("fused"), None)
+        defaults.setdefault(self.group_key("fused"), None)
         for name, value in self._schedule_defaults().items():
             defaults.setdefault(name, value)
         super().__init__(params, defaults)
@@ -122,24 +122,30 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         return None
 
     def _validate_group(self, group: dict) -> None:
-        if group.get(self._key("fused")) and group.get(self._key("foreach")):
+        if group.get(self.group_key("fused")) and group.get(self.group_key("foreach")):
             raise ValueError("Invalid arguments: fused=True and foreach=True cannot be used together")
         _validation.check_nonnegative("lr", group["lr"])
         _validation.check_nonnegative(self._decay_key.removeprefix(self._key_prefix), group[self._decay_key])
-        _validation.check_nonnegative("r", group[self._key("r")])
-        _validation.check_nonnegative("weight_lr_power", group[self._key("weight_lr_power")])
+        _validation.check_nonnegative("r", group[self.group_key("r")])
+        _validation.check_nonnegative("weight_lr_power", group[self.group_key("weight_lr_power")])
 
     # ------------------------------------------------------------ group keys
-    def _key(self, name: str) -> str:
+    def group_key(self, name: str) -> str:
+        """The param-group key under which this optimizer stores ``name``.
+
+        The engine keeps ``k`` (steps taken), ``train_mode``, ``lr_max``,
+        ``weight_sum`` and ``scheduled_lr`` in every group; the wrapper prefixes
+        them (``sf_k``) so they cannot collide with its base optimizer's keys.
+        """
         return self._key_prefix + name
 
     def _schedule_defaults(self) -> dict[str, Any]:
         return {
-            self._key("k"): 0,
-            self._key("train_mode"): True,
-            self._key("weight_sum"): 0.0,
-            self._key("lr_max"): -1.0,
-            self._key("scheduled_lr"): 0.0,
+            self.group_key("k"): 0,
+            self.group_key("train_mode"): True,
+            self.group_key("weight_sum"): 0.0,
+            self.group_key("lr_max"): -1.0,
+            self.group_key("scheduled_lr"): 0.0,
         }
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -154,30 +160,30 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             raise
         # A group added mid-training has no z yet, so either mode is exact for
         # it; record the optimizer's mode so that one flag describes everything.
-        group[self._key("train_mode")] = mode
+        group[self.group_key("train_mode")] = mode
 
     # ------------------------------------------------------------------ modes
     @property
     def train_mode(self) -> bool:
         """True while the parameters hold ``y`` (training), False while they hold ``x``."""
-        return all(g[self._key("train_mode")] for g in self.param_groups)
+        return all(g[self.group_key("train_mode")] for g in self.param_groups)
 
     @torch.no_grad()
     def train(self) -> "ScheduleFreeOptimizer":
         """Moves the parameters to the training point ``y``. Idempotent; returns self."""
         for group in self.param_groups:
-            if not group[self._key("train_mode")]:
+            if not group[self.group_key("train_mode")]:
                 self._params_to_y(group)
-                group[self._key("train_mode")] = True
+                group[self.group_key("train_mode")] = True
         return self
 
     @torch.no_grad()
     def eval(self) -> "ScheduleFreeOptimizer":
         """Moves the parameters to the averaged point ``x``. Idempotent; returns self."""
         for group in self.param_groups:
-            if group[self._key("train_mode")]:
+            if group[self.group_key("train_mode")]:
                 self._params_to_x(group)
-                group[self._key("train_mode")] = False
+                group[self.group_key("train_mode")] = False
         return self
 
     def _params_with_z(self, group: dict) -> tuple[list[Tensor], list[Tensor]]:
@@ -209,7 +215,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         """
         out: list[Tensor] = []
         for group in self.param_groups:
-            in_train = group[self._key("train_mode")]
+            in_train = group[self.group_key("train_mode")]
             for p in group["params"]:
                 out.append(self._x_of(group, p, in_train))
         return out
@@ -236,13 +242,17 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             ModeError: in eval mode (call :meth:`train` first).
             RuntimeError: for a sparse gradient; nothing has changed then.
         """
-        self._check_train_mode()
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._start_step(closure)
         self._update()
         return loss
+
+    def _start_step(self, closure: Optional[Callable[[], Any]]) -> Any:
+        """Refuses to step in eval mode, then evaluates the closure (if any) with gradients on."""
+        self._check_train_mode()
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
 
     def _param_label(self, group_index: int, param_index: int, p: Tensor) -> str:
         group = self.param_groups[group_index]
@@ -270,22 +280,22 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         return active
 
     def _schedule(self, group: dict) -> AveragingStep:
-        step = group[self._key("k")] + 1
+        step = group[self.group_key("k")] + 1
         lr = self._scheduled_lr(group, step)
         return averaging_step(
             step,
             lr,
-            group[self._key("lr_max")],
-            group[self._key("weight_sum")],
-            group[self._key("r")],
-            group[self._key("weight_lr_power")],
+            group[self.group_key("lr_max")],
+            group[self.group_key("weight_sum")],
+            group[self.group_key("r")],
+            group[self.group_key("weight_lr_power")],
         )
 
     def _commit(self, group: dict, sched: AveragingStep) -> None:
-        group[self._key("k")] = sched.step
-        group[self._key("lr_max")] = sched.lr_max
-        group[self._key("weight_sum")] = sched.weight_sum
-        group[self._key("scheduled_lr")] = sched.lr
+        group[self.group_key("k")] = sched.step
+        group[self.group_key("lr_max")] = sched.lr_max
+        group[self.group_key("weight_sum")] = sched.weight_sum
+        group[self.group_key("scheduled_lr")] = sched.lr
 
     def _init_state(self, group: dict, p: Tensor) -> dict:
         state = self.state[p]
@@ -338,7 +348,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         once where it cannot run (GPU tensors, other dtypes, no compiler)
         and falls back to foreach.
         """
-        fused = group.get(self._key("fused"))
+        fused = group.get(self.group_key("fused"))
         if fused is False or (fused is None and group.get("foreach") is False):
             return False
         spec = self._fused_direction(group, sched)
@@ -376,7 +386,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             for name, value in self._schedule_defaults().items():
                 group.setdefault(name, value)
             group.setdefault("foreach", None)
-            group.setdefault(self._key("fused"), None)
+            group.setdefault(self.group_key("fused"), None)
 
 
 def interpolate_and_step(
@@ -411,11 +421,11 @@ class ClosureForm:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         for group in self.param_groups:  # type: ignore[attr-defined]
-            group[self._key("train_mode")] = False  # type: ignore[attr-defined]
+            group[self.group_key("train_mode")] = False  # type: ignore[attr-defined]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)  # type: ignore[misc]
-        self.param_groups[-1][self._key("train_mode")] = False  # type: ignore[attr-defined]
+        self.param_groups[-1][self.group_key("train_mode")] = False  # type: ignore[attr-defined]
 
     def train(self) -> Any:
         """No-op: a closure form keeps ``x`` in the parameters between steps."""

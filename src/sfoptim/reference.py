@@ -153,11 +153,7 @@ class ScheduleFreeWrapperReference(_ExplicitXYZ, ScheduleFreeWrapper):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        self._check_train_mode()
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._start_step(closure)
         active = [self._active_params(gi, g) for gi, g in enumerate(self.param_groups)]
         for group, params in zip(self.param_groups, active):
             decay = group["sf_weight_decay_at_y"]

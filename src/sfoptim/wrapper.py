@@ -123,11 +123,7 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """One schedule-free step: the base optimizer steps ``z`` with the gradient at ``y``."""
-        self._check_train_mode()
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._start_step(closure)
         active = [self._active_params(gi, g) for gi, g in enumerate(self.param_groups)]
         for group, params in zip(self.param_groups, active):
             self._y_to_z(group, params)
