@@ -190,6 +190,19 @@ def test_wrapper_bookkeeping_matches_reference(case):
     assert calls.n == STEPS
 
 
+def test_wrapper_step_returns_the_closure_loss():
+    p = torch.nn.Parameter(torch.randn(6))
+    opt = sfoptim.ScheduleFreeWrapper(torch.optim.SGD([p], lr=0.1), fused=True)
+
+    def closure():
+        opt.zero_grad()
+        loss = (p**2).sum()
+        loss.backward()
+        return loss
+
+    assert opt.step(closure) is not None
+
+
 # ------------------------------------------------------------------- dispatch
 class _Counter:
     n = 0

@@ -143,13 +143,14 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
                 torch._foreach_lerp_(xs, zs, sched.ckp1)
                 torch._foreach_lerp_(xs, zs, 1 - self._beta(group))
             self._commit(group, sched)
+        return loss
 
     def _fused_bookkeeping(self, group: dict, kernel: Any, a: list[Tensor], b: list[Tensor], scalar: float) -> bool:
+        """Runs one of the wrapper kernels of :mod:`sfoptim._fused_cpu` unless ``fused=False``; False if not run."""
         fused = group.get("sf_fused")
         if fused is False:
             return False
         return kernel([_real(t) for t in a], [_real(t) for t in b], scalar, self._beta(group), explicit=fused is True)
-        return loss
 
     def _y_to_z(self, group: dict, params: list[Tensor]) -> None:
         """Leaves ``z`` in the parameters (for the base step) and ``x`` in the z buffer."""
