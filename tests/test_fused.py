@@ -329,19 +329,22 @@ def fresh_loader(tmp_path, monkeypatch):
 
 def test_kernel_is_built_once_and_reused(fresh_loader):
     builds, loads = _fused_cpu.build_count, _fused_cpu.load_count
+    # The recompilation scenario: 1,000 steps with warmup, a changing
+    # learning rate and eval()/train() switches, plus a second dtype and algorithm.
     params = [torch.nn.Parameter(torch.randn(100)), torch.nn.Parameter(torch.randn(20, dtype=torch.float64))]
-    opt = sfoptim.AdamWScheduleFree(params, warmup_steps=10)
-    sgd = sfoptim.SGDScheduleFree([torch.nn.Parameter(torch.randn(7))])
-    for step in range(40):
+    opt = sfoptim.AdamWScheduleFree(params, warmup_steps=100)
+    radam = sfoptim.RAdamScheduleFree([torch.nn.Parameter(torch.randn(7))])
+    for step in range(1000):
         for g in opt.param_groups:
             g["lr"] = 1e-3 * (1 + step % 5)
-        _set_grads(params, step)
+        for p in params:
+            p.grad = torch.ones_like(p)
         opt.step()
-        _set_grads(sgd.param_groups[0]["params"], step)
-        sgd.step()
-        if step % 10 == 9:
+        if step % 100 == 99:
             opt.eval()
             opt.train()
+            radam.param_groups[0]["params"][0].grad = torch.ones(7)
+            radam.step()
     assert _fused_cpu.build_count == builds + 1
     assert _fused_cpu.load_count == loads + 1
     assert len(list(fresh_loader.glob("*.so"))) == 1
