@@ -23,7 +23,9 @@ Examples::
 
     python benchmarks/step_time.py                      # CPU, 2 threads, all layouts
     python benchmarks/step_time.py --layouts 400x40K --rounds 30 --no-heavyball
-    python benchmarks/step_time.py --device cuda        # on a GPU machine
+    python benchmarks/step_time.py --device cuda        # on a GPU machine (adds peak-memory table)
+
+On CUDA, sfoptim has no fused kernel yet: its rows time the foreach path.
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ def _trained(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return opt
 
 
-def run_layout(name: str, args: argparse.Namespace, device: torch.device) -> list[tuple[str, str, float, float, float]]:
+def run_layout(name: str, args: argparse.Namespace, device: torch.device) -> list[tuple]:
     shapes = LAYOUTS[name]
     dtype = getattr(torch, args.dtype)
     gen = torch.Generator().manual_seed(0)
@@ -142,6 +144,7 @@ def run_layout(name: str, args: argparse.Namespace, device: torch.device) -> lis
             continue
         opts[cname] = opt
     times: dict[str, list[float]] = {k: [] for k in opts}
+    extra: dict[str, float] = {k: 0.0 for k in opts}
     names = list(opts)
     for _ in range(args.warmup):
         for cname in names:
@@ -150,10 +153,17 @@ def run_layout(name: str, args: argparse.Namespace, device: torch.device) -> lis
         order = names[r % len(names):] + names[: r % len(names)]
         for cname in order:
             _sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
             t0 = time.perf_counter()
             opts[cname].step()
             _sync(device)
             times[cname].append(time.perf_counter() - t0)
+            if device.type == "cuda":
+                # Temporaries the step allocated beyond the live state, in MiB.
+                peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+                extra[cname] = max(extra[cname], peak)
     med = {k: statistics.median(v) for k, v in times.items()}
     base = {"adam": med.get("torch AdamW fused")}
     sgd_bases = [med[k] for k in ("torch SGD-m fused", "torch SGD-m foreach") if k in med]
@@ -162,7 +172,7 @@ def run_layout(name: str, args: argparse.Namespace, device: torch.device) -> lis
     for cname in names:
         group = table[cname][0]
         ratio = med[cname] / base[group] if base[group] else float("nan")
-        rows.append((cname, group, med[cname] * 1e3, ratio, first[cname]))
+        rows.append((cname, group, med[cname] * 1e3, ratio, first[cname], extra[cname]))
     del opts
     gc.collect()
     return rows
@@ -208,6 +218,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     for c in cnames:
         cells = [f"{lookup[(lay, c)][4]:.3f}".rjust(22) if (lay, c) in lookup else "-".rjust(22) for lay in args.layouts]
         print(c.ljust(width) + "".join(cells))
+    if device.type == "cuda":
+        print("\npeak extra CUDA memory during a step (MiB; parameter size of the layout for scale)")
+        print("".ljust(width) + "".join(f"{lay:>22}" for lay in args.layouts))
+        sizes = {lay: sum(torch.Size(s).numel() for s in LAYOUTS[lay]) * torch.finfo(getattr(torch, args.dtype)).bits / 8 / 2**20
+                 for lay in args.layouts}
+        print("(parameters)".ljust(width) + "".join(f"{sizes[lay]:.1f}".rjust(22) for lay in args.layouts))
+        for c in cnames:
+            cells = [f"{lookup[(lay, c)][5]:.1f}".rjust(22) if (lay, c) in lookup else "-".rjust(22) for lay in args.layouts]
+            print(c.ljust(width) + "".join(cells))
 
 
 if __name__ == "__main__":
