@@ -125,6 +125,7 @@ def run_layout(name: str, args: argparse.Namespace, device: torch.device) -> lis
     grads = [torch.randn(s, generator=gen, dtype=dtype).mul_(1e-2).to(device) for s in shapes]
     table = contenders(args)
     opts: dict[str, torch.optim.Optimizer] = {}
+    owned: dict[str, list[torch.nn.Parameter]] = {}
     first: dict[str, float] = {}
     for cname, (_, factory) in table.items():
         params = [torch.nn.Parameter(t.clone()) for t in init]
@@ -143,15 +144,25 @@ def run_layout(name: str, args: argparse.Namespace, device: torch.device) -> lis
             print(f"skipped on {name}: {cname} ({type(exc).__name__}: {str(exc)[:120]})")
             continue
         opts[cname] = opt
+        owned[cname] = params
+
+    def regrad(cname: str) -> None:
+        # Some peers (heavyball) consume p.grad and set it to None; give every
+        # contender its gradients back before each step, outside the timing.
+        for p, g in zip(owned[cname], grads):
+            p.grad = g
+
     times: dict[str, list[float]] = {k: [] for k in opts}
     extra: dict[str, float] = {k: 0.0 for k in opts}
     names = list(opts)
     for _ in range(args.warmup):
         for cname in names:
+            regrad(cname)
             opts[cname].step()
     for r in range(args.rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         for cname in order:
+            regrad(cname)
             _sync(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
