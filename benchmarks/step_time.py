@@ -1,8 +1,9 @@
 """Optimizer step time, measured side by side in one interleaved run.
 
 Every contender gets its own parameters (same values, same layout) and shares
-one set of fixed gradients (no contender here modifies ``p.grad`` with
-``weight_decay=0``, the default). Each round steps every contender once, in a
+one set of fixed gradients, re-attached before every step outside the timing
+(heavyball sets ``p.grad`` to None; with ``weight_decay=0``, the default, no
+contender writes into a gradient). Each round steps every contender once, in a
 rotating order, so machine noise (other processes, frequency changes) hits
 all of them alike; the table reports the median step time of each contender
 divided by the median of its baseline measured in the same rounds:
