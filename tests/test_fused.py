@@ -190,6 +190,20 @@ def test_wrapper_bookkeeping_matches_reference(case):
     assert calls.n == STEPS
 
 
+def test_wrapper_with_mixed_dtypes_in_a_group_stays_exact():
+    init = [torch.randn(50), torch.randn(30, dtype=torch.float64)]
+    a = [torch.nn.Parameter(t.clone()) for t in init]
+    b = [torch.nn.Parameter(t.clone()) for t in init]
+    fast = sfoptim.ScheduleFreeWrapper(torch.optim.SGD(a, lr=0.1), weight_decay_at_y=0.01)
+    ref = sfoptim.ScheduleFreeWrapperReference(torch.optim.SGD(b, lr=0.1), weight_decay_at_y=0.01)
+    for step in range(20):
+        _set_grads(a, step)
+        _set_grads(b, step)
+        fast.step()
+        ref.step()
+    _assert_close([p.detach() for p in a], [p.detach() for p in b], "y")
+
+
 def test_wrapper_step_returns_the_closure_loss():
     p = torch.nn.Parameter(torch.randn(6))
     opt = sfoptim.ScheduleFreeWrapper(torch.optim.SGD([p], lr=0.1), fused=True)

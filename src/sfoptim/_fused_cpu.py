@@ -179,16 +179,24 @@ def _reset_for_tests() -> None:
     _warned.clear()
 
 
-def _eligible(tensors: Sequence[Sequence[Tensor]]) -> Optional[str]:
+def _eligible(tensors: Sequence[Sequence[Tensor]], bucketed: bool = True) -> Optional[str]:
     first = tensors[0][0]
     if first.device.type != "cpu":
         return "cpu"
     if first.dtype not in _DTYPES:
         return "dtype"
+    # Buckets share one device and dtype, and autograd keeps each gradient on
+    # its parameter's device and dtype; state buffers are created like the
+    # parameter. So the per-step cost is one contiguity check per tensor,
+    # plus a dtype check per list head. Lists that are not engine buckets (the
+    # wrapper's param groups may mix dtypes) get every tensor checked.
     for group in tensors:
-        for t in group:
-            if t.dtype != first.dtype or t.device.type != "cpu" or not t.is_contiguous():
-                return "layout"
+        if group[0].dtype != first.dtype or group[0].device != first.device:
+            return "layout"
+        if not bucketed and any(t.dtype != first.dtype or t.device != first.device for t in group):
+            return "layout"
+        if not all(t.is_contiguous() for t in group):
+            return "layout"
     return None
 
 
@@ -268,7 +276,7 @@ def step(
 def _wrap_call(name: str, a: list[Tensor], b: list[Tensor], s1: float, s2: float, explicit: bool) -> bool:
     if not a:
         return True
-    reason = _eligible([a, b])
+    reason = _eligible([a, b], bucketed=False)
     if reason is not None:
         return _refuse(reason, explicit)
     lib = _load()
