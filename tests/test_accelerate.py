@@ -54,11 +54,12 @@ def test_prepared_optimizer_switches_modes(tmp_path):
     for p, yi in zip(model.parameters(), y):
         torch.testing.assert_close(p.detach(), yi)
 
-    # The helpers take the prepared optimizer as it is.
+    # The helpers take the prepared optimizer as it is. The eval()/train()
+    # round trip above is not bit-exact, so x is compared to rounding.
     sd = averaged_state_dict(model, optimizer)
-    assert torch.equal(sd["0.weight"], x[0])
+    torch.testing.assert_close(sd["0.weight"], x[0])
     with eval_mode(model, optimizer):
-        assert torch.equal(model[0].weight, x[0])
+        torch.testing.assert_close(model[0].weight.detach(), x[0])
     assert inner.train_mode
 
 

@@ -25,6 +25,9 @@ GLOBAL_BATCH = 8
 OPTIMIZERS = {
     "adamw": lambda ps: sfoptim.AdamWScheduleFree(ps, lr=0.02, warmup_steps=3, weight_decay=0.01),
     "adamw_loop": lambda ps: sfoptim.AdamWScheduleFree(ps, lr=0.02, warmup_steps=3, foreach=False),
+    # fused=True: the one-pass kernel on plain tensors (DDP); DTensor shards fall back to foreach with a warning.
+    "adamw_fused": lambda ps: sfoptim.AdamWScheduleFree(ps, lr=0.02, warmup_steps=3, weight_decay=0.01, fused=True),
+    "adamw_foreach": lambda ps: sfoptim.AdamWScheduleFree(ps, lr=0.02, warmup_steps=3, weight_decay=0.01, fused=False),
     "adamw_closure": lambda ps: sfoptim.AdamWScheduleFreeClosure(ps, lr=0.02, warmup_steps=3),
     "adamw_reference": lambda ps: sfoptim.AdamWScheduleFreeReference(ps, lr=0.02, warmup_steps=3),
     "sgd": lambda ps: sfoptim.SGDScheduleFree(ps, lr=0.2, warmup_steps=2, weight_decay=0.01),
@@ -115,7 +118,7 @@ def _ddp_worker(rank: int, world: int, names: list[str], dtype_names: list[str],
 
 
 def test_ddp_two_ranks_match_single_process():
-    spawn(_ddp_worker, 2, ["adamw", "sgd", "wrapper", "adamw_closure"], ["float64", "float32"], 10)
+    spawn(_ddp_worker, 2, ["adamw", "adamw_fused", "adamw_foreach", "sgd", "wrapper", "adamw_closure"], ["float64", "float32"], 10)
 
 
 # -------------------------------------------------------------------- FSDP2
@@ -159,7 +162,7 @@ def _fsdp_worker(rank: int, world: int, cases: list[tuple[str, str]], steps: int
 
 
 def test_fsdp2_two_ranks_match_single_process_every_backend():
-    names = ["adamw", "adamw_loop", "adamw_closure", "adamw_reference", "sgd", "radam", "wrapper"]
+    names = ["adamw", "adamw_fused", "adamw_loop", "adamw_closure", "adamw_reference", "sgd", "radam", "wrapper"]
     cases = [(n, "float64") for n in names] + [("adamw", "float32"), ("wrapper", "float32")]
     spawn(_fsdp_worker, 2, cases, 15)
 

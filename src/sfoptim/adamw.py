@@ -20,7 +20,7 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from torch import Tensor
 
-from . import _validation
+from . import _fused_cpu, _validation
 from .averaging import AveragingStep
 from .engine import Bucket, ClosureForm, ScheduleFreeOptimizer
 
@@ -93,6 +93,10 @@ class AdamWScheduleFree(ScheduleFreeOptimizer):
             see :mod:`sfoptim.precision`). Default None: the parameter's dtype.
         stochastic_rounding: round the master into the parameter stochastically
             (only with ``state_dtype``; default False).
+        fused: ``None`` (default) uses the fused one-pass CPU kernel wherever
+            it runs (CPU, float32/float64, contiguous) and ``foreach`` elsewhere;
+            ``True`` asks for it and warns once where it cannot run; ``False``
+            never uses it.
 
     State per parameter: ``z`` and ``exp_avg_sq`` (plus ``exp_avg`` when
     ``inner_momentum > 0``).
@@ -120,8 +124,10 @@ class AdamWScheduleFree(ScheduleFreeOptimizer):
         inner_momentum: float = 0.0,
         state_dtype: Optional[torch.dtype] = None,
         stochastic_rounding: bool = False,
+        fused: Optional[bool] = None,
     ) -> None:
         defaults = dict(
+            fused=fused,
             lr=lr,
             betas=betas,
             eps=eps,
@@ -168,6 +174,17 @@ class AdamWScheduleFree(ScheduleFreeOptimizer):
             inner_momentum=inner,
         )
         return direction, True
+
+    def _fused_direction(self, group: dict, sched: AveragingStep) -> Optional[dict[str, Any]]:
+        beta2, inner = group["betas"][1], group.get("inner_momentum", 0.0)
+        return {
+            "kind": _fused_cpu.ADAM,
+            "beta2": beta2,
+            "bias_correction2": 1 - beta2**sched.step if self._bias_correction else 1.0,
+            "eps": group["eps"],
+            "inner_momentum": inner,
+            "bias_correction1": 1 - inner**sched.step,
+        }
 
 
 class AdamWScheduleFreeClosure(ClosureForm, AdamWScheduleFree):

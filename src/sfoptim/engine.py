@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import _validation, precision
+from . import _fused_cpu, _validation, precision
 from .averaging import AveragingStep, averaging_step, warmup_factor
 
 __all__ = ["ModeError", "ScheduleFreeOptimizer"]
@@ -91,6 +91,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         defaults.setdefault("foreach", None)
         defaults.setdefault("state_dtype", None)
         defaults.setdefault("stochastic_rounding", False)
+        defaults.setdefault(self.group_key("fused"), None)
         for name, value in self._schedule_defaults().items():
             defaults.setdefault(name, value)
         super().__init__(params, defaults)
@@ -114,7 +115,17 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         """
         raise NotImplementedError
 
+    def _fused_direction(self, group: dict, sched: AveragingStep) -> Optional[dict[str, Any]]:
+        """Keyword arguments of :func:`sfoptim._fused_cpu.step` for this step, or None.
+
+        None (the default) means the algorithm has no fused kernel and always
+        takes the foreach path.
+        """
+        return None
+
     def _validate_group(self, group: dict) -> None:
+        if group.get(self.group_key("fused")) and group.get(self.group_key("foreach")):
+            raise ValueError("Invalid arguments: fused=True and foreach=True cannot be used together")
         _validation.check_nonnegative("lr", group["lr"])
         _validation.check_nonnegative(self._decay_key.removeprefix(self._key_prefix), group[self._decay_key])
         _validation.check_nonnegative("r", group[self.group_key("r")])
@@ -342,6 +353,8 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         for group, active, sched in plans:
             if active:
                 for bucket in self._buckets(group, active):
+                    if self._apply_fused(group, sched, bucket):
+                        continue
                     if group.get("foreach") is False:
                         for single in _split(bucket):
                             self._apply(group, sched, single)
@@ -349,6 +362,35 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
                         self._apply(group, sched, bucket)
                 self._sync_params(group, active)
             self._commit(group, sched)
+
+    def _apply_fused(self, group: dict, sched: AveragingStep, bucket: Bucket) -> bool:
+        """Runs the fused kernel on the bucket if the group allows it; False if not run.
+
+        ``fused=None`` (the default) takes the kernel wherever it runs unless
+        ``foreach=False`` asked for the per-tensor loop; ``fused=True`` warns
+        once where it cannot run (GPU tensors, other dtypes, no compiler)
+        and falls back to foreach.
+        """
+        fused = group.get(self.group_key("fused"))
+        if fused is False or (fused is None and group.get("foreach") is False):
+            return False
+        spec = self._fused_direction(group, sched)
+        if spec is None:
+            return False
+        buffers = bucket.buffers
+        return _fused_cpu.step(
+            bucket.params,
+            bucket.grads,
+            bucket.z,
+            buffers.get("exp_avg_sq"),
+            buffers.get("exp_avg"),
+            lr=sched.lr,
+            ckp1=sched.ckp1,
+            beta=self._beta(group),
+            weight_decay=float(group[self._decay_key]),
+            explicit=fused is True,
+            **spec,
+        )
 
     def _apply(self, group: dict, sched: AveragingStep, bucket: Bucket) -> None:
         direction, owned = self._direction(group, sched, bucket)
@@ -367,6 +409,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             for name, value in self._schedule_defaults().items():
                 group.setdefault(name, value)
             group.setdefault("foreach", None)
+            group.setdefault(self.group_key("fused"), None)
             group.setdefault("state_dtype", None)
             group.setdefault("stochastic_rounding", False)
 

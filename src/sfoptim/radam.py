@@ -14,7 +14,7 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from torch import Tensor
 
-from . import _validation
+from . import _fused_cpu, _validation
 from .adamw import adam_direction, update_second_moment
 from .averaging import AveragingStep, radam_rectification
 from .engine import Bucket, ClosureForm, ScheduleFreeOptimizer
@@ -42,6 +42,7 @@ class RAdamScheduleFree(ScheduleFreeOptimizer):
             see :mod:`sfoptim.precision`). Default None: the parameter's dtype.
         stochastic_rounding: round the master into the parameter stochastically
             (only with ``state_dtype``; default False).
+        fused: as for :class:`AdamWScheduleFree`.
     """
 
     def __init__(
@@ -57,8 +58,10 @@ class RAdamScheduleFree(ScheduleFreeOptimizer):
         silent_sgd_phase: bool = True,
         state_dtype: Optional[torch.dtype] = None,
         stochastic_rounding: bool = False,
+        fused: Optional[bool] = None,
     ) -> None:
         defaults = dict(
+            fused=fused,
             lr=lr,
             betas=betas,
             eps=eps,
@@ -96,6 +99,12 @@ class RAdamScheduleFree(ScheduleFreeOptimizer):
             update_second_moment(bucket.buffers["exp_avg_sq"], bucket.grads, beta2)
             return bucket.grads, False
         return adam_direction(bucket.grads, bucket.buffers["exp_avg_sq"], step=sched.step, beta2=beta2, eps=group["eps"]), True
+
+    def _fused_direction(self, group: dict, sched: AveragingStep) -> Optional[dict[str, Any]]:
+        beta2 = group["betas"][1]
+        if radam_rectification(sched.step, beta2) is None:
+            return {"kind": _fused_cpu.SGD_V, "beta2": beta2}
+        return {"kind": _fused_cpu.ADAM, "beta2": beta2, "bias_correction2": 1 - beta2**sched.step, "eps": group["eps"]}
 
 
 class RAdamScheduleFreeClosure(ClosureForm, RAdamScheduleFree):

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from torch import Tensor
 
-from . import _validation
+from . import _fused_cpu, _validation
 from .averaging import AveragingStep
 from .engine import Bucket, ClosureForm, ScheduleFreeOptimizer
 
@@ -46,6 +46,10 @@ class SGDScheduleFree(ScheduleFreeOptimizer):
             see :mod:`sfoptim.precision`). Default None: the parameter's dtype.
         stochastic_rounding: round the master into the parameter stochastically
             (only with ``state_dtype``; default False).
+        fused: ``None`` (default) uses the fused one-pass CPU kernel wherever
+            it runs (CPU, float32/float64, contiguous) and ``foreach`` elsewhere;
+            ``True`` asks for it and warns once where it cannot run; ``False``
+            never uses it.
 
     Example::
 
@@ -68,8 +72,10 @@ class SGDScheduleFree(ScheduleFreeOptimizer):
         foreach: Optional[bool] = None,
         state_dtype: Optional[torch.dtype] = None,
         stochastic_rounding: bool = False,
+        fused: Optional[bool] = None,
     ) -> None:
         defaults = dict(
+            fused=fused,
             lr=lr,
             momentum=momentum,
             weight_decay=weight_decay,
@@ -92,6 +98,9 @@ class SGDScheduleFree(ScheduleFreeOptimizer):
 
     def _direction(self, group: dict, sched: AveragingStep, bucket: Bucket) -> tuple[list[Tensor], bool]:
         return bucket.grads, False
+
+    def _fused_direction(self, group: dict, sched: AveragingStep) -> Optional[dict[str, Any]]:
+        return {"kind": _fused_cpu.SGD}
 
 
 class SGDScheduleFreeClosure(ClosureForm, SGDScheduleFree):

@@ -20,8 +20,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from . import _validation
-from .engine import ScheduleFreeOptimizer
+from . import _fused_cpu, _validation
+from .engine import ScheduleFreeOptimizer, _real
 
 __all__ = ["ScheduleFreeWrapper"]
 
@@ -54,6 +54,10 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
         r: polynomial weighting power of the average (default 0).
         weight_lr_power: power of the maximal learning rate in the averaging
             weights (default 2).
+        fused: the wrapper's own ``x``/``y`` bookkeeping in one pass per
+            tensor (CPU, float32/float64): ``None`` (default) wherever it runs,
+            ``True`` warns once where it cannot, ``False`` never. The base
+            optimizer's step is its own (pass ``fused=True`` to it if it has one).
 
     Example::
 
@@ -71,6 +75,7 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
         weight_decay_at_y: float = 0.0,
         r: float = 0,
         weight_lr_power: float = 2,
+        fused: Optional[bool] = None,
     ) -> None:
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -84,6 +89,7 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
             "sf_weight_decay_at_y": weight_decay_at_y,
             "sf_r": r,
             "sf_weight_lr_power": weight_lr_power,
+            "sf_fused": fused,
         }
         # Registering the base optimizer's own group dicts makes both objects
         # read and write the same hyperparameters (one lr for schedulers).
@@ -140,11 +146,18 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
             self._swap_back(params)
             xs = [p.data for p in params]
             zs = [self.state[p]["z"] for p in params]
-            if xs:
+            if xs and not self._fused_bookkeeping(group, _fused_cpu.wrap_after, xs, zs, sched.ckp1):
                 torch._foreach_lerp_(xs, zs, sched.ckp1)
                 torch._foreach_lerp_(xs, zs, 1 - self._beta(group))
             self._commit(group, sched)
         return loss
+
+    def _fused_bookkeeping(self, group: dict, kernel: Any, a: list[Tensor], b: list[Tensor], scalar: float) -> bool:
+        """Runs one of the wrapper kernels of :mod:`sfoptim._fused_cpu` unless ``fused=False``; False if not run."""
+        fused = group.get("sf_fused")
+        if fused is False:
+            return False
+        return kernel([_real(t) for t in a], [_real(t) for t in b], scalar, self._beta(group), explicit=fused is True)
 
     def _y_to_z(self, group: dict, params: list[Tensor]) -> None:
         """Leaves ``z`` in the parameters (for the base step) and ``x`` in the z buffer."""
@@ -154,12 +167,13 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
         ys = [p.data for p in params]
         zs = [self.state[p].setdefault("z", p.detach().clone()) for p in params]
         decay = group["sf_weight_decay_at_y"]
-        if decay != 0:
-            lr = self._scheduled_lr(group, group["sf_k"] + 1)
-            # z moves by -lr*decay*y; y moves by (1-beta) of that, so x stays put.
-            torch._foreach_sub_(zs, ys, alpha=lr * decay)
-            torch._foreach_mul_(ys, 1 - lr * decay * (1 - beta))
-        torch._foreach_lerp_(ys, zs, 1 - 1 / beta)
+        lr_decay = self._scheduled_lr(group, group["sf_k"] + 1) * decay if decay != 0 else 0.0
+        if not self._fused_bookkeeping(group, _fused_cpu.wrap_before, ys, zs, lr_decay):
+            if decay != 0:
+                # z moves by -lr*decay*y; y moves by (1-beta) of that, so x stays put.
+                torch._foreach_sub_(zs, ys, alpha=lr_decay)
+                torch._foreach_mul_(ys, 1 - lr_decay * (1 - beta))
+            torch._foreach_lerp_(ys, zs, 1 - 1 / beta)
         for p, z in zip(params, zs):
             _swap(p, z)
 

@@ -1,0 +1,245 @@
+"""Optimizer step time, measured side by side in one interleaved run.
+
+Every contender gets its own parameters (same values, same layout) and shares
+one set of fixed gradients, re-attached before every step outside the timing
+(heavyball sets ``p.grad`` to None; with ``weight_decay=0``, the default, no
+contender writes into a gradient). Each round steps every contender once, in a
+rotating order, so machine noise (other processes, frequency changes) hits
+all of them alike; the table reports the median step time of each contender
+divided by the median of its baseline measured in the same rounds:
+
+* Adam-like contenders against ``torch.optim.AdamW(fused=True)``,
+* SGD-like contenders against the fastest of ``torch.optim.SGD(momentum=0.9)``
+  with ``fused=True`` and ``foreach=True`` (whichever is faster here).
+
+The first ``step()`` of each contender (state allocation, kernel build or
+``torch.compile``) is timed separately and excluded from the medians. The
+sfoptim kernel cache is pointed at an empty directory first, so its first-step
+time includes compiling the kernel (use ``--warm-cache`` to skip that).
+
+Peers (``schedulefree``, ``pytorch_optimizer``, ``heavyball``) are optional:
+a missing one is listed as skipped.
+
+Examples::
+
+    python benchmarks/step_time.py                      # CPU, 2 threads, all layouts
+    python benchmarks/step_time.py --layouts 400x40K --rounds 30 --no-heavyball
+    python benchmarks/step_time.py --device cuda        # on a GPU machine (adds peak-memory table)
+
+On CUDA, sfoptim has no fused kernel yet: its rows time the foreach path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from typing import Callable, Optional
+
+import torch
+
+LAYOUTS: dict[str, list[tuple[int, ...]]] = {
+    "8x2M": [(2_000_000,)] * 8,
+    "400x40K": [(40_000,)] * 400,
+}
+
+
+def _gpt_like() -> list[tuple[int, ...]]:
+    # Token embedding + 5 transformer blocks of 12 tensors (two layer norms,
+    # qkv, attention projection, two MLP matrices, with biases): 61 tensors,
+    # 47.0M parameters.
+    d, vocab = 768, 15104
+    shapes: list[tuple[int, ...]] = [(vocab, d)]
+    for _ in range(5):
+        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
+    return shapes
+
+
+LAYOUTS["gpt"] = _gpt_like()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def contenders(args: argparse.Namespace) -> dict[str, tuple[str, Callable[[list], torch.optim.Optimizer]]]:
+    """name -> (baseline group, factory). Groups: 'adam' or 'sgd'."""
+    import sfoptim
+
+    lr, wd = 1e-3, args.weight_decay
+    out: dict[str, tuple[str, Callable]] = {}
+    out["torch AdamW fused"] = ("adam", lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=wd, fused=True))
+    out["torch AdamW foreach"] = ("adam", lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=wd, foreach=True))
+    out["torch SGD-m fused"] = ("sgd", lambda p: torch.optim.SGD(p, lr=lr, momentum=0.9, weight_decay=wd, fused=True))
+    out["torch SGD-m foreach"] = ("sgd", lambda p: torch.optim.SGD(p, lr=lr, momentum=0.9, weight_decay=wd, foreach=True))
+    out["sfoptim AdamW"] = ("adam", lambda p: sfoptim.AdamWScheduleFree(p, lr=lr, weight_decay=wd))
+    out["sfoptim RAdam"] = ("adam", lambda p: sfoptim.RAdamScheduleFree(p, lr=lr, weight_decay=wd))
+    out["sfoptim SGD"] = ("sgd", lambda p: sfoptim.SGDScheduleFree(p, lr=lr, weight_decay=wd))
+    if args.foreach_too:
+        out["sfoptim AdamW foreach"] = ("adam", lambda p: sfoptim.AdamWScheduleFree(p, lr=lr, weight_decay=wd, fused=False))
+        out["sfoptim SGD foreach"] = ("sgd", lambda p: sfoptim.SGDScheduleFree(p, lr=lr, weight_decay=wd, fused=False))
+    try:
+        import schedulefree
+
+        out["schedulefree AdamW"] = ("adam", lambda p: _trained(schedulefree.AdamWScheduleFree(p, lr=lr, weight_decay=wd)))
+        out["schedulefree RAdam"] = ("adam", lambda p: _trained(schedulefree.RAdamScheduleFree(p, lr=lr, weight_decay=wd)))
+        out["schedulefree SGD"] = ("sgd", lambda p: _trained(schedulefree.SGDScheduleFree(p, lr=lr, weight_decay=wd)))
+    except ImportError:
+        print("skipped: schedulefree (pip install schedulefree)")
+    try:
+        from pytorch_optimizer import ScheduleFreeAdamW, ScheduleFreeRAdam, ScheduleFreeSGD
+
+        out["pytorch_optimizer SF-AdamW"] = ("adam", lambda p: _trained(ScheduleFreeAdamW(p, lr=lr, weight_decay=wd)))
+        out["pytorch_optimizer SF-RAdam"] = ("adam", lambda p: _trained(ScheduleFreeRAdam(p, lr=lr, weight_decay=wd)))
+        out["pytorch_optimizer SF-SGD"] = ("sgd", lambda p: _trained(ScheduleFreeSGD(p, lr=lr, weight_decay=wd)))
+    except ImportError:
+        print("skipped: pytorch_optimizer (pip install pytorch_optimizer)")
+    if args.heavyball:
+        try:
+            import heavyball
+
+            out["heavyball SFAdamW (compiled)"] = ("adam", lambda p: heavyball.SFAdamW(p, lr=lr, weight_decay=wd))
+        except ImportError:
+            print("skipped: heavyball (pip install heavyball)")
+    if args.only:
+        out = {k: v for k, v in out.items() if any(s.lower() in k.lower() for s in args.only) or k.startswith("torch")}
+    return out
+
+
+def _trained(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    if hasattr(opt, "train"):
+        opt.train()
+    return opt
+
+
+def run_layout(name: str, args: argparse.Namespace, device: torch.device) -> list[tuple]:
+    shapes = LAYOUTS[name]
+    dtype = getattr(torch, args.dtype)
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=gen, dtype=dtype).to(device) for s in shapes]
+    grads = [torch.randn(s, generator=gen, dtype=dtype).mul_(1e-2).to(device) for s in shapes]
+    table = contenders(args)
+    opts: dict[str, torch.optim.Optimizer] = {}
+    owned: dict[str, list[torch.nn.Parameter]] = {}
+    first: dict[str, float] = {}
+    for cname, (_, factory) in table.items():
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        for p, g in zip(params, grads):
+            p.grad = g
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                opt = factory(params)
+                _sync(device)
+                t0 = time.perf_counter()
+                opt.step()
+                _sync(device)
+                first[cname] = time.perf_counter() - t0
+        except Exception as exc:  # a peer that does not run here is reported, not fatal
+            print(f"skipped on {name}: {cname} ({type(exc).__name__}: {str(exc)[:120]})")
+            continue
+        opts[cname] = opt
+        owned[cname] = params
+
+    def regrad(cname: str) -> None:
+        # Some peers (heavyball) consume p.grad and set it to None; give every
+        # contender its gradients back before each step, outside the timing.
+        for p, g in zip(owned[cname], grads):
+            p.grad = g
+
+    times: dict[str, list[float]] = {k: [] for k in opts}
+    extra: dict[str, float] = {k: 0.0 for k in opts}
+    names = list(opts)
+    for _ in range(args.warmup):
+        for cname in names:
+            regrad(cname)
+            opts[cname].step()
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for cname in order:
+            regrad(cname)
+            _sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
+            t0 = time.perf_counter()
+            opts[cname].step()
+            _sync(device)
+            times[cname].append(time.perf_counter() - t0)
+            if device.type == "cuda":
+                # Temporaries the step allocated beyond the live state, in MiB.
+                peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+                extra[cname] = max(extra[cname], peak)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base = {"adam": med.get("torch AdamW fused")}
+    sgd_bases = [med[k] for k in ("torch SGD-m fused", "torch SGD-m foreach") if k in med]
+    base["sgd"] = min(sgd_bases) if sgd_bases else None
+    rows = []
+    for cname in names:
+        group = table[cname][0]
+        ratio = med[cname] / base[group] if base[group] else float("nan")
+        rows.append((cname, group, med[cname] * 1e3, ratio, first[cname], extra[cname]))
+    del opts
+    gc.collect()
+    return rows
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for every contender (default 2)")
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    parser.add_argument("--rounds", type=int, default=30, help="timed interleaved rounds (default 30)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds after the first step (default 3)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--no-heavyball", dest="heavyball", action="store_false",
+                        help="skip heavyball (its torch.compile first step takes minutes on CPU)")
+    parser.add_argument("--foreach-too", action="store_true", help="also time sfoptim with fused=False")
+    parser.add_argument("--only", nargs="+", help="keep only contenders whose name contains one of these (torch baselines always kept)")
+    parser.add_argument("--warm-cache", action="store_true", help="reuse the user's sfoptim kernel cache")
+    args = parser.parse_args(argv)
+
+    if not args.warm_cache:
+        os.environ["SFOPTIM_CACHE_DIR"] = tempfile.mkdtemp(prefix="sfoptim-bench-")
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, dtype {args.dtype}, "
+          f"rounds {args.rounds} (median), python {sys.version.split()[0]}")
+    results = {name: run_layout(name, args, device) for name in args.layouts}
+    cnames = list(dict.fromkeys(c for rows in results.values() for c, *_ in rows))
+    lookup = {(lay, c): row for lay, rows in results.items() for row in rows for c in [row[0]]}
+    width = max(len(c) for c in cnames) + 2
+    print("\nratio of median step time to baseline (adam: torch AdamW fused; sgd: fastest torch SGD-momentum)")
+    print("".ljust(width) + "".join(f"{lay:>22}" for lay in args.layouts))
+    for c in cnames:
+        cells = []
+        for lay in args.layouts:
+            row = lookup.get((lay, c))
+            cells.append(f"{row[3]:6.2f}x ({row[2]:7.1f} ms)".rjust(22) if row else "-".rjust(22))
+        print(c.ljust(width) + "".join(cells))
+    print("\nfirst step (s), including state allocation and any compilation")
+    print("".ljust(width) + "".join(f"{lay:>22}" for lay in args.layouts))
+    for c in cnames:
+        cells = [f"{lookup[(lay, c)][4]:.3f}".rjust(22) if (lay, c) in lookup else "-".rjust(22) for lay in args.layouts]
+        print(c.ljust(width) + "".join(cells))
+    if device.type == "cuda":
+        print("\npeak extra CUDA memory during a step (MiB; parameter size of the layout for scale)")
+        print("".ljust(width) + "".join(f"{lay:>22}" for lay in args.layouts))
+        sizes = {lay: sum(torch.Size(s).numel() for s in LAYOUTS[lay]) * torch.finfo(getattr(torch, args.dtype)).bits / 8 / 2**20
+                 for lay in args.layouts}
+        print("(parameters)".ljust(width) + "".join(f"{sizes[lay]:.1f}".rjust(22) for lay in args.layouts))
+        for c in cnames:
+            cells = [f"{lookup[(lay, c)][5]:.1f}".rjust(22) if (lay, c) in lookup else "-".rjust(22) for lay in args.layouts]
+            print(c.ljust(width) + "".join(cells))
+
+
+if __name__ == "__main__":
+    main()
