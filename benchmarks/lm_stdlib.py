@@ -120,7 +120,9 @@ class CharLM(nn.Module):
 
 def lm_loss(model, batch):
     """Next-byte cross-entropy of ``model`` on windows ``batch`` (B, ctx + 1)."""
-    logits = model(batch[:, :-1])
+    # The loss is taken in float32 whatever the model's dtype (a no-op for a
+    # float32 model; benchmarks/precision.py trains this model in bfloat16).
+    logits = model(batch[:, :-1]).float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
 
 
@@ -152,16 +154,22 @@ def factor(kind, step, horizon, warmup, decay_frac):
 
 # --------------------------------------------------------------------------- runs
 
-def _model(a, seed):
+def _model(a, seed, dtype=torch.float32):
     torch.manual_seed(seed)
-    return CharLM(a.ctx, a.d, a.layers, a.heads)
+    # Initialised in float32, then cast: every dtype starts from the same weights.
+    return CharLM(a.ctx, a.d, a.layers, a.heads).to(dtype)
 
 
-def run_schedulefree(a, data, held, seed, beta, lr, evals, tick):
-    """One schedule-free run; returns ``{step: heldout_loss}`` at ``evals``."""
-    model = _model(a, seed)
+def run_schedulefree(a, data, held, seed, beta, lr, evals, tick, dtype=torch.float32, opt_kwargs=None):
+    """One schedule-free run; returns ``{step: heldout_loss}`` at ``evals``.
+
+    ``dtype`` (the model's dtype) and ``opt_kwargs`` (extra optimizer keyword
+    arguments such as ``state_dtype``) let benchmarks/precision.py run this same
+    training in bfloat16; the defaults are this benchmark's float32 run.
+    """
+    model = _model(a, seed, dtype)
     opt = sfoptim.AdamWScheduleFree(model.parameters(), lr=lr, betas=(beta, a.beta2),
-                                    warmup_steps=a.warmup)
+                                    warmup_steps=a.warmup, **(opt_kwargs or {}))
     opt.train()
     out, want = {}, set(evals)
     for step in range(a.steps):
@@ -226,8 +234,8 @@ def ms(v):
     return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
 
 
-def main(argv=None):
-    """Run the benchmark and write results.json, results.md and lm.png to --out."""
+def build_parser():
+    """The command-line options; ``build_parser().parse_args([])`` gives the defaults."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=480, help="horizon T")
     p.add_argument("--seeds", type=int, default=2)
@@ -246,7 +254,12 @@ def main(argv=None):
     p.add_argument("--heldout", type=int, default=256, help="held-out windows")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="out/lm")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    """Run the benchmark and write results.json, results.md and lm.png to --out."""
+    a = build_parser().parse_args(argv)
     torch.set_num_threads(a.threads)
 
     train_files, held_files = load_text()

@@ -1,205 +1,218 @@
 """Training in bfloat16 with and without sfoptim's precision options.
 
-Two small tasks, each trained with AdamWScheduleFree in four settings:
+The two tasks are the project's own, reused rather than copied:
 
-* ``float32``: parameters and state in float32 (the target);
-* ``bf16``: parameters, activations and state in bfloat16 (what the published
-  package does with a bf16 model);
-* ``bf16+state32``: bf16 parameters, ``state_dtype=torch.float32`` (float32
-  master copy, ``z`` and second moment);
-* ``bf16+state32+sr``: the same with stochastic rounding of the weight writes.
+* ``demo``: the task of ``sfoptim demo`` (``sfoptim.demo``: MNIST-1D generated
+  offline, its 3-layer MLP, hidden 256, batch 128, and the schedule-free run's
+  settings: lr 0.008, 50 warmup steps, 2000 steps).  Metric: training loss at
+  ``x`` on the whole training set after the last step; 3 seeds, like the demo.
+* ``lm``: the language-model benchmark (``benchmarks/lm_stdlib.py``: byte-level
+  transformer on Python's standard library, its default sizes, 480 steps, one
+  pass).  Its schedule-free run with beta1 0.9 and lr 0.016 (the benchmark's
+  best schedule-free setting); metric: held-out loss (nats/byte) at ``x`` after
+  the last step; 2 seeds, like the benchmark.
 
-Tasks:
+Each task is trained with AdamWScheduleFree in four settings:
 
-* ``mnist1d``: a 3-layer MLP on MNIST-1D (generated offline with the ``mnist1d``
-  package); reports the final training loss at ``x`` over the whole training set.
-* ``charlm``: a tiny causal transformer on the bytes of Python's standard
-  library sources; reports the held-out loss (nats/byte) at ``x`` on text the
-  model never trains on.
+* ``float32``: parameters and state in float32 (the reference);
+* ``bf16``: model (parameters, activations) and optimizer state in bfloat16,
+  no option (what the published package does with a bf16 model);
+* ``bf16+state32``: bf16 model, ``state_dtype=torch.float32`` (float32 master
+  copy, ``z`` and second moment);
+* ``bf16+state32+sr``: the same plus ``stochastic_rounding=True``.
 
-Example: ``python benchmarks/precision.py`` (both tasks, a few minutes on 2 CPU
-cores) or ``python benchmarks/precision.py --task mnist1d --steps 2000``.
+Within a task and seed every setting starts from the same initial weights (drawn
+in float32, then cast) and sees the same batches.  The table gives each loss and
+its ratio to float32; the issue's targets are a ratio <= 1.01 for the LM and
+<= 2 for the demo task.
+
+Examples:
+  python benchmarks/precision.py --task demo --out out/precision-demo
+  python benchmarks/precision.py --task lm --out out/precision-lm
+  python benchmarks/precision.py --steps 20 --demo-samples 600 --lm-heldout 16   # smoke run
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import pathlib
-import sysconfig
+import json
+import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-import sfoptim
+# lm_stdlib.py is a script beside this one, not part of the package: make its
+# folder importable so its data and model are used as they are.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lm_stdlib  # noqa: E402
+
+from sfoptim import demo  # noqa: E402
 
 CONFIGS = {
-    "float32": dict(dtype=torch.float32),
-    "bf16": dict(dtype=torch.bfloat16),
-    "bf16+state32": dict(dtype=torch.bfloat16, state_dtype=torch.float32),
-    "bf16+state32+sr": dict(dtype=torch.bfloat16, state_dtype=torch.float32, stochastic_rounding=True),
+    "float32": (torch.float32, {}),
+    "bf16": (torch.bfloat16, {}),
+    "bf16+state32": (torch.bfloat16, {"state_dtype": torch.float32}),
+    "bf16+state32+sr": (torch.bfloat16, {"state_dtype": torch.float32, "stochastic_rounding": True}),
 }
 
-
-def make_optimizer(model: nn.Module, lr: float, warmup: int, cfg: dict) -> sfoptim.AdamWScheduleFree:
-    extra = {k: cfg[k] for k in ("state_dtype", "stochastic_rounding") if k in cfg}
-    return sfoptim.AdamWScheduleFree(model.parameters(), lr=lr, warmup_steps=warmup, **extra)
+#: The issue's targets: largest allowed ratio of a setting's loss to float32's.
+TARGETS = {"demo": 2.0, "lm": 1.01}
 
 
-# ------------------------------------------------------------------ MNIST-1D
-def mnist1d_data(seed: int) -> dict[str, torch.Tensor]:
-    from mnist1d.data import get_dataset_args, make_dataset
-
-    args = get_dataset_args()
-    args.seed = seed
-    d = make_dataset(args)  # generated locally; never downloads
-    return {
-        "x": torch.tensor(d["x"], dtype=torch.float32),
-        "y": torch.tensor(d["y"], dtype=torch.long),
-    }
-
-
-def run_mnist1d(cfg: dict, data: dict, steps: int, lr: float, batch: int, seed: int) -> float:
-    torch.manual_seed(seed)
-    dtype = cfg["dtype"]
-    model = nn.Sequential(
-        nn.Linear(40, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
-    ).to(dtype)
-    opt = make_optimizer(model, lr, 0, cfg)
-    x, y = data["x"].to(dtype), data["y"]
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    opt.train()
-    for _ in range(steps):
-        idx = torch.randint(0, x.shape[0], (batch,), generator=g)
-        loss = F.cross_entropy(model(x[idx]).float(), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    opt.eval()
-    model.eval()
-    with torch.no_grad():
-        return F.cross_entropy(model(x).float(), y).item()
+def run_demo_task(configs, seeds, steps=None, num_samples=None, log=print):
+    """``{config: {seed: (train_loss_at_x, heldout_acc, seconds)}}`` on the demo task."""
+    cfg = demo.DemoConfig()  # sfoptim demo's defaults
+    if steps:
+        cfg.steps = steps
+    if num_samples:
+        cfg.num_samples = num_samples
+    task = demo.load_task(cfg.num_samples)
+    out = {name: {} for name in configs}
+    for seed in seeds:
+        for name in configs:
+            dtype, kw = CONFIGS[name]
+            t = time.perf_counter()
+            r = demo.train_run(task, cfg, seed, "schedulefree", cfg.sf_lr, cfg.steps, [cfg.steps],
+                               dtype=dtype, opt_kwargs=kw)[cfg.steps]
+            out[name][seed] = (r[0], r[1], time.perf_counter() - t)
+            log(f"  demo seed {seed} {name:>16}: train loss {r[0]:.6g}, acc {r[1]:.4f} "
+                f"({out[name][seed][2]:.0f} s)")
+    return out, {"steps": cfg.steps, "lr": cfg.sf_lr, "warmup": cfg.sf_warmup, "batch": cfg.batch_size,
+                 "hidden": cfg.hidden, "num_samples": cfg.num_samples}
 
 
-# -------------------------------------------------------------- char-level LM
-def stdlib_text(max_bytes: int) -> bytes:
-    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    chunks, total = [], 0
-    for path in sorted(root.glob("*.py")):
-        b = path.read_bytes()
-        chunks.append(b)
-        total += len(b)
-        if total >= max_bytes:
-            break
-    return b"".join(chunks)[:max_bytes]
+def run_lm_task(configs, seeds, lr, beta, steps=None, heldout=None, log=print):
+    """``{config: {seed: (heldout_loss_at_x, seconds)}}`` on the LM benchmark."""
+    a = lm_stdlib.build_parser().parse_args([])  # the benchmark's default sizes
+    if steps:
+        a.steps = steps
+    if heldout:
+        a.heldout = heldout
+    train_files, held_files = lm_stdlib.load_text()
+    # The same held-out windows and per-seed training windows as lm_stdlib.main.
+    held = lm_stdlib.chunks(held_files, a.ctx, 12345)[: a.heldout]
+    out = {name: {} for name in configs}
+    for seed in seeds:
+        data = lm_stdlib.chunks(train_files, a.ctx, seed)[: a.steps * a.batch]
+        for name in configs:
+            dtype, kw = CONFIGS[name]
+            t = time.perf_counter()
+            loss = lm_stdlib.run_schedulefree(a, data, held, seed, beta, lr, [a.steps], lambda: None,
+                                              dtype=dtype, opt_kwargs=kw)[a.steps]
+            out[name][seed] = (loss, time.perf_counter() - t)
+            log(f"  lm   seed {seed} {name:>16}: held-out loss {loss:.6g} ({out[name][seed][1]:.0f} s)")
+    return out, {"steps": a.steps, "lr": lr, "beta1": beta, "beta2": a.beta2, "warmup": a.warmup,
+                 "batch": a.batch, "ctx": a.ctx, "d": a.d, "layers": a.layers, "heads": a.heads,
+                 "heldout": a.heldout}
 
 
-class Block(nn.Module):
-    def __init__(self, d: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+def summarize(task, runs, configs):
+    """Rows ``(config, mean loss, per-seed losses, ratio to float32, mean seconds)``.
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        b, t, d = h.shape
-        q, k, v = self.qkv(self.ln1(h)).split(d, dim=2)
-        q, k, v = (u.view(b, t, self.heads, d // self.heads).transpose(1, 2) for u in (q, k, v))
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        h = h + self.proj(a.transpose(1, 2).reshape(b, t, d))
-        return h + self.mlp(self.ln2(h))
-
-
-class CharLM(nn.Module):
-    def __init__(self, d: int = 64, layers: int = 2, heads: int = 4, ctx: int = 64) -> None:
-        super().__init__()
-        self.tok, self.pos = nn.Embedding(256, d), nn.Embedding(ctx, d)
-        self.blocks = nn.Sequential(*[Block(d, heads) for _ in range(layers)])
-        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, 256)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        h = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
-        return self.head(self.ln(self.blocks(h)))
-
-
-def lm_batches(data: torch.Tensor, n: int, ctx: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    starts = torch.randint(0, data.numel() - ctx - 1, (n,), generator=g)
-    xb = torch.stack([data[s : s + ctx] for s in starts.tolist()])
-    yb = torch.stack([data[s + 1 : s + ctx + 1] for s in starts.tolist()])
-    return xb, yb
-
-
-def run_charlm(cfg: dict, text: bytes, steps: int, lr: float, batch: int, seed: int, ctx: int = 64) -> float:
-    data = torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
-    split = int(0.9 * data.numel())
-    train, held = data[:split], data[split:]
-    torch.manual_seed(seed)
-    model = CharLM(ctx=ctx).to(cfg["dtype"])
-    opt = make_optimizer(model, lr, steps // 20, cfg)
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    opt.train()
-    for _ in range(steps):
-        xb, yb = lm_batches(train, batch, ctx, g)
-        loss = F.cross_entropy(model(xb).float().flatten(0, 1), yb.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    opt.eval()
-    model.eval()
-    # A fixed set of held-out windows, the same for every setting.
-    ge = torch.Generator().manual_seed(12345)
-    total = 0.0
-    with torch.no_grad():
-        for _ in range(8):
-            xb, yb = lm_batches(held, 64, ctx, ge)
-            total += F.cross_entropy(model(xb).float().flatten(0, 1), yb.flatten()).item()
-    return total / 8
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--task", choices=["mnist1d", "charlm", "both"], default="both")
-    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of: " + ", ".join(CONFIGS))
-    ap.add_argument("--steps", type=int, default=None, help="training steps (default: 2000 mnist1d, 300 charlm)")
-    ap.add_argument("--mnist-lr", type=float, default=0.008)
-    ap.add_argument("--lm-lr", type=float, default=0.003)
-    ap.add_argument("--lm-bytes", type=int, default=2_000_000, help="bytes of stdlib source used (90%% train)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    configs = [c.strip() for c in args.configs.split(",")]
-
+    The ratio is of means over seeds (per-seed ratios are in the JSON output).
+    """
     rows = []
-    if args.task in ("mnist1d", "both"):
-        data = mnist1d_data(args.seed)
-        steps = args.steps or 2000
-        for name in configs:
-            t = time.perf_counter()
-            loss = run_mnist1d(CONFIGS[name], data, steps, args.mnist_lr, 128, args.seed)
-            rows.append(("mnist1d train loss", name, steps, loss, time.perf_counter() - t))
-            print(f"  mnist1d {name:>16}: {loss:.6g} ({rows[-1][-1]:.0f} s)", flush=True)
-    if args.task in ("charlm", "both"):
-        text = stdlib_text(args.lm_bytes)
-        steps = args.steps or 300
-        for name in configs:
-            t = time.perf_counter()
-            loss = run_charlm(CONFIGS[name], text, steps, args.lm_lr, 32, args.seed)
-            rows.append(("charlm held-out loss", name, steps, loss, time.perf_counter() - t))
-            print(f"  charlm  {name:>16}: {loss:.6g} ({rows[-1][-1]:.0f} s)", flush=True)
+    base = statistics.fmean(v[0] for v in runs["float32"].values()) if "float32" in runs else None
+    for name in configs:
+        losses = [v[0] for v in runs[name].values()]
+        m = statistics.fmean(losses)
+        rows.append({
+            "task": task, "config": name, "loss": m, "per_seed": losses,
+            "ratio": (m / base) if base else None,
+            "per_seed_ratio": ([l / runs["float32"][s][0] for s, l in zip(runs[name], losses)] if base else None),
+            "seconds": statistics.fmean(v[-1] for v in runs[name].values()),
+        })
+    return rows
 
+
+def table(rows, meta):
+    """A Markdown table of every row."""
+    metric = {"demo": "training loss at x", "lm": "held-out loss at x (nats/byte)"}
+    lines = ["| task | metric | steps | seeds | setting | loss | vs float32 | target | s/run |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = "-" if r["ratio"] is None else (f"{r['ratio']:.4f}x" if r["ratio"] < 10 else f"{r['ratio']:.3g}x")
+        target = f"<= {TARGETS[r['task']]:g}x" if r["config"] != "float32" else "-"
+        lines.append(f"| {r['task']} | {metric[r['task']]} | {meta[r['task']]['steps']} | {len(r['per_seed'])} | "
+                     f"{r['config']} | {r['loss']:.5g} | {ratio} | {target} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def verdicts(rows):
+    """One line per bf16 setting: is the task's target met?"""
+    out = []
+    for r in rows:
+        if r["config"] == "float32" or r["ratio"] is None:
+            continue
+        ok = r["ratio"] <= TARGETS[r["task"]]
+        ratio = f"{r['ratio']:.4f}" if r["ratio"] < 10 else f"{r['ratio']:.3g}"
+        out.append(f"{r['task']} {r['config']}: {ratio}x float32 -> target "
+                   f"<= {TARGETS[r['task']]:g}x {'met' if ok else 'NOT met'}")
+    return out
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=["demo", "lm", "both"], default="both",
+                   help="which task(s) to run (default: %(default)s)")
+    p.add_argument("--configs", default=",".join(CONFIGS),
+                   help="comma-separated subset of: " + ", ".join(CONFIGS) + " (default: all)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="override the horizon of both tasks (defaults: demo 2000, lm 480); small values for smoke runs")
+    # Seed counts default to those of sfoptim demo (3) and lm_stdlib.py (2).
+    p.add_argument("--demo-seeds", type=int, default=len(demo.DemoConfig().seeds),
+                   help="demo seeds 0..N-1 (default: %(default)s)")
+    p.add_argument("--lm-seeds", type=int, default=lm_stdlib.build_parser().parse_args([]).seeds,
+                   help="LM seeds 0..N-1 (default: %(default)s)")
+    p.add_argument("--demo-samples", type=int, default=None,
+                   help="MNIST-1D samples to generate (default: the demo's 5000); smaller for smoke runs")
+    p.add_argument("--lm-lr", type=float, default=0.016, help="LM schedule-free lr (default: %(default)s)")
+    p.add_argument("--lm-beta", type=float, default=0.9, help="LM schedule-free beta1 (default: %(default)s)")
+    p.add_argument("--lm-heldout", type=int, default=None,
+                   help="held-out windows (default: lm_stdlib's 256); smaller for smoke runs")
+    # One thread, as sfoptim demo and lm_stdlib default to: on a small shared
+    # machine more threads made these tiny models slower, not faster.
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    p.add_argument("--out", default=None, help="folder for results.json and results.md (default: print only)")
+    return p
+
+
+def main(argv=None):
+    """Run the chosen tasks and print (and optionally write) the table; returns the result dict."""
+    a = build_parser().parse_args(argv)
+    torch.set_num_threads(a.threads)
+    configs = [c.strip() for c in a.configs.split(",") if c.strip()]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown config(s) {unknown}; choose from {list(CONFIGS)}")
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    t0 = time.perf_counter()
+    rows, meta, raw = [], {}, {}
+    if a.task in ("demo", "both"):
+        runs, meta["demo"] = run_demo_task(configs, range(a.demo_seeds), a.steps, a.demo_samples, log)
+        raw["demo"] = {n: {str(s): v for s, v in r.items()} for n, r in runs.items()}
+        rows += summarize("demo", runs, configs)
+    if a.task in ("lm", "both"):
+        runs, meta["lm"] = run_lm_task(configs, range(a.lm_seeds), a.lm_lr, a.lm_beta, a.steps, a.lm_heldout, log)
+        raw["lm"] = {n: {str(s): v for s, v in r.items()} for n, r in runs.items()}
+        rows += summarize("lm", runs, configs)
+
+    md = table(rows, meta)
+    ver = verdicts(rows)
+    print(md)
     print()
-    print(f"| {'metric':<22} | {'setting':<16} | {'steps':>5} | {'loss':>10} | {'vs float32':>10} | {'time':>6} |")
-    print(f"|{'-' * 24}|{'-' * 18}|{'-' * 7}|{'-' * 12}|{'-' * 12}|{'-' * 8}|")
-    base = {m: l for m, n, _, l, _ in rows if n == "float32"}
-    for metric, name, steps, loss, secs in rows:
-        ratio = f"{loss / base[metric]:.3f}x" if metric in base and base[metric] > 0 else "-"
-        print(f"| {metric:<22} | {name:<16} | {steps:>5} | {loss:>10.4g} | {ratio:>10} | {secs:>5.0f}s |")
+    print("\n".join(ver))
+    result = {"args": vars(a), "meta": meta, "rows": rows, "runs": raw, "verdicts": ver,
+              "seconds": time.perf_counter() - t0, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(result, indent=2))
+        cmd = " ".join(sys.argv[1:] if argv is None else argv)
+        (out / "results.md").write_text(f"Command: python benchmarks/precision.py {cmd}\n\n{md}\n\n" + "\n".join(ver) + "\n")
+    return result
 
 
 if __name__ == "__main__":

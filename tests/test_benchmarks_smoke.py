@@ -39,3 +39,19 @@ def test_lm_smoke(tmp_path):
                              "--sf-betas", "0.9", "--sf-lr", "0.01", "--heldout", "8", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [r["steps"] for r in rows] == [2, 4, 8, 16]
+
+
+def test_precision_smoke(tmp_path):
+    # Reuses sfoptim.demo's task, so it needs the demo extra's data generator.
+    pytest.importorskip("mnist1d")
+    res = _load("precision").main(["--steps", "20", "--demo-samples", "600", "--demo-seeds", "1",
+                                   "--lm-heldout", "16", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert rows == res["rows"]
+    configs = ["float32", "bf16", "bf16+state32", "bf16+state32+sr"]
+    for task in ("demo", "lm"):
+        got = [r for r in rows if r["task"] == task]
+        assert [r["config"] for r in got] == configs
+        assert got[0]["ratio"] == 1.0
+        assert all(r["loss"] > 0 and r["ratio"] > 0 for r in got)
+    assert "vs float32" in (tmp_path / "results.md").read_text()

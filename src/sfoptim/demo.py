@@ -144,9 +144,13 @@ def schedule_factor(kind: str, step: int, horizon: int, warmup: int) -> float:
 def evaluate(model, task):
     """Training loss over the whole training set and held-out accuracy."""
     xtr, ytr, xte, yte = task
+    # Inputs follow the model's dtype (float32 for the demo; bfloat16 in
+    # benchmarks/precision.py); the loss is taken in float32 either way.  For a
+    # float32 model both casts return the tensor itself.
+    dtype = next(model.parameters()).dtype
     model.eval()
-    loss = F.cross_entropy(model(xtr), ytr).item()
-    acc = (model(xte).argmax(1) == yte).float().mean().item()
+    loss = F.cross_entropy(model(xtr.to(dtype)).float(), ytr).item()
+    acc = (model(xte.to(dtype)).argmax(1) == yte).float().mean().item()
     model.train()
     return loss, acc
 
@@ -171,20 +175,29 @@ def _schedule_free_class():
 
 
 def train_run(task, cfg: DemoConfig, seed: int, method: str, lr: float,
-              horizon: int, eval_steps, progress=None):
+              horizon: int, eval_steps, progress=None, dtype=torch.float32, opt_kwargs=None):
     """Train one run and return ``{step: (train_loss, test_acc)}`` at ``eval_steps``.
 
     ``method`` is ``"schedulefree"`` (never told ``horizon``; it only stops
     there), ``"cosine"`` or ``"linear"`` (warmup then decay to zero at
-    ``horizon``).
+    ``horizon``).  ``dtype`` is the model's (and the inputs') dtype and
+    ``opt_kwargs`` are extra keyword arguments for the schedule-free optimizer
+    (e.g. ``state_dtype``); ``benchmarks/precision.py`` uses both to run this
+    exact task in bfloat16.  The defaults are what ``sfoptim demo`` runs.
     """
     xtr, ytr = task[0], task[1]
     torch.manual_seed(seed)
-    model = make_model(xtr.shape[1], cfg.hidden)
+    # Initialise in float32 and then cast, so every dtype starts from the same
+    # (rounded) weights for a given seed.
+    model = make_model(xtr.shape[1], cfg.hidden).to(dtype)
+    xtr = xtr.to(dtype)
     order = _batch_order(len(xtr), horizon, cfg.batch_size, seed)
     if method == "schedulefree":
-        opt = _schedule_free_class()(model.parameters(), lr=lr, warmup_steps=cfg.sf_warmup)
+        opt = _schedule_free_class()(model.parameters(), lr=lr, warmup_steps=cfg.sf_warmup,
+                                     **(opt_kwargs or {}))
         opt.train()
+    elif opt_kwargs:
+        raise ValueError("opt_kwargs applies to the schedule-free run only")
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
         warmup = max(1, round(cfg.warmup_frac * horizon))
@@ -195,7 +208,7 @@ def train_run(task, cfg: DemoConfig, seed: int, method: str, lr: float,
             for group in opt.param_groups:
                 group["lr"] = lr * schedule_factor(method, step, horizon, warmup)
         idx = order[step]
-        loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
+        loss = F.cross_entropy(model(xtr[idx]).float(), ytr[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
