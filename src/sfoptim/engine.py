@@ -212,6 +212,8 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
 
     def _sync_params(self, group: dict, params: list[Tensor]) -> None:
         """Writes the wide master copies (``state_dtype``) into their narrow parameters."""
+        if group.get("state_dtype") is None:
+            return
         ps, ms = [], []
         for p in params:
             state = self.state.get(p)
@@ -326,22 +328,35 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         return state
 
     def _buckets(self, group: dict, active: list[Tensor]) -> list[Bucket]:
+        # This loop runs for every parameter on every step, so it stays lean:
+        # state is created once, complex views only where needed.
         names = self._state_buffers(group)
+        needed = {"z", *names}
         by_key: dict[tuple, Bucket] = {}
         for p in active:
-            state = self._init_state(group, p)
-            work = _work(p, state)
-            key = (p.device, work.dtype)
-            if key not in by_key:
-                by_key[key] = Bucket([], [], [], {n: [] for n in names})
-            bucket = by_key[key]
-            bucket.params.append(_real(work))
-            # With a master the gradient (taken at the rounded weights) is widened too.
-            grad = p.grad if p.grad.dtype == work.dtype else p.grad.to(work.dtype)
-            bucket.grads.append(_real(grad))
-            bucket.z.append(_real(state["z"]))
-            for n in names:
-                bucket.buffers[n].append(_real(state[n]))
+            state = self.state[p]
+            if not state.keys() >= needed:
+                self._init_state(group, p)
+            master = state.get("master")
+            work = p.data if master is None else master
+            grad = p.grad
+            if grad.dtype != work.dtype:
+                # With a master the gradient (taken at the rounded weights) is widened too.
+                grad = grad.to(work.dtype)
+            z = state["z"]
+            buffers = [state[n] for n in names]
+            if work.is_complex():
+                work, grad, z = _real(work), _real(grad), _real(z)
+                buffers = [_real(b) for b in buffers]
+            key = (work.device, work.dtype)
+            bucket = by_key.get(key)
+            if bucket is None:
+                bucket = by_key[key] = Bucket([], [], [], {n: [] for n in names})
+            bucket.params.append(work)
+            bucket.grads.append(grad)
+            bucket.z.append(z)
+            for n, b in zip(names, buffers):
+                bucket.buffers[n].append(b)
         return list(by_key.values())
 
     def _update(self) -> None:
