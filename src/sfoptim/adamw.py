@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import _fused_cpu, _validation
 from .averaging import AveragingStep
-from .engine import Bucket, ClosureForm, ScheduleFreeOptimizer
+from .engine import Bucket, ClosureForm, ScheduleFreeOptimizer, with_backend_args
 
 __all__ = ["AdamWScheduleFree", "AdamWScheduleFreeClosure", "AdamWScheduleFreePaper", "adam_direction"]
 
@@ -65,6 +65,7 @@ def adam_direction(
     return direction
 
 
+@with_backend_args
 class AdamWScheduleFree(ScheduleFreeOptimizer):
     r"""Schedule-free AdamW (Defazio et al., 2024).
 
@@ -84,19 +85,9 @@ class AdamWScheduleFree(ScheduleFreeOptimizer):
         r: polynomial weighting power of the average (default 0).
         weight_lr_power: power of the maximal learning rate in the averaging
             weights (default 2).
-        foreach: ``True``/``None`` updates all tensors of a device and dtype
-            together; ``False`` one at a time (less temporary memory).
+        {backend_args}
         inner_momentum: :math:`\mu \in [0, 1)`, an EMA of the gradient inside the
             Adam direction (default 0: no buffer is allocated).
-        state_dtype: keep a master copy of narrower parameters and all their
-            state in this dtype (e.g. ``torch.float32`` for bfloat16 weights;
-            see :mod:`sfoptim.precision`). Default None: the parameter's dtype.
-        stochastic_rounding: round the master into the parameter stochastically
-            (only with ``state_dtype``; default False).
-        fused: ``None`` (default) uses the fused one-pass CPU kernel wherever
-            it runs (CPU, float32/float64, contiguous) and ``foreach`` elsewhere;
-            ``True`` asks for it and warns once where it cannot run; ``False``
-            never uses it.
 
     State per parameter: ``z`` and ``exp_avg_sq`` (plus ``exp_avg`` when
     ``inner_momentum > 0``).

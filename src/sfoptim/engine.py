@@ -40,6 +40,28 @@ from .averaging import AveragingStep, averaging_step, warmup_factor
 __all__ = ["ModeError", "ScheduleFreeOptimizer"]
 
 
+#: Docstring entries of the backend and precision arguments that SGD, AdamW and
+#: RAdam share; each class inserts them where its docstring says ``{backend_args}``.
+BACKEND_ARGS_DOC = """foreach: ``True``/``None`` updates all tensors of a device and dtype
+            together; ``False`` one at a time (less temporary memory).
+        fused: ``None`` (default) uses the fused one-pass CPU kernel wherever
+            it runs (CPU, float32/float64, contiguous) and ``foreach`` elsewhere;
+            ``True`` asks for it and warns once where it cannot run; ``False``
+            never uses it.
+        state_dtype: keep a master copy of narrower parameters and all their
+            state in this dtype (e.g. ``torch.float32`` for bfloat16 weights;
+            see :mod:`sfoptim.precision`). Default None: the parameter's dtype.
+        stochastic_rounding: round the master into the parameter stochastically
+            (only with ``state_dtype``; default False)."""
+
+
+def with_backend_args(cls: type) -> type:
+    """Class decorator: fills ``{backend_args}`` in the class docstring."""
+    if cls.__doc__:
+        cls.__doc__ = cls.__doc__.replace("{backend_args}", BACKEND_ARGS_DOC)
+    return cls
+
+
 class ModeError(RuntimeError):
     """Raised when the optimizer is asked to step while its parameters hold ``x``."""
 

@@ -17,11 +17,12 @@ from torch import Tensor
 from . import _fused_cpu, _validation
 from .adamw import adam_direction, update_second_moment
 from .averaging import AveragingStep, radam_rectification
-from .engine import Bucket, ClosureForm, ScheduleFreeOptimizer
+from .engine import Bucket, ClosureForm, ScheduleFreeOptimizer, with_backend_args
 
 __all__ = ["RAdamScheduleFree", "RAdamScheduleFreeClosure"]
 
 
+@with_backend_args
 class RAdamScheduleFree(ScheduleFreeOptimizer):
     r"""Schedule-free RAdam: schedule-free AdamW with RAdam's rectified learning rate.
 
@@ -34,15 +35,9 @@ class RAdamScheduleFree(ScheduleFreeOptimizer):
         r: polynomial weighting power of the average (default 0).
         weight_lr_power: power of the maximal learning rate in the averaging
             weights (default 2).
-        foreach: as for :class:`AdamWScheduleFree`.
+        {backend_args}
         silent_sgd_phase: if True (default) the steps before the rectifier
             exists change nothing; if False they are SGD steps.
-        state_dtype: keep a master copy of narrower parameters and all their
-            state in this dtype (e.g. ``torch.float32`` for bfloat16 weights;
-            see :mod:`sfoptim.precision`). Default None: the parameter's dtype.
-        stochastic_rounding: round the master into the parameter stochastically
-            (only with ``state_dtype``; default False).
-        fused: as for :class:`AdamWScheduleFree`.
     """
 
     def __init__(

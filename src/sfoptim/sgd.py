@@ -16,11 +16,12 @@ from torch import Tensor
 
 from . import _fused_cpu, _validation
 from .averaging import AveragingStep
-from .engine import Bucket, ClosureForm, ScheduleFreeOptimizer
+from .engine import Bucket, ClosureForm, ScheduleFreeOptimizer, with_backend_args
 
 __all__ = ["SGDScheduleFree", "SGDScheduleFreeClosure"]
 
 
+@with_backend_args
 class SGDScheduleFree(ScheduleFreeOptimizer):
     r"""Schedule-free SGD (Defazio et al., 2024).
 
@@ -39,17 +40,7 @@ class SGDScheduleFree(ScheduleFreeOptimizer):
         r: polynomial weighting power of the average (default 0).
         weight_lr_power: power of the maximal learning rate in the averaging
             weights (default 2).
-        foreach: ``True``/``None`` updates all tensors of a device and dtype
-            together; ``False`` one at a time (less temporary memory).
-        state_dtype: keep a master copy of narrower parameters and all their
-            state in this dtype (e.g. ``torch.float32`` for bfloat16 weights;
-            see :mod:`sfoptim.precision`). Default None: the parameter's dtype.
-        stochastic_rounding: round the master into the parameter stochastically
-            (only with ``state_dtype``; default False).
-        fused: ``None`` (default) uses the fused one-pass CPU kernel wherever
-            it runs (CPU, float32/float64, contiguous) and ``foreach`` elsewhere;
-            ``True`` asks for it and warns once where it cannot run; ``False``
-            never uses it.
+        {backend_args}
 
     Example::
 
