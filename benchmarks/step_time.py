@@ -26,7 +26,9 @@ Examples::
     python benchmarks/step_time.py --layouts 400x40K --rounds 30 --no-heavyball
     python benchmarks/step_time.py --device cuda        # on a GPU machine (adds peak-memory table)
 
-On CUDA, sfoptim has no fused kernel yet: its rows time the foreach path.
+On CUDA the default sfoptim rows time the foreach path (the default there until
+this table says otherwise); the ``fused=True`` rows time the compiled one-pass
+kernel (``torch.compile``/Triton), whose first step includes its compilation.
 """
 
 from __future__ import annotations
@@ -81,6 +83,10 @@ def contenders(args: argparse.Namespace) -> dict[str, tuple[str, Callable[[list]
     out["sfoptim AdamW"] = ("adam", lambda p: sfoptim.AdamWScheduleFree(p, lr=lr, weight_decay=wd))
     out["sfoptim RAdam"] = ("adam", lambda p: sfoptim.RAdamScheduleFree(p, lr=lr, weight_decay=wd))
     out["sfoptim SGD"] = ("sgd", lambda p: sfoptim.SGDScheduleFree(p, lr=lr, weight_decay=wd))
+    if args.device.startswith("cuda"):
+        out["sfoptim AdamW fused=True"] = ("adam", lambda p: sfoptim.AdamWScheduleFree(p, lr=lr, weight_decay=wd, fused=True))
+        out["sfoptim RAdam fused=True"] = ("adam", lambda p: sfoptim.RAdamScheduleFree(p, lr=lr, weight_decay=wd, fused=True))
+        out["sfoptim SGD fused=True"] = ("sgd", lambda p: sfoptim.SGDScheduleFree(p, lr=lr, weight_decay=wd, fused=True))
     if args.foreach_too:
         out["sfoptim AdamW foreach"] = ("adam", lambda p: sfoptim.AdamWScheduleFree(p, lr=lr, weight_decay=wd, fused=False))
         out["sfoptim SGD foreach"] = ("sgd", lambda p: sfoptim.SGDScheduleFree(p, lr=lr, weight_decay=wd, fused=False))

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import _fused_cpu, _validation, precision
+from . import _fused_compiled, _fused_cpu, _validation, precision
 from .averaging import AveragingStep, averaging_step, warmup_factor
 
 __all__ = ["ModeError", "ScheduleFreeOptimizer"]
@@ -46,8 +46,9 @@ BACKEND_ARGS_DOC = """foreach: ``True``/``None`` updates all tensors of a device
             together; ``False`` one at a time (less temporary memory).
         fused: ``None`` (default) uses the fused one-pass CPU kernel wherever
             it runs (CPU, float32/float64, contiguous) and ``foreach`` elsewhere;
-            ``True`` asks for it and warns once where it cannot run; ``False``
-            never uses it.
+            ``True`` also uses a ``torch.compile``-d one-pass kernel on GPUs,
+            and warns once where no fused kernel can run; ``False`` never
+            uses them.
         state_dtype: keep a master copy of narrower parameters and all their
             state in this dtype (e.g. ``torch.float32`` for bfloat16 weights;
             see :mod:`sfoptim.precision`). Default None: the parameter's dtype.
@@ -403,19 +404,23 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
     def _apply_fused(self, group: dict, sched: AveragingStep, bucket: Bucket) -> bool:
         """Runs the fused kernel on the bucket if the group allows it; False if not run.
 
-        ``fused=None`` (the default) takes the kernel wherever it runs unless
-        ``foreach=False`` asked for the per-tensor loop; ``fused=True`` warns
-        once where it cannot run (GPU tensors, other dtypes, no compiler)
-        and falls back to foreach.
+        ``fused=None`` (the default) takes the CPU kernel wherever it runs unless
+        ``foreach=False`` asked for the per-tensor loop; ``fused=True`` also
+        takes the compiled kernel on other devices (GPU), and warns once where
+        neither can run (other dtypes on CPU, DTensor shards, no compiler)
+        before falling back to foreach.
         """
         fused = group.get(self.group_key("fused"))
         if fused is False or (fused is None and group.get("foreach") is False):
+            return False
+        backend = _fused_backend(bucket.params[0].device.type, fused)
+        if backend is None:
             return False
         spec = self._fused_direction(group, sched)
         if spec is None:
             return False
         buffers = bucket.buffers
-        return _fused_cpu.step(
+        return backend.step(
             bucket.params,
             bucket.grads,
             bucket.z,
@@ -461,6 +466,15 @@ def _work(p: Tensor, state: dict) -> Tensor:
     # the group keeps state in a wider dtype than the parameter, else the parameter.
     master = state.get("master")
     return master if master is not None else p.data
+
+
+def _fused_backend(device_type: str, fused: Optional[bool]) -> Any:
+    """The fused implementation for a device: the C kernel on CPU; on other
+    devices the compiled one, only when asked for (``fused=True``): its
+    speed against foreach there has not been measured yet."""
+    if device_type == "cpu":
+        return _fused_cpu
+    return _fused_compiled if fused else None
 
 
 def interpolate_and_step(

@@ -1,0 +1,115 @@
+r"""The fused backend for accelerators: one ``torch.compile``-d pass per tensor.
+
+On CUDA (and other non-CPU devices) ``fused=True`` runs the whole schedule-free
+update of a tensor as one generated kernel (Triton on GPU): it reads ``y``,
+``g``, ``z`` and ``v`` (plus ``m`` with inner momentum) once and writes ``y``,
+``z``, ``v`` once, with no parameter-sized temporary in memory. The math is
+that of :func:`sfoptim._fused_cpu.step`.
+
+Compile discipline (why nothing recompiles as training goes on):
+
+* every tensor is flattened to 1-D and the function is compiled with dynamic
+  shapes, so one graph serves every parameter size (sizes 0 and 1 aside, which
+  dynamo specialises: at most two more graphs);
+* every scalar that changes during training (learning rate, averaging weight,
+  bias corrections) travels in one small tensor, so a new value is new data,
+  not a new graph;
+* what selects the graph is fixed for a run: the direction kind, whether an
+  inner-momentum buffer exists, and the dtype.
+
+The CPU uses the hand-written kernel in :mod:`sfoptim._fused_cpu` instead,
+which needs no compilation time; this path is exercised on CPU by the tests.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from ._fused_cpu import ADAM, SGD
+
+__all__ = ["step"]
+
+_compiled: Any = None
+_warned = False
+
+
+def _update(y: Tensor, g: Tensor, z: Tensor, v: Optional[Tensor], m: Optional[Tensor], s: Tensor, kind: int) -> None:
+    lr, ckp1, beta, wd, beta2, bc2, eps, mu, bc1 = s.unbind(0)
+    if kind != SGD:
+        v.copy_(v * beta2 + g * g * (1 - beta2))  # type: ignore[union-attr]
+    if kind == ADAM:
+        num = g
+        if m is not None:
+            m.copy_(m * mu + g * (1 - mu))
+            num = m / bc1
+        d = num / ((v / bc2).sqrt() + eps)  # type: ignore[operator]
+    else:
+        d = g
+    d = d + wd * y
+    y.copy_(y + ckp1 * (z - y) + lr * (beta * (1 - ckp1) - 1) * d)
+    z.copy_(z - lr * d)
+
+
+def _kernel() -> Any:
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(_update, dynamic=True, fullgraph=True)
+    return _compiled
+
+
+def step(
+    ys: list[Tensor],
+    grads: list[Tensor],
+    zs: list[Tensor],
+    v: Optional[list[Tensor]],
+    m: Optional[list[Tensor]],
+    *,
+    kind: int,
+    lr: float,
+    ckp1: float,
+    beta: float,
+    weight_decay: float,
+    beta2: float = 0.0,
+    bias_correction2: float = 1.0,
+    eps: float = 0.0,
+    inner_momentum: float = 0.0,
+    bias_correction1: float = 1.0,
+    explicit: bool = False,
+) -> bool:
+    """Same contract as :func:`sfoptim._fused_cpu.step`; False (nothing changed) if it cannot run."""
+    global _warned
+    if not ys:
+        return True
+    lists = [ys, grads, zs] + ([v] if v is not None else []) + ([m] if m is not None else [])
+    if not all(type(t) is Tensor and t.is_contiguous() for group in lists for t in group):
+        if explicit and not _warned:
+            _warned = True
+            warnings.warn(
+                "sfoptim: fused=True needs contiguous plain tensors (not DTensor shards); "
+                "using the foreach implementation for the others.",
+                stacklevel=4,
+            )
+        return False
+    scalars = torch.tensor(
+        [lr, ckp1, beta, weight_decay, beta2, bias_correction2, eps, inner_momentum, bias_correction1],
+        dtype=torch.float64,
+        device=ys[0].device,
+    )
+    kernel = _kernel()
+    for i, y in enumerate(ys):
+        if y.numel() == 0:
+            continue
+        kernel(
+            y.view(-1),
+            grads[i].view(-1),
+            zs[i].view(-1),
+            v[i].view(-1) if v is not None else None,
+            m[i].view(-1) if m is not None else None,
+            scalars,
+            kind,
+        )
+    return True
