@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -124,9 +125,9 @@ def train(rank: int, world: int, args: argparse.Namespace) -> None:
             print(f"saved {args.checkpoint} (model x + optimizer) and {args.checkpoint}_x (x only)")
 
 
-def _spawned(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
+def _spawned(rank: int, world: int, rendezvous: str, args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         train(rank, world, args)
     finally:
@@ -151,12 +152,10 @@ def main() -> None:
         finally:
             dist.destroy_process_group()
         return
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_spawned, args=(args.world, port, args), nprocs=args.world, join=True)
+    # The local processes meet through a file, so no TCP port can be taken
+    # by someone else between choosing it and binding it.
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_spawned, args=(args.world, os.path.join(tmp, "rendezvous"), args), nprocs=args.world, join=True)
 
 
 if __name__ == "__main__":
