@@ -130,6 +130,9 @@ def _spawned(rank: int, world: int, rendezvous: str, args: argparse.Namespace) -
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         train(rank, world, args)
+        # A rank that is done must not tear the group down under a peer still
+        # inside a collective (gloo aborts the process then).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -149,6 +152,7 @@ def main() -> None:
         dist.init_process_group(backend)
         try:
             train(dist.get_rank(), dist.get_world_size(), args)
+            dist.barrier()
         finally:
             dist.destroy_process_group()
         return
