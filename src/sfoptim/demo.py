@@ -370,6 +370,17 @@ def _verdict(result) -> str:
             + ", ".join(f"{x:.3f}" for x in ratios) + ")")
 
 
+def _tuned_end_points(ax, result, metric: str, label: str) -> None:
+    """Marks each tuned baseline's ``metric`` (mean ± sd) at its stopping times."""
+    hs = [r["steps"] for r in result["rows"]]
+    for b, color, marker in (("cosine", "C3", "o"), ("linear", "C2", "s")):
+        if b not in result["rows"][0]:
+            continue
+        m = [r[b][metric][0] for r in result["rows"]]
+        sd = [r[b][metric][1] for r in result["rows"]]
+        ax.errorbar(hs, m, yerr=sd, color=color, marker=marker, ls="--", capsize=3, label=label.format(b))
+
+
 def plot(result, path: Path) -> bool:
     """Write the frontier plot; return False when matplotlib is unavailable."""
     try:
@@ -389,13 +400,7 @@ def plot(result, path: Path) -> bool:
     ax.plot(steps, mean, color="C0", lw=2,
             label=f"schedule-free AdamW, one run (lr {result['config']['sf_lr']:g})")
     hs = [r["steps"] for r in result["rows"]]
-    for b, color, marker in (("cosine", "C3", "o"), ("linear", "C2", "s")):
-        if b not in result["rows"][0]:
-            continue
-        m = [r[b]["loss"][0] for r in result["rows"]]
-        sd = [r[b]["loss"][1] for r in result["rows"]]
-        ax.errorbar(hs, m, yerr=sd, color=color, marker=marker, ls="--", capsize=3,
-                    label=f"warmup + {b} decay, lr tuned per stopping time")
+    _tuned_end_points(ax, result, "loss", "warmup + {} decay, lr tuned per stopping time")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("steps")
@@ -410,13 +415,7 @@ def plot(result, path: Path) -> bool:
     # better model, and the reader should see both.
     acc_mean = [statistics.fmean(v) for v in zip(*curve["acc"])]
     ax2.plot(steps, acc_mean, color="C0", lw=2, label="schedule-free AdamW, one run")
-    for b, color, marker in (("cosine", "C3", "o"), ("linear", "C2", "s")):
-        if b not in result["rows"][0]:
-            continue
-        m = [r[b]["acc"][0] for r in result["rows"]]
-        sd = [r[b]["acc"][1] for r in result["rows"]]
-        ax2.errorbar(hs, m, yerr=sd, color=color, marker=marker, ls="--", capsize=3,
-                     label=f"{b}, tuned for training loss per stopping time")
+    _tuned_end_points(ax2, result, "acc", "{}, tuned for training loss per stopping time")
     ax2.set_xscale("log")
     ax2.set_xlabel("steps")
     ax2.set_ylabel("held-out accuracy")
