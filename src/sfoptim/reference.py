@@ -20,12 +20,12 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 from torch import Tensor
 
-from .adamw import AdamWScheduleFree
-from .averaging import radam_rectification
-from .radam import RAdamScheduleFree
-from .engine import ScheduleFreeOptimizer, _real
-from .sgd import SGDScheduleFree
-from .wrapper import ScheduleFreeWrapper
+from .directions.adamw import AdamWScheduleFree
+from .directions.radam import RAdamScheduleFree, radam_rectification
+from .directions.sgd import SGDScheduleFree
+from .directions.wrapper import ScheduleFreeWrapper
+from .engine import ScheduleFreeOptimizer
+from .engine.step import real as _real
 
 __all__ = [
     "SGDScheduleFreeReference",

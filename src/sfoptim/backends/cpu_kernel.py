@@ -1,6 +1,6 @@
 r"""The fused CPU backend: one C kernel call per bucket, one pass over memory.
 
-The kernel (``_fused_kernels.c``) reads ``y``, ``g``, ``z`` (and ``v``, plus
+The kernel (``cpu_kernel.c``) reads ``y``, ``g``, ``z`` (and ``v``, plus
 ``m`` with inner momentum) once and writes ``y``, ``z``, ``v`` once per
 element: the same seven passes as ``torch.optim.AdamW(fused=True)`` and no
 parameter-sized temporary. Scalars (step-dependent lr, ``c``, bias
@@ -14,6 +14,10 @@ flags (``-march=native`` code must not run on another CPU model). Later
 processes load the cached file; within a process the library is loaded once.
 Without a working compiler (or with ``SFOPTIM_DISABLE_FUSED=1``) the loader
 warns once and every call returns False, so the engine falls back to foreach.
+The direction kinds and the scalar slots are passed to the compiler as
+definitions generated from :class:`sfoptim.directions.base.Kind` and
+:data:`~sfoptim.directions.base.KERNEL_SCALARS`, so the C source restates
+neither.
 
 OpenMP: the library is linked against ``libgomp.so.1``, the soname of the
 runtime that the PyTorch wheel ships and has already loaded, so the dynamic
@@ -38,13 +42,15 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["available", "step", "wrap_before", "wrap_after", "SGD", "ADAM", "SGD_V"]
+from ..directions.base import KERNEL_SCALARS, Kind
 
-#: Direction kinds understood by the kernel (match the C enum).
-SGD, ADAM, SGD_V = 0, 1, 2
+__all__ = ["available", "step", "wrap_before", "wrap_after"]
 
-_SOURCE = Path(__file__).with_name("_fused_kernels.c")
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared", "-std=c11")
+_SOURCE = Path(__file__).with_name("cpu_kernel.c")
+_DEFINES = tuple(f"-DSF_{kind.name}={kind.value}" for kind in Kind) + tuple(
+    f"-DSF_{name.upper()}={slot}" for slot, name in enumerate(KERNEL_SCALARS)
+)
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared", "-std=c11", *_DEFINES)
 _DTYPES = {torch.float32: "float", torch.float64: "double"}
 
 _lock = threading.Lock()
@@ -56,11 +62,7 @@ build_count = 0
 load_count = 0
 
 
-class _Scalars(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_double)
-        for name in ("lr", "ckp1", "beta", "wd", "beta2", "bc2", "eps", "mu", "bc1")
-    ]
+_Scalars = ctypes.c_double * len(KERNEL_SCALARS)
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -130,7 +132,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     i64, ptrs, dbl, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
     for t in _DTYPES.values():
         fn = getattr(lib, f"sf_step_{t}")
-        fn.argtypes = [i64, ptrs, ptrs, ptrs, ptrs, ptrs, ptrs, ctypes.POINTER(_Scalars), cint, cint]
+        fn.argtypes = [i64, ptrs, ptrs, ptrs, ptrs, ptrs, ptrs, ctypes.POINTER(ctypes.c_double), cint, cint]
         fn.restype = cint
         for name in ("sf_wrap_before", "sf_wrap_after"):
             fn = getattr(lib, f"{name}_{t}")
@@ -153,7 +155,7 @@ def _load() -> Optional[ctypes.CDLL]:
             if cc is None:
                 raise RuntimeError("no C compiler found (set SFOPTIM_CC or install gcc)")
             lib = ctypes.CDLL(str(_build(cc)))
-            if lib.sf_abi_version() != 1:
+            if lib.sf_abi_version() != 2:
                 raise RuntimeError("stale kernel library in the cache")
             _declare(lib)
         except Exception as exc:  # any failure means: use foreach, say so once
@@ -221,26 +223,18 @@ def step(
     ys: list[Tensor],
     grads: list[Tensor],
     zs: list[Tensor],
-    v: Optional[list[Tensor]],
-    m: Optional[list[Tensor]],
-    *,
-    kind: int,
-    lr: float,
-    ckp1: float,
-    beta: float,
-    weight_decay: float,
-    beta2: float = 0.0,
-    bias_correction2: float = 1.0,
-    eps: float = 0.0,
-    inner_momentum: float = 0.0,
-    bias_correction1: float = 1.0,
+    slots: Sequence[list[Tensor]],
+    kind: Kind,
+    scalars: Sequence[float],
     explicit: bool = False,
 ) -> bool:
     r"""One fused schedule-free step over a bucket; False if it cannot run here.
 
-    With :math:`d = \hat m/(\sqrt{v/bc_2}+\epsilon) + \lambda y` (``ADAM``, after
+    ``slots`` are the direction's buffers in the kernel's order (``v``, then
+    ``m``) and ``scalars`` the values of :data:`KERNEL_SCALARS` in order. With
+    :math:`d = \hat m/(\sqrt{v/bc_2}+\epsilon) + \lambda y` (``ADAM``, after
     :math:`v \leftarrow \beta_2 v + (1-\beta_2)g^2`; :math:`\hat m = g`, or the
-    inner-momentum EMA divided by ``bias_correction1``) or :math:`d = g + \lambda y`
+    inner-momentum EMA divided by ``bc1``) or :math:`d = g + \lambda y`
     (``SGD``; ``SGD_V`` also updates ``v``), every element gets
     :math:`y \leftarrow \operatorname{lerp}(y, z, c) + \gamma(\beta(1-c)-1)d`,
     :math:`z \leftarrow z - \gamma d`. ``grads`` are only read. When False is
@@ -248,14 +242,12 @@ def step(
     """
     if not ys:
         return True
-    buffers = [ys, grads, zs] + ([v] if v is not None else []) + ([m] if m is not None else [])
-    reason = _eligible(buffers)
+    reason = _eligible([ys, grads, zs, *slots])
     if reason is not None:
         return _refuse(reason, explicit)
     lib = _load()
     if lib is None:
         return False
-    scalars = _Scalars(lr, ckp1, beta, weight_decay, beta2, bias_correction2, eps, inner_momentum, bias_correction1)
     sizes = (ctypes.c_int64 * len(ys))(*[t.numel() for t in ys])
     fn = getattr(lib, f"sf_step_{_DTYPES[ys[0].dtype]}")
     rc = fn(
@@ -263,11 +255,11 @@ def step(
         _pointers(ys),
         _pointers(grads),
         _pointers(zs),
-        _pointers(v) if v is not None else None,
-        _pointers(m) if m is not None else None,
+        _pointers(slots[0]) if len(slots) > 0 else None,
+        _pointers(slots[1]) if len(slots) > 1 else None,
         sizes,
-        ctypes.byref(scalars),
-        kind,
+        _Scalars(*scalars),
+        int(kind),
         torch.get_num_threads(),
     )
     if rc != 0:

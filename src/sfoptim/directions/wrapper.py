@@ -15,28 +15,34 @@ base optimizer works, whatever it keeps in its state.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, ClassVar, Mapping, Optional
 
 import torch
 from torch import Tensor
 
-from . import _fused_cpu, _validation
-from .engine import ScheduleFreeOptimizer, _real
+from .. import _validation
+from ..engine import ScheduleFreeOptimizer
+from .base import DelegatedDirection
 
-__all__ = ["ScheduleFreeWrapper"]
+__all__ = ["BaseOptimizerDirection", "ScheduleFreeWrapper"]
 
 
-def _swap(a: Tensor, b: Tensor) -> None:
-    """Exchanges the contents of two same-shaped tensors."""
-    if type(a.data) is Tensor and type(b.data) is Tensor:
-        # Exchanging storages is free and leaves ``a.grad`` and object identity alone.
-        tmp = a.data
-        a.data = b.data
-        b.data = tmp
-    else:
-        tmp = a.detach().clone()
-        a.copy_(b)
-        b.copy_(tmp)
+class BaseOptimizerDirection(DelegatedDirection):
+    """The direction of a wrapped optimizer: it moves ``z`` itself.
+
+    The interpolation weight is the wrapper's ``momentum``; the learning rate
+    that weights the average is the base optimizer's, times ``group["d"]``
+    for D-Adaptation style optimizers.
+    """
+
+    def beta(self, group: dict, step: int) -> float:
+        return group[ScheduleFreeWrapper.group_key("momentum")]
+
+    def lr(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> float:
+        return float(group["lr"]) * float(group.get("d", 1.0))
+
+    def move(self, optimizer: Any) -> None:
+        optimizer.base.step()
 
 
 class ScheduleFreeWrapper(ScheduleFreeOptimizer):
@@ -65,8 +71,11 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
         opt = sfoptim.ScheduleFreeWrapper(base, momentum=0.9, weight_decay_at_y=0.1)
     """
 
-    _key_prefix = "sf_"
-    _decay_key = "sf_weight_decay_at_y"
+    direction = BaseOptimizerDirection()
+    # The wrapper's keys share the base optimizer's group dicts: prefixed.
+    _key_prefix: ClassVar[str] = "sf_"
+    _key_aliases: ClassVar[dict[str, str]] = {"weight_decay": "weight_decay_at_y"}
+    _options: ClassVar[dict[str, Any]] = {"fused": None}
 
     def __init__(
         self,
@@ -84,12 +93,13 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
         if isinstance(base_optimizer, ScheduleFreeOptimizer):
             raise TypeError("Invalid base_optimizer: it is already schedule-free; wrap a plain optimizer instead")
         self.base = base_optimizer
+        key = self.group_key
         defaults = {
-            "sf_momentum": momentum,
-            "sf_weight_decay_at_y": weight_decay_at_y,
-            "sf_r": r,
-            "sf_weight_lr_power": weight_lr_power,
-            "sf_fused": fused,
+            key("momentum"): momentum,
+            key("weight_decay"): weight_decay_at_y,
+            key("r"): r,
+            key("weight_lr_power"): weight_lr_power,
+            key("fused"): fused,
         }
         # Registering the base optimizer's own group dicts makes both objects
         # read and write the same hyperparameters (one lr for schedulers).
@@ -98,8 +108,8 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
 
     def _validate_group(self, group: dict) -> None:
         super()._validate_group(group)
-        _validation.check_interpolation("momentum", group["sf_momentum"])
-        if group.get("state_dtype") is not None:
+        _validation.check_interpolation("momentum", group[self.group_key("momentum")])
+        if group.get(self.group_key("state_dtype")) is not None:
             # The base optimizer steps the parameter tensors themselves, so a
             # wide master would need the base optimizer's cooperation.
             raise ValueError(
@@ -117,73 +127,9 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
         # Re-append through the engine so the group gets its keys and checks.
         super().add_param_group(self.base.param_groups.pop())
 
-    def _beta(self, group: dict) -> float:
-        return group["sf_momentum"]
-
-    def _scheduled_lr(self, group: dict, step: int) -> float:
-        return float(group["lr"]) * float(group.get("d", 1.0))
-
     def _active_params(self, group_index: int, group: dict) -> list[Tensor]:
         # Gradients are the base optimizer's business (it may accept sparse ones).
         return [p for p in group["params"] if p.grad is not None]
-
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        """One schedule-free step: the base optimizer steps ``z`` with the gradient at ``y``."""
-        loss = self._start_step(closure)
-        active = [self._active_params(gi, g) for gi, g in enumerate(self.param_groups)]
-        for group, params in zip(self.param_groups, active):
-            self._y_to_z(group, params)
-        try:
-            self.base.step()
-        except BaseException:
-            for group, params in zip(self.param_groups, active):
-                self._swap_back(params)
-                self._params_to_y_of(group, params)
-            raise
-        for group, params in zip(self.param_groups, active):
-            sched = self._schedule(group)
-            self._swap_back(params)
-            xs = [p.data for p in params]
-            zs = [self.state[p]["z"] for p in params]
-            if xs and not self._fused_bookkeeping(group, _fused_cpu.wrap_after, xs, zs, sched.ckp1):
-                torch._foreach_lerp_(xs, zs, sched.ckp1)
-                torch._foreach_lerp_(xs, zs, 1 - self._beta(group))
-            self._commit(group, sched)
-        return loss
-
-    def _fused_bookkeeping(self, group: dict, kernel: Any, a: list[Tensor], b: list[Tensor], scalar: float) -> bool:
-        """Runs one of the wrapper kernels of :mod:`sfoptim._fused_cpu` unless ``fused=False``; False if not run."""
-        fused = group.get("sf_fused")
-        if fused is False:
-            return False
-        return kernel([_real(t) for t in a], [_real(t) for t in b], scalar, self._beta(group), explicit=fused is True)
-
-    def _y_to_z(self, group: dict, params: list[Tensor]) -> None:
-        """Leaves ``z`` in the parameters (for the base step) and ``x`` in the z buffer."""
-        if not params:
-            return
-        beta = self._beta(group)
-        ys = [p.data for p in params]
-        zs = [self.state[p].setdefault("z", p.detach().clone()) for p in params]
-        decay = group["sf_weight_decay_at_y"]
-        lr_decay = self._scheduled_lr(group, group["sf_k"] + 1) * decay if decay != 0 else 0.0
-        if not self._fused_bookkeeping(group, _fused_cpu.wrap_before, ys, zs, lr_decay):
-            if decay != 0:
-                # z moves by -lr*decay*y; y moves by (1-beta) of that, so x stays put.
-                torch._foreach_sub_(zs, ys, alpha=lr_decay)
-                torch._foreach_mul_(ys, 1 - lr_decay * (1 - beta))
-            torch._foreach_lerp_(ys, zs, 1 - 1 / beta)
-        for p, z in zip(params, zs):
-            _swap(p, z)
-
-    def _swap_back(self, params: list[Tensor]) -> None:
-        for p in params:
-            _swap(p, self.state[p]["z"])
-
-    def _params_to_y_of(self, group: dict, params: list[Tensor]) -> None:
-        if params:
-            torch._foreach_lerp_([p.data for p in params], [self.state[p]["z"] for p in params], 1 - self._beta(group))
 
     # ------------------------------------------------------------ state dicts
     def state_dict(self) -> dict[str, Any]:
