@@ -34,16 +34,16 @@ from ..directions.base import KERNEL_SCALARS, Kind
 __all__ = ["step"]
 
 _compiled: Any = None
+# Plain ints: dynamo does not fold comparisons with IntEnum members reliably.
+_SGD, _ADAM = int(Kind.SGD), int(Kind.ADAM)
 _warned = False
 
 
 def _update(y: Tensor, g: Tensor, z: Tensor, v: Optional[Tensor], m: Optional[Tensor], s: Tensor, kind: int) -> None:
-    scalar = dict(zip(KERNEL_SCALARS, s.unbind(0)))
-    lr, ckp1, beta, wd = scalar["lr"], scalar["ckp1"], scalar["beta"], scalar["wd"]
-    beta2, bc2, eps, mu, bc1 = scalar["beta2"], scalar["bc2"], scalar["eps"], scalar["mu"], scalar["bc1"]
-    if kind != Kind.SGD:
+    lr, ckp1, beta, wd, beta2, bc2, eps, mu, bc1 = s.unbind(0)  # the order of KERNEL_SCALARS
+    if kind != _SGD:
         v.copy_(v * beta2 + g * g * (1 - beta2))  # type: ignore[union-attr]
-    if kind == Kind.ADAM:
+    if kind == _ADAM:
         num = g
         if m is not None:
             m.copy_(m * mu + g * (1 - mu))
@@ -54,6 +54,10 @@ def _update(y: Tensor, g: Tensor, z: Tensor, v: Optional[Tensor], m: Optional[Te
     d = d + wd * y
     y.copy_(y + ckp1 * (z - y) + lr * (beta * (1 - ckp1) - 1) * d)
     z.copy_(z - lr * d)
+
+
+# The unpacking above names the slots of the one declaration.
+assert KERNEL_SCALARS == ("lr", "ckp1", "beta", "wd", "beta2", "bc2", "eps", "mu", "bc1")
 
 
 def _kernel() -> Any:

@@ -109,9 +109,10 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
     def _validate_group(self, group: dict) -> None:
         super()._validate_group(group)
         _validation.check_interpolation("momentum", group[self.group_key("momentum")])
-        if group.get(self.group_key("state_dtype")) is not None:
+        if any(group.get(k) is not None for k in ("state_dtype", self.group_key("state_dtype"))):
             # The base optimizer steps the parameter tensors themselves, so a
-            # wide master would need the base optimizer's cooperation.
+            # wide master would need the base optimizer's cooperation. (A group
+            # may carry the plain spelling when written for the other optimizers.)
             raise ValueError(
                 "Invalid state_dtype: ScheduleFreeWrapper does not support it; keep the base optimizer's "
                 "parameters in a wide dtype, or use AdamWScheduleFree/SGDScheduleFree/RAdamScheduleFree"
