@@ -181,8 +181,8 @@ class DelegatedDirection(Direction):
 
     delegates_move = True
 
-    def move(self) -> None:
-        """Moves ``z`` (held in the parameters) with the gradients at ``y``."""
+    def move(self, optimizer: Any) -> None:
+        """Moves ``z`` (held in ``optimizer``'s parameters) with the gradients at ``y``."""
         raise NotImplementedError
 
     def foreach(self, group: dict, step: int, bucket: Bucket, reduced: Mapping[str, Tensor]) -> Any:

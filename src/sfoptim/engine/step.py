@@ -159,7 +159,7 @@ def _delegated_move(opt: ScheduleFreeOptimizer, plans: list[GroupStep], reduced:
     movers = {id(p.direction): p.direction for p in plans}
     try:
         for direction in movers.values():
-            direction.move(opt)  # type: ignore[attr-defined]
+            direction.move(opt)  # type: ignore[attr-defined]  # a DelegatedDirection
     except BaseException:
         for p in plans:
             for q in p.active:
