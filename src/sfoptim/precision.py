@@ -45,13 +45,13 @@ def _local(t: Tensor) -> Tensor:
     return local if local is not None else t
 
 
-def master_dtype(wide: Optional[torch.dtype], p: Tensor) -> Optional[torch.dtype]:
+def master_dtype(group: dict, p: Tensor) -> Optional[torch.dtype]:
     """The dtype of ``p``'s master copy and state, or None when it needs none.
 
-    A master exists only for real floating parameters strictly narrower than
-    ``wide`` (the group's ``state_dtype``); everything else keeps state in its
-    own dtype.
+    A master exists only for real floating parameters strictly narrower than the
+    group's ``state_dtype``; everything else keeps state in its own dtype.
     """
+    wide = group.get("state_dtype")
     if wide is None or not p.is_floating_point() or p.dtype == wide:
         return None
     if torch.finfo(p.dtype).bits >= torch.finfo(wide).bits:

@@ -155,6 +155,10 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         """The base direction of ``group`` (override to choose one per group)."""
         return self.direction
 
+    def _state_buffers(self, group: dict) -> tuple[str, ...]:
+        """Names of the group's state buffers besides ``z`` and ``master`` (its direction's)."""
+        return self.direction_for(group).state_buffers(group)
+
     def _validate_group(self, group: dict) -> None:
         if self.option(group, "fused") and self.option(group, "foreach"):
             raise ValueError("Invalid arguments: fused=True and foreach=True cannot be used together")
@@ -367,7 +371,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
 
     def _init_state(self, group: dict, p: Tensor, names: tuple[str, ...]) -> dict:
         state = self.state[p]
-        wide = precision.master_dtype(self.option(group, "state_dtype"), p)
+        wide = precision.master_dtype(group, p)
         if wide is not None and "master" not in state:
             state["master"] = p.detach().to(wide, memory_format=torch.preserve_format, copy=True)
         src = work(p, state).detach()
