@@ -49,10 +49,16 @@ class AnnealedSGD(SGDDirection):
     varying_beta = True
 
 
+class WholeMatrixSGD(SGDDirection):
+    """Stands for an orthogonalizing direction: it must see whole matrices."""
+
+    needs_full_param = True
+
+
 class PerGroup(sfoptim.ScheduleFreeOptimizer):
     """A test optimizer taking its direction from the group's ``direction`` entry."""
 
-    directions: dict[str, Direction] = {"sgd": SGDDirection(), "adam": AdamDirection(), "norm": GlobalNormSGD(), "annealed": AnnealedSGD()}
+    directions: dict[str, Direction] = {"sgd": SGDDirection(), "adam": AdamDirection(), "norm": GlobalNormSGD(), "annealed": AnnealedSGD(), "whole": WholeMatrixSGD()}
 
     def __init__(self, params: Any, lr: float = 0.1, **kwargs: Any) -> None:
         defaults = dict(lr=lr, momentum=0.9, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, warmup_steps=0, r=0.0, weight_lr_power=2.0)
@@ -306,6 +312,17 @@ def _fsdp_norm_worker(rank: int, world: int) -> None:
         ref.step()
         for p, q in zip(model.parameters(), ref_model.parameters()):
             assert torch.allclose(p.full_tensor(), q.detach(), rtol=1e-9, atol=1e-12), f"step {step}"
+    # A direction that needs whole matrices refuses shards, before changing anything.
+    whole = PerGroup([{"params": list(model.parameters()), "direction": "whole"}])
+    before = [p.full_tensor().clone() for p in model.parameters()]
+    try:
+        whole.step()
+    except NotImplementedError as exc:
+        assert "needs whole matrices" in str(exc)
+    else:
+        raise AssertionError("a whole-matrix direction stepped sharded parameters")
+    assert all(torch.equal(p.full_tensor(), b) for p, b in zip(model.parameters(), before))
+    assert len(whole.state) == 0
 
 
 def test_global_reduction_is_summed_over_fsdp2_shards() -> None:
