@@ -98,7 +98,7 @@ def _assert_kernel_matches_foreach() -> None:
     params = [torch.nn.Parameter(init.clone()) for _ in range(2)]
     opts = [sfoptim.AdamWScheduleFree([params[0]], fused=True), sfoptim.AdamWScheduleFree([params[1]], fused=False)]
     for step in range(3):
-        for p, opt in zip(params, opts):
+        for p, opt in zip(params, opts, strict=True):
             p.grad = torch.full_like(p, 0.1 * (step + 1))
             opt.step()
     torch.testing.assert_close(params[0].detach(), params[1].detach(), rtol=1e-12, atol=1e-12)
@@ -307,6 +307,7 @@ def test_stale_build_temporaries_are_removed(tmp_path, monkeypatch):
         _plant(cache / foreign, b"", 0o600, OTHER_UID)
         os.utime(cache / foreign, (hour_ago, hour_ago))
         kept[foreign] = hour_ago
+    os.utime(cache, (hour_ago, hour_ago))  # nothing has happened in the directory since
     monkeypatch.setenv("SFOPTIM_CACHE_DIR", str(cache))
 
     ok, _ = _load()

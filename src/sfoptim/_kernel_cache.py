@@ -46,6 +46,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -72,7 +73,7 @@ class Refused(RuntimeError):
 
 @dataclass
 class Loaded:
-    """A loaded kernel library: the handle, whether this call compiled it, and where it lives."""
+    """A loaded kernel library: the handle, whether this call compiled it, and the file it was loaded from."""
 
     lib: ctypes.CDLL
     built: bool
@@ -143,8 +144,8 @@ def _cpu_identity() -> str:
 
 def _key(source: bytes, cc: list[str], flags: Sequence[str]) -> str:
     version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    parts = [source, "\0".join(cc), version, " ".join(flags), platform.machine(), _cpu_identity()]
-    return hashlib.sha256(b"\0".join(p if isinstance(p, bytes) else p.encode() for p in parts)).hexdigest()[:20]
+    text = ["\0".join(cc), version, " ".join(flags), platform.machine(), _cpu_identity()]
+    return hashlib.sha256(b"\0".join([source, *(t.encode() for t in text)])).hexdigest()[:20]
 
 
 def _untrusted(st: os.stat_result) -> Optional[str]:
@@ -180,7 +181,7 @@ def _open_directory(path: Path) -> int:
     reason = _untrusted(os.fstat(fd))
     if reason is not None:
         os.close(fd)
-        raise Refused(f"the cache directory {path} is {reason}; use a directory only you can write to (chmod 700)")
+        raise Refused(f"the cache directory {path} is {reason}")
     if created:
         os.fchmod(fd, 0o700)  # a umask cannot leave the owner without access
     return fd
@@ -252,7 +253,7 @@ def _dlopen(fd: int, fallback_path: str) -> ctypes.CDLL:
 
 
 def _remove_stale_temporaries(dir_fd: int) -> None:
-    now = os.stat(".", dir_fd=dir_fd).st_mtime  # the filesystem's clock, like the files' mtimes
+    now = time.time()
     for name in os.listdir(dir_fd):
         if not _STALE_TMP.fullmatch(name):
             continue
@@ -291,7 +292,9 @@ def _load_cached(dir_fd: int, dir_path: Path, key: str, warn: Callable[[str], No
     return None
 
 
-def _build(dir_fd: int, dir_path: Path, key: str, cc: list[str], source: Path, flags: Sequence[str], libs: Sequence[str]) -> Loaded:
+def _build(
+    dir_fd: int, dir_path: Path, key: str, cc: list[str], source: Path, flags: Sequence[str], libs: Sequence[str]
+) -> Loaded:
     tmp = f"{_TMP_PREFIX}{secrets.token_hex(16)}.so"
     try:
         proc = subprocess.run(
@@ -362,7 +365,10 @@ def load(
         dir_fd = _open_directory(directory)
     except (Refused, OSError) as exc:
         reason = str(exc) if isinstance(exc, Refused) else f"the cache directory {directory} cannot be used ({exc})"
-        warn(f"{reason}; building the kernel in a private temporary directory instead")
+        warn(
+            f"{reason}; building the kernel in a private temporary directory instead"
+            " (set SFOPTIM_CACHE_DIR to a directory that only you can write to)"
+        )
         return _build_privately(key, cc, source, flags, libs)
     try:
         _remove_stale_temporaries(dir_fd)
