@@ -9,6 +9,7 @@ import torch
 
 import sfoptim
 from sfoptim.backends import cpu_kernel as _fused_cpu
+from sfoptim.backends import kernel_cache as _kernel_cache
 
 pytestmark = pytest.mark.skipif(not _fused_cpu.available(), reason="no C compiler for the fused kernel")
 
@@ -370,7 +371,7 @@ def test_kernel_is_built_once_and_reused(fresh_loader):
 
 def test_missing_compiler_warns_once_and_falls_back(fresh_loader, monkeypatch):
     monkeypatch.setenv("SFOPTIM_CC", "/nonexistent/cc")
-    monkeypatch.setattr(_fused_cpu.shutil, "which", lambda name: None)
+    monkeypatch.setattr(_kernel_cache.shutil, "which", lambda name: None)
     init = _make_params(complex_too=False)
     a = [torch.nn.Parameter(t.clone()) for t in init]
     b = [torch.nn.Parameter(t.clone()) for t in init]

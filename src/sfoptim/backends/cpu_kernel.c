@@ -223,4 +223,4 @@ SF_WRAP_ENTRIES(float)
 SF_WRAP_ENTRIES(double)
 
 /* Lets the loader check that the library it found is the one it built. */
-int sf_abi_version(void) { return 2; }
+int sf_abi_version(void) { return 1; }

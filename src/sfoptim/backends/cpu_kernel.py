@@ -7,13 +7,17 @@ parameter-sized temporary. Scalars (step-dependent lr, ``c``, bias
 corrections) are plain arguments, so nothing is rebuilt when they change.
 
 Build contract: the source is compiled on first use with the system C compiler
-into a per-user cache directory (``$SFOPTIM_CACHE_DIR``, else
-``$XDG_CACHE_HOME/sfoptim``, else ``~/.cache/sfoptim``), under a name keyed by
-a hash of the source, the compiler's identity, the flags and the CPU's feature
-flags (``-march=native`` code must not run on another CPU model). Later
-processes load the cached file; within a process the library is loaded once.
-Without a working compiler (or with ``SFOPTIM_DISABLE_FUSED=1``) the loader
-warns once and every call returns False, so the engine falls back to foreach.
+(``$SFOPTIM_CC``, else ``$CC``, else ``gcc``) into a per-user cache directory
+(``$SFOPTIM_CACHE_DIR``, else ``$XDG_CACHE_HOME/sfoptim``, else
+``~/.cache/sfoptim``), under a name keyed by a hash of the source, the
+compiler's identity, the flags and the CPU's feature flags (``-march=native``
+code must not run on another CPU model) and carrying the SHA-256 of the built
+library. :mod:`sfoptim.backends.kernel_cache` owns that contract: it loads only a
+private file of the user's own whose bytes match that hash, checked before
+``dlopen``. Later processes load the cached file; within a process the library
+is loaded once. Without a working compiler (or with ``SFOPTIM_DISABLE_FUSED=1``)
+the loader warns once and every call returns False, so the engine falls back to
+foreach.
 The direction kinds and the scalar slots are passed to the compiler as
 definitions generated from :class:`sfoptim.directions.base.Kind` and
 :data:`~sfoptim.directions.base.KERNEL_SCALARS`, so the C source restates
@@ -28,12 +32,7 @@ passed per call from :func:`torch.get_num_threads`.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -43,6 +42,7 @@ import torch
 from torch import Tensor
 
 from ..directions.base import KERNEL_SCALARS, Kind
+from . import kernel_cache
 
 __all__ = ["available", "step", "wrap_before", "wrap_after"]
 
@@ -51,6 +51,7 @@ _DEFINES = tuple(f"-DSF_{kind.name}={kind.value}" for kind in Kind) + tuple(
     f"-DSF_{name.upper()}={slot}" for slot, name in enumerate(KERNEL_SCALARS)
 )
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared", "-std=c11", *_DEFINES)
+_LIBS = ("-lm",)
 _DTYPES = {torch.float32: "float", torch.float64: "double"}
 
 _lock = threading.Lock()
@@ -71,63 +72,6 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def _cache_dir() -> Path:
-    explicit = os.environ.get("SFOPTIM_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "sfoptim"
-
-
-def _cpu_identity() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _compiler() -> Optional[str]:
-    cc = os.environ.get("SFOPTIM_CC") or os.environ.get("CC")
-    for candidate in ([cc] if cc else []) + ["gcc", "cc"]:
-        path = shutil.which(candidate)
-        if path:
-            return path
-    return None
-
-
-def _build(cc: str) -> Path:
-    global build_count
-    source = _SOURCE.read_bytes()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(
-        b"\0".join([source, version.encode(), " ".join(_FLAGS).encode(), platform.machine().encode(), _cpu_identity().encode()])
-    ).hexdigest()[:20]
-    target = _cache_dir() / f"sfoptim_fused_{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build under a private name and rename: concurrent processes never load a
-    # half-written library, and the last rename wins with identical content.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        proc = subprocess.run(
-            [cc, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
-        build_count += 1
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
-
-
 def _declare(lib: ctypes.CDLL) -> None:
     i64, ptrs, dbl, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
     for t in _DTYPES.values():
@@ -141,7 +85,7 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 def _load() -> Optional[ctypes.CDLL]:
-    global _lib, _failed, load_count
+    global _lib, _failed, build_count, load_count
     if _lib is not None or _failed is not None:
         return _lib
     with _lock:
@@ -151,11 +95,13 @@ def _load() -> Optional[ctypes.CDLL]:
             _failed = "disabled by SFOPTIM_DISABLE_FUSED"
             return None
         try:
-            cc = _compiler()
-            if cc is None:
-                raise RuntimeError("no C compiler found (set SFOPTIM_CC or install gcc)")
-            lib = ctypes.CDLL(str(_build(cc)))
-            if lib.sf_abi_version() != 2:
+            loaded = kernel_cache.load(
+                _SOURCE, _FLAGS, _LIBS, warn=lambda message: _warn_once("cache", f"sfoptim: {message}.")
+            )
+            if loaded.built:
+                build_count += 1
+            lib = loaded.lib
+            if lib.sf_abi_version() != 1:
                 raise RuntimeError("stale kernel library in the cache")
             _declare(lib)
         except Exception as exc:  # any failure means: use foreach, say so once
