@@ -38,7 +38,8 @@ code; the helpers of :mod:`sfoptim.modes` accept only the fast optimizers.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Optional, Union
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -46,9 +47,9 @@ from torch import Tensor
 from .engine import ModeError
 
 __all__ = [
-    "SGDScheduleFreeReference",
     "AdamWScheduleFreeReference",
     "RAdamScheduleFreeReference",
+    "SGDScheduleFreeReference",
     "ScheduleFreeWrapperReference",
 ]
 
@@ -106,7 +107,7 @@ def _warmup(lr: float, t: int, warmup_steps: float) -> float:
     return lr * t / warmup_steps if t <= warmup_steps else lr
 
 
-def _radam_rectifier(t: int, beta2: float) -> Optional[float]:
+def _radam_rectifier(t: int, beta2: float) -> float | None:
     """RAdam's :math:`r_t`, or None while :math:`\\rho_t \\le 4` (the variance estimate is too young)."""
     rho_inf = 2 / (1 - beta2) - 1
     rho_t = rho_inf - 2 * t * beta2**t / (1 - beta2**t)
@@ -184,7 +185,7 @@ class _XYZ(torch.optim.Optimizer):
             for p in g["params"]
         ]
 
-    def _start_step(self, closure: Optional[Callable[[], Any]]) -> Any:
+    def _start_step(self, closure: Callable[[], Any] | None) -> Any:
         if not self.train_mode:
             raise ModeError(
                 f"{type(self).__name__}.step() was called in eval mode: the parameters hold x. "
@@ -220,7 +221,7 @@ class _PaperStep(_XYZ):
         return state["y"]
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One step with the gradients in ``p.grad``; returns the closure's loss if one is given."""
         loss = self._start_step(closure)
         active = [[p for p in g["params"] if p.grad is not None] for g in self.param_groups]
@@ -256,13 +257,13 @@ class SGDScheduleFreeReference(_PaperStep):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: Union[float, Tensor] = 1.0,
+        lr: float | Tensor = 1.0,
         momentum: float = 0.9,
         weight_decay: float = 0,
         warmup_steps: int = 0,
         r: float = 0.0,
         weight_lr_power: float = 2,
-        foreach: Optional[bool] = True,
+        foreach: bool | None = True,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay, warmup_steps=warmup_steps, r=r,
@@ -308,7 +309,7 @@ class AdamWScheduleFreeReference(_PaperStep):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: Union[float, Tensor] = 0.0025,
+        lr: float | Tensor = 0.0025,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0,
@@ -316,7 +317,7 @@ class AdamWScheduleFreeReference(_PaperStep):
         r: float = 0,
         weight_lr_power: float = 2,
         decay_at_z: bool = False,
-        foreach: Optional[bool] = False,
+        foreach: bool | None = False,
         inner_momentum: float = 0.0,
     ) -> None:
         defaults = dict(
@@ -365,13 +366,13 @@ class RAdamScheduleFreeReference(_PaperStep):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: Union[float, Tensor] = 0.0025,
+        lr: float | Tensor = 0.0025,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0,
         r: float = 0.0,
         weight_lr_power: float = 2.0,
-        foreach: Optional[bool] = True,
+        foreach: bool | None = True,
         silent_sgd_phase: bool = True,
     ) -> None:
         defaults = dict(
@@ -429,6 +430,8 @@ class ScheduleFreeWrapperReference(_XYZ):
     ) -> None:
         if not isinstance(base, torch.optim.Optimizer):
             raise TypeError(f"Invalid base: expected a torch.optim.Optimizer, got {type(base).__name__}")
+        if any(g.get("state_dtype") is not None for g in base.param_groups):
+            raise ValueError("Invalid state_dtype: the reference forms compute in the parameters' own dtype")
         self.base = base
         defaults = dict(
             momentum=momentum, weight_decay_at_y=weight_decay_at_y, r=r, weight_lr_power=weight_lr_power,
@@ -459,7 +462,7 @@ class ScheduleFreeWrapperReference(_XYZ):
             raise
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One step: the base optimizer moves ``z`` with the gradient at ``y``."""
         loss = self._start_step(closure)
         active = [[p for p in g["params"] if p.grad is not None] for g in self.param_groups]
