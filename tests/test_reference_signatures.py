@@ -1,17 +1,22 @@
-"""The reference forms are called like the published ``schedulefree`` 1.4.1 classes.
+"""The reference forms are drop-ins for the published ``schedulefree`` 1.4.1 classes.
 
 Every parameter of the published constructor appears here with the same name,
 kind, position and default; parameters of our own may follow, never precede.
 ``RAdamScheduleFreeReference`` has no published counterpart and mirrors the
-published ``RAdamScheduleFree``.
+published ``RAdamScheduleFree``. A checkpoint of a published reference class
+resumes here on the same trajectory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import inspect
+import io
 
 import pytest
 import torch
+from problems import loss_fn, make_batches, make_model, rel_diff
 
 import sfoptim
 
@@ -60,3 +65,34 @@ def test_wrapper_reference_takes_base_by_keyword() -> None:
     p = torch.nn.Parameter(torch.zeros(2))
     opt = sfoptim.ScheduleFreeWrapperReference(base=torch.optim.SGD([p], lr=0.1), weight_decay_at_y=0.5)
     assert opt.param_groups[0]["weight_decay_at_y"] == 0.5 and opt.param_groups[0]["momentum"] == 0.9
+
+
+@pytest.mark.parametrize("name, kw", [
+    ("AdamWScheduleFreeReference", dict(lr=0.01, warmup_steps=5, weight_decay=0.01)),
+    ("SGDScheduleFreeReference", dict(lr=0.2, warmup_steps=5)),
+])
+def test_published_reference_checkpoint_resumes_on_the_same_trajectory(name: str, kw: dict) -> None:
+    batches = make_batches(30)
+    model = make_model()
+    with contextlib.redirect_stdout(io.StringIO()):  # the published classes print on mode switches
+        opt = getattr(schedulefree, name)(model.parameters(), **kw)
+        opt.train()
+        for batch in batches[:15]:
+            opt.zero_grad()
+            loss_fn(model, batch).backward()
+            opt.step()
+        opt.eval()
+        saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+        resumed = make_model(seed=5)
+        resumed.load_state_dict(saved_model)
+        resumed_opt = getattr(sfoptim, name)(resumed.parameters(), **kw)
+        resumed_opt.load_state_dict(saved_opt)
+        for m, o in ((model, opt), (resumed, resumed_opt)):
+            o.train()
+            for batch in batches[15:]:
+                o.zero_grad()
+                loss_fn(m, batch).backward()
+                o.step()
+            o.eval()
+    for a, b in zip(resumed.parameters(), model.parameters()):
+        assert rel_diff(a, b) <= 1e-12

@@ -134,8 +134,6 @@ def _real(t: Tensor) -> Tensor:
 class _XYZ(torch.optim.Optimizer):
     """Storage of ``x``, ``y``, ``z`` per parameter and the train/eval switch."""
 
-    _decay_key = "weight_decay"
-
     def _validate(self, group: dict) -> None:
         raise NotImplementedError
 
@@ -150,6 +148,14 @@ class _XYZ(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
         group["train_mode"] = mode
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Checkpoints of the published classes lack our extra hyperparameters
+        # (inner_momentum): they take their defaults.
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
 
     @property
     def train_mode(self) -> bool:
@@ -206,6 +212,8 @@ class _XYZ(torch.optim.Optimizer):
 
 class _PaperStep(_XYZ):
     """Algorithm 1 for a base direction computed tensor by tensor."""
+
+    _decay_key = "weight_decay"
 
     def _beta(self, group: dict) -> float:
         raise NotImplementedError
