@@ -24,22 +24,20 @@ from _dist import spawn
 class GrowingD(torch.optim.Optimizer):
     """A D-Adaptation style base optimizer: plain SGD with step ``lr * d``.
 
-    ``d`` is re-estimated in every step from the gradients seen so far (a
-    running maximum of ``sum |g| / numel``, like D-Adaptation's lower bound on
-    the distance to the solution), so it changes from step to step and the
-    learning rate that the wrapper must use for its averaging weights is
-    ``lr * d``, not ``lr``.
+    ``d`` starts small and grows in every step, as D-Adaptation's estimate of
+    the distance to the solution does early in training (here by a fixed
+    factor, capped at 1), so the learning rate that the wrapper must use for
+    its averaging weights, ``lr * d``, changes from step to step while
+    ``group["lr"]`` does not.
     """
 
     def __init__(self, params: Any, lr: float = 1.0) -> None:
-        super().__init__(params, {"lr": lr, "d": 1e-2})
+        super().__init__(params, {"lr": lr, "d": 1e-3})
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> None:
         for group in self.param_groups:
-            grads = [p.grad for p in group["params"] if p.grad is not None]
-            estimate = sum(float(g.abs().sum()) for g in grads) / max(sum(g.numel() for g in grads), 1)
-            group["d"] = max(group["d"] * 1.25, min(estimate, 1.0))
+            group["d"] = min(group["d"] * 1.25, 1.0)
             for p in group["params"]:
                 if p.grad is not None:
                     p.add_(p.grad, alpha=-group["lr"] * group["d"])
@@ -49,7 +47,7 @@ def _d_adapted_run(wrap: Callable[[torch.optim.Optimizer], Any], steps: int = 25
     """Trajectory of y (after every step), the final x, and the d values seen."""
     g = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64)) for s in [(6, 5), (5,), (40,)]]
-    base = GrowingD(params, lr=0.5)
+    base = GrowingD(params, lr=1.0)
     opt = wrap(base)
     opt.train()
     ys, ds = [], []
