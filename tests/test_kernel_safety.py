@@ -534,12 +534,20 @@ def test_fuzz_fused_and_foreach_agree(case: dict) -> None:
 
 
 # ----------------------------------------------------------- AddressSanitizer
-def _asan_runtime() -> Optional[str]:
+def _gcc_library(name: str) -> Optional[str]:
     gcc = shutil.which("gcc")
     if gcc is None:
         return None
-    path = subprocess.run([gcc, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
-    return path if os.path.isabs(path) and os.path.exists(path) else None
+    path = subprocess.run([gcc, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+    return os.path.realpath(path) if os.path.isabs(path) and os.path.exists(path) else None
+
+
+def _asan_preload() -> Optional[str]:
+    # The C++ runtime is preloaded too: torch throws C++ exceptions, and the
+    # sanitizer's __cxa_throw interceptor must find the real one at start-up
+    # (python itself does not link libstdc++).
+    asan, cxx = _gcc_library("libasan.so"), _gcc_library("libstdc++.so.6")
+    return f"{asan} {cxx}" if asan and cxx else None
 
 
 def _build_asan(source: Path, out: Path) -> Path:
@@ -571,13 +579,13 @@ print("asan fuzz done")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(_asan_runtime() is None, reason="gcc with AddressSanitizer is not installed")
+@pytest.mark.skipif(_asan_preload() is None, reason="gcc with AddressSanitizer is not installed")
 def test_fuzz_cases_under_address_sanitizer(tmp_path):
     """The kernel built with -fsanitize=address runs the fuzz cases without a report.
 
     A planted one-element overrun proves the harness would see a real one.
     """
-    env = {"LD_PRELOAD": _asan_runtime(), "ASAN_OPTIONS": "detect_leaks=0"}
+    env = {"LD_PRELOAD": _asan_preload(), "ASAN_OPTIONS": "detect_leaks=0"}
     lib = _build_asan(_fused_cpu._SOURCE, tmp_path / "asan.so")
     proc = _run_python(_ASAN_DRIVER.format(lib=str(lib), body=_ASAN_FUZZ), env=env, timeout=1800)
     assert "AddressSanitizer" not in proc.stderr, proc.stderr[-6000:]
