@@ -12,7 +12,6 @@ subprocess, so that a regression fails one test instead of killing pytest.
 from __future__ import annotations
 
 import copy
-import ctypes
 import os
 import shutil
 import subprocess

@@ -21,7 +21,7 @@ then brought to the dtype the step expects: the parameter's, or the group's
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -64,7 +64,7 @@ def _fillable_keys(opt: "ScheduleFreeOptimizer") -> set[str]:
 
 def _hyperparameters(cls: type) -> set[str]:
     try:
-        params = inspect.signature(cls.__init__).parameters
+        params = inspect.signature(cls).parameters
     except (TypeError, ValueError):
         return set()
     return {n for n, p in params.items() if n not in ("self", "params") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
