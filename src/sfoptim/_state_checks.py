@@ -94,8 +94,21 @@ def _likely_savers(keys: set[str]) -> list[str]:
     return sorted(n for n, v in scored.items() if v == best) if best > 0.5 else []
 
 
+def _required_keys(opt: "ScheduleFreeOptimizer") -> set[str]:
+    """The hyperparameters that every checkpoint of ``opt``'s class carries in its groups.
+
+    Taken from the constructor (the nearest class in the MRO that names its
+    arguments), not from ``opt.defaults``, which frameworks extend at run time.
+    """
+    for cls in type(opt).__mro__:
+        names = _hyperparameters(cls)
+        if names:
+            return (names & set(opt.defaults)) - _fillable_keys(opt)
+    return set()
+
+
 def _check_class(opt: "ScheduleFreeOptimizer", saved_groups: list[dict]) -> None:
-    required = set(opt.defaults) - _fillable_keys(opt)
+    required = _required_keys(opt)
     cls = type(opt).__name__
     for gi, group in enumerate(saved_groups):
         if not isinstance(group, dict):
