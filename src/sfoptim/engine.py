@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import _fused_compiled, _fused_cpu, _validation, precision
+from . import _fused_compiled, _fused_cpu, _state_checks, _validation, precision
 from .averaging import AveragingStep, averaging_step, warmup_factor
 
 __all__ = ["ModeError", "ScheduleFreeOptimizer"]
@@ -456,9 +456,21 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             group.setdefault("stochastic_rounding", False)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loads a state dict; state kept wider than its parameter (``state_dtype``) stays wide."""
+        """Loads a state dict saved by this class (or by ``schedulefree``'s class of the same name).
+
+        Raises ValueError, before anything changes, for a checkpoint of another
+        optimizer class, or whose state does not fit the parameters (a buffer
+        of another shape, a complex buffer for a real parameter); the message
+        names the parameter and the buffer. This optimizer's backend
+        (``foreach``, ``fused``) is kept: it describes the machine, not the run.
+        State comes back in the parameter's dtype, except that parameters with
+        a wide master copy (``state_dtype``) keep all their state wide.
+        """
+        previous = [dict(g) for g in self.param_groups]
+        matched = _state_checks.check_load(self, state_dict)
         super().load_state_dict(state_dict)
-        precision.restore_wide_state(self, state_dict)
+        if matched:
+            _state_checks.settle_load(self, state_dict, previous)
 
 
 def _work(p: Tensor, state: dict) -> Tensor:
