@@ -31,6 +31,10 @@ def test_demo_quick_writes_finite_results(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SF/cosine" in proc.stdout
+    # stderr is a pipe here, not a terminal: no progress bar in it.
+    assert "training" not in proc.stderr and "\r" not in proc.stderr, proc.stderr[-500:]
+    wide = [line for line in proc.stdout.splitlines() if len(line) > 100]
+    assert not wide, wide
 
     result = json.loads((out / "results.json").read_text())
     rows = result["rows"]
