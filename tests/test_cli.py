@@ -13,7 +13,7 @@ import sfoptim
 from sfoptim import demo
 
 
-def _cli(*args, timeout=120, **kw):
+def _cli(*args, timeout=900, **kw):
     return subprocess.run([sys.executable, "-m", "sfoptim.cli", *args], capture_output=True, text=True,
                           timeout=timeout, **kw)
 
@@ -27,7 +27,7 @@ def no_training(monkeypatch):
 
 
 def test_version():
-    proc = _cli("--version", timeout=60)
+    proc = _cli("--version")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"sfoptim {sfoptim.__version__}"
 
@@ -84,7 +84,7 @@ def test_unwritable_out_exits_2_from_the_command(tmp_path):
 
 
 def test_help_shows_defaults():
-    proc = _cli("demo", "--help", timeout=60)
+    proc = _cli("demo", "--help")
     assert proc.returncode == 0, proc.stderr
     text = " ".join(proc.stdout.split())  # argparse wraps lines
     for flag, default in [("--steps", demo.DEFAULT.steps), ("--seeds", len(demo.DEFAULT.seeds)),
@@ -120,7 +120,7 @@ def test_progress_is_shown_on_a_terminal(tmp_path):
         proc = subprocess.run(
             [sys.executable, "-m", "sfoptim.cli", "demo", "--quick", "--steps", "8", "--seeds", "1", "--no-linear",
              "--out", str(tmp_path)],
-            stdout=subprocess.PIPE, stderr=slave, text=True, timeout=180,
+            stdout=subprocess.PIPE, stderr=slave, text=True, timeout=900,
         )
     finally:
         os.close(slave)
