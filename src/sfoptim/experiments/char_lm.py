@@ -72,7 +72,8 @@ def load_text(heldout_every: int = 10):
     Splitting by file (not by position) keeps near-duplicate neighbouring text
     from leaking into the held-out set.
     """
-    train, held = [], []
+    train: list[bytes] = []
+    held: list[bytes] = []
     for rel, p in stdlib_files():
         try:
             data = p.read_bytes()

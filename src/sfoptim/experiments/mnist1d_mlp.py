@@ -194,10 +194,12 @@ def train_run(task, cfg: DemoConfig, seed: int, method: str, lr: float,
     model = make_model(xtr.shape[1], cfg.hidden).to(dtype)
     xtr = xtr.to(dtype)
     order = _batch_order(len(xtr), horizon, cfg.batch_size, seed)
+    opt: torch.optim.Optimizer
+    sf_opt = None  # the schedule-free optimizer, which has train()/eval()
     if method == "schedulefree":
-        opt = sfoptim.AdamWScheduleFree(model.parameters(), lr=lr, warmup_steps=cfg.sf_warmup,
-                                        **(opt_kwargs or {}))
-        opt.train()
+        opt = sf_opt = sfoptim.AdamWScheduleFree(model.parameters(), lr=lr, warmup_steps=cfg.sf_warmup,
+                                                 **(opt_kwargs or {}))
+        sf_opt.train()
     elif opt_kwargs:
         raise ValueError("opt_kwargs applies to the schedule-free run only")
     else:
@@ -217,11 +219,11 @@ def train_run(task, cfg: DemoConfig, seed: int, method: str, lr: float,
         if progress is not None:
             progress(1)
         if step + 1 in wanted:
-            if method == "schedulefree":
-                opt.eval()  # parameters now hold the averaged point x
+            if sf_opt is not None:
+                sf_opt.eval()  # parameters now hold the averaged point x
             out[step + 1] = evaluate(model, task)
-            if method == "schedulefree":
-                opt.train()
+            if sf_opt is not None:
+                sf_opt.train()
     return out
 
 
@@ -256,8 +258,10 @@ def run_comparison(cfg: DemoConfig, progress: Callable[[int], object] | None = N
     curve = sorted({max(1, round(T * i / cfg.curve_points)) for i in range(1, cfg.curve_points + 1)} | set(horizons))
     t0, c0 = time.perf_counter(), time.process_time()
 
-    sf = {}  # seed -> {step: (loss, acc)}
-    base = {b: {h: {lr: {} for lr in cfg.grid} for h in horizons} for b in baselines}
+    sf: dict[int, dict[int, tuple[float, float]]] = {}  # seed -> {step: (loss, acc)}
+    # baseline -> horizon -> lr -> seed -> (loss, acc)
+    base: dict[str, dict[int, dict[float, dict[int, tuple[float, float]]]]] = {
+        b: {h: {lr: {} for lr in cfg.grid} for h in horizons} for b in baselines}
     for seed in cfg.seeds:
         sf[seed] = train_run(task, cfg, seed, "schedulefree", cfg.sf_lr, T, curve, progress)
         for b in baselines:
