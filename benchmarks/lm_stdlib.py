@@ -9,7 +9,7 @@ held-out loss (nats per byte) on standard-library files kept out of training.
 The text is read from the running interpreter's standard library (the directory
 of ``os.__file__``); nothing is downloaded or shipped.  Every batch is new data
 (a single pass), so training and held-out loss measure the same thing up to the
-file split.
+file split.  The task, model and runs are ``sfoptim.experiments.char_lm``.
 
 Example:
   python benchmarks/lm_stdlib.py --out out/lm           # the documented run
@@ -19,212 +19,25 @@ Example:
 from __future__ import annotations
 
 import argparse
-import copy
-import hashlib
+import dataclasses
 import json
-import math
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-import sfoptim
+from sfoptim.experiments.char_lm import (
+    LMConfig,
+    chunks,
+    load_text,
+    run_cosine,
+    run_schedulefree,
+    run_wsd,
+)
 
 FRACTIONS = (0.125, 0.25, 0.5, 1.0)
-
-
-# --------------------------------------------------------------------------- data
-
-def stdlib_files():
-    """Sorted ``.py`` files of this interpreter's standard library (no site-packages)."""
-    root = Path(os.__file__).resolve().parent
-    files = []
-    for p in sorted(root.rglob("*.py")):
-        rel = p.relative_to(root).as_posix()
-        if "site-packages" in rel or "dist-packages" in rel:
-            continue
-        files.append((rel, p))
-    return files
-
-
-def load_text(heldout_every: int = 10):
-    """Byte streams ``(train, heldout)``: a file is held out by a hash of its path.
-
-    Splitting by file (not by position) keeps near-duplicate neighbouring text
-    from leaking into the held-out set.
-    """
-    train, held = [], []
-    for rel, p in stdlib_files():
-        try:
-            data = p.read_bytes()
-        except OSError:
-            continue
-        h = int(hashlib.sha1(rel.encode()).hexdigest(), 16)
-        (held if h % heldout_every == 0 else train).append(data)
-    return train, held
-
-
-def chunks(files, ctx: int, seed: int):
-    """All non-overlapping ``ctx + 1``-byte windows of the files, in shuffled order."""
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(files), generator=g).tolist()
-    stream = b"\n".join(files[i] for i in order)
-    t = torch.frombuffer(bytearray(stream), dtype=torch.uint8)
-    n = len(t) // (ctx + 1)
-    t = t[: n * (ctx + 1)].view(n, ctx + 1).long()
-    # Shuffle windows so every stretch of training sees a mix of modules rather
-    # than, say, all of ``email`` at the end of the run.
-    return t[torch.randperm(n, generator=g)]
-
-
-# --------------------------------------------------------------------------- model
-
-class Block(nn.Module):
-    """Pre-LayerNorm transformer block: causal self-attention, then an MLP."""
-
-    def __init__(self, d, heads):
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-
-    def forward(self, x):
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
-        return x + self.mlp(self.ln2(x))
-
-
-class CharLM(nn.Module):
-    """A small pre-LayerNorm GPT-style byte-level language model."""
-
-    def __init__(self, ctx, d=128, layers=2, heads=4, vocab=256):
-        super().__init__()
-        self.tok = nn.Embedding(vocab, d)
-        self.pos = nn.Parameter(torch.zeros(ctx, d))
-        self.blocks = nn.Sequential(*[Block(d, heads) for _ in range(layers)])
-        self.ln = nn.LayerNorm(d)
-        self.head = nn.Linear(d, vocab)
-
-    def forward(self, idx):
-        x = self.tok(idx) + self.pos[: idx.shape[1]]
-        return self.head(self.ln(self.blocks(x)))
-
-
-def lm_loss(model, batch):
-    """Next-byte cross-entropy of ``model`` on windows ``batch`` (B, ctx + 1)."""
-    # The loss is taken in float32 whatever the model's dtype (a no-op for a
-    # float32 model; benchmarks/precision.py trains this model in bfloat16).
-    logits = model(batch[:, :-1]).float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-
-
-@torch.no_grad()
-def heldout_loss(model, held, bs=64):
-    """Mean next-byte loss over the held-out windows."""
-    model.eval()
-    tot = sum(lm_loss(model, held[i:i + bs]).item() * len(held[i:i + bs]) for i in range(0, len(held), bs))
-    model.train()
-    return tot / len(held)
-
-
-# --------------------------------------------------------------------------- schedules
-
-def factor(kind, step, horizon, warmup, decay_frac):
-    """LR multiplier at 0-based ``step``: linear warmup, then cosine or WSD."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if kind == "cosine":
-        p = min(1.0, (step - warmup + 1) / max(1, horizon - warmup))
-        return 0.5 * (1 + math.cos(math.pi * p))
-    if kind == "wsd":
-        start = horizon - round(decay_frac * horizon)
-        if step < start:
-            return 1.0
-        return max(0.0, 1.0 - (step - start + 1) / (horizon - start))
-    raise ValueError(kind)
-
-
-# --------------------------------------------------------------------------- runs
-
-def _model(a, seed, dtype=torch.float32):
-    torch.manual_seed(seed)
-    # Initialised in float32, then cast: every dtype starts from the same weights.
-    return CharLM(a.ctx, a.d, a.layers, a.heads).to(dtype)
-
-
-def run_schedulefree(a, data, held, seed, beta, lr, evals, tick, dtype=torch.float32, opt_kwargs=None):
-    """One schedule-free run; returns ``{step: heldout_loss}`` at ``evals``.
-
-    ``dtype`` (the model's dtype) and ``opt_kwargs`` (extra optimizer keyword
-    arguments such as ``state_dtype``) let benchmarks/precision.py run this same
-    training in bfloat16; the defaults are this benchmark's float32 run.
-    """
-    model = _model(a, seed, dtype)
-    opt = sfoptim.AdamWScheduleFree(model.parameters(), lr=lr, betas=(beta, a.beta2),
-                                    warmup_steps=a.warmup, **(opt_kwargs or {}))
-    opt.train()
-    out, want = {}, set(evals)
-    for step in range(a.steps):
-        loss = lm_loss(model, data[step * a.batch:(step + 1) * a.batch])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        tick()
-        if step + 1 in want:
-            opt.eval()
-            out[step + 1] = heldout_loss(model, held)
-            opt.train()
-    return out
-
-
-def _steps(model, opt, a, data, lr, kind, horizon, start, stop, tick):
-    for step in range(start, stop):
-        for g in opt.param_groups:
-            g["lr"] = lr * factor(kind, step, horizon, a.warmup, a.decay_frac)
-        loss = lm_loss(model, data[step * a.batch:(step + 1) * a.batch])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        tick()
-
-
-def _adamw(model, a, lr):
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, a.beta2), weight_decay=0.0)
-
-
-def run_cosine(a, data, held, seed, lr, horizon, tick):
-    """AdamW + warmup + cosine to zero at ``horizon``; returns held-out loss there."""
-    model = _model(a, seed)
-    opt = _adamw(model, a, lr)
-    _steps(model, opt, a, data, lr, "cosine", horizon, 0, horizon, tick)
-    return heldout_loss(model, held)
-
-
-def run_wsd(a, data, held, seed, lr, horizons, tick):
-    """WSD for every horizon at once: the stable phase is shared and each
-    horizon's decay is a branch from a copy of it.  This equals separate runs
-    exactly because the data order depends only on the seed."""
-    model = _model(a, seed)
-    opt = _adamw(model, a, lr)
-    out, pos = {}, 0
-    for h in sorted(horizons):
-        start = h - round(a.decay_frac * h)
-        _steps(model, opt, a, data, lr, "wsd", h, pos, start, tick)
-        pos = start
-        bm, bo = copy.deepcopy(model), None
-        bo = _adamw(bm, a, lr)
-        bo.load_state_dict(opt.state_dict())
-        _steps(bm, bo, a, data, lr, "wsd", h, start, h, tick)
-        out[h] = heldout_loss(bm, held)
-    return out
 
 
 # --------------------------------------------------------------------------- report
@@ -236,30 +49,41 @@ def ms(v):
 
 def build_parser():
     """The command-line options; ``build_parser().parse_args([])`` gives the defaults."""
+    d = LMConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=480, help="horizon T")
-    p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--ctx", type=int, default=64)
-    p.add_argument("--d", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--beta2", type=float, default=0.99)
-    p.add_argument("--warmup", type=int, default=20, help="warmup steps, the same for every method")
-    p.add_argument("--decay-frac", type=float, default=0.2, help="WSD: fraction of the run spent decaying")
+    p.add_argument("--steps", type=int, default=d.steps, help="horizon T (default: %(default)s)")
+    p.add_argument("--seeds", type=int, default=d.seeds, help="(default: %(default)s)")
+    p.add_argument("--batch", type=int, default=d.batch, help="(default: %(default)s)")
+    p.add_argument("--ctx", type=int, default=d.ctx, help="context in bytes (default: %(default)s)")
+    p.add_argument("--d", type=int, default=d.d, help="model width (default: %(default)s)")
+    p.add_argument("--layers", type=int, default=d.layers, help="(default: %(default)s)")
+    p.add_argument("--heads", type=int, default=d.heads, help="(default: %(default)s)")
+    p.add_argument("--beta2", type=float, default=d.beta2, help="(default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=d.warmup,
+                   help="warmup steps, the same for every method (default: %(default)s)")
+    p.add_argument("--decay-frac", type=float, default=d.decay_frac,
+                   help="WSD: fraction of the run spent decaying (default: %(default)s)")
     p.add_argument("--sf-lr", type=float, nargs="+", default=[0.008, 0.016],
-                   help="one schedule-free run per value (each is never told its stopping time)")
-    p.add_argument("--sf-betas", type=float, nargs="+", default=[0.9, 0.98])
-    p.add_argument("--grid", type=float, nargs="+", default=[0.004, 0.008, 0.016, 0.032])
-    p.add_argument("--heldout", type=int, default=256, help="held-out windows")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default="out/lm")
+                   help="one schedule-free run per value (each is never told its stopping time) "
+                        "(default: %(default)s)")
+    p.add_argument("--sf-betas", type=float, nargs="+", default=[0.9, 0.98], help="(default: %(default)s)")
+    p.add_argument("--grid", type=float, nargs="+", default=[0.004, 0.008, 0.016, 0.032],
+                   help="baseline learning rates, tuned per stopping time (default: %(default)s)")
+    p.add_argument("--heldout", type=int, default=d.heldout, help="held-out windows (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="(default: %(default)s)")
+    p.add_argument("--out", default="out/lm", help="(default: %(default)s)")
     return p
+
+
+def config(a) -> LMConfig:
+    """The run sizes among the parsed options ``a``."""
+    return LMConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(LMConfig)})
 
 
 def main(argv=None):
     """Run the benchmark and write results.json, results.md and lm.png to --out."""
     a = build_parser().parse_args(argv)
+    cfg = config(a)
     torch.set_num_threads(a.threads)
 
     train_files, held_files = load_text()
@@ -288,11 +112,11 @@ def main(argv=None):
             raise SystemExit(f"only {len(data)} windows of text for {need} needed: lower --steps/--batch")
         data = data[:need]
         for k in sfk:
-            res["sf"][k][seed] = run_schedulefree(a, data, held, seed, k[0], k[1], curve, tick)
+            res["sf"][k][seed] = run_schedulefree(cfg, data, held, seed, k[0], k[1], curve, tick)
         for lr in a.grid:
             for h in horizons:
-                res["cosine"].setdefault(lr, {}).setdefault(h, {})[seed] = run_cosine(a, data, held, seed, lr, h, tick)
-            for h, v in run_wsd(a, data, held, seed, lr, horizons, tick).items():
+                res["cosine"].setdefault(lr, {}).setdefault(h, {})[seed] = run_cosine(cfg, data, held, seed, lr, h, tick)
+            for h, v in run_wsd(cfg, data, held, seed, lr, horizons, tick).items():
                 res["wsd"].setdefault(lr, {}).setdefault(h, {})[seed] = v
     if bar:
         bar.close()

@@ -107,6 +107,41 @@ def test_adamw_float64_matches_reference():
     _run_pair(sfoptim.AdamWScheduleFree, sfoptim.AdamWScheduleFreeReference, {"weight_decay": 0.1}, dtype=torch.float64)
 
 
+LARGE_EPS_CASES = {
+    "adamw": (sfoptim.AdamWScheduleFree, sfoptim.AdamWScheduleFreeReference, {"weight_decay": 0.1}),
+    "adamw_inner_momentum": (
+        sfoptim.AdamWScheduleFree,
+        sfoptim.AdamWScheduleFreeReference,
+        {"inner_momentum": 0.9, "warmup_steps": 5},
+    ),
+    "radam": (sfoptim.RAdamScheduleFree, sfoptim.RAdamScheduleFreeReference, {"silent_sgd_phase": False}),
+}
+
+
+@pytest.mark.parametrize("case", list(LARGE_EPS_CASES))
+def test_float64_with_a_large_eps_matches_reference_tightly(case):
+    # With eps = 0.1 against v of order one, moving eps (inside the square
+    # root, before the bias correction, ...) changes the step by percents,
+    # while float64 rounding stays below 1e-14: the two are ten orders apart.
+    fast_cls, ref_cls, kwargs = LARGE_EPS_CASES[case]
+    init = _make_params(torch.float64)
+    fast_params = [torch.nn.Parameter(t.clone()) for t in init]
+    ref_params = [torch.nn.Parameter(t.clone()) for t in init]
+    fast = fast_cls(fast_params, eps=0.1, lr=1e-2, fused=True, **kwargs)
+    ref = ref_cls(ref_params, eps=0.1, lr=1e-2, **kwargs)
+    calls = _count_calls(_fused_cpu, "step")
+    for step in range(30):
+        _set_grads(fast_params, step)
+        _set_grads(ref_params, step)
+        fast.step()
+        ref.step()
+    assert calls.n == 30
+    for i, (a, b) in enumerate(zip(fast_params + fast.eval_params(), ref_params + ref.eval_params())):
+        a, b = torch.view_as_real(a.detach()) if a.is_complex() else a.detach(), torch.view_as_real(b.detach()) if b.is_complex() else b.detach()
+        err = ((a - b).abs().max() / b.abs().max()).item()
+        assert err <= 1e-10, f"tensor {i}: relative difference {err:.3g} > 1e-10"
+
+
 SGD_CASES = {
     "defaults": {"lr": 0.1},
     "warmup_decay_r_power": {"lr": 0.2, "warmup_steps": 10, "weight_decay": 0.05, "momentum": 0.8, "r": 2.0, "weight_lr_power": 0.5},

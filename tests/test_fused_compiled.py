@@ -92,6 +92,51 @@ def test_compiled_backend_matches_reference_without_recompiling(
         assert rel_diff(a, b) <= 2e-5
 
 
+LARGE_EPS_CASES: list[tuple[str, Callable[..., Any], Callable[..., Any]]] = [
+    (
+        "adamw",
+        lambda p: sfoptim.AdamWScheduleFree(p, lr=0.02, eps=0.1, weight_decay=0.01, fused=True),
+        lambda p: sfoptim.AdamWScheduleFreeReference(p, lr=0.02, eps=0.1, weight_decay=0.01),
+    ),
+    (
+        "adamw_inner",
+        lambda p: sfoptim.AdamWScheduleFree(p, lr=0.02, eps=0.1, inner_momentum=0.9, fused=True),
+        lambda p: sfoptim.AdamWScheduleFreeReference(p, lr=0.02, eps=0.1, inner_momentum=0.9),
+    ),
+    (
+        "radam",
+        lambda p: sfoptim.RAdamScheduleFree(p, lr=0.02, eps=0.1, silent_sgd_phase=False, fused=True),
+        lambda p: sfoptim.RAdamScheduleFreeReference(p, lr=0.02, eps=0.1, silent_sgd_phase=False),
+    ),
+]
+
+
+@pytest.mark.parametrize("name, fast, ref", LARGE_EPS_CASES, ids=[c[0] for c in LARGE_EPS_CASES])
+def test_compiled_backend_float64_large_eps_matches_reference_tightly(
+    compiled_on_cpu: None, monkeypatch: pytest.MonkeyPatch, name: str, fast: Callable[..., Any], ref: Callable[..., Any]
+) -> None:
+    """eps = 0.1 against v of order one: a misplaced eps (inside the square root)
+    moves the step by percents, float64 rounding by less than 1e-14."""
+    g = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=g, dtype=torch.float64) for s in [(7, 5), (33,), (300,)]]
+    ours = [torch.nn.Parameter(t.clone()) for t in init]
+    theirs = [torch.nn.Parameter(t.clone()) for t in init]
+    opt, oracle = fast(ours), ref(theirs)
+    ran = []
+    compiled_step = _fused_compiled.step
+    monkeypatch.setattr(_fused_compiled, "step", lambda *a, **k: ran.append(compiled_step(*a, **k)) or ran[-1])
+    for step in range(20):
+        for a, b in zip(ours, theirs):
+            noise = torch.randn(a.shape, generator=g, dtype=torch.float64)
+            a.grad = a.detach() * 0.5 + noise
+            b.grad = b.detach() * 0.5 + noise
+        opt.step()
+        oracle.step()
+    assert ran == [True] * 20, "the compiled kernel must have made every step"
+    for a, b in zip(ours + opt.eval_params(), theirs + oracle.eval_params()):
+        assert rel_diff(a, b) <= 1e-10, f"{name}: {rel_diff(a, b):.3g}"
+
+
 def test_compiled_backend_leaves_gradients_alone(compiled_on_cpu: None) -> None:
     p = torch.nn.Parameter(torch.randn(50))
     p.grad = torch.randn(50)

@@ -15,50 +15,12 @@ import torch
 
 import sfoptim
 
-from problems import loss_fn, make_batches, make_model, rel_diff, two_groups
+from problems import loss_fn, make_batches, make_model, rel_diff, run_pair, two_groups
 
 schedulefree = pytest.importorskip("schedulefree")
 
 STEPS = 200
 TOL = {torch.float64: 1e-9, torch.float32: 2e-5}
-
-
-def run_pair(
-    build_ours: Callable[[Any], Any],
-    build_theirs: Callable[[Any], Any],
-    dtype: torch.dtype,
-    *,
-    groups: Callable[[torch.nn.Module], Any] = lambda m: m.parameters(),
-    scheduler: bool = False,
-    eval_every: int = 50,
-) -> float:
-    """Trains twin models side by side; returns the worst relative difference seen."""
-    ours_model = make_model(dtype)
-    theirs_model = copy.deepcopy(ours_model)
-    ours, theirs = build_ours(groups(ours_model)), build_theirs(groups(theirs_model))
-    scheds = []
-    if scheduler:
-        scheds = [torch.optim.lr_scheduler.StepLR(o if not hasattr(o, "base") else o.base, 40, 0.5) for o in (ours, theirs)]
-    ours.train()
-    theirs.train()
-    worst = 0.0
-    for step, batch in enumerate(make_batches(STEPS, dtype)):
-        for model, opt in ((ours_model, ours), (theirs_model, theirs)):
-            opt.zero_grad()
-            loss_fn(model, batch).backward()
-            opt.step()
-        for s in scheds:
-            s.step()
-        for a, b in zip(ours_model.parameters(), theirs_model.parameters()):
-            worst = max(worst, rel_diff(a, b))
-        if (step + 1) % eval_every == 0:
-            ours.eval()
-            theirs.eval()
-            for a, b in zip(ours_model.parameters(), theirs_model.parameters()):
-                worst = max(worst, rel_diff(a, b))
-            ours.train()
-            theirs.train()
-    return worst
 
 
 ADAMW_CASES = [

@@ -119,7 +119,7 @@ def test_invalid_state_dtype_is_rejected():
         base = torch.optim.SGD([{"params": [nn.Parameter(torch.randn(2))], "state_dtype": F32}], lr=0.1)
         sfoptim.ScheduleFreeWrapper(base)
     with pytest.raises(ValueError, match="state_dtype"):
-        sfoptim.SGDScheduleFreeReference([nn.Parameter(torch.randn(2))], state_dtype=F32)
+        sfoptim.SGDScheduleFreeReference([{"params": [nn.Parameter(torch.randn(2))], "state_dtype": F32}])
 
 
 # ------------------------------------------------------- stochastic rounding

@@ -10,8 +10,11 @@ __all__ = ["main"]
 
 def main(argv=None) -> int:
     """Dispatch ``sfoptim <command> ...``; returns the process exit status."""
+    from sfoptim import __version__
+
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(prog="sfoptim", description="Schedule-free optimizers for PyTorch.")
+    p.add_argument("--version", action="version", version=f"sfoptim {__version__}")
     sub = p.add_subparsers(dest="command", metavar="command")
     sub.add_parser("demo", add_help=False,
                    help="one schedule-free run vs schedules tuned per stopping time (see 'sfoptim demo --help')")
@@ -19,7 +22,7 @@ def main(argv=None) -> int:
         p.print_help()
         return 2
     if argv[0] != "demo":
-        p.parse_args(argv)  # prints usage or help and exits
+        p.parse_args(argv)  # prints the version, usage or help and exits
         return 2
     # The subcommand owns its options; it is imported only when used so that
     # `sfoptim --help` stays fast and needs nothing beyond the core package.

@@ -101,29 +101,31 @@ def write_params(params: list[Tensor], masters: list[Tensor], stochastic: bool) 
 
 
 def restore_wide_state(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
-    """Puts back state tensors that ``Optimizer.load_state_dict`` narrowed.
+    """Puts back, in ``state_dtype``, the state that ``Optimizer.load_state_dict`` narrowed.
 
     ``torch.optim.Optimizer.load_state_dict`` casts every floating state tensor
     to its parameter's dtype, which would round a float32 ``z`` or master to
-    bfloat16 on every resume. After the base load, the saved tensors of the
-    parameters that keep wider state are restored unrounded.
+    bfloat16 on every resume. After the base load, the state of every parameter
+    that keeps a master copy (:func:`master_dtype`) is taken again from
+    ``state_dict`` and converted to the group's ``state_dtype``: unrounded when
+    it was saved wide, widened when it was saved narrow (by a run without
+    ``state_dtype``, or by the published package), with a master made from the
+    parameter when the checkpoint has none. State of any other parameter stays
+    in the parameter's dtype, however it was saved: a float64 checkpoint
+    resumed by a float32 model is float32 state.
     """
     saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    for saved_id, p in zip(saved_ids, params):
-        saved = state_dict["state"].get(saved_id)
-        if not saved:
+    owned = [(g, p) for g in optimizer.param_groups for p in g["params"]]
+    for saved_id, (group, p) in zip(saved_ids, owned):
+        wide = master_dtype(group, p)
+        state = optimizer.state.get(p)
+        if wide is None or not state:
             continue
-        state = optimizer.state[p]
-        for key, value in saved.items():
-            if (
-                isinstance(value, Tensor)
-                and value.is_floating_point()
-                and p.is_floating_point()
-                and value.dtype != p.dtype
-                and key in state
-            ):
-                state[key] = value.to(device=p.device, copy=True)
+        for key, value in state_dict["state"].get(saved_id, {}).items():
+            if isinstance(value, Tensor) and value.is_floating_point() and key in state:
+                state[key] = value.to(device=p.device, dtype=wide, copy=True)
+        if "master" not in state:
+            state["master"] = p.detach().to(wide, memory_format=torch.preserve_format, copy=True)
 
 
 @torch.no_grad()

@@ -1,184 +1,512 @@
 r"""Reference forms: ``x``, ``y`` and ``z`` stored explicitly, written like the paper.
 
-These are the specification the fast forms are tested against. They use more
-memory (three extra parameter-sized buffers) and are slower, but every line is
-one equation of Defazio et al. (2024), Algorithm 1:
+These classes are the specification that the fast optimizers are tested
+against, so they share nothing with them: each is a plain
+:class:`torch.optim.Optimizer` with its own schedule, its own hyperparameter
+checks and its own step. The only thing imported from the engine is the
+exception type :class:`sfoptim.ModeError`, so that callers catch one error
+whichever form they use. They use more memory (three parameter-sized copies)
+and are slower; every line of a step is one equation of Defazio et al. (2024),
+Algorithm 1, for step :math:`t = 1, 2, \dots`:
 
 .. math::
 
-    z_{t+1} &= z_t - \gamma_t\,(d(y_t) + \lambda y_t) \\
-    x_{t+1} &= (1 - c_{t+1})\, x_t + c_{t+1}\, z_{t+1} \\
-    y_{t+1} &= (1-\beta)\, z_{t+1} + \beta\, x_{t+1}
+    \gamma_t &= \gamma \cdot \min(1, t / T_{\mathrm{warmup}})
+        &&\text{(RAdam: } \gamma\, r_t \text{ instead)} \\
+    z_{t} &= z_{t-1} - \gamma_t\,(d(y_{t-1}) + \lambda y_{t-1}) \\
+    x_{t} &= (1 - c_t)\, x_{t-1} + c_t\, z_{t},
+        \qquad c_t = \frac{w_t}{\sum_{i \le t} w_i},
+        \qquad w_t = t^{r}\, (\max_{i \le t} \gamma_i)^{p} \\
+    y_{t} &= (1-\beta)\, z_{t} + \beta\, x_{t}
 
-In train mode the parameters hold ``y``, in eval mode ``x``; both are copies.
+where :math:`d` is the base direction (the gradient for SGD, Adam's
+preconditioned gradient for AdamW and RAdam). While every weight so far is 0
+(learning rate 0 from the start) :math:`c_t = 0`.
+
+In train mode the parameters hold ``y``; :meth:`eval` copies ``x`` into them
+and :meth:`train` copies ``y`` back. The optimizers start in train mode.
+Stepping in eval mode raises :class:`sfoptim.ModeError`. Gradients are read,
+never written. Complex parameters are optimized as pairs of reals. The
+constructors take the arguments of the published ``schedulefree`` reference
+classes in the same order; ``foreach`` is accepted for compatibility and has
+no effect (the step is a plain loop over tensors).
+
+These forms are oracles for tests and a readable starting point for research
+code; the helpers of :mod:`sfoptim.modes` accept only the fast optimizers.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional, Union
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .directions.adamw import AdamWScheduleFree
-from .directions.radam import RAdamScheduleFree, radam_rectification
-from .directions.sgd import SGDScheduleFree
-from .directions.wrapper import ScheduleFreeWrapper
-from .engine import ScheduleFreeOptimizer
-from .engine.step import real as _real
+from .engine import ModeError
 
 __all__ = [
-    "SGDScheduleFreeReference",
     "AdamWScheduleFreeReference",
     "RAdamScheduleFreeReference",
+    "SGDScheduleFreeReference",
     "ScheduleFreeWrapperReference",
 ]
 
+#: Per-group scalars of the averaging schedule, with their values before the first step.
+#: The names are those of the published package, so its checkpoints load here.
+_SCHEDULE_STATE = {"k": 0, "lr_max": -1.0, "weight_sum": 0.0, "scheduled_lr": 0.0}
 
-class _ExplicitXYZ(ScheduleFreeOptimizer):
-    """Mode switching by copying the stored ``x`` or ``y`` into the parameters."""
 
-    def _validate_group(self, group: dict) -> None:
-        super()._validate_group(group)
-        if group.get("state_dtype") is not None:
-            raise ValueError("Invalid state_dtype: the reference forms compute in the parameters' dtype only")
+# ----------------------------------------------------------------- checks
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"Invalid {name}: {value!r} (expected a finite real number)")
+    return float(value)
 
-    def _init_xyz(self, p: Tensor) -> dict:
+
+def _check(name: str, value: Any, ok: Callable[[float], bool], rule: str) -> None:
+    if not ok(_number(name, value)):
+        raise ValueError(f"Invalid {name}: {value!r} (must be {rule})")
+
+
+def _check_common(group: dict, decay_key: str) -> None:
+    """The checks every schedule-free group needs: rates, decay and averaging powers."""
+    _check("lr", group["lr"], lambda v: v >= 0, ">= 0")
+    _check(decay_key, group[decay_key], lambda v: v >= 0, ">= 0")
+    _check("r", group["r"], lambda v: v >= 0, ">= 0")
+    _check("weight_lr_power", group["weight_lr_power"], lambda v: v >= 0, ">= 0")
+    if "warmup_steps" in group:
+        steps = group["warmup_steps"]
+        number = isinstance(steps, (int, float)) and not isinstance(steps, bool) and math.isfinite(steps)
+        if not number or steps < 0 or steps != int(steps):
+            raise ValueError(f"Invalid warmup_steps: {steps!r} (must be a whole number of steps >= 0)")
+    if group.get("state_dtype") is not None:
+        raise ValueError("Invalid state_dtype: the reference forms compute in the parameters' own dtype")
+
+
+def _check_interpolation(name: str, value: Any) -> None:
+    # beta = 0 would make y = z, from which x can no longer be told apart.
+    _check(name, value, lambda v: 0 < v <= 1, "in (0, 1]")
+
+
+def _check_adam(group: dict) -> None:
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r} (expected a pair (beta, beta2))")
+    _check_interpolation("betas[0]", betas[0])
+    _check("betas[1]", betas[1], lambda v: 0 <= v < 1, "in [0, 1)")
+    _check("eps", group["eps"], lambda v: v >= 0, ">= 0")
+
+
+# --------------------------------------------------------------- schedule
+def _warmup(lr: float, t: int, warmup_steps: float) -> float:
+    """:math:`\\gamma \\min(1, t / T)` for the 1-based step ``t``."""
+    return lr * t / warmup_steps if t <= warmup_steps else lr
+
+
+def _radam_rectifier(t: int, beta2: float) -> float | None:
+    """RAdam's :math:`r_t`, or None while :math:`\\rho_t \\le 4` (the variance estimate is too young)."""
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * t * beta2**t / (1 - beta2**t)
+    if rho_t <= 4:
+        return None
+    return math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+
+
+def _advance_average(group: dict, lr: float, t: int) -> float:
+    """Records step ``t`` with learning rate ``lr`` in ``group``; returns :math:`c_t`."""
+    group["scheduled_lr"] = lr
+    group["lr_max"] = max(group["lr_max"], lr)
+    weight = t ** group["r"] * group["lr_max"] ** group["weight_lr_power"]
+    group["weight_sum"] += weight
+    group["k"] = t
+    return weight / group["weight_sum"] if group["weight_sum"] > 0 else 0.0
+
+
+def _real(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if torch.is_complex(t) else t
+
+
+# ------------------------------------------------------------------ modes
+class _XYZ(torch.optim.Optimizer):
+    """Storage of ``x``, ``y``, ``z`` per parameter and the train/eval switch."""
+
+    def _validate(self, group: dict) -> None:
+        raise NotImplementedError
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Adds a group after checking its hyperparameters; it joins in the current mode."""
+        mode = self.train_mode if self.param_groups else True
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._validate(group)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        group["train_mode"] = mode
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Checkpoints of the published classes lack our extra hyperparameters
+        # (inner_momentum): they take their defaults.
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    @property
+    def train_mode(self) -> bool:
+        """True while the parameters hold ``y``."""
+        return all(g["train_mode"] for g in self.param_groups)
+
+    @torch.no_grad()
+    def train(self) -> Any:
+        """Copies ``y`` into the parameters. Idempotent; returns self."""
+        self._copy_into_params("y")
+        return self
+
+    @torch.no_grad()
+    def eval(self) -> Any:
+        """Copies ``x`` into the parameters. Idempotent; returns self."""
+        self._copy_into_params("x")
+        return self
+
+    def _copy_into_params(self, point: str) -> None:
+        for group in self.param_groups:
+            if group["train_mode"] != (point == "y"):
+                for p in group["params"]:
+                    if point in self.state.get(p, {}):
+                        p.copy_(self.state[p][point])
+                group["train_mode"] = point == "y"
+
+    @torch.no_grad()
+    def eval_params(self) -> list[Tensor]:
+        """``x`` of every parameter as new tensors, in ``param_groups`` order; changes nothing."""
+        return [
+            (self.state[p]["x"] if "x" in self.state.get(p, {}) else p).detach().clone()
+            for g in self.param_groups
+            for p in g["params"]
+        ]
+
+    def _start_step(self, closure: Callable[[], Any] | None) -> Any:
+        if not self.train_mode:
+            raise ModeError(
+                f"{type(self).__name__}.step() was called in eval mode: the parameters hold x. "
+                "Call optimizer.train() before training steps."
+            )
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+    def _xyz(self, p: Tensor) -> dict:
         state = self.state[p]
         if "z" not in state:
-            for name in ("z", "x", "y"):
+            for name in ("x", "y", "z"):
                 state[name] = p.detach().clone(memory_format=torch.preserve_format)
         return state
 
-    def _params_to_x(self, group: dict) -> None:
-        for p in group["params"]:
-            if "x" in self.state.get(p, {}):
-                p.copy_(self.state[p]["x"])
 
-    def _params_to_y(self, group: dict) -> None:
-        for p in group["params"]:
-            if "y" in self.state.get(p, {}):
-                p.copy_(self.state[p]["y"])
+class _PaperStep(_XYZ):
+    """Algorithm 1 for a base direction computed tensor by tensor."""
 
-    def _x_of(self, group: dict, p: Tensor, in_train: bool) -> Tensor:
-        state = self.state.get(p)
-        if state and "x" in state:
-            return state["x"].clone()
-        return p.detach().clone()
+    _decay_key = "weight_decay"
 
+    def _beta(self, group: dict) -> float:
+        raise NotImplementedError
 
-class _ReferenceStep(_ExplicitXYZ):
-    """The paper's step for optimizers with a per-tensor base direction."""
+    def _lr(self, group: dict, t: int) -> float:
+        return _warmup(float(group["lr"]), t, group["warmup_steps"])
+
+    def _direction(self, group: dict, t: int, grad: Tensor, state: dict) -> Tensor:
+        """The base direction :math:`d` at ``y`` (a new tensor or the gradient itself)."""
+        raise NotImplementedError
 
     def _decay_point(self, group: dict, state: dict) -> Tensor:
         return state["y"]
 
-    def _base_direction(self, group: dict, step: int, grad: Tensor, state: dict) -> Tensor:
-        raise NotImplementedError
-
-    def _update(self) -> None:
-        plans = [(g, self._active_params(gi, g), self._schedule(g)) for gi, g in enumerate(self.param_groups)]
-        for group, active, sched in plans:
-            lr, c, beta, decay = sched.lr, sched.ckp1, self._beta(group), group["weight_decay"]
-            for p in active:
-                state = self._init_xyz(p)
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One step with the gradients in ``p.grad``; returns the closure's loss if one is given."""
+        loss = self._start_step(closure)
+        active = [[p for p in g["params"] if p.grad is not None] for g in self.param_groups]
+        for p in (p for ps in active for p in ps):
+            if p.grad.is_sparse or p.grad.shape != p.shape:
+                raise RuntimeError(f"{type(self).__name__} needs a dense gradient shaped like the parameter {tuple(p.shape)}")
+        for group, params in zip(self.param_groups, active):
+            t = group["k"] + 1
+            lr = self._lr(group, t)
+            c = _advance_average(group, lr, t)
+            beta, decay = self._beta(group), group[self._decay_key]
+            for p in params:
+                state = self._xyz(p)
                 x, y, z = (_real(state[n]) for n in ("x", "y", "z"))
-                grad = _real(p.grad)
+                d = self._direction(group, t, _real(p.grad), state)
                 if decay != 0:
                     z.sub_(_real(self._decay_point(group, state)), alpha=lr * decay)
-                z.sub_(self._base_direction(group, sched.step, grad, state), alpha=lr)
+                z.sub_(d, alpha=lr)
                 x.mul_(1 - c).add_(z, alpha=c)
-                y.copy_(x * beta + z * (1 - beta))
+                y.copy_((1 - beta) * z + beta * x)
                 p.copy_(state["y"])
-            self._commit(group, sched)
+        return loss
 
 
-class SGDScheduleFreeReference(_ReferenceStep, SGDScheduleFree):
-    """Schedule-free SGD with ``x``, ``y``, ``z`` stored explicitly (the oracle)."""
+# ------------------------------------------------------------- optimizers
+class SGDScheduleFreeReference(_PaperStep):
+    r"""Schedule-free SGD with ``x``, ``y``, ``z`` stored: :math:`d = g(y)`, :math:`\beta` = ``momentum``.
 
-    def _base_direction(self, group: dict, step: int, grad: Tensor, state: dict) -> Tensor:
-        return grad
-
-
-class AdamWScheduleFreeReference(_ReferenceStep, AdamWScheduleFree):
-    """Schedule-free AdamW with ``x``, ``y``, ``z`` stored explicitly (the oracle).
-
-    ``decay_at_z=True`` computes weight decay at ``z`` instead of ``y``.
+    Same arguments and defaults as the published ``schedulefree.SGDScheduleFreeReference``
+    (``foreach`` has no effect). See the module docstring for the step.
     """
 
     def __init__(
         self,
         params: Iterable[Any],
-        lr: Union[float, Tensor] = 0.0025,
+        lr: float | Tensor = 1.0,
+        momentum: float = 0.9,
+        weight_decay: float = 0,
+        warmup_steps: int = 0,
+        r: float = 0.0,
+        weight_lr_power: float = 2,
+        foreach: bool | None = True,
+    ) -> None:
+        defaults = dict(
+            lr=lr, momentum=momentum, weight_decay=weight_decay, warmup_steps=warmup_steps, r=r,
+            weight_lr_power=weight_lr_power, train_mode=True, **_SCHEDULE_STATE,
+        )
+        super().__init__(params, defaults)
+
+    def _validate(self, group: dict) -> None:
+        _check_common(group, "weight_decay")
+        _check_interpolation("momentum", group["momentum"])
+
+    def _beta(self, group: dict) -> float:
+        return group["momentum"]
+
+    def _direction(self, group: dict, t: int, grad: Tensor, state: dict) -> Tensor:
+        return grad
+
+
+def _adam_denominator(group: dict, t: int, grad: Tensor, state: dict) -> Tensor:
+    r""":math:`v_t = \beta_2 v_{t-1} + (1-\beta_2) g^2`; returns :math:`\sqrt{v_t / (1-\beta_2^t)} + \epsilon`."""
+    beta2 = group["betas"][1]
+    if "exp_avg_sq" not in state:
+        state["exp_avg_sq"] = torch.zeros_like(state["z"])
+    v = _real(state["exp_avg_sq"])
+    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    return (v / (1 - beta2**t)).sqrt() + group["eps"]
+
+
+class AdamWScheduleFreeReference(_PaperStep):
+    r"""Schedule-free AdamW with ``x``, ``y``, ``z`` stored.
+
+    :math:`d = \hat m / (\sqrt{v_t/(1-\beta_2^t)} + \epsilon)` with :math:`\hat m = g`,
+    or with ``inner_momentum`` :math:`\mu > 0` the bias-corrected EMA
+    :math:`m_t = \mu m_{t-1} + (1-\mu) g`, :math:`\hat m = m_t / (1-\mu^t)`;
+    :math:`\beta` = ``betas[0]``. ``decay_at_z=True`` computes weight decay at
+    ``z`` instead of ``y``.
+
+    The arguments up to ``foreach`` are those of the published
+    ``schedulefree.AdamWScheduleFreeReference`` (``foreach`` has no effect);
+    ``inner_momentum`` is an extra.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 0.0025,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0,
         warmup_steps: int = 0,
-        r: float = 0.0,
-        weight_lr_power: float = 2.0,
+        r: float = 0,
+        weight_lr_power: float = 2,
         decay_at_z: bool = False,
-        foreach: Optional[bool] = False,
+        foreach: bool | None = False,
         inner_momentum: float = 0.0,
     ) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, warmup_steps, r, weight_lr_power, foreach, inner_momentum)
-        self.defaults["decay_at_z"] = decay_at_z
-        for group in self.param_groups:
-            group["decay_at_z"] = decay_at_z
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps, r=r,
+            weight_lr_power=weight_lr_power, decay_at_z=decay_at_z, inner_momentum=inner_momentum,
+            train_mode=True, **_SCHEDULE_STATE,
+        )
+        super().__init__(params, defaults)
+
+    def _validate(self, group: dict) -> None:
+        _check_common(group, "weight_decay")
+        _check_adam(group)
+        _check("inner_momentum", group["inner_momentum"], lambda v: 0 <= v < 1, "in [0, 1)")
+
+    def _beta(self, group: dict) -> float:
+        return group["betas"][0]
 
     def _decay_point(self, group: dict, state: dict) -> Tensor:
-        return state["z"] if group.get("decay_at_z", False) else state["y"]
+        return state["z"] if group["decay_at_z"] else state["y"]
 
-    def _base_direction(self, group: dict, step: int, grad: Tensor, state: dict) -> Tensor:
-        beta2 = group["betas"][1]
-        inner = group.get("inner_momentum", 0.0)
-        v = _real(state.setdefault("exp_avg_sq", torch.zeros_like(state["z"])))
-        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = (v / (1 - beta2**step)).sqrt() + group["eps"]
-        if inner > 0:
-            m = _real(state.setdefault("exp_avg", torch.zeros_like(state["z"])))
-            m.mul_(inner).add_(grad, alpha=1 - inner)
-            return m / (1 - inner**step) / denom
+    def _direction(self, group: dict, t: int, grad: Tensor, state: dict) -> Tensor:
+        denom = _adam_denominator(group, t, grad, state)
+        mu = group["inner_momentum"]
+        if mu == 0:
+            return grad / denom
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(state["z"])
+        m = _real(state["exp_avg"])
+        m.mul_(mu).add_(grad, alpha=1 - mu)
+        return m / (1 - mu**t) / denom
+
+
+class RAdamScheduleFreeReference(_PaperStep):
+    r"""Schedule-free RAdam with ``x``, ``y``, ``z`` stored.
+
+    :math:`\gamma_t = \gamma r_t` (:math:`r_t` RAdam's rectifier) and Adam's
+    direction once :math:`r_t` exists (:math:`\rho_t > 4`). Before that the
+    step is an SGD step (:math:`\gamma_t = \gamma`, :math:`d = g`), or no step
+    at all (:math:`\gamma_t = 0`) with ``silent_sgd_phase=True``; the second
+    moment accumulates either way. There is no warmup.
+
+    Same arguments, order and defaults as the published
+    ``schedulefree.RAdamScheduleFree`` (``foreach`` has no effect).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 0.0025,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        r: float = 0.0,
+        weight_lr_power: float = 2.0,
+        foreach: bool | None = True,
+        silent_sgd_phase: bool = True,
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, r=r, weight_lr_power=weight_lr_power,
+            silent_sgd_phase=silent_sgd_phase, train_mode=True, **_SCHEDULE_STATE,
+        )
+        super().__init__(params, defaults)
+
+    def _validate(self, group: dict) -> None:
+        _check_common(group, "weight_decay")
+        _check_adam(group)
+
+    def _beta(self, group: dict) -> float:
+        return group["betas"][0]
+
+    def _lr(self, group: dict, t: int) -> float:
+        rect = _radam_rectifier(t, group["betas"][1])
+        if rect is None:
+            rect = 0.0 if group["silent_sgd_phase"] else 1.0
+        return float(group["lr"]) * rect
+
+    def _direction(self, group: dict, t: int, grad: Tensor, state: dict) -> Tensor:
+        denom = _adam_denominator(group, t, grad, state)
+        if _radam_rectifier(t, group["betas"][1]) is None:
+            return grad
         return grad / denom
 
 
-class RAdamScheduleFreeReference(_ReferenceStep, RAdamScheduleFree):
-    """Schedule-free RAdam with ``x``, ``y``, ``z`` stored explicitly (the oracle)."""
+class ScheduleFreeWrapperReference(_XYZ):
+    r"""Any optimizer made schedule-free, with ``x``, ``y``, ``z`` stored.
 
-    def _base_direction(self, group: dict, step: int, grad: Tensor, state: dict) -> Tensor:
-        beta2 = group["betas"][1]
-        v = _real(state.setdefault("exp_avg_sq", torch.zeros_like(state["z"])))
-        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        if radam_rectification(step, beta2) is None:
-            return grad
-        return grad / (torch.sqrt(v / (1 - beta2**step)) + group["eps"])
+    The base optimizer moves ``z``: the wrapper puts
+    :math:`z_{t-1} - \gamma\lambda y_{t-1}` into the parameters (weight decay
+    at ``y``, with the base group's ``lr``), the base steps them with the
+    gradient taken at :math:`y_{t-1}`, and the result is :math:`z_t`. The
+    averaging weights use the base's learning rate times ``group["d"]`` where
+    the base keeps one (D-Adaptation style); there is no warmup.
 
+    The wrapper's hyperparameters and schedule live in its own
+    ``param_groups`` (one per base group, same parameters); the learning rate
+    is always the base optimizer's, so schedule it on ``base``. The state dict
+    holds the base optimizer's under ``"base"``. Same arguments, order and
+    defaults as the published ``schedulefree.ScheduleFreeWrapperReference``.
+    """
 
-class ScheduleFreeWrapperReference(_ExplicitXYZ, ScheduleFreeWrapper):
-    """:class:`ScheduleFreeWrapper` with ``x``, ``y``, ``z`` stored explicitly (the oracle)."""
+    _OWN_KEYS = ("momentum", "weight_decay_at_y", "r", "weight_lr_power")
+
+    def __init__(
+        self,
+        base: torch.optim.Optimizer,
+        momentum: float = 0.9,
+        weight_decay_at_y: float = 0.0,
+        r: float = 0,
+        weight_lr_power: float = 2,
+    ) -> None:
+        if not isinstance(base, torch.optim.Optimizer):
+            raise TypeError(f"Invalid base: expected a torch.optim.Optimizer, got {type(base).__name__}")
+        if any(g.get("state_dtype") is not None for g in base.param_groups):
+            raise ValueError("Invalid state_dtype: the reference forms compute in the parameters' own dtype")
+        self.base = base
+        defaults = dict(
+            momentum=momentum, weight_decay_at_y=weight_decay_at_y, r=r, weight_lr_power=weight_lr_power,
+            train_mode=True, **_SCHEDULE_STATE,
+        )
+        super().__init__([{"params": g["params"]} for g in base.param_groups], defaults)
+
+    def _validate(self, group: dict) -> None:
+        _check_interpolation("momentum", group["momentum"])
+        for name in ("weight_decay_at_y", "r", "weight_lr_power"):
+            _check(name, group[name], lambda v: v >= 0, ">= 0")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Adds a group to the base optimizer and the matching one here.
+
+        Keys named like the wrapper's arguments (``momentum``, ...) set the
+        wrapper's group; every other key goes to the base optimizer.
+        """
+        if len(self.param_groups) < len(self.base.param_groups):
+            super().add_param_group(param_group)  # construction: mirroring the base's groups
+            return
+        own = {k: param_group[k] for k in self._OWN_KEYS if k in param_group}
+        self.base.add_param_group({k: v for k, v in param_group.items() if k not in own})
+        try:
+            super().add_param_group({"params": self.base.param_groups[-1]["params"], **own})
+        except ValueError:
+            self.base.param_groups.pop()
+            raise
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One step: the base optimizer moves ``z`` with the gradient at ``y``."""
         loss = self._start_step(closure)
-        active = [self._active_params(gi, g) for gi, g in enumerate(self.param_groups)]
-        for group, params in zip(self.param_groups, active):
-            decay = group["sf_weight_decay_at_y"]
-            lr = self._scheduled_lr(group, group["sf_k"] + 1)
+        active = [[p for p in g["params"] if p.grad is not None] for g in self.param_groups]
+        for group, base_group, params in zip(self.param_groups, self.base.param_groups, active):
+            lr_decay = float(base_group["lr"]) * group["weight_decay_at_y"]
             for p in params:
-                state = self._init_xyz(p)
-                if decay != 0:
-                    state["z"].sub_(state["y"], alpha=lr * decay)
-                p.copy_(state["z"])
-        self.base.step()
-        for group, params in zip(self.param_groups, active):
-            sched = self._schedule(group)
-            beta = self._beta(group)
+                state = self._xyz(p)
+                p.copy_(state["z"] - lr_decay * state["y"])
+        try:
+            self.base.step()
+        except BaseException:
+            for p in (p for ps in active for p in ps):
+                p.copy_(self.state[p]["y"])
+            raise
+        for group, base_group, params in zip(self.param_groups, self.base.param_groups, active):
+            t = group["k"] + 1
+            c = _advance_average(group, float(base_group["lr"]) * float(base_group.get("d", 1.0)), t)
+            beta = group["momentum"]
             for p in params:
                 state = self.state[p]
-                state["z"].copy_(p)
-                state["x"].mul_(1 - sched.ckp1).add_(state["z"], alpha=sched.ckp1)
-                state["y"].copy_(state["x"] * beta + state["z"] * (1 - beta))
+                x, y, z = (_real(state[n]) for n in ("x", "y", "z"))
+                z.copy_(_real(p.detach()))
+                x.mul_(1 - c).add_(z, alpha=c)
+                y.copy_((1 - beta) * z + beta * x)
                 p.copy_(state["y"])
-            self._commit(group, sched)
         return loss
 
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapper's state (``x``, ``y``, ``z``, schedule) with the base optimizer's under ``"base"``."""
+        sd = super().state_dict()
+        sd["base"] = self.base.state_dict()
+        return sd
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a dict produced by :meth:`state_dict` into the wrapper and its base optimizer."""
+        if "base" not in state_dict:
+            raise ValueError("Invalid state_dict: it has no 'base' entry (the base optimizer's state)")
+        self.base.load_state_dict(state_dict["base"])
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "base"})

@@ -23,6 +23,7 @@ which needs no compilation time; this path is exercised on CPU by the tests.
 
 from __future__ import annotations
 
+import types
 import warnings
 from typing import Any, Optional, Sequence
 
@@ -33,7 +34,7 @@ from ..directions.base import KERNEL_SCALARS, Kind
 
 __all__ = ["step"]
 
-_compiled: Any = None
+_compiled: dict[tuple, Any] = {}
 # Plain ints: dynamo does not fold comparisons with IntEnum members reliably.
 _SGD, _ADAM = int(Kind.SGD), int(Kind.ADAM)
 _warned = False
@@ -60,11 +61,21 @@ def _update(y: Tensor, g: Tensor, z: Tensor, v: Optional[Tensor], m: Optional[Te
 assert KERNEL_SCALARS == ("lr", "ckp1", "beta", "wd", "beta2", "bc2", "eps", "mu", "bc1")
 
 
-def _kernel() -> Any:
-    global _compiled
-    if _compiled is None:
-        _compiled = torch.compile(_update, dynamic=True, fullgraph=True)
-    return _compiled
+def _kernel(kind: int, has_m: bool, dtype: torch.dtype) -> Any:
+    """The compiled update for one variant, each with a code object of its own.
+
+    Dynamo's recompile limit (8) counts graphs per code object; one shared
+    ``_update`` would reach it in a process that mixes directions, dtypes and
+    size specialisations, and ``fullgraph=True`` turns that into an error.
+    """
+    key = (kind, has_m, dtype)
+    compiled = _compiled.get(key)
+    if compiled is None:
+        name = f"_update_{kind}_{int(has_m)}_{str(dtype).rsplit('.', 1)[-1]}"
+        code = _update.__code__.replace(co_name=name, co_qualname=name)
+        variant = types.FunctionType(code, _update.__globals__, name)
+        compiled = _compiled[key] = torch.compile(variant, dynamic=True, fullgraph=True)
+    return compiled
 
 
 def step(
@@ -93,7 +104,7 @@ def step(
     values = torch.tensor(list(scalars), dtype=torch.float64, device=ys[0].device)
     v = slots[0] if len(slots) > 0 else None
     m = slots[1] if len(slots) > 1 else None
-    kernel = _kernel()
+    kernel = _kernel(int(kind), m is not None, ys[0].dtype)
     for i, y in enumerate(ys):
         if y.numel() == 0:
             continue

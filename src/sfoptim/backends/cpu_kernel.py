@@ -32,16 +32,17 @@ passed per call from :func:`torch.get_num_threads`.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import threading
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from ..directions.base import KERNEL_SCALARS, Kind
+from ..directions.base import KERNEL_SCALARS, KIND_SLOTS, Kind
 from . import kernel_cache
 
 __all__ = ["available", "step", "wrap_before", "wrap_after"]
@@ -127,27 +128,100 @@ def _reset_for_tests() -> None:
     _warned.clear()
 
 
-def _eligible(tensors: Sequence[Sequence[Tensor]], bucketed: bool = True) -> Optional[str]:
-    first = tensors[0][0]
-    if first.device.type != "cpu":
+def _install_library_for_tests(lib: ctypes.CDLL) -> None:
+    """Makes an already opened build of ``cpu_kernel.c`` the kernel (tests only).
+
+    The AddressSanitizer test compiles the kernel with ``-fsanitize=address``
+    and runs the fuzz cases through this; nothing else ever calls it, and no
+    environment variable or file name can reach it.
+    """
+    global _lib, _failed
+    _declare(lib)
+    _lib, _failed = lib, None
+
+
+class _Call(NamedTuple):
+    """What one kernel call needs, gathered while every tensor is checked."""
+
+    dtype: torch.dtype
+    pointers: list[list[int]]
+    sizes: list[int]
+
+
+#: Verdicts of the overlap check by (pointers, byte sizes); see :func:`_overlapping`.
+_disjoint_seen: dict[tuple, bool] = {}
+
+
+def _inspect(tensors: Sequence[Sequence[Tensor]]) -> Union[str, _Call]:
+    """Checks every tensor of a kernel call: a refusal reason, or the call's pointers.
+
+    The C kernel trusts its arguments completely: every list holds, at each
+    index, a dense tensor of the same number of elements and of the dtype the
+    kernel is compiled for, in CPU memory, and no written element is reachable
+    through two pointers. So every tensor is checked here, on every call:
+    layouts the kernel does not handle (other devices or dtypes, strides,
+    tensor subclasses, memory shared between tensors) get a reason and take the
+    foreach path, which defines the result; tensors that cannot belong
+    together (a state buffer whose shape is not its parameter's) raise
+    RuntimeError, as foreach does, before anything is modified.
+    """
+    head = tensors[0]
+    first = head[0]
+    if not first.is_cpu:
         return "cpu"
-    if first.dtype not in _DTYPES:
+    dtype = first.dtype
+    if dtype not in _DTYPES:
         return "dtype"
-    # Buckets share one device and dtype, and autograd keeps each gradient on
-    # its parameter's device and dtype; state buffers are created like the
-    # parameter. So the per-step cost is one contiguity check per tensor,
-    # plus a dtype check per list head. Lists that are not engine buckets (the
-    # wrapper's param groups may mix dtypes) get every tensor checked.
-    for group in tensors:
-        if group[0].dtype != first.dtype or group[0].device != first.device:
-            return "layout"
-        if not bucketed and any(t.dtype != first.dtype or t.device != first.device for t in group):
-            return "layout"
+    n = len(head)
+    shapes = [t.shape for t in head]
+    reason = None
+    for lst in tensors:
+        if len(lst) != n:
+            raise RuntimeError(f"sfoptim fused kernel: tensor lists of different lengths ({len(lst)} and {n})")
+        if lst is not head and not all(t.shape == s for t, s in zip(lst, shapes)):
+            i = next(i for i, (t, s) in enumerate(zip(lst, shapes)) if t.shape != s)
+            raise RuntimeError(
+                f"sfoptim: tensor {i} of a bucket has shape {tuple(shapes[i])} but its state or gradient has "
+                f"shape {tuple(lst[i].shape)}; the optimizer state does not belong to this parameter"
+            )
         # Tensor subclasses (DTensor shards under FSDP2) hide their storage
         # behind data_ptr(); they take the foreach path, which handles them.
-        if not all(type(t) is Tensor and t.is_contiguous() for t in group):
-            return "layout"
-    return None
+        if reason is None and not all(
+            type(t) is Tensor and t.dtype == dtype and t.is_cpu and t.is_contiguous() for t in lst
+        ):
+            reason = "layout"
+    if reason is not None:
+        return reason
+    pointers = [[t.data_ptr() for t in lst] for lst in tensors]
+    sizes = [t.numel() for t in head]
+    if _overlapping(pointers, [s * first.element_size() for s in sizes]):
+        return "alias"
+    return _Call(dtype, pointers, sizes)
+
+
+def _overlapping(pointers: list[list[int]], nbytes: list[int]) -> bool:
+    """True when two tensors of the call share any byte of memory.
+
+    The kernel splits the work across threads and keeps each element's values
+    in registers between reading and writing them, which is only the foreach
+    result when no element is reachable twice (the same parameter listed
+    twice, overlapping views, a state buffer aliasing its gradient). Sorted by
+    start address, disjoint intervals have each start at or after the previous
+    end, so one comparison per neighbour decides. Verdicts are cached by the
+    exact addresses and sizes, which is all they depend on.
+    """
+    key = (tuple(itertools.chain.from_iterable(pointers)), tuple(nbytes))
+    seen = _disjoint_seen.get(key)
+    if seen is not None:
+        return not seen
+    spans = sorted(
+        (start, start + size) for lst in pointers for start, size in zip(lst, nbytes) if size
+    )
+    overlap = any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
+    if len(_disjoint_seen) >= 64:
+        _disjoint_seen.clear()
+    _disjoint_seen[key] = not overlap
+    return overlap
 
 
 def _refuse(reason: str, explicit: bool) -> bool:
@@ -155,14 +229,15 @@ def _refuse(reason: str, explicit: bool) -> bool:
         what = {
             "cpu": "tensors that are not on the CPU (no fused GPU kernel yet)",
             "dtype": "dtypes other than float32/float64",
-            "layout": "non-contiguous tensors, tensor subclasses such as DTensor, or mixed gradient dtypes",
+            "layout": "non-contiguous tensors, tensor subclasses such as DTensor, or mixed dtypes",
+            "alias": "parameters or state that share memory (a parameter listed twice, overlapping views)",
         }[reason]
         _warn_once(reason, f"sfoptim: fused=True does not support {what}; using the foreach implementation for them.")
     return False
 
 
-def _pointers(tensors: Sequence[Tensor]) -> ctypes.Array:
-    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+def _pointers(pointers: list[int]) -> ctypes.Array:
+    return (ctypes.c_void_p * len(pointers))(*pointers)
 
 
 def step(
@@ -188,22 +263,25 @@ def step(
     """
     if not ys:
         return True
-    reason = _eligible([ys, grads, zs, *slots])
-    if reason is not None:
-        return _refuse(reason, explicit)
+    fewest, most = KIND_SLOTS.get(kind, (-1, -1))
+    if not fewest <= len(slots) <= most:
+        raise ValueError(f"sfoptim fused kernel: direction kind {kind!r} takes {fewest} to {most} buffers, got {len(slots)}")
+    call = _inspect([ys, grads, zs, *slots])
+    if isinstance(call, str):
+        return _refuse(call, explicit)
     lib = _load()
     if lib is None:
         return False
-    sizes = (ctypes.c_int64 * len(ys))(*[t.numel() for t in ys])
-    fn = getattr(lib, f"sf_step_{_DTYPES[ys[0].dtype]}")
+    pointers = [_pointers(p) for p in call.pointers]
+    fn = getattr(lib, f"sf_step_{_DTYPES[call.dtype]}")
     rc = fn(
         len(ys),
-        _pointers(ys),
-        _pointers(grads),
-        _pointers(zs),
-        _pointers(slots[0]) if len(slots) > 0 else None,
-        _pointers(slots[1]) if len(slots) > 1 else None,
-        sizes,
+        pointers[0],
+        pointers[1],
+        pointers[2],
+        pointers[3] if len(slots) > 0 else None,
+        pointers[4] if len(slots) > 1 else None,
+        (ctypes.c_int64 * len(ys))(*call.sizes),
         _Scalars(*scalars),
         int(kind),
         torch.get_num_threads(),
@@ -216,15 +294,15 @@ def step(
 def _wrap_call(name: str, a: list[Tensor], b: list[Tensor], s1: float, s2: float, explicit: bool) -> bool:
     if not a:
         return True
-    reason = _eligible([a, b], bucketed=False)
-    if reason is not None:
-        return _refuse(reason, explicit)
+    call = _inspect([a, b])
+    if isinstance(call, str):
+        return _refuse(call, explicit)
     lib = _load()
     if lib is None:
         return False
-    sizes = (ctypes.c_int64 * len(a))(*[t.numel() for t in a])
-    fn = getattr(lib, f"{name}_{_DTYPES[a[0].dtype]}")
-    if fn(len(a), _pointers(a), _pointers(b), sizes, s1, s2, torch.get_num_threads()) != 0:
+    fn = getattr(lib, f"{name}_{_DTYPES[call.dtype]}")
+    sizes = (ctypes.c_int64 * len(a))(*call.sizes)
+    if fn(len(a), _pointers(call.pointers[0]), _pointers(call.pointers[1]), sizes, s1, s2, torch.get_num_threads()) != 0:
         raise MemoryError("sfoptim fused kernel: out of memory for its work list")
     return True
 

@@ -48,7 +48,7 @@ from typing import Any, ClassVar, Mapping, NamedTuple, Optional
 
 from torch import Tensor
 
-__all__ = ["Bucket", "DelegatedDirection", "Direction", "KERNEL_SCALARS", "KernelSpec", "Kind", "warmup_lr"]
+__all__ = ["KERNEL_SCALARS", "KIND_SLOTS", "Bucket", "DelegatedDirection", "Direction", "KernelSpec", "Kind", "warmup_lr"]
 
 
 class Bucket(NamedTuple):
@@ -85,6 +85,9 @@ class Kind(enum.IntEnum):
     ADAM = 1
     SGD_V = 2
 
+
+#: The buffer slots each family reads and writes, as (fewest, most).
+KIND_SLOTS: dict[Kind, tuple[int, int]] = {Kind.SGD: (0, 0), Kind.ADAM: (1, 2), Kind.SGD_V: (1, 1)}
 
 #: The scalars every kernel call receives, in slot order. The engine fills
 #: ``lr``, ``ckp1``, ``beta`` and ``wd``; a :class:`KernelSpec` the others

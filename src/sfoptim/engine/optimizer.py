@@ -37,9 +37,10 @@ from torch import Tensor
 
 from .. import _validation, precision
 from ..directions.base import Bucket, Direction
+from . import state_checks
 from . import step as _step
-from .step import real
 from .schedule import AveragingStep, averaging_step
+from .step import real
 
 __all__ = ["ClosureForm", "ModeError", "ScheduleFreeOptimizer", "with_backend_args"]
 
@@ -224,10 +225,6 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
                 return stored
         return direction.beta(group, group[self.group_key("k")])
 
-    def _beta(self, group: dict) -> float:
-        # The weight of y for the group's current step (kept for the reference forms).
-        return self.y_beta(group)
-
     def _params_with_z(self, group: dict) -> tuple[list[Tensor], list[Tensor]]:
         ps, zs = [], []
         for p in group["params"]:
@@ -310,11 +307,6 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
     def _leave_step(self) -> None:
         """Puts the parameters where the form keeps them between steps (plain form: ``y``)."""
 
-    def _start_step(self, closure: Optional[Callable[[], Any]]) -> Any:
-        """Refuses to step in eval mode, then evaluates the closure (if any) with gradients on."""
-        self._enter_step(closure)
-        return _evaluate(closure)
-
     def _update(self) -> None:
         _step.update(self)
 
@@ -343,17 +335,12 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             active.append(p)
         return active
 
-    def _scheduled_lr(self, group: dict, step: int) -> float:
-        """The learning rate of a 1-based ``step`` (the direction's hook, no reductions)."""
-        return self.direction_for(group).lr(group, step, {})
-
-    def _schedule(self, group: dict, lr: Optional[float] = None) -> AveragingStep:
-        """The averaging scalars of the group's next step (``lr`` defaults to the direction's)."""
+    def _schedule(self, group: dict, lr: float) -> AveragingStep:
+        """The averaging scalars of the group's next step, taken with learning rate ``lr``."""
         key = self.group_key
-        step = group[key("k")] + 1
         return averaging_step(
-            step,
-            self._scheduled_lr(group, step) if lr is None else lr,
+            group[key("k")] + 1,
+            lr,
             group[key("lr_max")],
             group[key("weight_sum")],
             group[key("r")],
@@ -424,9 +411,21 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
                 group.setdefault(self.group_key(name), value)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loads a state dict; state kept wider than its parameter (``state_dtype``) stays wide."""
+        """Loads a state dict saved by this class (or by ``schedulefree``'s class of the same name).
+
+        Raises ValueError, before anything changes, for a checkpoint of another
+        optimizer class, or whose state does not fit the parameters (a buffer
+        of another shape, a complex buffer for a real parameter); the message
+        names the parameter and the buffer. This optimizer's backend
+        (``foreach``, ``fused``) is kept: it describes the machine, not the run.
+        State comes back in the parameter's dtype, except that parameters with
+        a wide master copy (``state_dtype``) keep all their state wide.
+        """
+        previous = [dict(g) for g in self.param_groups]
+        matched = state_checks.check_load(self, state_dict)
         super().load_state_dict(state_dict)
-        precision.restore_wide_state(self, state_dict)
+        if matched:
+            state_checks.settle_load(self, state_dict, previous)
 
 
 def _evaluate(closure: Optional[Callable[[], Any]]) -> Any:

@@ -16,7 +16,7 @@ try:
     from lightning.pytorch.callbacks import Callback
 except ImportError as exc:  # pragma: no cover - exercised only without lightning
     raise ImportError(
-        "sfoptim.integrations.lightning needs PyTorch Lightning: pip install 'sfoptim[lightning]'"
+        'sfoptim.integrations.lightning needs PyTorch Lightning: pip install "lightning>=2.6"'
     ) from exc
 
 from ..batchnorm import ForwardFn, recalibrate_batchnorm

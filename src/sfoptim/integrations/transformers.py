@@ -22,7 +22,7 @@ try:
     from transformers.optimization import get_constant_schedule
 except ImportError as exc:  # pragma: no cover - exercised only without transformers
     raise ImportError(
-        "sfoptim.integrations.transformers needs Transformers: pip install 'sfoptim[transformers]'"
+        'sfoptim.integrations.transformers needs Transformers: pip install "transformers>=5.0" "accelerate>=1.0"'
     ) from exc
 
 from ..modes import unwrap_optimizer

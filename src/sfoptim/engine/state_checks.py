@@ -1,0 +1,215 @@
+"""What ``load_state_dict`` checks before it changes anything, and what it settles after.
+
+A loaded state dict is trusted by every later step: the fused CPU kernel reads
+and writes as many elements of every state buffer as its parameter has, and
+the foreach path mixes nothing but equal dtypes. So a checkpoint is accepted
+only when it was saved by this kind of optimizer (its param groups carry the
+hyperparameters this class reads) and every state buffer has its parameter's
+shape and kind of dtype (real or complex floating point). The checks run on
+the state dict as given, before ``torch.optim.Optimizer.load_state_dict``
+touches the optimizer, so a refused checkpoint leaves it as it was.
+
+After the load, the optimizer's own choices that describe this machine rather
+than the trajectory are put back: the backend (``foreach``, ``fused``) and the
+options a checkpoint of the published ``schedulefree`` package does not carry
+(``state_dtype``, ``stochastic_rounding``, ``inner_momentum``, the wrapper's
+hyperparameters) keep the values this optimizer was constructed with. State is
+then brought to the dtype the step expects: the parameter's, or the group's
+``state_dtype`` for parameters that keep a wide master copy.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .. import precision
+
+if TYPE_CHECKING:
+    from .optimizer import ScheduleFreeOptimizer
+
+__all__ = ["check_load", "settle_load"]
+
+#: Options that sfoptim added to the published classes: a checkpoint that lacks
+#: them was saved by ``schedulefree`` and gets the constructed values.
+_ADDED_OPTIONS = ("state_dtype", "stochastic_rounding", "inner_momentum")
+#: Per-parameter state that always has the parameter's shape, besides the
+#: class's own buffers (``_state_buffers``): the reference forms store x and y.
+_PARAMETER_SIZED = ("z", "master", "x", "y")
+#: Group keys that say nothing about which class saved a checkpoint.
+_NOT_IDENTIFYING = {"params", "param_names", "initial_lr"}
+
+
+def _backend_keys(opt: "ScheduleFreeOptimizer") -> tuple[str, ...]:
+    return (opt.group_key("foreach"), opt.group_key("fused"))
+
+
+def _fillable_keys(opt: "ScheduleFreeOptimizer") -> set[str]:
+    """Group keys a loadable checkpoint may lack.
+
+    The engine's bookkeeping starts afresh (``__setstate__`` fills it in); the
+    backend and the options in ``_ADDED_OPTIONS`` are taken from this
+    optimizer. Keys under a non-empty prefix (the wrapper's ``sf_``) are
+    sfoptim's own too: the published wrapper keeps its hyperparameters out of
+    its state dict.
+    """
+    keys = set(opt._schedule_defaults()) | set(_backend_keys(opt)) | {opt.group_key(n) for n in _ADDED_OPTIONS}
+    if opt._key_prefix:
+        keys |= {k for k in opt.defaults if k.startswith(opt._key_prefix)}
+    return keys
+
+
+def _hyperparameters(cls: type) -> set[str]:
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return set()
+    return {n for n, p in params.items() if n not in ("self", "params") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _candidate_classes() -> list[type]:
+    import sfoptim
+
+    found: list[type] = []
+    for module in (sfoptim, torch.optim):
+        for name in sorted(getattr(module, "__all__", dir(module))):
+            obj = getattr(module, name, None)
+            if isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer) and obj not in found:
+                found.append(obj)
+    return found
+
+
+def _likely_savers(keys: set[str]) -> list[str]:
+    """The optimizer classes whose hyperparameter names best match a saved group's keys."""
+    scored: dict[str, float] = {}
+    for cls in _candidate_classes():
+        names = _hyperparameters(cls)
+        if names:
+            scored[cls.__name__] = len(keys & names) / len(keys | names)
+    best = max(scored.values(), default=0.0)
+    # Below half the names in common, any guess would mislead.
+    return sorted(n for n, v in scored.items() if v == best) if best > 0.5 else []
+
+
+def _required_keys(opt: "ScheduleFreeOptimizer") -> set[str]:
+    """The hyperparameters that every checkpoint of ``opt``'s class carries in its groups.
+
+    Taken from the constructor (the nearest class in the MRO that names its
+    arguments), not from ``opt.defaults``, which frameworks extend at run time.
+    """
+    for cls in type(opt).__mro__:
+        names = _hyperparameters(cls)
+        if names:
+            return (names & set(opt.defaults)) - _fillable_keys(opt)
+    return set()
+
+
+def _check_class(opt: "ScheduleFreeOptimizer", saved_groups: list[dict]) -> None:
+    required = _required_keys(opt)
+    cls = type(opt).__name__
+    for gi, group in enumerate(saved_groups):
+        if not isinstance(group, dict):
+            raise ValueError(f"Invalid state_dict: param_groups[{gi}] is a {type(group).__name__}, not a dict")
+        missing = required - group.keys()
+        if not missing:
+            continue
+        keys = set(group) - _NOT_IDENTIFYING - set(opt._schedule_defaults())
+        savers = [n for n in _likely_savers(keys) if n != cls]
+        by = " or ".join(savers[:3]) if savers else "another optimizer"
+        raise ValueError(
+            f"Invalid state_dict: it was saved by {by}, not by {cls}: its param_groups[{gi}] has no "
+            f"{', '.join(repr(k) for k in sorted(missing))}. Load a checkpoint saved by {cls} "
+            "(or by schedulefree's class of the same name)."
+        )
+
+
+def _kept_keys(opt: "ScheduleFreeOptimizer", saved: dict, current: dict) -> dict:
+    """The values of ``current`` (this optimizer's group) that the load must keep.
+
+    The backend always; the options sfoptim added (and the wrapper's own
+    hyperparameters) where the checkpoint does not have them.
+    """
+    backend = _backend_keys(opt)
+    fillable = _fillable_keys(opt) - set(opt._schedule_defaults())
+    return {k: v for k, v in current.items() if k in backend or (k in fillable and k not in saved)}
+
+
+def _expected_group(opt: "ScheduleFreeOptimizer", saved: dict, current: dict) -> dict:
+    """The group as it will be after the load, as far as the state checks need it."""
+    group = {k: v for k, v in saved.items() if k != "params"}
+    group.update(_kept_keys(opt, saved, current))
+    return group
+
+
+def _check_tensor(label: str, key: Any, value: Tensor, p: Tensor) -> None:
+    where = f"state {key!r} of {label}"
+    if value.shape != p.shape:
+        raise ValueError(
+            f"Invalid state_dict: {where} has shape {tuple(value.shape)}, which is not the parameter's; "
+            "was the checkpoint saved for another model, or with the parameters in another order?"
+        )
+    if not (value.is_floating_point() or value.is_complex()) or value.is_complex() != p.is_complex():
+        raise ValueError(
+            f"Invalid state_dict: {where} has dtype {value.dtype}, which cannot hold state of a {p.dtype} parameter"
+        )
+    if value.device.type == "meta":
+        raise ValueError(f"Invalid state_dict: {where} is a meta tensor and holds no values")
+
+
+def check_load(opt: "ScheduleFreeOptimizer", state_dict: dict) -> bool:
+    """Raises ValueError unless ``state_dict`` can be loaded into ``opt``; changes nothing.
+
+    Returns False when the group structure does not match (other numbers of
+    groups or parameters): ``torch.optim.Optimizer.load_state_dict`` then
+    raises its own ValueError, also before changing anything.
+    """
+    if not isinstance(state_dict, dict) or "param_groups" not in state_dict or "state" not in state_dict:
+        raise ValueError("Invalid state_dict: expected a dict with 'state' and 'param_groups', as state_dict() returns")
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(opt.param_groups) or any(
+        not isinstance(s, dict) or len(s.get("params", ())) != len(g["params"]) for s, g in zip(saved_groups, opt.param_groups)
+    ):
+        return False
+    _check_class(opt, saved_groups)
+    saved_state = state_dict["state"]
+    for gi, (saved, group) in enumerate(zip(saved_groups, opt.param_groups)):
+        expected = _expected_group(opt, saved, group)
+        sized = set(_PARAMETER_SIZED) | set(opt._state_buffers(expected))
+        for pi, (saved_id, p) in enumerate(zip(saved["params"], group["params"])):
+            entry = saved_state.get(saved_id)
+            if entry is None:
+                continue
+            label = opt._param_label(gi, pi, p)
+            if not isinstance(entry, dict):
+                raise ValueError(f"Invalid state_dict: the state of {label} is a {type(entry).__name__}, not a dict")
+            for key, value in entry.items():
+                if key in sized:
+                    if not isinstance(value, Tensor):
+                        raise ValueError(f"Invalid state_dict: state {key!r} of {label} is not a tensor")
+                    _check_tensor(label, key, value, p)
+    return True
+
+
+def settle_load(opt: "ScheduleFreeOptimizer", state_dict: dict, previous_groups: list[dict]) -> None:
+    """After the base load: this optimizer's backend and options, and state in the step's dtypes."""
+    for group, saved, previous in zip(opt.param_groups, state_dict["param_groups"], previous_groups):
+        group.update(_kept_keys(opt, saved, previous))
+    precision.restore_wide_state(opt, state_dict)
+    for group in opt.param_groups:
+        sized = set(_PARAMETER_SIZED) | set(opt._state_buffers(group))
+        for p in group["params"]:
+            state = opt.state.get(p)
+            if not state:
+                continue
+            if precision.master_dtype(group, p) is not None:
+                continue
+            # Without a master in this group the parameter itself is the working
+            # copy (it holds the master's rounded value already).
+            state.pop("master", None)
+            for key in sized & state.keys():
+                value = state[key]
+                if isinstance(value, Tensor) and value.dtype != p.dtype:
+                    state[key] = value.to(dtype=p.dtype)

@@ -1,0 +1,17 @@
+"""Experiment code shared by ``sfoptim demo``, the benchmarks and the tests.
+
+Each module is one task, usable on its own:
+
+* :mod:`sfoptim.experiments.mnist1d_mlp`: the demo's task (MNIST-1D generated
+  offline, a 3-layer MLP), its training loop for schedule-free AdamW and for
+  AdamW with warmup and cosine or linear decay, and the comparison against
+  schedules tuned per stopping time that ``sfoptim demo`` reports.
+* :mod:`sfoptim.experiments.char_lm`: a byte-level transformer trained on the
+  running interpreter's standard-library source (``benchmarks/lm_stdlib.py``).
+* :mod:`sfoptim.experiments.problems`: tiny deterministic regression problems
+  and the twin-model runner that compares two optimizers step by step
+  (``benchmarks/parity_report.py`` and the parity tests).
+
+Importing this package imports nothing beyond torch; the MNIST-1D task needs
+the ``demo`` extra (``mnist1d``, ``numpy``) only when its data is generated.
+"""

@@ -1,0 +1,243 @@
+"""A byte-level transformer trained for one pass over Python's standard-library source.
+
+The task of ``benchmarks/lm_stdlib.py`` (and the language-model task of
+``benchmarks/precision.py``).  The text is read from the running interpreter's
+standard library (the directory of ``os.__file__``); nothing is downloaded.
+Files are split into training and held-out sets by a hash of their path, and
+every training batch is new data (a single pass), so training and held-out loss
+measure the same thing up to the file split.
+
+Runs: :func:`run_schedulefree` (schedule-free AdamW, never told its stopping
+time), :func:`run_cosine` (AdamW, warmup and cosine decay to zero at a known
+horizon) and :func:`run_wsd` (warmup-stable-decay, every horizon from one
+shared stable phase).  The metric is held-out loss in nats per byte.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sfoptim
+
+__all__ = [
+    "Block", "CharLM", "LMConfig", "chunks", "factor", "heldout_loss", "lm_loss", "load_text",
+    "run_cosine", "run_schedulefree", "run_wsd", "stdlib_files",
+]
+
+
+@dataclass
+class LMConfig:
+    """Model, data and schedule sizes of a run (the defaults are the benchmark's)."""
+
+    steps: int = 480
+    batch: int = 16
+    ctx: int = 64
+    d: int = 64
+    layers: int = 2
+    heads: int = 4
+    beta2: float = 0.99
+    warmup: int = 20  # the same for every method
+    decay_frac: float = 0.2  # WSD: fraction of the run spent decaying
+    heldout: int = 256  # held-out windows
+    seeds: int = 2  # seeds 0..seeds-1 of a benchmark run (the runs take one seed each)
+
+
+# --------------------------------------------------------------------------- data
+
+def stdlib_files():
+    """Sorted ``.py`` files of this interpreter's standard library (no site-packages)."""
+    root = Path(os.__file__).resolve().parent
+    files = []
+    for p in sorted(root.rglob("*.py")):
+        rel = p.relative_to(root).as_posix()
+        if "site-packages" in rel or "dist-packages" in rel:
+            continue
+        files.append((rel, p))
+    return files
+
+
+def load_text(heldout_every: int = 10):
+    """Byte streams ``(train, heldout)``: a file is held out by a hash of its path.
+
+    Splitting by file (not by position) keeps near-duplicate neighbouring text
+    from leaking into the held-out set.
+    """
+    train: list[bytes] = []
+    held: list[bytes] = []
+    for rel, p in stdlib_files():
+        try:
+            data = p.read_bytes()
+        except OSError:
+            continue
+        h = int(hashlib.sha1(rel.encode()).hexdigest(), 16)
+        (held if h % heldout_every == 0 else train).append(data)
+    return train, held
+
+
+def chunks(files, ctx: int, seed: int):
+    """All non-overlapping ``ctx + 1``-byte windows of the files, in shuffled order."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(files), generator=g).tolist()
+    stream = b"\n".join(files[i] for i in order)
+    t = torch.frombuffer(bytearray(stream), dtype=torch.uint8)
+    n = len(t) // (ctx + 1)
+    t = t[: n * (ctx + 1)].view(n, ctx + 1).long()
+    # Shuffle windows so every stretch of training sees a mix of modules rather
+    # than, say, all of ``email`` at the end of the run.
+    return t[torch.randperm(n, generator=g)]
+
+
+# --------------------------------------------------------------------------- model
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: causal self-attention, then an MLP."""
+
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.mlp(self.ln2(x))
+
+
+class CharLM(nn.Module):
+    """A small pre-LayerNorm GPT-style byte-level language model."""
+
+    def __init__(self, ctx, d=128, layers=2, heads=4, vocab=256):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.zeros(ctx, d))
+        self.blocks = nn.Sequential(*[Block(d, heads) for _ in range(layers)])
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, idx):
+        x = self.tok(idx) + self.pos[: idx.shape[1]]
+        return self.head(self.ln(self.blocks(x)))
+
+
+def lm_loss(model, batch):
+    """Next-byte cross-entropy of ``model`` on windows ``batch`` (B, ctx + 1)."""
+    # The loss is taken in float32 whatever the model's dtype (a no-op for a
+    # float32 model; benchmarks/precision.py trains this model in bfloat16).
+    logits = model(batch[:, :-1]).float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+
+@torch.no_grad()
+def heldout_loss(model, held, bs=64):
+    """Mean next-byte loss over the held-out windows."""
+    model.eval()
+    tot = sum(lm_loss(model, held[i:i + bs]).item() * len(held[i:i + bs]) for i in range(0, len(held), bs))
+    model.train()
+    return tot / len(held)
+
+
+# --------------------------------------------------------------------------- schedules
+
+def factor(kind, step, horizon, warmup, decay_frac):
+    """LR multiplier at 0-based ``step``: linear warmup, then cosine or WSD."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if kind == "cosine":
+        p = min(1.0, (step - warmup + 1) / max(1, horizon - warmup))
+        return 0.5 * (1 + math.cos(math.pi * p))
+    if kind == "wsd":
+        start = horizon - round(decay_frac * horizon)
+        if step < start:
+            return 1.0
+        return max(0.0, 1.0 - (step - start + 1) / (horizon - start))
+    raise ValueError(kind)
+
+
+# --------------------------------------------------------------------------- runs
+
+def _model(cfg, seed, dtype=torch.float32):
+    torch.manual_seed(seed)
+    # Initialised in float32, then cast: every dtype starts from the same weights.
+    return CharLM(cfg.ctx, cfg.d, cfg.layers, cfg.heads).to(dtype)
+
+
+def run_schedulefree(cfg: LMConfig, data, held, seed, beta, lr, evals, tick: Callable[[], object],
+                     dtype=torch.float32, opt_kwargs=None):
+    """One schedule-free run; returns ``{step: heldout_loss}`` at ``evals``.
+
+    ``dtype`` (the model's dtype) and ``opt_kwargs`` (extra optimizer keyword
+    arguments such as ``state_dtype``) let benchmarks/precision.py run this same
+    training in bfloat16; the defaults are the float32 run of benchmarks/lm_stdlib.py.
+    """
+    model = _model(cfg, seed, dtype)
+    opt = sfoptim.AdamWScheduleFree(model.parameters(), lr=lr, betas=(beta, cfg.beta2),
+                                    warmup_steps=cfg.warmup, **(opt_kwargs or {}))
+    opt.train()
+    out, want = {}, set(evals)
+    for step in range(cfg.steps):
+        loss = lm_loss(model, data[step * cfg.batch:(step + 1) * cfg.batch])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        tick()
+        if step + 1 in want:
+            opt.eval()
+            out[step + 1] = heldout_loss(model, held)
+            opt.train()
+    return out
+
+
+def _steps(model, opt, cfg, data, lr, kind, horizon, start, stop, tick):
+    for step in range(start, stop):
+        for g in opt.param_groups:
+            g["lr"] = lr * factor(kind, step, horizon, cfg.warmup, cfg.decay_frac)
+        loss = lm_loss(model, data[step * cfg.batch:(step + 1) * cfg.batch])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        tick()
+
+
+def _adamw(model, cfg, lr):
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, cfg.beta2), weight_decay=0.0)
+
+
+def run_cosine(cfg, data, held, seed, lr, horizon, tick):
+    """AdamW + warmup + cosine to zero at ``horizon``; returns held-out loss there."""
+    model = _model(cfg, seed)
+    opt = _adamw(model, cfg, lr)
+    _steps(model, opt, cfg, data, lr, "cosine", horizon, 0, horizon, tick)
+    return heldout_loss(model, held)
+
+
+def run_wsd(cfg, data, held, seed, lr, horizons, tick):
+    """WSD for every horizon at once: the stable phase is shared and each
+    horizon's decay is a branch from a copy of it.  This equals separate runs
+    exactly because the data order depends only on the seed."""
+    model = _model(cfg, seed)
+    opt = _adamw(model, cfg, lr)
+    out, pos = {}, 0
+    for h in sorted(horizons):
+        start = h - round(cfg.decay_frac * h)
+        _steps(model, opt, cfg, data, lr, "wsd", h, pos, start, tick)
+        pos = start
+        bm, bo = copy.deepcopy(model), None
+        bo = _adamw(bm, cfg, lr)
+        bo.load_state_dict(opt.state_dict())
+        _steps(bm, bo, cfg, data, lr, "wsd", h, start, h, tick)
+        out[h] = heldout_loss(bm, held)
+    return out

@@ -1,0 +1,150 @@
+"""One list of optimizer configurations that the generic tests run over.
+
+Modelled on torch's ``optim_db``: each :class:`OptimizerInfo` says how to build
+the optimizer, which independent oracle it must agree with, and which flags it
+supports. ``tests/test_generic.py`` runs every generic check over every entry,
+so a new optimizer joins all of them by adding one entry to ``OPTIMIZERS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import sfoptim
+
+try:
+    import schedulefree
+except ImportError:  # the published package is only the oracle of some entries
+    schedulefree = None
+
+F64, F32 = torch.float64, torch.float32
+
+
+@dataclass(frozen=True)
+class OptimizerInfo:
+    """How to build, check and compare one optimizer configuration.
+
+    Attributes:
+        name: test id.
+        cls: the optimizer class.
+        kwargs: its hyperparameters for the tests (backend flags are added by the tests).
+        reference: the independent oracle's class, built with ``kwargs`` too
+            (or ``reference_kwargs``); None when there is none. Our reference
+            forms for the fast classes, the published package for our
+            reference forms and for the paper form.
+        base: for wrappers, builds the base optimizer from the parameters.
+        closure: ``step(closure)`` form: the parameters always hold ``x``.
+        flags: backend flags the class accepts (``foreach``, ``fused``, ``state_dtype``).
+        tolerance: relative agreement with the reference in float64.
+        invalid: ``(argument, value)`` pairs that must raise ValueError naming the argument.
+    """
+
+    name: str
+    cls: type
+    kwargs: dict[str, Any]
+    reference: type | None
+    reference_kwargs: dict[str, Any] | None = None
+    base: Callable[[Any], torch.optim.Optimizer] | None = None
+    closure: bool = False
+    flags: frozenset[str] = frozenset()
+    dtypes: tuple[torch.dtype, ...] = (F64, F32)
+    tolerance: float = 1e-9
+    backend_tolerance: dict[torch.dtype, float] = field(default_factory=lambda: {F64: 1e-12, F32: 2e-5})
+    invalid: tuple[tuple[str, Any], ...] = ()
+
+    def make(self, params: list[torch.Tensor], **overrides: Any) -> Any:
+        first = self.base(params) if self.base is not None else params
+        return self.cls(first, **{**self.kwargs, **overrides})
+
+    def make_reference(self, params: list[torch.Tensor], **overrides: Any) -> Any:
+        assert self.reference is not None
+        first = self.base(params) if self.base is not None else params
+        kwargs = self.kwargs if self.reference_kwargs is None else self.reference_kwargs
+        return self.reference(first, **{**kwargs, **overrides})
+
+    @property
+    def reference_is_ours(self) -> bool:
+        """Whether the oracle is an sfoptim class (so it validates like ours)."""
+        return self.reference is not None and self.reference.__module__.startswith("sfoptim")
+
+    @property
+    def backends(self) -> list[dict[str, Any]]:
+        """Backend flag sets that must give the same trajectory (the first is the baseline)."""
+        out: list[dict[str, Any]] = []
+        if "fused" in self.flags:
+            out += [{"fused": False}, {"fused": True}]
+        if "foreach" in self.flags:
+            out += [{"fused": False, "foreach": False}]
+        return out
+
+
+def _published(name: str) -> type | None:
+    return getattr(schedulefree, name) if schedulefree is not None else None
+
+
+COMMON_INVALID = (
+    ("lr", -0.1),
+    ("lr", float("nan")),
+    ("weight_decay", -0.01),
+    ("r", -1.0),
+    ("weight_lr_power", float("inf")),
+)
+WARMUP_INVALID = (("warmup_steps", -5), ("warmup_steps", 0.05))
+ADAM_INVALID = (("betas", (0.0, 0.999)), ("betas", (0.9, 1.0)), ("eps", -1e-8), ("eps", float("nan")))
+SGD_INVALID = COMMON_INVALID + WARMUP_INVALID + (("momentum", 0.0), ("momentum", 1.5))
+ADAMW_INVALID = COMMON_INVALID + WARMUP_INVALID + ADAM_INVALID + (("inner_momentum", 1.0),)
+RADAM_INVALID = COMMON_INVALID + ADAM_INVALID
+WRAPPER_INVALID = (("momentum", 0.0), ("weight_decay_at_y", -1.0), ("r", float("nan")), ("weight_lr_power", -1.0))
+
+FAST = frozenset({"foreach", "fused", "state_dtype"})
+SGD_KW = dict(lr=0.2, warmup_steps=3, weight_decay=0.01, r=1.0)
+ADAMW_KW = dict(lr=0.02, warmup_steps=5, weight_decay=0.01, weight_lr_power=1.0)
+ADAMW_INNER_KW = dict(lr=0.02, inner_momentum=0.9, betas=(0.8, 0.99), weight_decay=0.05)
+RADAM_KW = dict(lr=0.02, weight_decay=0.01, betas=(0.9, 0.99), r=0.5)
+RADAM_SGD_KW = dict(lr=0.02, silent_sgd_phase=False)
+WRAPPER_KW = dict(momentum=0.8, weight_decay_at_y=0.01, r=1.0)
+
+
+def _sgd(ps: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(ps, lr=0.1)
+
+
+def _adam(ps: Any) -> torch.optim.Optimizer:
+    return torch.optim.Adam(ps, lr=0.01)
+
+
+def _rmsprop(ps: Any) -> torch.optim.Optimizer:
+    return torch.optim.RMSprop(ps, lr=0.005, weight_decay=0.01)
+
+
+OPTIMIZERS: list[OptimizerInfo] = [
+    # The fast forms, each against our reference form.
+    OptimizerInfo("sgd", sfoptim.SGDScheduleFree, SGD_KW, sfoptim.SGDScheduleFreeReference, flags=FAST, invalid=SGD_INVALID),
+    OptimizerInfo("adamw", sfoptim.AdamWScheduleFree, ADAMW_KW, sfoptim.AdamWScheduleFreeReference, flags=FAST, invalid=ADAMW_INVALID),
+    OptimizerInfo("adamw_inner", sfoptim.AdamWScheduleFree, ADAMW_INNER_KW, sfoptim.AdamWScheduleFreeReference, flags=FAST),
+    OptimizerInfo("adamw_paper", sfoptim.AdamWScheduleFreePaper, ADAMW_KW, _published("AdamWScheduleFreePaper"), flags=FAST),
+    OptimizerInfo("radam", sfoptim.RAdamScheduleFree, RADAM_KW, sfoptim.RAdamScheduleFreeReference, flags=FAST, invalid=RADAM_INVALID),
+    OptimizerInfo("radam_sgd_phase", sfoptim.RAdamScheduleFree, RADAM_SGD_KW, sfoptim.RAdamScheduleFreeReference, flags=FAST),
+    # The closure forms: parameters hold x between steps.
+    OptimizerInfo("sgd_closure", sfoptim.SGDScheduleFreeClosure, SGD_KW, sfoptim.SGDScheduleFreeReference, closure=True, flags=FAST),
+    OptimizerInfo("adamw_closure", sfoptim.AdamWScheduleFreeClosure, ADAMW_KW, sfoptim.AdamWScheduleFreeReference, closure=True, flags=FAST),
+    OptimizerInfo("radam_closure", sfoptim.RAdamScheduleFreeClosure, RADAM_KW, sfoptim.RAdamScheduleFreeReference, closure=True, flags=FAST),
+    # The wrapper around plain and stateful base optimizers.
+    OptimizerInfo("wrapper_sgd", sfoptim.ScheduleFreeWrapper, WRAPPER_KW, sfoptim.ScheduleFreeWrapperReference, base=_sgd, flags=frozenset({"fused"}), invalid=WRAPPER_INVALID),
+    OptimizerInfo("wrapper_adam", sfoptim.ScheduleFreeWrapper, WRAPPER_KW, sfoptim.ScheduleFreeWrapperReference, base=_adam, flags=frozenset({"fused"})),
+    OptimizerInfo("wrapper_rmsprop", sfoptim.ScheduleFreeWrapper, WRAPPER_KW, sfoptim.ScheduleFreeWrapperReference, base=_rmsprop, flags=frozenset({"fused"})),
+    # Our reference forms, against the published package (RAdam against its fast form: it has no reference).
+    OptimizerInfo("sgd_reference", sfoptim.SGDScheduleFreeReference, SGD_KW, _published("SGDScheduleFreeReference"), tolerance=1e-12, invalid=SGD_INVALID),
+    OptimizerInfo("adamw_reference", sfoptim.AdamWScheduleFreeReference, {**ADAMW_KW, "decay_at_z": True}, _published("AdamWScheduleFreeReference"), tolerance=1e-12, invalid=ADAMW_INVALID),
+    OptimizerInfo("radam_reference", sfoptim.RAdamScheduleFreeReference, RADAM_KW, _published("RAdamScheduleFree"), tolerance=1e-12, invalid=RADAM_INVALID),
+    OptimizerInfo("radam_reference_sgd_phase", sfoptim.RAdamScheduleFreeReference, RADAM_SGD_KW, _published("RAdamScheduleFree"), tolerance=1e-12),
+    OptimizerInfo("wrapper_reference", sfoptim.ScheduleFreeWrapperReference, WRAPPER_KW, _published("ScheduleFreeWrapperReference"), base=_sgd, tolerance=1e-12, invalid=WRAPPER_INVALID),
+    OptimizerInfo("wrapper_reference_adam", sfoptim.ScheduleFreeWrapperReference, WRAPPER_KW, None, base=_adam),
+]
+
+BY_NAME = {info.name: info for info in OPTIMIZERS}
+assert len(BY_NAME) == len(OPTIMIZERS), "registry names must be unique"
