@@ -222,7 +222,7 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
             return []
         zs = [self.state[p]["z"] for p in params]
         if lr_decay != 0:
-            return torch._foreach_sub(zs, [p.data for p in params], alpha=lr_decay)
+            return list(torch._foreach_sub(zs, [p.data for p in params], alpha=lr_decay))
         return [torch.clone(z, memory_format=torch.preserve_format) for z in zs]
 
     def _y_to_x(self, group: dict, params: list[Tensor], lr_decay: float) -> None:
