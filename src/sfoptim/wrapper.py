@@ -15,7 +15,9 @@ base optimizer works, whatever it keeps in its state.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import contextlib
+import warnings
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -43,21 +45,31 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
     r"""Makes any optimizer schedule-free.
 
     Args:
-        base_optimizer: the optimizer that moves ``z`` (SGD, Adam, RMSprop,
-            Adagrad, ...). Its weight decay, if any, acts at ``z``. Its
+        base: the optimizer that moves ``z`` (SGD, Adam, RMSprop, Adagrad,
+            ...). Its weight decay, if any, acts at ``z``. Its
             ``param_groups`` are shared with the wrapper, so an LR scheduler may
             be attached to either. Its learning rate (times ``group["d"]`` for
             D-Adaptation style optimizers) sets the averaging weights.
+        weight_decay_at_y: weight decay computed at ``y`` (default 0).
         momentum: interpolation weight :math:`\beta \in (0, 1]` (default 0.9);
             the base optimizer's own momentum can usually be turned off.
-        weight_decay_at_y: weight decay computed at ``y`` (default 0).
-        r: polynomial weighting power of the average (default 0).
         weight_lr_power: power of the maximal learning rate in the averaging
             weights (default 2).
-        fused: the wrapper's own ``x``/``y`` bookkeeping in one pass per
-            tensor (CPU, float32/float64): ``None`` (default) wherever it runs,
-            ``True`` warns once where it cannot, ``False`` never. The base
-            optimizer's step is its own (pass ``fused=True`` to it if it has one).
+        r: polynomial weighting power of the average (default 0).
+        fused: keyword-only. The wrapper's own ``x``/``y`` bookkeeping in one
+            pass per tensor (CPU, float32/float64): ``None`` (default) wherever
+            it runs, ``True`` warns once where it cannot, ``False`` never. The
+            base optimizer's step is its own (pass ``fused=True`` to it if it
+            has one).
+
+    The positional order is the published package's:
+    ``ScheduleFreeWrapper(base, 0.1)`` sets ``weight_decay_at_y=0.1``.
+
+    If the base optimizer's step raises, the parameters and ``z`` are left
+    bit-for-bit as they were, so the step can be retried; for that the wrapper
+    holds one parameter-sized temporary per stepped parameter during
+    :meth:`step`. The wrapper can be copied, pickled and saved with
+    ``torch.save`` together with its base optimizer.
 
     Example::
 
@@ -70,20 +82,19 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
 
     def __init__(
         self,
-        base_optimizer: torch.optim.Optimizer,
-        momentum: float = 0.9,
+        base: torch.optim.Optimizer,
         weight_decay_at_y: float = 0.0,
-        r: float = 0,
+        momentum: float = 0.9,
         weight_lr_power: float = 2,
+        r: float = 0,
+        *,
         fused: Optional[bool] = None,
     ) -> None:
-        if not isinstance(base_optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"Invalid base_optimizer: expected a torch.optim.Optimizer, got {type(base_optimizer).__name__}"
-            )
-        if isinstance(base_optimizer, ScheduleFreeOptimizer):
-            raise TypeError("Invalid base_optimizer: it is already schedule-free; wrap a plain optimizer instead")
-        self.base = base_optimizer
+        if not isinstance(base, torch.optim.Optimizer):
+            raise TypeError(f"Invalid base: expected a torch.optim.Optimizer, got {type(base).__name__}")
+        if isinstance(base, ScheduleFreeOptimizer):
+            raise TypeError("Invalid base: it is already schedule-free; wrap a plain optimizer instead")
+        self.base = base
         defaults = {
             "sf_momentum": momentum,
             "sf_weight_decay_at_y": weight_decay_at_y,
@@ -93,8 +104,24 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
         }
         # Registering the base optimizer's own group dicts makes both objects
         # read and write the same hyperparameters (one lr for schedulers).
-        super().__init__(self.base.param_groups, defaults)
+        with _base_already_warned():
+            super().__init__(self.base.param_groups, defaults)
         self.param_groups = self.base.param_groups
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim.Optimizer pickles only defaults, state and param_groups;
+        # the base optimizer travels along, and pickle's memo keeps the group
+        # list and the parameters shared between the two.
+        state = super().__getstate__()
+        state["base"] = self.base
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Also called by torch's load_state_dict with only state and
+        # param_groups; load_state_dict below re-shares the groups itself.
+        super().__setstate__(state)
+        if "base" in state:
+            self.param_groups = self.base.param_groups
 
     def _validate_group(self, group: dict) -> None:
         super()._validate_group(group)
@@ -115,7 +142,8 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
             return
         self.base.add_param_group(param_group)
         # Re-append through the engine so the group gets its keys and checks.
-        super().add_param_group(self.base.param_groups.pop())
+        with _base_already_warned():
+            super().add_param_group(self.base.param_groups.pop())
 
     def _beta(self, group: dict) -> float:
         return group["sf_momentum"]
@@ -125,30 +153,59 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
 
     def _active_params(self, group_index: int, group: dict) -> list[Tensor]:
         # Gradients are the base optimizer's business (it may accept sparse ones).
-        return [p for p in group["params"] if p.grad is not None]
+        # A parameter listed twice is still one y, one z: it is moved once.
+        seen: set[int] = set()
+        active = []
+        for p in group["params"]:
+            if p.grad is not None and id(p) not in seen:
+                seen.add(id(p))
+                active.append(p)
+        return active
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        """One schedule-free step: the base optimizer steps ``z`` with the gradient at ``y``."""
+        """One schedule-free step: the base optimizer steps ``z`` with the gradient at ``y``.
+
+        The base optimizer steps a temporary holding ``z`` (decayed by
+        ``weight_decay_at_y`` if set) in place of each parameter, while the
+        parameter's ``y`` and the stored ``z`` stay untouched; only once the base
+        step has returned are ``x`` and the new ``y`` formed from them. So if the
+        base step raises, the parameters and ``z`` are exactly as before.
+        """
         loss = self._start_step(closure)
-        active = [self._active_params(gi, g) for gi, g in enumerate(self.param_groups)]
-        for group, params in zip(self.param_groups, active):
-            self._y_to_z(group, params)
+        plans = []
+        for gi, group in enumerate(self.param_groups):
+            params = self._active_params(gi, group)
+            created = [p for p in params if "z" not in self.state[p]]
+            for p in created:
+                self.state[p]["z"] = p.detach().clone()
+            # Read before the base step: it may change lr or d.
+            lr_decay = self._scheduled_lr(group, group["sf_k"] + 1) * group["sf_weight_decay_at_y"]
+            plans.append((group, params, created, lr_decay, self._base_iterates(params, lr_decay)))
+        for _, params, _, _, iterates in plans:
+            for p, t in zip(params, iterates):
+                _swap(p, t)
         try:
             self.base.step()
         except BaseException:
-            for group, params in zip(self.param_groups, active):
-                self._swap_back(params)
-                self._params_to_y_of(group, params)
+            for _, params, created, _, iterates in plans:
+                for p, t in zip(params, iterates):
+                    _swap(p, t)
+                for p in created:
+                    del self.state[p]["z"]
             raise
-        for group, params in zip(self.param_groups, active):
+        for group, params, _, lr_decay, iterates in plans:
             sched = self._schedule(group)
-            self._swap_back(params)
-            xs = [p.data for p in params]
-            zs = [self.state[p]["z"] for p in params]
-            if xs and not self._fused_bookkeeping(group, _fused_cpu.wrap_after, xs, zs, sched.ckp1):
-                torch._foreach_lerp_(xs, zs, sched.ckp1)
-                torch._foreach_lerp_(xs, zs, 1 - self._beta(group))
+            if params:
+                for p, t in zip(params, iterates):
+                    _swap(p, t)
+                self._y_to_x(group, params, lr_decay)
+                xs = [p.data for p in params]
+                if not self._fused_bookkeeping(group, _fused_cpu.wrap_after, xs, iterates, sched.ckp1):
+                    torch._foreach_lerp_(xs, iterates, sched.ckp1)
+                    torch._foreach_lerp_(xs, iterates, 1 - self._beta(group))
+                for p, t in zip(params, iterates):
+                    self.state[p]["z"] = t
             self._commit(group, sched)
         return loss
 
@@ -159,31 +216,30 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
             return False
         return kernel([_real(t) for t in a], [_real(t) for t in b], scalar, self._beta(group), explicit=fused is True)
 
-    def _y_to_z(self, group: dict, params: list[Tensor]) -> None:
-        """Leaves ``z`` in the parameters (for the base step) and ``x`` in the z buffer."""
+    def _base_iterates(self, params: list[Tensor], lr_decay: float) -> list[Tensor]:
+        r"""New tensors holding what the base optimizer steps: :math:`z - \gamma\lambda y` (or ``z``)."""
         if not params:
-            return
+            return []
+        zs = [self.state[p]["z"] for p in params]
+        if lr_decay != 0:
+            return list(torch._foreach_sub(zs, [p.data for p in params], alpha=lr_decay))
+        return [torch.clone(z, memory_format=torch.preserve_format) for z in zs]
+
+    def _y_to_x(self, group: dict, params: list[Tensor], lr_decay: float) -> None:
+        r"""Replaces ``y`` by ``x`` in the parameters, with the weight decay at ``y`` applied.
+
+        The decay moves ``z`` by :math:`-\gamma\lambda y` and ``y`` by
+        :math:`1-\beta` of that, so ``x`` itself stays put; the stored ``z`` ends
+        decayed too, but is replaced by the base optimizer's new iterate after this.
+        """
         beta = self._beta(group)
         ys = [p.data for p in params]
-        zs = [self.state[p].setdefault("z", p.detach().clone()) for p in params]
-        decay = group["sf_weight_decay_at_y"]
-        lr_decay = self._scheduled_lr(group, group["sf_k"] + 1) * decay if decay != 0 else 0.0
+        zs = [self.state[p]["z"] for p in params]
         if not self._fused_bookkeeping(group, _fused_cpu.wrap_before, ys, zs, lr_decay):
-            if decay != 0:
-                # z moves by -lr*decay*y; y moves by (1-beta) of that, so x stays put.
+            if lr_decay != 0:
                 torch._foreach_sub_(zs, ys, alpha=lr_decay)
                 torch._foreach_mul_(ys, 1 - lr_decay * (1 - beta))
             torch._foreach_lerp_(ys, zs, 1 - 1 / beta)
-        for p, z in zip(params, zs):
-            _swap(p, z)
-
-    def _swap_back(self, params: list[Tensor]) -> None:
-        for p in params:
-            _swap(p, self.state[p]["z"])
-
-    def _params_to_y_of(self, group: dict, params: list[Tensor]) -> None:
-        if params:
-            torch._foreach_lerp_([p.data for p in params], [self.state[p]["z"] for p in params], 1 - self._beta(group))
 
     # ------------------------------------------------------------ state dicts
     def state_dict(self) -> dict[str, Any]:
@@ -193,9 +249,18 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loads a dict produced by :meth:`state_dict` into wrapper and base optimizer."""
+        """Loads a dict produced by :meth:`state_dict`, or by the published ``schedulefree.ScheduleFreeWrapper``.
+
+        A published wrapper's checkpoint is the base optimizer's state dict with
+        ``z`` added to each parameter's state and the averaging scalars (``k``,
+        ``lr_max``, ``weight_sum``) to each group; ``momentum``,
+        ``weight_decay_at_y``, ``r`` and ``weight_lr_power`` are not in it and
+        come from this wrapper's arguments. The published wrapper starts in
+        eval mode, so the parameters are taken to hold ``x`` (as after
+        ``eval()``, before saving): call :meth:`train` before the next step.
+        """
         if "base" not in state_dict:
-            raise ValueError("Invalid state_dict: it has no 'base' entry; was it saved from a ScheduleFreeWrapper?")
+            state_dict = self._from_published(state_dict)
         own = {k: v for k, v in state_dict.items() if k != "base"}
         self.base.load_state_dict(state_dict["base"])
         super().load_state_dict(own)
@@ -203,3 +268,49 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
         for ours, theirs in zip(self.param_groups, self.base.param_groups):
             theirs.update({k: v for k, v in ours.items() if k != "params"})
         self.param_groups = self.base.param_groups
+
+    def _from_published(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Splits a published wrapper's checkpoint into this wrapper's layout (own part plus ``"base"``)."""
+        groups, state = state_dict.get("param_groups"), state_dict.get("state")
+        if not isinstance(groups, list) or not isinstance(state, dict):
+            raise ValueError("Invalid state_dict: expected the keys 'state' and 'param_groups'")
+        if any("sf_k" in g for g in groups):
+            raise ValueError(
+                "Invalid state_dict: it was saved from an sfoptim ScheduleFreeWrapper but has no 'base' entry"
+            )
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"Invalid state_dict: it has {len(groups)} parameter groups, this optimizer {len(self.param_groups)}"
+            )
+        own_groups, base_groups = [], []
+        for current, saved in zip(self.param_groups, groups):
+            # A key the base optimizer also uses (Prodigy's ``k``) stays with it too.
+            base_group = {k: v for k, v in saved.items() if k not in _PUBLISHED_KEYS or k in self.base.defaults}
+            own = {k: v for k, v in current.items() if k != "params"}
+            own.update(base_group)
+            for theirs, ours in _PUBLISHED_KEYS.items():
+                if theirs in saved:
+                    own[ours] = saved[theirs]
+            own["sf_train_mode"] = False
+            own_groups.append(own)
+            base_groups.append(base_group)
+        own_state = {i: {"z": s["z"]} for i, s in state.items() if "z" in s}
+        base_state = {i: rest for i, s in state.items() if (rest := {k: v for k, v in s.items() if k != "z"})}
+        return {
+            "state": own_state,
+            "param_groups": own_groups,
+            "base": {"state": base_state, "param_groups": base_groups},
+        }
+
+
+#: Group keys of the published wrapper's checkpoints and the names they have here.
+_PUBLISHED_KEYS = {"k": "sf_k", "lr_max": "sf_lr_max", "weight_sum": "sf_weight_sum"}
+
+
+@contextlib.contextmanager
+def _base_already_warned() -> Iterator[None]:
+    """Silences torch's duplicate-parameter warning while the wrapper registers
+    groups its base optimizer has already registered (and warned about)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="optimizer contains a parameter group with duplicate parameters")
+        yield
