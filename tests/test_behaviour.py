@@ -312,7 +312,7 @@ def test_bad_wrapper_hyperparameters(arg: str, value: float) -> None:
 
 
 def test_wrapper_refuses_non_optimizers() -> None:
-    with pytest.raises(TypeError, match="base_optimizer"):
+    with pytest.raises(TypeError, match="Invalid base"):
         sfoptim.ScheduleFreeWrapper(make_model().parameters())  # type: ignore[arg-type]
 
 

@@ -106,5 +106,36 @@ class SGDScheduleFree(ScheduleFreeOptimizer):
 class SGDScheduleFreeClosure(ClosureForm, SGDScheduleFree):
     """Schedule-free SGD whose parameters always hold ``x``; ``step(closure)`` required.
 
-    Same arguments and math as :class:`SGDScheduleFree`.
+    Same arguments and math as :class:`SGDScheduleFree`, but ``weight_decay``
+    comes before ``momentum`` in the positional order, as in the published
+    ``schedulefree.SGDScheduleFreeClosure`` (``SGDScheduleFreeClosure(p, 0.1, 0.5)``
+    sets ``weight_decay=0.5``).
     """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: Union[float, Tensor] = 1.0,
+        weight_decay: float = 0,
+        momentum: float = 0.9,
+        warmup_steps: int = 0,
+        r: float = 0.0,
+        weight_lr_power: float = 2.0,
+        foreach: Optional[bool] = None,
+        state_dtype: Optional[torch.dtype] = None,
+        stochastic_rounding: bool = False,
+        fused: Optional[bool] = None,
+    ) -> None:
+        super().__init__(
+            params,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            r=r,
+            weight_lr_power=weight_lr_power,
+            foreach=foreach,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            fused=fused,
+        )

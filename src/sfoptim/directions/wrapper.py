@@ -15,7 +15,9 @@ base optimizer works, whatever it keeps in its state.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping, Optional
+import contextlib
+import warnings
+from typing import Any, ClassVar, Iterator, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -49,21 +51,31 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
     r"""Makes any optimizer schedule-free.
 
     Args:
-        base_optimizer: the optimizer that moves ``z`` (SGD, Adam, RMSprop,
-            Adagrad, ...). Its weight decay, if any, acts at ``z``. Its
+        base: the optimizer that moves ``z`` (SGD, Adam, RMSprop, Adagrad,
+            ...). Its weight decay, if any, acts at ``z``. Its
             ``param_groups`` are shared with the wrapper, so an LR scheduler may
             be attached to either. Its learning rate (times ``group["d"]`` for
             D-Adaptation style optimizers) sets the averaging weights.
+        weight_decay_at_y: weight decay computed at ``y`` (default 0).
         momentum: interpolation weight :math:`\beta \in (0, 1]` (default 0.9);
             the base optimizer's own momentum can usually be turned off.
-        weight_decay_at_y: weight decay computed at ``y`` (default 0).
-        r: polynomial weighting power of the average (default 0).
         weight_lr_power: power of the maximal learning rate in the averaging
             weights (default 2).
-        fused: the wrapper's own ``x``/``y`` bookkeeping in one pass per
-            tensor (CPU, float32/float64): ``None`` (default) wherever it runs,
-            ``True`` warns once where it cannot, ``False`` never. The base
-            optimizer's step is its own (pass ``fused=True`` to it if it has one).
+        r: polynomial weighting power of the average (default 0).
+        fused: keyword-only. The wrapper's own ``x``/``y`` bookkeeping in one
+            pass per tensor (CPU, float32/float64): ``None`` (default) wherever
+            it runs, ``True`` warns once where it cannot, ``False`` never. The
+            base optimizer's step is its own (pass ``fused=True`` to it if it
+            has one).
+
+    The positional order is the published package's:
+    ``ScheduleFreeWrapper(base, 0.1)`` sets ``weight_decay_at_y=0.1``.
+
+    If the base optimizer's step raises, the parameters and ``z`` are left
+    bit-for-bit as they were, so the step can be retried; for that the wrapper
+    holds one parameter-sized temporary per stepped parameter during
+    :meth:`step`. The wrapper can be copied, pickled and saved with
+    ``torch.save`` together with its base optimizer.
 
     Example::
 
@@ -79,20 +91,19 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
 
     def __init__(
         self,
-        base_optimizer: torch.optim.Optimizer,
-        momentum: float = 0.9,
+        base: torch.optim.Optimizer,
         weight_decay_at_y: float = 0.0,
-        r: float = 0,
+        momentum: float = 0.9,
         weight_lr_power: float = 2,
+        r: float = 0,
+        *,
         fused: Optional[bool] = None,
     ) -> None:
-        if not isinstance(base_optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"Invalid base_optimizer: expected a torch.optim.Optimizer, got {type(base_optimizer).__name__}"
-            )
-        if isinstance(base_optimizer, ScheduleFreeOptimizer):
-            raise TypeError("Invalid base_optimizer: it is already schedule-free; wrap a plain optimizer instead")
-        self.base = base_optimizer
+        if not isinstance(base, torch.optim.Optimizer):
+            raise TypeError(f"Invalid base: expected a torch.optim.Optimizer, got {type(base).__name__}")
+        if isinstance(base, ScheduleFreeOptimizer):
+            raise TypeError("Invalid base: it is already schedule-free; wrap a plain optimizer instead")
+        self.base = base
         key = self.group_key
         defaults = {
             key("momentum"): momentum,
@@ -103,8 +114,24 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
         }
         # Registering the base optimizer's own group dicts makes both objects
         # read and write the same hyperparameters (one lr for schedulers).
-        super().__init__(self.base.param_groups, defaults)
+        with _base_already_warned():
+            super().__init__(self.base.param_groups, defaults)
         self.param_groups = self.base.param_groups
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim.Optimizer pickles only defaults, state and param_groups;
+        # the base optimizer travels along, and pickle's memo keeps the group
+        # list and the parameters shared between the two.
+        state = super().__getstate__()
+        state["base"] = self.base
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Also called by torch's load_state_dict with only state and
+        # param_groups; load_state_dict below re-shares the groups itself.
+        super().__setstate__(state)
+        if "base" in state:
+            self.param_groups = self.base.param_groups
 
     def _validate_group(self, group: dict) -> None:
         super()._validate_group(group)
@@ -126,11 +153,19 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
             return
         self.base.add_param_group(param_group)
         # Re-append through the engine so the group gets its keys and checks.
-        super().add_param_group(self.base.param_groups.pop())
+        with _base_already_warned():
+            super().add_param_group(self.base.param_groups.pop())
 
     def _active_params(self, group_index: int, group: dict) -> list[Tensor]:
         # Gradients are the base optimizer's business (it may accept sparse ones).
-        return [p for p in group["params"] if p.grad is not None]
+        # A parameter listed twice is still one y, one z: it is moved once.
+        seen: set[int] = set()
+        active = []
+        for p in group["params"]:
+            if p.grad is not None and id(p) not in seen:
+                seen.add(id(p))
+                active.append(p)
+        return active
 
     # ------------------------------------------------------------ state dicts
     def state_dict(self) -> dict[str, Any]:
@@ -140,9 +175,18 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loads a dict produced by :meth:`state_dict` into wrapper and base optimizer."""
+        """Loads a dict produced by :meth:`state_dict`, or by the published ``schedulefree.ScheduleFreeWrapper``.
+
+        A published wrapper's checkpoint is the base optimizer's state dict with
+        ``z`` added to each parameter's state and the averaging scalars (``k``,
+        ``lr_max``, ``weight_sum``) to each group; ``momentum``,
+        ``weight_decay_at_y``, ``r`` and ``weight_lr_power`` are not in it and
+        come from this wrapper's arguments. The published wrapper starts in
+        eval mode, so the parameters are taken to hold ``x`` (as after
+        ``eval()``, before saving): call :meth:`train` before the next step.
+        """
         if "base" not in state_dict:
-            raise ValueError("Invalid state_dict: it has no 'base' entry; was it saved from a ScheduleFreeWrapper?")
+            state_dict = self._from_published(state_dict)
         own = {k: v for k, v in state_dict.items() if k != "base"}
         self.base.load_state_dict(state_dict["base"])
         super().load_state_dict(own)
@@ -150,3 +194,49 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
         for ours, theirs in zip(self.param_groups, self.base.param_groups):
             theirs.update({k: v for k, v in ours.items() if k != "params"})
         self.param_groups = self.base.param_groups
+
+    def _from_published(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Splits a published wrapper's checkpoint into this wrapper's layout (own part plus ``"base"``)."""
+        groups, state = state_dict.get("param_groups"), state_dict.get("state")
+        if not isinstance(groups, list) or not isinstance(state, dict):
+            raise ValueError("Invalid state_dict: expected the keys 'state' and 'param_groups'")
+        if any(self.group_key("k") in g for g in groups):
+            raise ValueError(
+                "Invalid state_dict: it was saved from an sfoptim ScheduleFreeWrapper but has no 'base' entry"
+            )
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"Invalid state_dict: it has {len(groups)} parameter groups, this optimizer {len(self.param_groups)}"
+            )
+        own_groups, base_groups = [], []
+        for current, saved in zip(self.param_groups, groups):
+            # A key the base optimizer also uses (Prodigy's ``k``) stays with it too.
+            base_group = {k: v for k, v in saved.items() if k not in _PUBLISHED_KEYS or k in self.base.defaults}
+            own = {k: v for k, v in current.items() if k != "params"}
+            own.update(base_group)
+            for name in _PUBLISHED_KEYS:
+                if name in saved:
+                    own[self.group_key(name)] = saved[name]
+            own[self.group_key("train_mode")] = False
+            own_groups.append(own)
+            base_groups.append(base_group)
+        own_state = {i: {"z": s["z"]} for i, s in state.items() if "z" in s}
+        base_state = {i: rest for i, s in state.items() if (rest := {k: v for k, v in s.items() if k != "z"})}
+        return {
+            "state": own_state,
+            "param_groups": own_groups,
+            "base": {"state": base_state, "param_groups": base_groups},
+        }
+
+
+#: Engine keys the published wrapper's checkpoints carry, spelled without the prefix.
+_PUBLISHED_KEYS = ("k", "lr_max", "weight_sum")
+
+
+@contextlib.contextmanager
+def _base_already_warned() -> Iterator[None]:
+    """Silences torch's duplicate-parameter warning while the wrapper registers
+    groups its base optimizer has already registered (and warned about)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="optimizer contains a parameter group with duplicate parameters")
+        yield

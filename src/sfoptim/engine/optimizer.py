@@ -48,7 +48,11 @@ __all__ = ["ClosureForm", "ModeError", "ScheduleFreeOptimizer", "with_backend_ar
 #: Docstring entries of the backend and precision arguments that SGD, AdamW and
 #: RAdam share; each class inserts them where its docstring says ``{backend_args}``.
 BACKEND_ARGS_DOC = """foreach: ``True``/``None`` updates all tensors of a device and dtype
-            together; ``False`` one at a time (less temporary memory).
+            together; ``False`` one at a time (less temporary memory). The
+            default is ``None`` (the published package's is ``True``): it
+            leaves the choice to ``fused``. Arguments the published package
+            does not have come after all of its own, so its positional calls
+            mean the same here.
         fused: ``None`` (default) uses the fused one-pass CPU kernel wherever
             it runs (CPU, float32/float64, contiguous) and ``foreach`` elsewhere;
             ``True`` also uses a ``torch.compile``-d one-pass kernel on GPUs,

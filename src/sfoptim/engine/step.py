@@ -12,8 +12,9 @@ closure, and calls :func:`update`, which runs these phases over all groups:
    its parameters instead.
 3. **reductions**: if any direction declares some, its per-bucket partial
    sums are added over all groups and, for sharded parameters, all ranks.
-4. **delegated move**: for the wrapper, ``z`` goes into the parameters, the
-   base optimizer steps all of them at once, and the parameters come back.
+4. **delegated move**: for the wrapper, a copy of ``z`` goes into the
+   parameters, the base optimizer steps all of them at once, and the
+   parameters get ``y`` back (also when the base optimizer raises).
 5. **update**: per group, the learning rate and averaging scalars
    (:mod:`.schedule`), then the update of ``y`` and ``z`` on the backend
    :mod:`sfoptim.backends.dispatch` picks (or, after a delegated move, the
@@ -43,7 +44,7 @@ _NO_REDUCTIONS: Mapping[str, Tensor] = {}
 class GroupStep:
     """What one step needs to know about one param group."""
 
-    __slots__ = ("group", "direction", "active", "step", "beta_prev", "beta", "buckets")
+    __slots__ = ("group", "direction", "active", "step", "beta_prev", "beta", "buckets", "moved")
 
     def __init__(self, group: dict, direction: Direction, active: list[Tensor], step: int, beta_prev: float, beta: float):
         self.group = group
@@ -55,6 +56,9 @@ class GroupStep:
         self.beta_prev = beta_prev
         self.beta = beta
         self.buckets: list[Bucket] = []
+        #: For a delegated move: the tensors the base optimizer stepped, the
+        #: z buffers created by this step, and the learning rate times the decay at y.
+        self.moved: tuple[list[Tensor], list[Tensor], float] = ([], [], 0.0)
 
 
 def plan(opt: ScheduleFreeOptimizer) -> list[GroupStep]:
@@ -139,45 +143,62 @@ def update(opt: ScheduleFreeOptimizer) -> None:
 
 
 def _delegated_move(opt: ScheduleFreeOptimizer, plans: list[GroupStep], reduced: Mapping[str, Tensor]) -> None:
-    """Phase 4: ``z`` into the parameters, one move by the base optimizer, parameters back.
+    r"""Phase 4: the base optimizer moves a copy of ``z`` held in the parameters.
 
-    Before the move the z buffer takes ``x`` (weight decay at ``y`` applied to
-    ``z`` first, with this step's learning rate) and the parameters take ``z``;
-    if the base optimizer raises, everything goes back to ``y``.
+    Each parameter lends its storage to a new tensor holding ``z`` (minus
+    :math:`\gamma\lambda y` for weight decay at ``y``, with this step's learning
+    rate, read before the base optimizer may change it); ``y`` and the stored
+    ``z`` are not touched. If the base optimizer raises, the parameters get
+    their ``y`` back and the ``z`` buffers this step created are removed, so
+    everything is bit for bit as before and the step can be retried.
     """
     key = opt.group_key
     for p in plans:
-        if not p.active:
-            continue
+        created = [q for q in p.active if "z" not in opt.state[q]]
+        for q in created:
+            opt.state[q]["z"] = q.detach().clone()
         decay = p.group[key("weight_decay")]
         lr_decay = p.direction.lr(p.group, p.step, reduced) * decay if decay != 0 else 0.0
-        ys = [real(q.data) for q in p.active]
-        zs = [real(opt.state[q].setdefault("z", q.detach().clone())) for q in p.active]
-        dispatch.wrap_before(ys, zs, lr_decay, p.beta_prev, opt.option(p.group, "fused"))
-        for q in p.active:
-            _swap(q, opt.state[q]["z"])
+        zs = [opt.state[q]["z"] for q in p.active]
+        if not zs:
+            iterates: list[Tensor] = []
+        elif lr_decay != 0:
+            iterates = list(torch._foreach_sub(zs, [q.data for q in p.active], alpha=lr_decay))
+        else:
+            iterates = [torch.clone(z, memory_format=torch.preserve_format) for z in zs]
+        p.moved = (iterates, created, lr_decay)
+    for p in plans:
+        for q, t in zip(p.active, p.moved[0]):
+            _swap(q, t)
     movers = {id(p.direction): p.direction for p in plans}
     try:
         for direction in movers.values():
             direction.move(opt)  # type: ignore[attr-defined]  # a DelegatedDirection
     except BaseException:
         for p in plans:
-            for q in p.active:
-                _swap(q, opt.state[q]["z"])
-            if p.active:
-                torch._foreach_lerp_([q.data for q in p.active], [opt.state[q]["z"] for q in p.active], 1 - p.beta_prev)
+            iterates, created, _ = p.moved
+            for q, t in zip(p.active, iterates):
+                _swap(q, t)
+            for q in created:
+                del opt.state[q]["z"]
         raise
 
 
 def _finish_delegated(opt: ScheduleFreeOptimizer, p: GroupStep, ckp1: float) -> None:
-    """Phase 5 after a delegated move: ``z`` back into its buffer, the new ``x`` and ``y``."""
+    """Phase 5 after a delegated move: ``x`` from ``y`` and the old ``z``, then the new ``x``, ``y`` and ``z``."""
     if not p.active:
         return
-    for q in p.active:
-        _swap(q, opt.state[q]["z"])
-    xs = [real(q.data) for q in p.active]
-    zs = [real(opt.state[q]["z"]) for q in p.active]
-    dispatch.wrap_after(xs, zs, ckp1, p.beta, opt.option(p.group, "fused"))
+    iterates, _, lr_decay = p.moved
+    for q, t in zip(p.active, iterates):
+        _swap(q, t)
+    fused = opt.option(p.group, "fused")
+    ys = [real(q.data) for q in p.active]
+    # The decay moves the old z by -lr*decay*y and y by (1-beta) of that, so x
+    # stays put; the old z is replaced by the base optimizer's iterate below.
+    dispatch.wrap_before(ys, [real(opt.state[q]["z"]) for q in p.active], lr_decay, p.beta_prev, fused)
+    dispatch.wrap_after(ys, [real(t) for t in iterates], ckp1, p.beta, fused)
+    for q, t in zip(p.active, iterates):
+        opt.state[q]["z"] = t
 
 
 def real(t: Tensor) -> Tensor:
