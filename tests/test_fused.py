@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import sfoptim
-from sfoptim import _fused_cpu, _kernel_cache
+from sfoptim.backends import cpu_kernel as _fused_cpu
+from sfoptim.backends import kernel_cache as _kernel_cache
 
 pytestmark = pytest.mark.skipif(not _fused_cpu.available(), reason="no C compiler for the fused kernel")
 

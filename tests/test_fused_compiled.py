@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import sfoptim
-from sfoptim import _fused_compiled, engine
+from sfoptim.backends import compiled as _fused_compiled
+from sfoptim.backends import dispatch
 from problems import rel_diff
 
 torch._dynamo = pytest.importorskip("torch._dynamo")
@@ -22,7 +23,7 @@ torch._dynamo = pytest.importorskip("torch._dynamo")
 
 @pytest.fixture
 def compiled_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine, "_fused_backend", lambda device_type, fused: _fused_compiled)
+    monkeypatch.setattr(dispatch, "kernel_backend", lambda device_type, fused: _fused_compiled)
 
 
 def graphs() -> int:

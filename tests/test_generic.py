@@ -184,7 +184,7 @@ BACKEND_CASES = [(info, dtype) for info in OPTIMIZERS if info.backends for dtype
     "info, dtype", BACKEND_CASES, ids=[f"{i.name}-{str(d).removeprefix('torch.')}" for i, d in BACKEND_CASES]
 )
 def test_backends_agree(info: OptimizerInfo, dtype: torch.dtype) -> None:
-    from sfoptim import _fused_cpu
+    from sfoptim.backends import cpu_kernel as _fused_cpu
 
     if any(b.get("fused") for b in info.backends) and not _fused_cpu.available():
         pytest.skip("no C compiler for the fused kernel")

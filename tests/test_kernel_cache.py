@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import sfoptim
-from sfoptim import _fused_cpu
+from sfoptim.backends import cpu_kernel as _fused_cpu
 
 COMPILER = shutil.which("gcc") or shutil.which("cc")
 pytestmark = pytest.mark.skipif(COMPILER is None, reason="needs a C compiler")
@@ -112,7 +112,7 @@ def _run_fresh_process(env_updates: dict[str, str]) -> subprocess.CompletedProce
         warnings.simplefilter("always")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            from sfoptim import _fused_cpu
+            from sfoptim.backends import cpu_kernel as _fused_cpu
             ok = _fused_cpu.available()
         print(json.dumps({"available": ok, "built": _fused_cpu.build_count,
                           "warnings": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]}))
@@ -390,7 +390,7 @@ def test_named_compiler_that_does_not_exist_is_reported(tmp_path, monkeypatch):
 def test_concurrent_first_builds_share_one_library(tmp_path, monkeypatch):
     # Threads race through the same filesystem steps (compile, check, rename,
     # clean up) as processes do, without paying for a Python start-up each.
-    from sfoptim import _kernel_cache
+    from sfoptim.backends import kernel_cache as _kernel_cache
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("SFOPTIM_CACHE_DIR", str(cache))

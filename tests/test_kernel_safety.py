@@ -27,7 +27,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import sfoptim
-from sfoptim import _fused_cpu
+from sfoptim.backends import cpu_kernel as _fused_cpu
+from sfoptim.directions import Kind
 
 SRC = Path(sfoptim.__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -336,8 +337,8 @@ def _bucket(n: int = 6, dtype: torch.dtype = torch.float32) -> list[list[torch.T
 
 def _call(lists: list[list[torch.Tensor]]) -> bool:
     y, g, z, v = lists
-    return _fused_cpu.step(y, g, z, v, None, kind=_fused_cpu.ADAM, lr=0.1, ckp1=0.5, beta=0.9, weight_decay=0.0,
-                           beta2=0.999, bias_correction2=0.001, eps=1e-8)
+    # Scalars in the order of KERNEL_SCALARS: lr, ckp1, beta, wd, beta2, bc2, eps, mu, bc1.
+    return _fused_cpu.step(y, g, z, [v], Kind.ADAM, [0.1, 0.5, 0.9, 0.0, 0.999, 0.001, 1e-8, 0.0, 1.0])
 
 
 @pytest.mark.parametrize(
@@ -570,7 +571,7 @@ def _build_asan(source: Path, out: Path) -> Path:
 
 _ASAN_DRIVER = """
 import ctypes, sys, torch
-from sfoptim import _fused_cpu
+from sfoptim.backends import cpu_kernel as _fused_cpu
 _fused_cpu._install_library_for_tests(ctypes.CDLL({lib!r}))
 {body}
 """

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import sfoptim
-from sfoptim import _fused_cpu
+from sfoptim.backends import cpu_kernel as _fused_cpu
 
 pytestmark = pytest.mark.skipif(not _fused_cpu.available(), reason="no C compiler for the fused kernel")
 

@@ -2,22 +2,23 @@
 
 Drop-in replacements for the published ``schedulefree`` package (same class
 names, arguments and defaults) built on one engine (:mod:`sfoptim.engine`);
-each algorithm contributes only its base direction.
+each algorithm contributes only its base direction (:mod:`sfoptim.directions`),
+and :mod:`sfoptim.backends` runs the update.
 """
 
-from .adamw import AdamWScheduleFree, AdamWScheduleFreeClosure, AdamWScheduleFreePaper
 from .batchnorm import recalibrate_batchnorm
+from .directions.adamw import AdamWScheduleFree, AdamWScheduleFreeClosure, AdamWScheduleFreePaper
+from .directions.radam import RAdamScheduleFree, RAdamScheduleFreeClosure
+from .directions.sgd import SGDScheduleFree, SGDScheduleFreeClosure
+from .directions.wrapper import ScheduleFreeWrapper
 from .engine import ModeError, ScheduleFreeOptimizer
 from .modes import TiedMode, averaged_state_dict, eval_mode, eval_optimizer_state_dict, tie_mode, unwrap_optimizer
-from .radam import RAdamScheduleFree, RAdamScheduleFreeClosure
 from .reference import (
     AdamWScheduleFreeReference,
     RAdamScheduleFreeReference,
     ScheduleFreeWrapperReference,
     SGDScheduleFreeReference,
 )
-from .sgd import SGDScheduleFree, SGDScheduleFreeClosure
-from .wrapper import ScheduleFreeWrapper
 
 __version__ = "0.1.0"
 

@@ -208,8 +208,7 @@ def averaged_state_dict(
 def _mode_key(opt: Any) -> str:
     # The wrapper prefixes its group keys ("sf_train_mode") so they cannot
     # clash with the base optimizer's; the engine knows the spelling.
-    key_of = getattr(opt, "group_key", None)
-    return key_of("train_mode") if callable(key_of) else "train_mode"
+    return opt.group_key("train_mode")
 
 
 def eval_optimizer_state_dict(optimizer: OptimizerLike) -> dict[str, Any]:

@@ -133,7 +133,7 @@ class ScheduleFreeCallback(TrainerCallback):
 
 def _scheduled_lr(opt: Any) -> float | None:
     # The wrapper prefixes its group keys; the engine knows the spelling.
-    key = opt.group_key if callable(getattr(opt, "group_key", None)) else (lambda name: name)
+    key = opt.group_key
     group = opt.param_groups[0]
     if not group.get(key("k"), 0):
         return None  # no step yet: nothing has been scheduled
@@ -232,7 +232,7 @@ class ScheduleFreeTrainer(Trainer):
                 for group in opt.param_groups:
                     # Only before the first step: a resumed optimizer
                     # brings its own (equal) value from the checkpoint.
-                    if "warmup_steps" in group and group.get("k", 0) == 0:
+                    if "warmup_steps" in group and group.get(opt.group_key("k"), 0) == 0:
                         group["warmup_steps"] = steps
         if self.lr_scheduler is None:
             self.lr_scheduler = get_constant_schedule(optimizer)

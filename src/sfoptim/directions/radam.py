@@ -4,22 +4,68 @@ While the variance estimate is too young for the rectifier to exist
 (:math:`\rho_t \le 4`, the first few steps) the step falls back to SGD, or does
 nothing when ``silent_sgd_phase`` is True (the default). Afterwards the
 learning rate is :math:`\gamma r_t` and the direction Adam's
-(see :func:`sfoptim.averaging.radam_rectification`).
+(see :func:`radam_rectification`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
 from torch import Tensor
 
-from . import _fused_cpu, _validation
+from .. import _validation
+from ..engine import ClosureForm, ScheduleFreeOptimizer, with_backend_args
 from .adamw import adam_direction, update_second_moment
-from .averaging import AveragingStep, radam_rectification
-from .engine import Bucket, ClosureForm, ScheduleFreeOptimizer, with_backend_args
+from .base import Bucket, Direction, KernelSpec, Kind
 
-__all__ = ["RAdamScheduleFree", "RAdamScheduleFreeClosure"]
+__all__ = ["RAdamDirection", "RAdamScheduleFree", "RAdamScheduleFreeClosure", "radam_rectification"]
+
+
+def radam_rectification(step: int, beta2: float) -> float | None:
+    r"""RAdam's variance rectification term :math:`r_t`, or ``None`` while undefined.
+
+    With :math:`\rho_\infty = 2/(1-\beta_2) - 1` and
+    :math:`\rho_t = \rho_\infty - 2t\beta_2^t/(1-\beta_2^t)`, the rectifier
+    :math:`\sqrt{(\rho_t-4)(\rho_t-2)\rho_\infty / ((\rho_\infty-4)(\rho_\infty-2)\rho_t)}`
+    exists only for :math:`\rho_t > 4`; before that the step falls back to SGD.
+    """
+    beta2_t = beta2**step
+    bias_correction2 = 1 - beta2_t
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * step * beta2_t / bias_correction2
+    if rho_t <= 4.0:
+        return None
+    return ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+
+
+class RAdamDirection(Direction):
+    """Adam's direction once the rectifier exists, the gradient before (``v`` still accumulates)."""
+
+    def beta(self, group: dict, step: int) -> float:
+        return group["betas"][0]
+
+    def lr(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> float:
+        rect = radam_rectification(step, group["betas"][1])
+        if rect is None:
+            rect = float(not group["silent_sgd_phase"])
+        return float(group["lr"]) * rect
+
+    def state_buffers(self, group: dict) -> tuple[str, ...]:
+        return ("exp_avg_sq",)
+
+    def foreach(self, group: dict, step: int, bucket: Bucket, reduced: Mapping[str, Tensor]) -> tuple[list[Tensor], bool]:
+        beta2 = group["betas"][1]
+        if radam_rectification(step, beta2) is None:
+            update_second_moment(bucket.buffers["exp_avg_sq"], bucket.grads, beta2)
+            return bucket.grads, False
+        return adam_direction(bucket.grads, bucket.buffers["exp_avg_sq"], step=step, beta2=beta2, eps=group["eps"]), True
+
+    def kernel(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> Optional[KernelSpec]:
+        beta2 = group["betas"][1]
+        if radam_rectification(step, beta2) is None:
+            return KernelSpec(Kind.SGD_V, ("exp_avg_sq",), {"beta2": beta2})
+        return KernelSpec(Kind.ADAM, ("exp_avg_sq",), {"beta2": beta2, "bc2": 1 - beta2**step, "eps": group["eps"]})
 
 
 @with_backend_args
@@ -39,6 +85,8 @@ class RAdamScheduleFree(ScheduleFreeOptimizer):
         silent_sgd_phase: if True (default) the steps before the rectifier
             exists change nothing; if False they are SGD steps.
     """
+
+    direction = RAdamDirection()
 
     def __init__(
         self,
@@ -74,32 +122,6 @@ class RAdamScheduleFree(ScheduleFreeOptimizer):
         super()._validate_group(group)
         _validation.check_betas(group["betas"])
         _validation.check_nonnegative("eps", group["eps"])
-
-    def _beta(self, group: dict) -> float:
-        return group["betas"][0]
-
-    def _state_buffers(self, group: dict) -> tuple[str, ...]:
-        return ("exp_avg_sq",)
-
-    def _scheduled_lr(self, group: dict, step: int) -> float:
-        rect = radam_rectification(step, group["betas"][1])
-        if rect is None:
-            rect = float(not group["silent_sgd_phase"])
-        return float(group["lr"]) * rect
-
-    def _direction(self, group: dict, sched: AveragingStep, bucket: Bucket) -> tuple[list[Tensor], bool]:
-        beta2 = group["betas"][1]
-        if radam_rectification(sched.step, beta2) is None:
-            # The second moment still accumulates during the SGD phase.
-            update_second_moment(bucket.buffers["exp_avg_sq"], bucket.grads, beta2)
-            return bucket.grads, False
-        return adam_direction(bucket.grads, bucket.buffers["exp_avg_sq"], step=sched.step, beta2=beta2, eps=group["eps"]), True
-
-    def _fused_direction(self, group: dict, sched: AveragingStep) -> Optional[dict[str, Any]]:
-        beta2 = group["betas"][1]
-        if radam_rectification(sched.step, beta2) is None:
-            return {"kind": _fused_cpu.SGD_V, "beta2": beta2}
-        return {"kind": _fused_cpu.ADAM, "beta2": beta2, "bias_correction2": 1 - beta2**sched.step, "eps": group["eps"]}
 
 
 class RAdamScheduleFreeClosure(ClosureForm, RAdamScheduleFree):

@@ -1,6 +1,6 @@
 r"""The fused CPU backend: one C kernel call per bucket, one pass over memory.
 
-The kernel (``_fused_kernels.c``) reads ``y``, ``g``, ``z`` (and ``v``, plus
+The kernel (``cpu_kernel.c``) reads ``y``, ``g``, ``z`` (and ``v``, plus
 ``m`` with inner momentum) once and writes ``y``, ``z``, ``v`` once per
 element: the same seven passes as ``torch.optim.AdamW(fused=True)`` and no
 parameter-sized temporary. Scalars (step-dependent lr, ``c``, bias
@@ -12,12 +12,16 @@ Build contract: the source is compiled on first use with the system C compiler
 ``~/.cache/sfoptim``), under a name keyed by a hash of the source, the
 compiler's identity, the flags and the CPU's feature flags (``-march=native``
 code must not run on another CPU model) and carrying the SHA-256 of the built
-library. :mod:`sfoptim._kernel_cache` owns that contract: it loads only a
+library. :mod:`sfoptim.backends.kernel_cache` owns that contract: it loads only a
 private file of the user's own whose bytes match that hash, checked before
 ``dlopen``. Later processes load the cached file; within a process the library
 is loaded once. Without a working compiler (or with ``SFOPTIM_DISABLE_FUSED=1``)
 the loader warns once and every call returns False, so the engine falls back to
 foreach.
+The direction kinds and the scalar slots are passed to the compiler as
+definitions generated from :class:`sfoptim.directions.base.Kind` and
+:data:`~sfoptim.directions.base.KERNEL_SCALARS`, so the C source restates
+neither.
 
 OpenMP: the library is linked against ``libgomp.so.1``, the soname of the
 runtime that the PyTorch wheel ships and has already loaded, so the dynamic
@@ -38,15 +42,16 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from . import _kernel_cache
+from ..directions.base import KERNEL_SCALARS, KIND_SLOTS, Kind
+from . import kernel_cache
 
-__all__ = ["available", "step", "wrap_before", "wrap_after", "SGD", "ADAM", "SGD_V"]
+__all__ = ["available", "step", "wrap_before", "wrap_after"]
 
-#: Direction kinds understood by the kernel (match the C enum).
-SGD, ADAM, SGD_V = 0, 1, 2
-
-_SOURCE = Path(__file__).with_name("_fused_kernels.c")
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared", "-std=c11")
+_SOURCE = Path(__file__).with_name("cpu_kernel.c")
+_DEFINES = tuple(f"-DSF_{kind.name}={kind.value}" for kind in Kind) + tuple(
+    f"-DSF_{name.upper()}={slot}" for slot, name in enumerate(KERNEL_SCALARS)
+)
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared", "-std=c11", *_DEFINES)
 _LIBS = ("-lm",)
 _DTYPES = {torch.float32: "float", torch.float64: "double"}
 
@@ -59,11 +64,7 @@ build_count = 0
 load_count = 0
 
 
-class _Scalars(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_double)
-        for name in ("lr", "ckp1", "beta", "wd", "beta2", "bc2", "eps", "mu", "bc1")
-    ]
+_Scalars = ctypes.c_double * len(KERNEL_SCALARS)
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -76,7 +77,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     i64, ptrs, dbl, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
     for t in _DTYPES.values():
         fn = getattr(lib, f"sf_step_{t}")
-        fn.argtypes = [i64, ptrs, ptrs, ptrs, ptrs, ptrs, ptrs, ctypes.POINTER(_Scalars), cint, cint]
+        fn.argtypes = [i64, ptrs, ptrs, ptrs, ptrs, ptrs, ptrs, ctypes.POINTER(ctypes.c_double), cint, cint]
         fn.restype = cint
         for name in ("sf_wrap_before", "sf_wrap_after"):
             fn = getattr(lib, f"{name}_{t}")
@@ -95,7 +96,7 @@ def _load() -> Optional[ctypes.CDLL]:
             _failed = "disabled by SFOPTIM_DISABLE_FUSED"
             return None
         try:
-            loaded = _kernel_cache.load(
+            loaded = kernel_cache.load(
                 _SOURCE, _FLAGS, _LIBS, warn=lambda message: _warn_once("cache", f"sfoptim: {message}.")
             )
             if loaded.built:
@@ -128,7 +129,7 @@ def _reset_for_tests() -> None:
 
 
 def _install_library_for_tests(lib: ctypes.CDLL) -> None:
-    """Makes an already opened build of ``_fused_kernels.c`` the kernel (tests only).
+    """Makes an already opened build of ``cpu_kernel.c`` the kernel (tests only).
 
     The AddressSanitizer test compiles the kernel with ``-fsanitize=address``
     and runs the fuzz cases through this; nothing else ever calls it, and no
@@ -243,26 +244,18 @@ def step(
     ys: list[Tensor],
     grads: list[Tensor],
     zs: list[Tensor],
-    v: Optional[list[Tensor]],
-    m: Optional[list[Tensor]],
-    *,
-    kind: int,
-    lr: float,
-    ckp1: float,
-    beta: float,
-    weight_decay: float,
-    beta2: float = 0.0,
-    bias_correction2: float = 1.0,
-    eps: float = 0.0,
-    inner_momentum: float = 0.0,
-    bias_correction1: float = 1.0,
+    slots: Sequence[list[Tensor]],
+    kind: Kind,
+    scalars: Sequence[float],
     explicit: bool = False,
 ) -> bool:
     r"""One fused schedule-free step over a bucket; False if it cannot run here.
 
-    With :math:`d = \hat m/(\sqrt{v/bc_2}+\epsilon) + \lambda y` (``ADAM``, after
+    ``slots`` are the direction's buffers in the kernel's order (``v``, then
+    ``m``) and ``scalars`` the values of :data:`KERNEL_SCALARS` in order. With
+    :math:`d = \hat m/(\sqrt{v/bc_2}+\epsilon) + \lambda y` (``ADAM``, after
     :math:`v \leftarrow \beta_2 v + (1-\beta_2)g^2`; :math:`\hat m = g`, or the
-    inner-momentum EMA divided by ``bias_correction1``) or :math:`d = g + \lambda y`
+    inner-momentum EMA divided by ``bc1``) or :math:`d = g + \lambda y`
     (``SGD``; ``SGD_V`` also updates ``v``), every element gets
     :math:`y \leftarrow \operatorname{lerp}(y, z, c) + \gamma(\beta(1-c)-1)d`,
     :math:`z \leftarrow z - \gamma d`. ``grads`` are only read. When False is
@@ -270,16 +263,15 @@ def step(
     """
     if not ys:
         return True
-    if kind not in (SGD, ADAM, SGD_V) or (kind != SGD and v is None):
-        raise ValueError(f"sfoptim fused kernel: direction kind {kind} needs exp_avg_sq unless it is SGD")
-    buffers = [ys, grads, zs] + ([v] if v is not None else []) + ([m] if m is not None else [])
-    call = _inspect(buffers)
+    fewest, most = KIND_SLOTS.get(kind, (-1, -1))
+    if not fewest <= len(slots) <= most:
+        raise ValueError(f"sfoptim fused kernel: direction kind {kind!r} takes {fewest} to {most} buffers, got {len(slots)}")
+    call = _inspect([ys, grads, zs, *slots])
     if isinstance(call, str):
         return _refuse(call, explicit)
     lib = _load()
     if lib is None:
         return False
-    scalars = _Scalars(lr, ckp1, beta, weight_decay, beta2, bias_correction2, eps, inner_momentum, bias_correction1)
     pointers = [_pointers(p) for p in call.pointers]
     fn = getattr(lib, f"sf_step_{_DTYPES[call.dtype]}")
     rc = fn(
@@ -287,11 +279,11 @@ def step(
         pointers[0],
         pointers[1],
         pointers[2],
-        pointers[3] if v is not None else None,
-        pointers[-1] if m is not None else None,
+        pointers[3] if len(slots) > 0 else None,
+        pointers[4] if len(slots) > 1 else None,
         (ctypes.c_int64 * len(ys))(*call.sizes),
-        ctypes.byref(scalars),
-        kind,
+        _Scalars(*scalars),
+        int(kind),
         torch.get_num_threads(),
     )
     if rc != 0:

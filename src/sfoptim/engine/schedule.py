@@ -15,6 +15,8 @@ warmup from dominating the average.
 
 Nothing here touches tensors or optimizer state: the engine calls these
 functions and commits the results only once the step has succeeded.
+Learning-rate hooks (warmup, RAdam's rectification) belong to the
+directions (:mod:`sfoptim.directions`).
 """
 
 from __future__ import annotations
@@ -38,13 +40,6 @@ class AveragingStep(NamedTuple):
     lr_max: float
     weight_sum: float
     ckp1: float
-
-
-def warmup_factor(step: int, warmup_steps: int) -> float:
-    """Linear warmup: ``min(1, step / warmup_steps)`` for a 1-based ``step``."""
-    if warmup_steps > 0 and step <= warmup_steps:
-        return step / warmup_steps
-    return 1.0
 
 
 def averaging_step(
@@ -73,18 +68,18 @@ def averaging_step(
     return AveragingStep(step, lr, lr_max, weight_sum, ckp1)
 
 
-def radam_rectification(step: int, beta2: float) -> float | None:
-    r"""RAdam's variance rectification term :math:`r_t`, or ``None`` while undefined.
+def interpolation_step(ckp1: float, beta_prev: float, beta: float) -> tuple[float, float]:
+    r"""The ``(weight, beta)`` pair that updates ``y`` in place when :math:`\beta` changes.
 
-    With :math:`\rho_\infty = 2/(1-\beta_2) - 1` and
-    :math:`\rho_t = \rho_\infty - 2t\beta_2^t/(1-\beta_2^t)`, the rectifier
-    :math:`\sqrt{(\rho_t-4)(\rho_t-2)\rho_\infty / ((\rho_\infty-4)(\rho_\infty-2)\rho_t)}`
-    exists only for :math:`\rho_t > 4`; before that the step falls back to SGD.
+    The in-place update :math:`y \leftarrow \operatorname{lerp}(y, z, w) + \gamma(b(1-w) - 1)d`,
+    :math:`z \leftarrow z - \gamma d` is exact for ``w = c`` and ``b = beta`` when
+    ``y`` was built with the same :math:`\beta` as the new one. When ``y`` was
+    built with :math:`\beta_-` and the step builds the new ``y`` with
+    :math:`\beta`, substituting :math:`x = (y - (1-\beta_-) z)/\beta_-` gives
+    the same form with :math:`w = 1 - \beta(1-c)/\beta_-` and :math:`b = \beta_-`,
+    so every backend handles a changing :math:`\beta` unchanged. For an
+    unchanged :math:`\beta` the inputs come back as they are (bit for bit).
     """
-    beta2_t = beta2**step
-    bias_correction2 = 1 - beta2_t
-    rho_inf = 2 / (1 - beta2) - 1
-    rho_t = rho_inf - 2 * step * beta2_t / bias_correction2
-    if rho_t <= 4.0:
-        return None
-    return ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+    if beta_prev == beta:
+        return ckp1, beta
+    return 1.0 - beta * (1.0 - ckp1) / beta_prev, beta_prev

@@ -17,28 +17,34 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, ClassVar, Iterator, Mapping, Optional
 
 import torch
 from torch import Tensor
 
-from . import _fused_cpu, _validation
-from .engine import ScheduleFreeOptimizer, _real
+from .. import _validation
+from ..engine import ScheduleFreeOptimizer
+from .base import DelegatedDirection
 
-__all__ = ["ScheduleFreeWrapper"]
+__all__ = ["BaseOptimizerDirection", "ScheduleFreeWrapper"]
 
 
-def _swap(a: Tensor, b: Tensor) -> None:
-    """Exchanges the contents of two same-shaped tensors."""
-    if type(a.data) is Tensor and type(b.data) is Tensor:
-        # Exchanging storages is free and leaves ``a.grad`` and object identity alone.
-        tmp = a.data
-        a.data = b.data
-        b.data = tmp
-    else:
-        tmp = a.detach().clone()
-        a.copy_(b)
-        b.copy_(tmp)
+class BaseOptimizerDirection(DelegatedDirection):
+    """The direction of a wrapped optimizer: it moves ``z`` itself.
+
+    The interpolation weight is the wrapper's ``momentum``; the learning rate
+    that weights the average is the base optimizer's, times ``group["d"]``
+    for D-Adaptation style optimizers.
+    """
+
+    def beta(self, group: dict, step: int) -> float:
+        return group[ScheduleFreeWrapper.group_key("momentum")]
+
+    def lr(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> float:
+        return float(group["lr"]) * float(group.get("d", 1.0))
+
+    def move(self, optimizer: Any) -> None:
+        optimizer.base.step()
 
 
 class ScheduleFreeWrapper(ScheduleFreeOptimizer):
@@ -77,8 +83,11 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
         opt = sfoptim.ScheduleFreeWrapper(base, momentum=0.9, weight_decay_at_y=0.1)
     """
 
-    _key_prefix = "sf_"
-    _decay_key = "sf_weight_decay_at_y"
+    direction = BaseOptimizerDirection()
+    # The wrapper's keys share the base optimizer's group dicts: prefixed.
+    _key_prefix: ClassVar[str] = "sf_"
+    _key_aliases: ClassVar[dict[str, str]] = {"weight_decay": "weight_decay_at_y"}
+    _options: ClassVar[dict[str, Any]] = {"fused": None}
 
     def __init__(
         self,
@@ -95,12 +104,13 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
         if isinstance(base, ScheduleFreeOptimizer):
             raise TypeError("Invalid base: it is already schedule-free; wrap a plain optimizer instead")
         self.base = base
+        key = self.group_key
         defaults = {
-            "sf_momentum": momentum,
-            "sf_weight_decay_at_y": weight_decay_at_y,
-            "sf_r": r,
-            "sf_weight_lr_power": weight_lr_power,
-            "sf_fused": fused,
+            key("momentum"): momentum,
+            key("weight_decay"): weight_decay_at_y,
+            key("r"): r,
+            key("weight_lr_power"): weight_lr_power,
+            key("fused"): fused,
         }
         # Registering the base optimizer's own group dicts makes both objects
         # read and write the same hyperparameters (one lr for schedulers).
@@ -125,10 +135,11 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
 
     def _validate_group(self, group: dict) -> None:
         super()._validate_group(group)
-        _validation.check_interpolation("momentum", group["sf_momentum"])
-        if group.get("state_dtype") is not None:
+        _validation.check_interpolation("momentum", group[self.group_key("momentum")])
+        if any(group.get(k) is not None for k in ("state_dtype", self.group_key("state_dtype"))):
             # The base optimizer steps the parameter tensors themselves, so a
-            # wide master would need the base optimizer's cooperation.
+            # wide master would need the base optimizer's cooperation. (A group
+            # may carry the plain spelling when written for the other optimizers.)
             raise ValueError(
                 "Invalid state_dtype: ScheduleFreeWrapper does not support it; keep the base optimizer's "
                 "parameters in a wide dtype, or use AdamWScheduleFree/SGDScheduleFree/RAdamScheduleFree"
@@ -145,12 +156,6 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
         with _base_already_warned():
             super().add_param_group(self.base.param_groups.pop())
 
-    def _beta(self, group: dict) -> float:
-        return group["sf_momentum"]
-
-    def _scheduled_lr(self, group: dict, step: int) -> float:
-        return float(group["lr"]) * float(group.get("d", 1.0))
-
     def _active_params(self, group_index: int, group: dict) -> list[Tensor]:
         # Gradients are the base optimizer's business (it may accept sparse ones).
         # A parameter listed twice is still one y, one z: it is moved once.
@@ -161,85 +166,6 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
                 seen.add(id(p))
                 active.append(p)
         return active
-
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        """One schedule-free step: the base optimizer steps ``z`` with the gradient at ``y``.
-
-        The base optimizer steps a temporary holding ``z`` (decayed by
-        ``weight_decay_at_y`` if set) in place of each parameter, while the
-        parameter's ``y`` and the stored ``z`` stay untouched; only once the base
-        step has returned are ``x`` and the new ``y`` formed from them. So if the
-        base step raises, the parameters and ``z`` are exactly as before.
-        """
-        loss = self._start_step(closure)
-        plans = []
-        for gi, group in enumerate(self.param_groups):
-            params = self._active_params(gi, group)
-            created = [p for p in params if "z" not in self.state[p]]
-            for p in created:
-                self.state[p]["z"] = p.detach().clone()
-            # Read before the base step: it may change lr or d.
-            lr_decay = self._scheduled_lr(group, group["sf_k"] + 1) * group["sf_weight_decay_at_y"]
-            plans.append((group, params, created, lr_decay, self._base_iterates(params, lr_decay)))
-        for _, params, _, _, iterates in plans:
-            for p, t in zip(params, iterates):
-                _swap(p, t)
-        try:
-            self.base.step()
-        except BaseException:
-            for _, params, created, _, iterates in plans:
-                for p, t in zip(params, iterates):
-                    _swap(p, t)
-                for p in created:
-                    del self.state[p]["z"]
-            raise
-        for group, params, _, lr_decay, iterates in plans:
-            sched = self._schedule(group)
-            if params:
-                for p, t in zip(params, iterates):
-                    _swap(p, t)
-                self._y_to_x(group, params, lr_decay)
-                xs = [p.data for p in params]
-                if not self._fused_bookkeeping(group, _fused_cpu.wrap_after, xs, iterates, sched.ckp1):
-                    torch._foreach_lerp_(xs, iterates, sched.ckp1)
-                    torch._foreach_lerp_(xs, iterates, 1 - self._beta(group))
-                for p, t in zip(params, iterates):
-                    self.state[p]["z"] = t
-            self._commit(group, sched)
-        return loss
-
-    def _fused_bookkeeping(self, group: dict, kernel: Any, a: list[Tensor], b: list[Tensor], scalar: float) -> bool:
-        """Runs one of the wrapper kernels of :mod:`sfoptim._fused_cpu` unless ``fused=False``; False if not run."""
-        fused = group.get("sf_fused")
-        if fused is False:
-            return False
-        return kernel([_real(t) for t in a], [_real(t) for t in b], scalar, self._beta(group), explicit=fused is True)
-
-    def _base_iterates(self, params: list[Tensor], lr_decay: float) -> list[Tensor]:
-        r"""New tensors holding what the base optimizer steps: :math:`z - \gamma\lambda y` (or ``z``)."""
-        if not params:
-            return []
-        zs = [self.state[p]["z"] for p in params]
-        if lr_decay != 0:
-            return list(torch._foreach_sub(zs, [p.data for p in params], alpha=lr_decay))
-        return [torch.clone(z, memory_format=torch.preserve_format) for z in zs]
-
-    def _y_to_x(self, group: dict, params: list[Tensor], lr_decay: float) -> None:
-        r"""Replaces ``y`` by ``x`` in the parameters, with the weight decay at ``y`` applied.
-
-        The decay moves ``z`` by :math:`-\gamma\lambda y` and ``y`` by
-        :math:`1-\beta` of that, so ``x`` itself stays put; the stored ``z`` ends
-        decayed too, but is replaced by the base optimizer's new iterate after this.
-        """
-        beta = self._beta(group)
-        ys = [p.data for p in params]
-        zs = [self.state[p]["z"] for p in params]
-        if not self._fused_bookkeeping(group, _fused_cpu.wrap_before, ys, zs, lr_decay):
-            if lr_decay != 0:
-                torch._foreach_sub_(zs, ys, alpha=lr_decay)
-                torch._foreach_mul_(ys, 1 - lr_decay * (1 - beta))
-            torch._foreach_lerp_(ys, zs, 1 - 1 / beta)
 
     # ------------------------------------------------------------ state dicts
     def state_dict(self) -> dict[str, Any]:
@@ -274,7 +200,7 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
         groups, state = state_dict.get("param_groups"), state_dict.get("state")
         if not isinstance(groups, list) or not isinstance(state, dict):
             raise ValueError("Invalid state_dict: expected the keys 'state' and 'param_groups'")
-        if any("sf_k" in g for g in groups):
+        if any(self.group_key("k") in g for g in groups):
             raise ValueError(
                 "Invalid state_dict: it was saved from an sfoptim ScheduleFreeWrapper but has no 'base' entry"
             )
@@ -288,10 +214,10 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
             base_group = {k: v for k, v in saved.items() if k not in _PUBLISHED_KEYS or k in self.base.defaults}
             own = {k: v for k, v in current.items() if k != "params"}
             own.update(base_group)
-            for theirs, ours in _PUBLISHED_KEYS.items():
-                if theirs in saved:
-                    own[ours] = saved[theirs]
-            own["sf_train_mode"] = False
+            for name in _PUBLISHED_KEYS:
+                if name in saved:
+                    own[self.group_key(name)] = saved[name]
+            own[self.group_key("train_mode")] = False
             own_groups.append(own)
             base_groups.append(base_group)
         own_state = {i: {"z": s["z"]} for i, s in state.items() if "z" in s}
@@ -303,8 +229,8 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
         }
 
 
-#: Group keys of the published wrapper's checkpoints and the names they have here.
-_PUBLISHED_KEYS = {"k": "sf_k", "lr_max": "sf_lr_max", "weight_sum": "sf_weight_sum"}
+#: Engine keys the published wrapper's checkpoints carry, spelled without the prefix.
+_PUBLISHED_KEYS = ("k", "lr_max", "weight_sum")
 
 
 @contextlib.contextmanager

@@ -4,7 +4,7 @@ On CUDA (and other non-CPU devices) ``fused=True`` runs the whole schedule-free
 update of a tensor as one generated kernel (Triton on GPU): it reads ``y``,
 ``g``, ``z`` and ``v`` (plus ``m`` with inner momentum) once and writes ``y``,
 ``z``, ``v`` once, with no parameter-sized temporary in memory. The math is
-that of :func:`sfoptim._fused_cpu.step`.
+that of :func:`sfoptim.backends.cpu_kernel.step`.
 
 Compile discipline (why nothing recompiles as training goes on):
 
@@ -17,7 +17,7 @@ Compile discipline (why nothing recompiles as training goes on):
 * what selects the graph is fixed for a run: the direction kind, whether an
   inner-momentum buffer exists, and the dtype.
 
-The CPU uses the hand-written kernel in :mod:`sfoptim._fused_cpu` instead,
+The CPU uses the hand-written kernel in :mod:`sfoptim.backends.cpu_kernel` instead,
 which needs no compilation time; this path is exercised on CPU by the tests.
 """
 
@@ -25,24 +25,26 @@ from __future__ import annotations
 
 import types
 import warnings
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from ._fused_cpu import ADAM, SGD
+from ..directions.base import KERNEL_SCALARS, Kind
 
 __all__ = ["step"]
 
 _compiled: dict[tuple, Any] = {}
+# Plain ints: dynamo does not fold comparisons with IntEnum members reliably.
+_SGD, _ADAM = int(Kind.SGD), int(Kind.ADAM)
 _warned = False
 
 
 def _update(y: Tensor, g: Tensor, z: Tensor, v: Optional[Tensor], m: Optional[Tensor], s: Tensor, kind: int) -> None:
-    lr, ckp1, beta, wd, beta2, bc2, eps, mu, bc1 = s.unbind(0)
-    if kind != SGD:
+    lr, ckp1, beta, wd, beta2, bc2, eps, mu, bc1 = s.unbind(0)  # the order of KERNEL_SCALARS
+    if kind != _SGD:
         v.copy_(v * beta2 + g * g * (1 - beta2))  # type: ignore[union-attr]
-    if kind == ADAM:
+    if kind == _ADAM:
         num = g
         if m is not None:
             m.copy_(m * mu + g * (1 - mu))
@@ -53,6 +55,10 @@ def _update(y: Tensor, g: Tensor, z: Tensor, v: Optional[Tensor], m: Optional[Te
     d = d + wd * y
     y.copy_(y + ckp1 * (z - y) + lr * (beta * (1 - ckp1) - 1) * d)
     z.copy_(z - lr * d)
+
+
+# The unpacking above names the slots of the one declaration.
+assert KERNEL_SCALARS == ("lr", "ckp1", "beta", "wd", "beta2", "bc2", "eps", "mu", "bc1")
 
 
 def _kernel(kind: int, has_m: bool, dtype: torch.dtype) -> Any:
@@ -76,26 +82,16 @@ def step(
     ys: list[Tensor],
     grads: list[Tensor],
     zs: list[Tensor],
-    v: Optional[list[Tensor]],
-    m: Optional[list[Tensor]],
-    *,
-    kind: int,
-    lr: float,
-    ckp1: float,
-    beta: float,
-    weight_decay: float,
-    beta2: float = 0.0,
-    bias_correction2: float = 1.0,
-    eps: float = 0.0,
-    inner_momentum: float = 0.0,
-    bias_correction1: float = 1.0,
+    slots: Sequence[list[Tensor]],
+    kind: Kind,
+    scalars: Sequence[float],
     explicit: bool = False,
 ) -> bool:
-    """Same contract as :func:`sfoptim._fused_cpu.step`; False (nothing changed) if it cannot run."""
+    """Same contract as :func:`sfoptim.backends.cpu_kernel.step`; False (nothing changed) if it cannot run."""
     global _warned
     if not ys:
         return True
-    lists = [ys, grads, zs] + ([v] if v is not None else []) + ([m] if m is not None else [])
+    lists = [ys, grads, zs, *slots]
     if not all(type(t) is Tensor and t.is_contiguous() for group in lists for t in group):
         if explicit and not _warned:
             _warned = True
@@ -105,12 +101,10 @@ def step(
                 stacklevel=4,
             )
         return False
-    scalars = torch.tensor(
-        [lr, ckp1, beta, weight_decay, beta2, bias_correction2, eps, inner_momentum, bias_correction1],
-        dtype=torch.float64,
-        device=ys[0].device,
-    )
-    kernel = _kernel(kind, m is not None, ys[0].dtype)
+    values = torch.tensor(list(scalars), dtype=torch.float64, device=ys[0].device)
+    v = slots[0] if len(slots) > 0 else None
+    m = slots[1] if len(slots) > 1 else None
+    kernel = _kernel(int(kind), m is not None, ys[0].dtype)
     for i, y in enumerate(ys):
         if y.numel() == 0:
             continue
@@ -120,7 +114,7 @@ def step(
             zs[i].view(-1),
             v[i].view(-1) if v is not None else None,
             m[i].view(-1) if m is not None else None,
-            scalars,
-            kind,
+            values,
+            int(kind),
         )
     return True

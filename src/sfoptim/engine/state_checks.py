@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from . import precision
+from .. import precision
 
 if TYPE_CHECKING:
-    from .engine import ScheduleFreeOptimizer
+    from .optimizer import ScheduleFreeOptimizer
 
 __all__ = ["check_load", "settle_load"]
 
@@ -44,7 +44,7 @@ _NOT_IDENTIFYING = {"params", "param_names", "initial_lr"}
 
 
 def _backend_keys(opt: "ScheduleFreeOptimizer") -> tuple[str, ...]:
-    return ("foreach", opt.group_key("fused"))
+    return (opt.group_key("foreach"), opt.group_key("fused"))
 
 
 def _fillable_keys(opt: "ScheduleFreeOptimizer") -> set[str]:
@@ -56,7 +56,7 @@ def _fillable_keys(opt: "ScheduleFreeOptimizer") -> set[str]:
     sfoptim's own too: the published wrapper keeps its hyperparameters out of
     its state dict.
     """
-    keys = set(opt._schedule_defaults()) | set(_backend_keys(opt)) | set(_ADDED_OPTIONS)
+    keys = set(opt._schedule_defaults()) | set(_backend_keys(opt)) | {opt.group_key(n) for n in _ADDED_OPTIONS}
     if opt._key_prefix:
         keys |= {k for k in opt.defaults if k.startswith(opt._key_prefix)}
     return keys

@@ -15,16 +15,22 @@ momentum: schedule-free needs none.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
 from torch import Tensor
 
-from . import _fused_cpu, _validation
-from .averaging import AveragingStep
-from .engine import Bucket, ClosureForm, ScheduleFreeOptimizer, with_backend_args
+from .. import _validation
+from ..engine import ClosureForm, ScheduleFreeOptimizer, with_backend_args
+from .base import Bucket, Direction, KernelSpec, Kind, warmup_lr
 
-__all__ = ["AdamWScheduleFree", "AdamWScheduleFreeClosure", "AdamWScheduleFreePaper", "adam_direction"]
+__all__ = [
+    "AdamDirection",
+    "AdamWScheduleFree",
+    "AdamWScheduleFreeClosure",
+    "AdamWScheduleFreePaper",
+    "adam_direction",
+]
 
 
 def update_second_moment(exp_avg_sq: list[Tensor], grads: list[Tensor], beta2: float) -> None:
@@ -65,6 +71,56 @@ def adam_direction(
     return direction
 
 
+class AdamDirection(Direction):
+    r"""Adam's preconditioned gradient; ``betas[0]`` is the interpolation weight.
+
+    State: ``exp_avg_sq`` (:math:`v`), plus ``exp_avg`` (:math:`m`) when the
+    group's ``inner_momentum`` is positive. ``paper=True`` is the paper's
+    Algorithm 1: no bias correction in the direction, the learning rate scaled
+    by :math:`\sqrt{1-\beta_2^t}` instead.
+    """
+
+    def __init__(self, paper: bool = False) -> None:
+        self.paper = paper
+
+    def beta(self, group: dict, step: int) -> float:
+        return group["betas"][0]
+
+    def lr(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> float:
+        lr = warmup_lr(group, step)
+        return lr * math.sqrt(1 - group["betas"][1] ** step) if self.paper else lr
+
+    def state_buffers(self, group: dict) -> tuple[str, ...]:
+        if group.get("inner_momentum", 0.0) > 0:
+            return ("exp_avg_sq", "exp_avg")
+        return ("exp_avg_sq",)
+
+    def foreach(self, group: dict, step: int, bucket: Bucket, reduced: Mapping[str, Tensor]) -> tuple[list[Tensor], bool]:
+        inner = group.get("inner_momentum", 0.0)
+        direction = adam_direction(
+            bucket.grads,
+            bucket.buffers["exp_avg_sq"],
+            step=step,
+            beta2=group["betas"][1],
+            eps=group["eps"],
+            bias_correction=not self.paper,
+            exp_avg=bucket.buffers["exp_avg"] if inner > 0 else None,
+            inner_momentum=inner,
+        )
+        return direction, True
+
+    def kernel(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> Optional[KernelSpec]:
+        beta2, inner = group["betas"][1], group.get("inner_momentum", 0.0)
+        scalars = {
+            "beta2": beta2,
+            "bc2": 1.0 if self.paper else 1 - beta2**step,
+            "eps": group["eps"],
+            "mu": inner,
+            "bc1": 1 - inner**step,
+        }
+        return KernelSpec(Kind.ADAM, self.state_buffers(group), scalars)
+
+
 @with_backend_args
 class AdamWScheduleFree(ScheduleFreeOptimizer):
     r"""Schedule-free AdamW (Defazio et al., 2024).
@@ -100,6 +156,8 @@ class AdamWScheduleFree(ScheduleFreeOptimizer):
             opt.zero_grad(); loss_fn(model(xb), yb).backward(); opt.step()
         opt.eval(); model.eval()   # parameters now hold x
     """
+
+    direction = AdamDirection()
 
     def __init__(
         self,
@@ -141,41 +199,6 @@ class AdamWScheduleFree(ScheduleFreeOptimizer):
         _validation.check_in_range(
             "inner_momentum", group.get("inner_momentum", 0.0), 0.0, 1.0, low_open=False, high_open=True
         )
-
-    def _beta(self, group: dict) -> float:
-        return group["betas"][0]
-
-    def _state_buffers(self, group: dict) -> tuple[str, ...]:
-        if group.get("inner_momentum", 0.0) > 0:
-            return ("exp_avg_sq", "exp_avg")
-        return ("exp_avg_sq",)
-
-    _bias_correction = True
-
-    def _direction(self, group: dict, sched: AveragingStep, bucket: Bucket) -> tuple[list[Tensor], bool]:
-        inner = group.get("inner_momentum", 0.0)
-        direction = adam_direction(
-            bucket.grads,
-            bucket.buffers["exp_avg_sq"],
-            step=sched.step,
-            beta2=group["betas"][1],
-            eps=group["eps"],
-            bias_correction=self._bias_correction,
-            exp_avg=bucket.buffers["exp_avg"] if inner > 0 else None,
-            inner_momentum=inner,
-        )
-        return direction, True
-
-    def _fused_direction(self, group: dict, sched: AveragingStep) -> Optional[dict[str, Any]]:
-        beta2, inner = group["betas"][1], group.get("inner_momentum", 0.0)
-        return {
-            "kind": _fused_cpu.ADAM,
-            "beta2": beta2,
-            "bias_correction2": 1 - beta2**sched.step if self._bias_correction else 1.0,
-            "eps": group["eps"],
-            "inner_momentum": inner,
-            "bias_correction1": 1 - inner**sched.step,
-        }
 
 
 class AdamWScheduleFreeClosure(ClosureForm, AdamWScheduleFree):
@@ -226,7 +249,4 @@ class AdamWScheduleFreePaper(AdamWScheduleFree):
     averaging weights through ``lr_max``. Use it to reproduce published numbers.
     """
 
-    _bias_correction = False
-
-    def _scheduled_lr(self, group: dict, step: int) -> float:
-        return super()._scheduled_lr(group, step) * math.sqrt(1 - group["betas"][1] ** step)
+    direction = AdamDirection(paper=True)

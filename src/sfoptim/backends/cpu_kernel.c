@@ -2,7 +2,10 @@
  * Fused schedule-free kernels for CPU: one pass over memory per step.
  *
  * Plain C on purpose (no torch headers): gcc builds it in well under a second
- * on first use, see sfoptim/_fused_cpu.py. Every entry point takes arrays of
+ * on first use, see sfoptim/backends/cpu_kernel.py. That module also defines
+ * the direction kinds (SF_SGD, SF_ADAM, SF_SGD_V) and the slot of every scalar
+ * (SF_LR, SF_CKP1, ...) on the command line, from the one declaration in
+ * sfoptim/directions/base.py, so nothing here restates them. Every entry point takes arrays of
  * data pointers and element counts for a whole bucket of tensors, so one call
  * from Python updates every tensor of a (device, dtype) bucket, and the work is
  * cut into equal chunks across all tensors so that many small tensors keep all
@@ -25,19 +28,17 @@
  * saves (a fork/join is microseconds idle, far more on a loaded machine). */
 #define SF_MIN_PER_THREAD 32768
 
-enum { SF_SGD = 0, SF_ADAM = 1, SF_SGD_V = 2 };
+#if !defined(SF_SGD) || !defined(SF_ADAM) || !defined(SF_SGD_V) || !defined(SF_LR) || !defined(SF_BC1)
+#error "build through sfoptim.backends.cpu_kernel, which defines the kinds and scalar slots"
+#endif
 
-typedef struct {
-    double lr;      /* gamma_t after warmup/rectification */
-    double ckp1;    /* averaging coefficient c_{t+1} */
-    double beta;    /* interpolation weight */
-    double wd;      /* weight decay, computed at y */
-    double beta2;   /* second-moment decay */
-    double bc2;     /* 1 - beta2^t, or 1 without bias correction */
-    double eps;
-    double mu;      /* inner momentum (0: no exp_avg buffer) */
-    double bc1;     /* 1 - mu^t */
-} sf_scalars;
+/* The scalars of one step, indexed by the SF_<NAME> slots:
+ *   lr    gamma_t after warmup/rectification     ckp1  averaging coefficient c_{t+1}
+ *   beta  interpolation weight                   wd    weight decay, computed at y
+ *   beta2 second-moment decay                    bc2   1 - beta2^t, or 1 without bias correction
+ *   eps                                          mu    inner momentum (0: no exp_avg buffer)
+ *   bc1   1 - mu^t */
+typedef double sf_scalars;
 
 /* Work list: chunk k covers elements [start, start+len) of tensor idx. */
 typedef struct {
@@ -82,12 +83,12 @@ static sf_chunk *make_chunks(int64_t n, const int64_t *sizes, int64_t *count, in
     static inline __attribute__((always_inline)) void sf_step_span_##T(                 \
         T *restrict y, const T *restrict g, T *restrict z, T *restrict v, T *restrict m, \
         int64_t n, const sf_scalars *s, const int mode, const int has_m) {              \
-        const T c = (T)s->ckp1, lr = (T)s->lr, wd = (T)s->wd;                           \
-        const T ystep = (T)(s->lr * (s->beta * (1.0 - s->ckp1) - 1.0));                 \
-        const T b2 = (T)s->beta2, omb2 = (T)(1.0 - s->beta2), bc2 = (T)s->bc2;          \
-        const T eps = (T)s->eps, mu = (T)s->mu, ommu = (T)(1.0 - s->mu), bc1 = (T)s->bc1; \
-        const int upper = s->ckp1 >= 0.5;                                                \
-        const T omc = (T)(1.0 - s->ckp1);                                                \
+        const T c = (T)s[SF_CKP1], lr = (T)s[SF_LR], wd = (T)s[SF_WD];                           \
+        const T ystep = (T)(s[SF_LR] * (s[SF_BETA] * (1.0 - s[SF_CKP1]) - 1.0));                 \
+        const T b2 = (T)s[SF_BETA2], omb2 = (T)(1.0 - s[SF_BETA2]), bc2 = (T)s[SF_BC2];          \
+        const T eps = (T)s[SF_EPS], mu = (T)s[SF_MU], ommu = (T)(1.0 - s[SF_MU]), bc1 = (T)s[SF_BC1]; \
+        const int upper = s[SF_CKP1] >= 0.5;                                                \
+        const T omc = (T)(1.0 - s[SF_CKP1]);                                                \
         _Pragma("omp simd")                                                              \
         for (int64_t i = 0; i < n; i++) {                                                \
             const T yi = y[i], gi = g[i], zi = z[i];                                     \

@@ -9,16 +9,32 @@ with ``momentum`` playing the role of the interpolation weight :math:`\beta`.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
 from torch import Tensor
 
-from . import _fused_cpu, _validation
-from .averaging import AveragingStep
-from .engine import Bucket, ClosureForm, ScheduleFreeOptimizer, with_backend_args
+from .. import _validation
+from ..engine import ClosureForm, ScheduleFreeOptimizer, with_backend_args
+from .base import Bucket, Direction, KernelSpec, Kind
 
-__all__ = ["SGDScheduleFree", "SGDScheduleFreeClosure"]
+__all__ = ["SGDDirection", "SGDScheduleFree", "SGDScheduleFreeClosure"]
+
+
+class SGDDirection(Direction):
+    """The gradient itself; ``momentum`` is the interpolation weight."""
+
+    def beta(self, group: dict, step: int) -> float:
+        return group["momentum"]
+
+    def foreach(self, group: dict, step: int, bucket: Bucket, reduced: Mapping[str, Tensor]) -> tuple[list[Tensor], bool]:
+        return bucket.grads, False
+
+    def kernel(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> Optional[KernelSpec]:
+        return _SGD_KERNEL
+
+
+_SGD_KERNEL = KernelSpec(Kind.SGD)
 
 
 @with_backend_args
@@ -50,6 +66,8 @@ class SGDScheduleFree(ScheduleFreeOptimizer):
             opt.zero_grad(); loss_fn(model(xb), yb).backward(); opt.step()
         opt.eval(); model.eval()   # parameters now hold x
     """
+
+    direction = SGDDirection()
 
     def __init__(
         self,
@@ -83,15 +101,6 @@ class SGDScheduleFree(ScheduleFreeOptimizer):
         super()._validate_group(group)
         _validation.check_interpolation("momentum", group["momentum"])
         _validation.check_warmup_steps(group["warmup_steps"])
-
-    def _beta(self, group: dict) -> float:
-        return group["momentum"]
-
-    def _direction(self, group: dict, sched: AveragingStep, bucket: Bucket) -> tuple[list[Tensor], bool]:
-        return bucket.grads, False
-
-    def _fused_direction(self, group: dict, sched: AveragingStep) -> Optional[dict[str, Any]]:
-        return {"kind": _fused_cpu.SGD}
 
 
 class SGDScheduleFreeClosure(ClosureForm, SGDScheduleFree):

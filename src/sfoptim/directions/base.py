@@ -1,0 +1,193 @@
+r"""The direction contract: what one base optimizer contributes to schedule-free training.
+
+The engine (:mod:`sfoptim.engine`) owns everything schedule-free: the modes,
+``z``, the averaging schedule, weight decay at ``y``, the update of ``y`` and
+``z``, and picking a backend. A :class:`Direction` owns only the base
+optimizer's part of
+
+.. math::
+
+    z_{t+1} = z_t - \gamma_t\,(d_t + \lambda y_t)
+
+namely :math:`d_t`, the state it needs for it, and the scalars that
+parameterize the step (the interpolation weight :math:`\beta_t` and the
+learning rate :math:`\gamma_t`). It declares:
+
+* ``state_buffers(group)``: names of the parameter-sized buffers it keeps in
+  ``optimizer.state[p]`` besides the engine's ``z`` (and ``master``). The
+  engine creates them as zeros and hands them over by name in
+  :class:`Bucket`; it never spells one itself.
+* ``foreach(...)``: the direction for a :class:`Bucket` of tensors of one
+  device and dtype, with ``torch._foreach_*`` ops (the reference backend,
+  which every other backend must equal).
+* ``kernel(...)`` (optional): a :class:`KernelSpec` naming one of the
+  one-pass kernel families (:class:`Kind`) with its scalars and the buffers
+  that fill its slots. A direction without one runs foreach everywhere; with
+  ``fused=True`` the engine says so once.
+* ``beta(group, step)`` and ``lr(group, step, reduced)``: per-step schedule
+  hooks. :math:`\beta` may change with the step; the engine records the one
+  ``y`` was built with and recovers ``x`` with it.
+* ``reductions`` and ``reduce(...)``: global scalars over all parameters of
+  all groups, computed before the update (summed over groups, buckets and,
+  for sharded parameters, ranks) and passed to ``lr``, ``foreach`` and
+  ``kernel`` as ``reduced``.
+* ``needs_full_param``: the direction must see whole matrices (an
+  orthogonalization), not shards or flattened views.
+* ``delegates_move``: the base optimizer moves ``z`` itself (the wrapper);
+  see :class:`DelegatedDirection`.
+
+An optimizer may use a different direction per parameter group
+(:meth:`sfoptim.engine.ScheduleFreeOptimizer.direction_for`). Directions are
+stateless: hyperparameters live in the param group, tensors in the state.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, ClassVar, Mapping, NamedTuple, Optional
+
+from torch import Tensor
+
+__all__ = ["KERNEL_SCALARS", "KIND_SLOTS", "Bucket", "DelegatedDirection", "Direction", "KernelSpec", "Kind", "warmup_lr"]
+
+
+class Bucket(NamedTuple):
+    """Tensors of one device and dtype that one backend call updates together.
+
+    ``params`` hold ``y`` (or its wide master), ``grads`` the gradients at
+    ``y`` (never to be written), ``z`` the base iterates, ``buffers`` the
+    direction's own state by the names it declared.
+    """
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    z: list[Tensor]
+    buffers: dict[str, list[Tensor]]
+
+
+class Kind(enum.IntEnum):
+    r"""The direction families the one-pass kernels implement.
+
+    This enum is the single declaration: the C source receives the values as
+    preprocessor definitions (see :mod:`sfoptim.backends.cpu_kernel`) and the
+    compiled backend branches on them.
+
+    * ``SGD``: :math:`d = g`.
+    * ``ADAM``: :math:`v \leftarrow \beta_2 v + (1-\beta_2) g^2`,
+      :math:`d = \hat m / (\sqrt{v / bc_2} + \epsilon)` with :math:`\hat m = g`,
+      or with a second slot :math:`m \leftarrow \operatorname{lerp}(m, g, 1-\mu)`,
+      :math:`\hat m = m / bc_1`.
+    * ``SGD_V``: :math:`d = g` while :math:`v` is updated as for ``ADAM``
+      (RAdam's phase before the rectifier exists).
+    """
+
+    SGD = 0
+    ADAM = 1
+    SGD_V = 2
+
+
+#: The buffer slots each family reads and writes, as (fewest, most).
+KIND_SLOTS: dict[Kind, tuple[int, int]] = {Kind.SGD: (0, 0), Kind.ADAM: (1, 2), Kind.SGD_V: (1, 1)}
+
+#: The scalars every kernel call receives, in slot order. The engine fills
+#: ``lr``, ``ckp1``, ``beta`` and ``wd``; a :class:`KernelSpec` the others
+#: (unset ones are 0, except the bias corrections, which are 1).
+KERNEL_SCALARS: tuple[str, ...] = ("lr", "ckp1", "beta", "wd", "beta2", "bc2", "eps", "mu", "bc1")
+
+
+class KernelSpec(NamedTuple):
+    """A direction's description of its one-pass kernel for one step.
+
+    Attributes:
+        kind: the kernel family.
+        buffers: the direction's state buffers that fill the kernel's slots, in
+            order: the second moment ``v``, then the first moment ``m`` (a
+            family that needs fewer slots gets a shorter tuple).
+        scalars: values of the family's entries of :data:`KERNEL_SCALARS`.
+    """
+
+    kind: Kind
+    buffers: tuple[str, ...] = ()
+    scalars: Mapping[str, float] = {}
+
+
+def warmup_lr(group: dict, step: int) -> float:
+    """``lr * min(1, step / warmup_steps)`` for a 1-based ``step``."""
+    warmup = int(group.get("warmup_steps", 0))
+    factor = step / warmup if 0 < warmup and step <= warmup else 1.0
+    return float(group["lr"]) * factor
+
+
+class Direction:
+    """A base direction (see the module docstring for the contract).
+
+    Subclasses implement :meth:`beta` and :meth:`foreach`, and optionally
+    :meth:`state_buffers`, :meth:`lr`, :meth:`kernel`, :meth:`reduce`.
+    """
+
+    #: Names of the global scalar reductions :meth:`reduce` contributes to.
+    reductions: ClassVar[tuple[str, ...]] = ()
+    #: The direction needs whole tensors in their own shape (an
+    #: orthogonalization): no flattening, and no sharded parameters.
+    needs_full_param: ClassVar[bool] = False
+    #: The interpolation weight depends on the step: the engine records the
+    #: one each ``y`` was built with (costs one group key).
+    varying_beta: ClassVar[bool] = False
+    #: The base optimizer moves ``z`` itself (:class:`DelegatedDirection`).
+    delegates_move: ClassVar[bool] = False
+
+    def beta(self, group: dict, step: int) -> float:
+        r"""The interpolation weight :math:`\beta \in (0, 1]` of the 1-based ``step``."""
+        raise NotImplementedError
+
+    def lr(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> float:
+        """The learning rate of the 1-based ``step`` (default: linear warmup)."""
+        return warmup_lr(group, step)
+
+    def state_buffers(self, group: dict) -> tuple[str, ...]:
+        """Names of the parameter-sized state buffers besides ``z`` (zeros at creation)."""
+        return ()
+
+    def reduce(self, group: dict, bucket: Bucket, beta: float) -> dict[str, Tensor]:
+        """This bucket's contributions (0-d tensors) to each name in :attr:`reductions`.
+
+        Called before the update with ``y`` in ``bucket.params``; ``beta`` is
+        the weight ``y`` was built with, so ``x = lerp(y, z, 1 - 1/beta)``.
+        """
+        return {}
+
+    def foreach(
+        self, group: dict, step: int, bucket: Bucket, reduced: Mapping[str, Tensor]
+    ) -> tuple[list[Tensor], bool]:
+        """The direction for ``bucket`` and whether the caller may modify it.
+
+        State buffers are updated in place. When the second item is False the
+        tensors alias something that must not change (the gradients) and the
+        engine copies before adding weight decay.
+        """
+        raise NotImplementedError
+
+    def kernel(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> Optional[KernelSpec]:
+        """The one-pass kernel for this step, or None (foreach only)."""
+        return None
+
+
+class DelegatedDirection(Direction):
+    """A direction computed by another optimizer that moves ``z`` itself.
+
+    The engine still owns ``x``, ``y``, weight decay at ``y`` and the schedule;
+    around one :meth:`move` of all groups it calls the engine's bookkeeping
+    that leaves ``z`` in the parameters before, and the new ``y`` after. The
+    learning rate is read after the move, since the base optimizer may change
+    it while stepping (D-Adaptation's ``d``).
+    """
+
+    delegates_move = True
+
+    def move(self, optimizer: Any) -> None:
+        """Moves ``z`` (held in ``optimizer``'s parameters) with the gradients at ``y``."""
+        raise NotImplementedError
+
+    def foreach(self, group: dict, step: int, bucket: Bucket, reduced: Mapping[str, Tensor]) -> Any:
+        raise TypeError(f"{type(self).__name__} moves z through its base optimizer; it has no foreach direction")
+

@@ -1,0 +1,220 @@
+r"""The one schedule-free step, shared by the plain, closure and wrapper forms.
+
+:meth:`ScheduleFreeOptimizer.step` puts the parameters at ``y`` (the closure
+form moves them there, the plain form checks they are), evaluates the
+closure, and calls :func:`update`, which runs these phases over all groups:
+
+1. **plan**: per group, its direction, the parameters with a gradient
+   (checked: dense, right shape) and the step index. Nothing has changed
+   yet, so a bad gradient in the last group leaves every group untouched.
+2. **state**: buckets of tensors of one device and dtype (state created on
+   first use); a direction that moves ``z`` through another optimizer gets
+   its parameters instead.
+3. **reductions**: if any direction declares some, its per-bucket partial
+   sums are added over all groups and, for sharded parameters, all ranks.
+4. **delegated move**: for the wrapper, a copy of ``z`` goes into the
+   parameters, the base optimizer steps all of them at once, and the
+   parameters get ``y`` back (also when the base optimizer raises).
+5. **update**: per group, the learning rate and averaging scalars
+   (:mod:`.schedule`), then the update of ``y`` and ``z`` on the backend
+   :mod:`sfoptim.backends.dispatch` picks (or, after a delegated move, the
+   average and the new ``y``), the master copies written back, and the
+   group's schedule committed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Mapping
+
+import torch
+from torch import Tensor
+
+from ..backends import dispatch
+from ..directions.base import Bucket, Direction
+from .schedule import interpolation_step
+
+if TYPE_CHECKING:
+    from .optimizer import ScheduleFreeOptimizer
+
+__all__ = ["GroupStep", "update"]
+
+_NO_REDUCTIONS: Mapping[str, Tensor] = {}
+
+
+class GroupStep:
+    """What one step needs to know about one param group."""
+
+    __slots__ = ("group", "direction", "active", "step", "beta_prev", "beta", "buckets", "moved")
+
+    def __init__(self, group: dict, direction: Direction, active: list[Tensor], step: int, beta_prev: float, beta: float):
+        self.group = group
+        self.direction = direction
+        self.active = active
+        #: The 1-based index of this step.
+        self.step = step
+        #: The interpolation weight the current ``y`` was built with, and the new one.
+        self.beta_prev = beta_prev
+        self.beta = beta
+        self.buckets: list[Bucket] = []
+        #: For a delegated move: the tensors the base optimizer stepped, the
+        #: z buffers created by this step, and the learning rate times the decay at y.
+        self.moved: tuple[list[Tensor], list[Tensor], float] = ([], [], 0.0)
+
+
+def plan(opt: ScheduleFreeOptimizer) -> list[GroupStep]:
+    """Phase 1: validates every group's gradients; changes nothing."""
+    plans = []
+    k = opt.group_key("k")
+    for gi, group in enumerate(opt.param_groups):
+        direction = opt.direction_for(group)
+        active = opt._active_params(gi, group)
+        if direction.needs_full_param:
+            _check_whole(opt, gi, group, active, direction)
+        step = group[k] + 1
+        beta = direction.beta(group, step)
+        beta_prev = opt.y_beta(group) if direction.varying_beta else beta
+        plans.append(GroupStep(group, direction, active, step, beta_prev, beta))
+    return plans
+
+
+def _check_whole(opt: ScheduleFreeOptimizer, gi: int, group: dict, active: list[Tensor], direction: Direction) -> None:
+    for p in active:
+        if any(getattr(pl, "dim", None) is not None for pl in getattr(p, "placements", ())):
+            i = next(j for j, q in enumerate(group["params"]) if q is p)
+            raise NotImplementedError(
+                f"{type(direction).__name__} needs whole matrices, but {opt._param_label(gi, i, p)} is sharded "
+                "(FSDP2); gathering shards for it is not supported yet."
+            )
+
+
+def reduce(plans: list[GroupStep]) -> Mapping[str, Tensor]:
+    """Phase 3: the global sums the directions asked for (empty when none did).
+
+    Partial sums of plain tensors are added locally (under DDP they are the
+    same on every rank, the gradients being averaged already). Those of
+    sharded parameters (DTensor, FSDP2) stay partial over their mesh until
+    they are summed, and are then resolved by one collective per name.
+    """
+    if not any(p.direction.reductions for p in plans):
+        return _NO_REDUCTIONS
+    local: dict[str, Tensor] = {}
+    sharded: dict[str, Tensor] = {}
+    for p in plans:
+        for bucket in p.buckets:
+            target = sharded if type(bucket.params[0]) is not Tensor and hasattr(bucket.params[0], "placements") else local
+            for name, value in p.direction.reduce(p.group, bucket, p.beta_prev).items():
+                target[name] = target[name] + value if name in target else value
+    for name, value in sharded.items():
+        full = value.full_tensor()  # type: ignore[attr-defined]
+        local[name] = local[name] + full.to(local[name].device) if name in local else full
+    return local
+
+
+def update(opt: ScheduleFreeOptimizer) -> None:
+    """One step of every group; the parameters hold ``y`` before and after."""
+    plans = plan(opt)
+    delegated = []
+    for p in plans:
+        if p.direction.delegates_move:
+            delegated.append(p)
+        elif p.active:
+            p.buckets = opt._buckets(p.group, p.active, p.direction.state_buffers(p.group))
+    reduced = reduce(plans)
+    if delegated:
+        _delegated_move(opt, delegated, reduced)
+    key = opt.group_key
+    for p in plans:
+        group, direction = p.group, p.direction
+        sched = opt._schedule(group, direction.lr(group, p.step, reduced))
+        ckp1, beta = interpolation_step(sched.ckp1, p.beta_prev, p.beta)
+        if p.direction.delegates_move:
+            _finish_delegated(opt, p, sched.ckp1)
+        elif p.active:
+            fused, foreach_flag = opt.option(group, "fused"), opt.option(group, "foreach")
+            decay = group[key("weight_decay")]
+            for bucket in p.buckets:
+                dispatch.step(
+                    direction, group, p.step, bucket, reduced,
+                    lr=sched.lr, ckp1=ckp1, beta=beta, weight_decay=decay,
+                    fused=fused, foreach_flag=foreach_flag,
+                )  # fmt: skip
+            opt._sync_params(group, p.active)
+        opt._commit(group, sched, p.beta)
+
+
+def _delegated_move(opt: ScheduleFreeOptimizer, plans: list[GroupStep], reduced: Mapping[str, Tensor]) -> None:
+    r"""Phase 4: the base optimizer moves a copy of ``z`` held in the parameters.
+
+    Each parameter lends its storage to a new tensor holding ``z`` (minus
+    :math:`\gamma\lambda y` for weight decay at ``y``, with this step's learning
+    rate, read before the base optimizer may change it); ``y`` and the stored
+    ``z`` are not touched. If the base optimizer raises, the parameters get
+    their ``y`` back and the ``z`` buffers this step created are removed, so
+    everything is bit for bit as before and the step can be retried.
+    """
+    key = opt.group_key
+    for p in plans:
+        created = [q for q in p.active if "z" not in opt.state[q]]
+        for q in created:
+            opt.state[q]["z"] = q.detach().clone()
+        decay = p.group[key("weight_decay")]
+        lr_decay = p.direction.lr(p.group, p.step, reduced) * decay if decay != 0 else 0.0
+        zs = [opt.state[q]["z"] for q in p.active]
+        if not zs:
+            iterates: list[Tensor] = []
+        elif lr_decay != 0:
+            iterates = list(torch._foreach_sub(zs, [q.data for q in p.active], alpha=lr_decay))
+        else:
+            iterates = [torch.clone(z, memory_format=torch.preserve_format) for z in zs]
+        p.moved = (iterates, created, lr_decay)
+    for p in plans:
+        for q, t in zip(p.active, p.moved[0]):
+            _swap(q, t)
+    movers = {id(p.direction): p.direction for p in plans}
+    try:
+        for direction in movers.values():
+            direction.move(opt)  # type: ignore[attr-defined]  # a DelegatedDirection
+    except BaseException:
+        for p in plans:
+            iterates, created, _ = p.moved
+            for q, t in zip(p.active, iterates):
+                _swap(q, t)
+            for q in created:
+                del opt.state[q]["z"]
+        raise
+
+
+def _finish_delegated(opt: ScheduleFreeOptimizer, p: GroupStep, ckp1: float) -> None:
+    """Phase 5 after a delegated move: ``x`` from ``y`` and the old ``z``, then the new ``x``, ``y`` and ``z``."""
+    if not p.active:
+        return
+    iterates, _, lr_decay = p.moved
+    for q, t in zip(p.active, iterates):
+        _swap(q, t)
+    fused = opt.option(p.group, "fused")
+    ys = [real(q.data) for q in p.active]
+    # The decay moves the old z by -lr*decay*y and y by (1-beta) of that, so x
+    # stays put; the old z is replaced by the base optimizer's iterate below.
+    dispatch.wrap_before(ys, [real(opt.state[q]["z"]) for q in p.active], lr_decay, p.beta_prev, fused)
+    dispatch.wrap_after(ys, [real(t) for t in iterates], ckp1, p.beta, fused)
+    for q, t in zip(p.active, iterates):
+        opt.state[q]["z"] = t
+
+
+def real(t: Tensor) -> Tensor:
+    """Complex tensors as pairs of reals, as torch.optim does."""
+    return torch.view_as_real(t) if torch.is_complex(t) else t
+
+
+def _swap(a: Tensor, b: Tensor) -> None:
+    """Exchanges the contents of two same-shaped tensors."""
+    if type(a.data) is Tensor and type(b.data) is Tensor:
+        # Exchanging storages is free and leaves ``a.grad`` and object identity alone.
+        tmp = a.data
+        a.data = b.data
+        b.data = tmp
+    else:
+        tmp = a.detach().clone()
+        a.copy_(b)
+        b.copy_(tmp)
+
