@@ -185,7 +185,14 @@ def test_library_swapped_after_build_is_rebuilt_not_loaded(planted, clean_loader
     ok, _ = _load()
     assert ok
     (lib,) = cache.glob("*.so")
-    lib.write_bytes(planted)  # same name, owner and mode: only the content changed
+    # Same name, owner and mode: only the content changed. Swapped by rename, as
+    # an editor or a build tool would: writing into the file in place would
+    # change pages this process has mapped, and the process would die of
+    # SIGBUS at exit (a property of the test, not of the loader).
+    swapped = lib.with_name("swapped.tmp")
+    swapped.write_bytes(planted)
+    os.chmod(swapped, lib.stat().st_mode & 0o777)
+    os.replace(swapped, lib)
 
     # A fresh process: within this one, dlopen would hand back the library already loaded.
     proc = _run_fresh_process({"SFOPTIM_CACHE_DIR": str(cache), "SFOPTIM_TEST_MARKER": str(clean_loader)})
