@@ -62,11 +62,17 @@ def _d_adapted_run(wrap: Callable[[torch.optim.Optimizer], Any], steps: int = 25
     return ys, [p.detach().clone() for p in params], ds
 
 
+@pytest.mark.parametrize("decay", [0.0, 0.1], ids=["no-decay", "decay-at-y"])
 @pytest.mark.parametrize("fused", [None, False], ids=["fused", "foreach"])
-def test_wrapper_uses_lr_times_d_of_a_d_adapted_base_like_the_published_wrapper(fused: bool | None) -> None:
+def test_wrapper_uses_lr_times_d_of_a_d_adapted_base_like_the_published_wrapper(fused: bool | None, decay: float) -> None:
+    # lr*d weights the average; the decay at y is scaled by the group's lr alone.
     schedulefree = pytest.importorskip("schedulefree")
-    ours_y, ours_x, ds = _d_adapted_run(lambda base: sfoptim.ScheduleFreeWrapper(base, momentum=0.9, fused=fused))
-    theirs_y, theirs_x, _ = _d_adapted_run(lambda base: schedulefree.ScheduleFreeWrapper(base, momentum=0.9))
+    ours_y, ours_x, ds = _d_adapted_run(
+        lambda base: sfoptim.ScheduleFreeWrapper(base, weight_decay_at_y=decay, momentum=0.9, fused=fused)
+    )
+    theirs_y, theirs_x, _ = _d_adapted_run(
+        lambda base: schedulefree.ScheduleFreeWrapper(base, weight_decay_at_y=decay, momentum=0.9)
+    )
     assert len(set(ds)) == len(ds), "the base optimizer's d must change every step for this test to mean anything"
     for step, (a, b) in enumerate(zip(ours_y, theirs_y)):
         for i, (u, v) in enumerate(zip(a, b)):

@@ -188,6 +188,15 @@ class DelegatedDirection(Direction):
         """Moves ``z`` (held in ``optimizer``'s parameters) with the gradients at ``y``."""
         raise NotImplementedError
 
+    def decay_lr(self, group: dict) -> float:
+        """The learning rate that scales weight decay at ``y``, read before :meth:`move`.
+
+        The group's own ``lr``: the step size of the base optimizer's ``z``
+        update is its business, so a D-Adaptation ``d`` (which only weights
+        the average) does not scale the decay, as in the published wrapper.
+        """
+        return float(group["lr"])
+
     def foreach(self, group: dict, step: int, bucket: Bucket, reduced: Mapping[str, Tensor]) -> Any:
         raise TypeError(f"{type(self).__name__} moves z through its base optimizer; it has no foreach direction")
 

@@ -158,7 +158,7 @@ def _delegated_move(opt: ScheduleFreeOptimizer, plans: list[GroupStep], reduced:
         for q in created:
             opt.state[q]["z"] = q.detach().clone()
         decay = p.group[key("weight_decay")]
-        lr_decay = p.direction.lr(p.group, p.step, reduced) * decay if decay != 0 else 0.0
+        lr_decay = p.direction.decay_lr(p.group) * decay if decay != 0 else 0.0  # type: ignore[attr-defined]
         zs = [opt.state[q]["z"] for q in p.active]
         if not zs:
             iterates: list[Tensor] = []
