@@ -112,7 +112,7 @@ def summarize(task, runs, configs):
         rows.append({
             "task": task, "config": name, "loss": m, "per_seed": losses,
             "ratio": (m / base) if base else None,
-            "per_seed_ratio": ([l / runs["float32"][s][0] for s, l in zip(runs[name], losses)] if base else None),
+            "per_seed_ratio": ([loss / runs["float32"][s][0] for s, loss in zip(runs[name], losses)] if base else None),
             "seconds": statistics.fmean(v[-1] for v in runs[name].values()),
         })
     return rows

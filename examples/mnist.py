@@ -69,7 +69,7 @@ def load_mnist(folder: Path):
             raise SystemExit(
                 f"MNIST files not found in {folder} (expected {', '.join(MNIST_FILES.values())}, "
                 "optionally .gz) and torchvision is not installed to download them. "
-                "Use --data digits to run without MNIST.")
+                "Use --data digits to run without MNIST.") from None
         torchvision.datasets.MNIST(str(folder), train=True, download=True)
         torchvision.datasets.MNIST(str(folder), train=False, download=True)
         found = {k: _find(folder, v) for k, v in MNIST_FILES.items()}

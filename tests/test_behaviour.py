@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
+from problems import loss_fn, make_batches, make_model, rel_diff, two_groups
 
 import sfoptim
-from problems import loss_fn, make_batches, make_model, rel_diff, two_groups
 
 FACTORIES: dict[str, Callable[[Any], Any]] = {
     "sgd": lambda p: sfoptim.SGDScheduleFree(p, lr=0.2, warmup_steps=3, weight_decay=0.01),

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import pytest
 import torch
 import torch.nn as nn
+from _dist import spawn
 from torch import Tensor
 
 import sfoptim
@@ -22,8 +24,6 @@ from sfoptim.backends import dispatch
 from sfoptim.directions import Bucket, Direction, KernelSpec, Kind
 from sfoptim.directions.adamw import AdamDirection
 from sfoptim.directions.sgd import SGDDirection
-
-from _dist import spawn
 
 F64 = torch.float64
 

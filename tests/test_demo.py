@@ -63,6 +63,7 @@ def test_cli_without_command_prints_help():
 
 def test_training_is_deterministic_given_seed():
     import torch
+
     from sfoptim import demo
 
     torch.set_num_threads(1)

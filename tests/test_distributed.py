@@ -7,17 +7,13 @@ bound there is 1e-9 relative (what is measured is ~1e-15).
 
 from __future__ import annotations
 
-import copy
-
-import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from _dist import full, rel_diff, spawn
 
 import sfoptim
 from sfoptim import averaged_state_dict
-
-from _dist import full, rel_diff, spawn
 
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 GLOBAL_BATCH = 8

@@ -19,7 +19,7 @@ def test_mnist_example_on_digits(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("epoch")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("epoch")]
     assert len(lines) == 3
     acc = float(lines[-1].split("test accuracy ")[1].split()[0])
     # Three epochs of a ConvNet on 8x8 digits reach well above chance (0.1);

@@ -8,15 +8,16 @@ learning rate, warmup and modes change.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
+from problems import rel_diff
 
 import sfoptim
 from sfoptim.backends import compiled as _fused_compiled
 from sfoptim.backends import dispatch
-from problems import rel_diff
 
 torch._dynamo = pytest.importorskip("torch._dynamo")
 
@@ -125,7 +126,7 @@ def test_compiled_backend_float64_large_eps_matches_reference_tightly(
     ran = []
     compiled_step = _fused_compiled.step
     monkeypatch.setattr(_fused_compiled, "step", lambda *a, **k: ran.append(compiled_step(*a, **k)) or ran[-1])
-    for step in range(20):
+    for _step in range(20):
         for a, b in zip(ours, theirs):
             noise = torch.randn(a.shape, generator=g, dtype=torch.float64)
             a.grad = a.detach() * 0.5 + noise

@@ -19,7 +19,7 @@ import sys
 import textwrap
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 import torch
@@ -34,7 +34,7 @@ SRC = Path(sfoptim.__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 
 
-def _run_python(code: str, env: Optional[dict] = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def _run_python(code: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), str(TESTS)]))
     full_env.update(env or {})
     return subprocess.run(
@@ -287,7 +287,7 @@ def two_threads():
     torch.set_num_threads(saved)
 
 
-def _aliased_run(make_params: Any, fused: Optional[bool], foreach: Optional[bool]) -> torch.Tensor:
+def _aliased_run(make_params: Any, fused: bool | None, foreach: bool | None) -> torch.Tensor:
     params = make_params()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch warns about duplicate parameters
@@ -439,7 +439,7 @@ def _make_params(specs: list[dict], seed: int) -> list[torch.nn.Parameter]:
     return params
 
 
-def _make_opt(kind: str, params: list[torch.nn.Parameter], fused: Optional[bool], foreach: Optional[bool]) -> Any:
+def _make_opt(kind: str, params: list[torch.nn.Parameter], fused: bool | None, foreach: bool | None) -> Any:
     if kind == "wrapper":
         base = torch.optim.SGD(params, lr=0.05, foreach=False)
         return sfoptim.ScheduleFreeWrapper(base, momentum=0.9, weight_decay_at_y=0.01, fused=fused)
@@ -462,7 +462,7 @@ def _set_grads(params: list[torch.nn.Parameter], specs: list[dict], seed: int) -
         p.grad = g
 
 
-def _checkpoint(case: dict, params: list[torch.nn.Parameter]) -> Optional[dict]:
+def _checkpoint(case: dict, params: list[torch.nn.Parameter]) -> dict | None:
     """A state dict for the case's `state` variant, saved by a foreach run of some other parameters."""
     variant = case["state"]
     if variant == "fresh" or not params:
@@ -495,7 +495,7 @@ def _corrupt_state(opt: Any, params: list[torch.nn.Parameter], variant: str) -> 
             opt.state[p]["z"] = z.reshape(-1)[: max(z.numel() - 1, 0)].clone()
 
 
-def _run_case(case: dict, fused: Optional[bool], foreach: Optional[bool]) -> tuple[Optional[type], list[torch.Tensor]]:
+def _run_case(case: dict, fused: bool | None, foreach: bool | None) -> tuple[type | None, list[torch.Tensor]]:
     params = _make_params(case["specs"], case["seed"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -547,7 +547,7 @@ def test_fuzz_fused_and_foreach_agree(case: dict) -> None:
 
 
 # ----------------------------------------------------------- AddressSanitizer
-def _gcc_library(name: str) -> Optional[str]:
+def _gcc_library(name: str) -> str | None:
     gcc = shutil.which("gcc")
     if gcc is None:
         return None
@@ -555,7 +555,7 @@ def _gcc_library(name: str) -> Optional[str]:
     return os.path.realpath(path) if os.path.isabs(path) and os.path.exists(path) else None
 
 
-def _asan_preload() -> Optional[str]:
+def _asan_preload() -> str | None:
     # The C++ runtime is preloaded too: torch throws C++ exceptions, and the
     # sanitizer's __cxa_throw interceptor must find the real one at start-up
     # (python itself does not link libstdc++).

@@ -9,15 +9,15 @@ with the step count is not whole.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
+from _dist import spawn
 
 import sfoptim
 from sfoptim.precision import grads_are_finite
-
-from _dist import spawn
 
 
 # ------------------------------------------- the wrapper reads group["d"]

@@ -8,14 +8,14 @@ parameters are compared after every step (at ``y``) and after ``eval()`` (at
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
+from problems import loss_fn, make_batches, make_model, rel_diff, run_pair, two_groups
 
 import sfoptim
-
-from problems import loss_fn, make_batches, make_model, rel_diff, run_pair, two_groups
 
 schedulefree = pytest.importorskip("schedulefree")
 

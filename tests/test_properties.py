@@ -7,14 +7,15 @@ fast optimizer and the reference are fed identical gradients and must agree at
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from problems import rel_diff
 
 import sfoptim
-from problems import rel_diff
 
 TOL = 1e-9
 

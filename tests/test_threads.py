@@ -12,7 +12,8 @@ a one-thread run and with a second threaded run, and with the reference forms
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch

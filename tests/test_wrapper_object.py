@@ -6,14 +6,14 @@ import copy
 import io
 import pickle
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
+from problems import loss_fn, make_batches, make_model, rel_diff
 
 import sfoptim
-
-from problems import loss_fn, make_batches, make_model, rel_diff
 
 schedulefree = pytest.importorskip("schedulefree")
 

@@ -157,11 +157,11 @@ def recalibrate_batchnorm(
         for m, momentum, mean, var, count in saved:
             m.momentum = momentum
             if not ok:
-                if mean is not None:
+                if mean is not None and m.running_mean is not None:
                     m.running_mean.copy_(mean)
-                if var is not None:
+                if var is not None and m.running_var is not None:
                     m.running_var.copy_(var)
-                if count is not None:
+                if count is not None and m.num_batches_tracked is not None:
                     m.num_batches_tracked.copy_(count)
         _restore_module_modes(model, modes)
     return used

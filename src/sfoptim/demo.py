@@ -186,7 +186,7 @@ def plot(result, path: Path) -> bool:
     per_seed = curve["loss"]
     mean = [statistics.fmean(v) for v in zip(*per_seed)]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for i, losses in enumerate(per_seed):
+    for _i, losses in enumerate(per_seed):
         ax.plot(steps, losses, color="C0", alpha=0.25, lw=1)
     ax.plot(steps, mean, color="C0", lw=2,
             label=f"schedule-free AdamW, one run (lr {result['config']['sf_lr']:g})")
@@ -256,7 +256,9 @@ def _positive(kind, minimum=None):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from None
         if not (isinstance(value, int) or math.isfinite(value)) or value <= 0:
             raise argparse.ArgumentTypeError(f"must be a positive {'integer' if kind is int else 'number'}, got {text!r}")
         if minimum is not None and value < minimum:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import types
 from collections.abc import Iterator, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,8 +40,8 @@ __all__ = [
     "unwrap_optimizer",
 ]
 
-OptimizerLike = Union[torch.optim.Optimizer, Any]
-OptimizersArg = Union[OptimizerLike, Sequence[OptimizerLike]]
+OptimizerLike = torch.optim.Optimizer | Any
+OptimizersArg = OptimizerLike | Sequence[OptimizerLike]
 
 # Attribute names under which frameworks keep the optimizer they wrap:
 # Accelerate (AcceleratedOptimizer.optimizer), Lightning

@@ -27,7 +27,7 @@ implied average ``x``) where it was. Two group options fix that:
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -45,7 +45,7 @@ def _local(t: Tensor) -> Tensor:
     return local if local is not None else t
 
 
-def master_dtype(group: dict, p: Tensor) -> Optional[torch.dtype]:
+def master_dtype(group: dict, p: Tensor) -> torch.dtype | None:
     """The dtype of ``p``'s master copy and state, or None when it needs none.
 
     A master exists only for real floating parameters strictly narrower than the
@@ -65,7 +65,7 @@ def check_state_dtype(value: Any) -> None:
         raise ValueError(f"Invalid state_dtype: {value!r}; expected None or a floating torch.dtype")
 
 
-def stochastic_round_(dst: Tensor, src: Tensor, generator: Optional[torch.Generator] = None) -> None:
+def stochastic_round_(dst: Tensor, src: Tensor, generator: torch.Generator | None = None) -> None:
     """Writes ``src`` (float32) into ``dst`` (bfloat16), rounding stochastically.
 
     Each element becomes one of its two bfloat16 neighbours with probability

@@ -23,9 +23,11 @@ which needs no compilation time; this path is exercised on CPU by the tests.
 
 from __future__ import annotations
 
+import sys
 import types
 import warnings
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -40,16 +42,16 @@ _SGD, _ADAM = int(Kind.SGD), int(Kind.ADAM)
 _warned = False
 
 
-def _update(y: Tensor, g: Tensor, z: Tensor, v: Optional[Tensor], m: Optional[Tensor], s: Tensor, kind: int) -> None:
+def _update(y: Tensor, g: Tensor, z: Tensor, v: Tensor | None, m: Tensor | None, s: Tensor, kind: int) -> None:
     lr, ckp1, beta, wd, beta2, bc2, eps, mu, bc1 = s.unbind(0)  # the order of KERNEL_SCALARS
     if kind != _SGD:
-        v.copy_(v * beta2 + g * g * (1 - beta2))  # type: ignore[union-attr]
+        v.copy_(v * beta2 + g * g * (1 - beta2))  # type: ignore[union-attr, operator]
     if kind == _ADAM:
         num = g
         if m is not None:
             m.copy_(m * mu + g * (1 - mu))
             num = m / bc1
-        d = num / ((v / bc2).sqrt() + eps)  # type: ignore[operator]
+        d = num / ((v / bc2).sqrt() + eps)  # type: ignore[operator, arg-type]
     else:
         d = g
     d = d + wd * y
@@ -72,7 +74,10 @@ def _kernel(kind: int, has_m: bool, dtype: torch.dtype) -> Any:
     compiled = _compiled.get(key)
     if compiled is None:
         name = f"_update_{kind}_{int(has_m)}_{str(dtype).rsplit('.', 1)[-1]}"
-        code = _update.__code__.replace(co_name=name, co_qualname=name)
+        names: dict[str, Any] = {"co_name": name}
+        if sys.version_info >= (3, 11):
+            names["co_qualname"] = name
+        code = _update.__code__.replace(**names)
         variant = types.FunctionType(code, _update.__globals__, name)
         compiled = _compiled[key] = torch.compile(variant, dynamic=True, fullgraph=True)
     return compiled

@@ -36,8 +36,9 @@ import itertools
 import os
 import threading
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -56,8 +57,8 @@ _LIBS = ("-lm",)
 _DTYPES = {torch.float32: "float", torch.float64: "double"}
 
 _lock = threading.Lock()
-_lib: Optional[ctypes.CDLL] = None
-_failed: Optional[str] = None
+_lib: ctypes.CDLL | None = None
+_failed: str | None = None
 _warned: set[str] = set()
 #: Number of compilations and library loads in this process (tests check reuse).
 build_count = 0
@@ -85,7 +86,7 @@ def _declare(lib: ctypes.CDLL) -> None:
             fn.restype = cint
 
 
-def _load() -> Optional[ctypes.CDLL]:
+def _load() -> ctypes.CDLL | None:
     global _lib, _failed, build_count, load_count
     if _lib is not None or _failed is not None:
         return _lib
@@ -152,7 +153,7 @@ class _Call(NamedTuple):
 _disjoint_seen: dict[tuple, bool] = {}
 
 
-def _inspect(tensors: Sequence[Sequence[Tensor]]) -> Union[str, _Call]:
+def _inspect(tensors: Sequence[Sequence[Tensor]]) -> str | _Call:
     """Checks every tensor of a kernel call: a refusal reason, or the call's pointers.
 
     The C kernel trusts its arguments completely: every list holds, at each

@@ -19,7 +19,8 @@ The same policy covers the wrapper's bookkeeping around its base optimizer.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 from torch import Tensor
 
@@ -32,14 +33,14 @@ _no_kernel_warned: set[str] = set()
 _SCALAR_DEFAULTS = {name: (1.0 if name in ("bc1", "bc2") else 0.0) for name in KERNEL_SCALARS}
 
 
-def kernel_backend(device_type: str, fused: Optional[bool]) -> Any:
+def kernel_backend(device_type: str, fused: bool | None) -> Any:
     """The kernel module for a device: the C kernel on CPU, the compiled one elsewhere if asked for."""
     if device_type == "cpu":
         return cpu_kernel
     return compiled if fused else None
 
 
-def _kernel_allowed(fused: Optional[bool], foreach_flag: Optional[bool]) -> bool:
+def _kernel_allowed(fused: bool | None, foreach_flag: bool | None) -> bool:
     return fused is not False and not (fused is None and foreach_flag is False)
 
 
@@ -54,8 +55,8 @@ def step(
     ckp1: float,
     beta: float,
     weight_decay: float,
-    fused: Optional[bool],
-    foreach_flag: Optional[bool],
+    fused: bool | None,
+    foreach_flag: bool | None,
 ) -> None:
     """Applies one schedule-free step to ``bucket`` on the backend the policy picks."""
     if _kernel_allowed(fused, foreach_flag) and _run_kernel(
@@ -80,7 +81,7 @@ def _run_kernel(
     ckp1: float,
     beta: float,
     weight_decay: float,
-    fused: Optional[bool],
+    fused: bool | None,
 ) -> bool:
     backend = kernel_backend(bucket.params[0].device.type, fused)
     if backend is None:
@@ -109,17 +110,17 @@ def _run_kernel(
     )
 
 
-def _wrap(name: str, a: list[Tensor], b: list[Tensor], scalar: float, beta: float, fused: Optional[bool]) -> None:
+def _wrap(name: str, a: list[Tensor], b: list[Tensor], scalar: float, beta: float, fused: bool | None) -> None:
     if fused is not False and getattr(cpu_kernel, name)(a, b, scalar, beta, explicit=fused is True):
         return
     getattr(foreach, name)(a, b, scalar, beta)
 
 
-def wrap_before(ys: list[Tensor], zs: list[Tensor], lr_decay: float, beta: float, fused: Optional[bool]) -> None:
+def wrap_before(ys: list[Tensor], zs: list[Tensor], lr_decay: float, beta: float, fused: bool | None) -> None:
     """:func:`.foreach.wrap_before` on the backend the policy picks (``ys`` hold ``x`` afterwards)."""
     _wrap("wrap_before", ys, zs, lr_decay, beta, fused)
 
 
-def wrap_after(xs: list[Tensor], zs: list[Tensor], ckp1: float, beta: float, fused: Optional[bool]) -> None:
+def wrap_after(xs: list[Tensor], zs: list[Tensor], ckp1: float, beta: float, fused: bool | None) -> None:
     """:func:`.foreach.wrap_after` on the backend the policy picks (``xs`` hold the new ``y``)."""
     _wrap("wrap_after", xs, zs, ckp1, beta, fused)

@@ -8,7 +8,7 @@ backend is the same code called with one tensor per list.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
@@ -50,7 +50,7 @@ def step(
         if owned:
             torch._foreach_add_(d, bucket.params, alpha=weight_decay)
         else:
-            d = torch._foreach_add(d, bucket.params, alpha=weight_decay)
+            d = list(torch._foreach_add(d, bucket.params, alpha=weight_decay))
     interpolate_and_step(bucket.params, bucket.z, d, lr, ckp1, beta)
 
 

@@ -47,9 +47,9 @@ import stat
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 __all__ = ["Loaded", "compiler_command", "cache_directory", "load"]
 
@@ -105,7 +105,7 @@ def compiler_command() -> list[str]:
     raise RuntimeError("no C compiler found (set SFOPTIM_CC or install gcc)")
 
 
-def _home() -> Optional[str]:
+def _home() -> str | None:
     home = os.environ.get("HOME", "")
     if os.path.isabs(home):
         return home
@@ -118,7 +118,7 @@ def _home() -> Optional[str]:
     return home if os.path.isabs(home) else None
 
 
-def cache_directory() -> Optional[Path]:
+def cache_directory() -> Path | None:
     """The configured cache directory, or None when there is no home to put it in."""
     explicit = os.environ.get("SFOPTIM_CACHE_DIR", "")
     if explicit:
@@ -148,7 +148,7 @@ def _key(source: bytes, cc: list[str], flags: Sequence[str]) -> str:
     return hashlib.sha256(b"\0".join([source, *(t.encode() for t in text)])).hexdigest()[:20]
 
 
-def _untrusted(st: os.stat_result) -> Optional[str]:
+def _untrusted(st: os.stat_result) -> str | None:
     """Why a file or directory with this status must not be trusted, or None."""
     if st.st_uid != os.geteuid():
         return f"owned by uid {st.st_uid}, not by the current user (uid {os.geteuid()})"
@@ -187,7 +187,7 @@ def _open_directory(path: Path) -> int:
     return fd
 
 
-def _read_verified(dir_fd: int, name: str, expected: Optional[str]) -> tuple[int, str]:
+def _read_verified(dir_fd: int, name: str, expected: str | None) -> tuple[int, str]:
     """Open ``name`` in ``dir_fd`` without following symlinks and check it.
 
     Returns the open descriptor and the SHA-256 of its bytes. Raises
@@ -265,7 +265,7 @@ def _remove_stale_temporaries(dir_fd: int) -> None:
             pass  # another process removed it first
 
 
-def _load_cached(dir_fd: int, dir_path: Path, key: str, warn: Callable[[str], None]) -> Optional[Loaded]:
+def _load_cached(dir_fd: int, dir_path: Path, key: str, warn: Callable[[str], None]) -> Loaded | None:
     pattern = re.compile(re.escape(_PREFIX + key) + r"_([0-9a-f]{64})\.so")
     for name in sorted(os.listdir(dir_fd)):
         match = pattern.fullmatch(name)

@@ -15,7 +15,8 @@ momentum: schedule-free needs none.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping, Optional, Union
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -47,7 +48,7 @@ def adam_direction(
     beta2: float,
     eps: float,
     bias_correction: bool = True,
-    exp_avg: Optional[list[Tensor]] = None,
+    exp_avg: list[Tensor] | None = None,
     inner_momentum: float = 0.0,
 ) -> list[Tensor]:
     r"""Updates the second moment in place and returns Adam's direction as new tensors.
@@ -64,9 +65,9 @@ def adam_direction(
         denom = torch._foreach_sqrt(exp_avg_sq)
     torch._foreach_add_(denom, eps)
     if exp_avg is None:
-        return torch._foreach_div(grads, denom)
+        return list(torch._foreach_div(grads, denom))
     torch._foreach_lerp_(exp_avg, grads, 1 - inner_momentum)
-    direction = torch._foreach_div(exp_avg, denom)
+    direction = list(torch._foreach_div(exp_avg, denom))
     torch._foreach_div_(direction, 1 - inner_momentum**step)
     return direction
 
@@ -109,7 +110,7 @@ class AdamDirection(Direction):
         )
         return direction, True
 
-    def kernel(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> Optional[KernelSpec]:
+    def kernel(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> KernelSpec | None:
         beta2, inner = group["betas"][1], group.get("inner_momentum", 0.0)
         scalars = {
             "beta2": beta2,
@@ -162,18 +163,18 @@ class AdamWScheduleFree(ScheduleFreeOptimizer):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: Union[float, Tensor] = 0.0025,
+        lr: float | Tensor = 0.0025,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0,
         warmup_steps: int = 0,
         r: float = 0.0,
         weight_lr_power: float = 2.0,
-        foreach: Optional[bool] = None,
+        foreach: bool | None = None,
         inner_momentum: float = 0.0,
-        state_dtype: Optional[torch.dtype] = None,
+        state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
-        fused: Optional[bool] = None,
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             fused=fused,
@@ -210,18 +211,18 @@ class AdamWScheduleFreeClosure(ClosureForm, AdamWScheduleFree):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: Union[float, Tensor] = 0.0025,
+        lr: float | Tensor = 0.0025,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0,
         warmup_steps: int = 0,
         r: float = 0.0,
         weight_lr_power: float = 2.0,
-        foreach: Optional[bool] = None,
+        foreach: bool | None = None,
         inner_momentum: float = 0.0,
-        state_dtype: Optional[torch.dtype] = None,
+        state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
-        fused: Optional[bool] = None,
+        fused: bool | None = None,
     ) -> None:
         super().__init__(
             params,

@@ -44,7 +44,8 @@ stateless: hyperparameters live in the param group, tensors in the state.
 from __future__ import annotations
 
 import enum
-from typing import Any, ClassVar, Mapping, NamedTuple, Optional
+from collections.abc import Mapping
+from typing import Any, ClassVar, NamedTuple
 
 from torch import Tensor
 
@@ -167,7 +168,7 @@ class Direction:
         """
         raise NotImplementedError
 
-    def kernel(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> Optional[KernelSpec]:
+    def kernel(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> KernelSpec | None:
         """The one-pass kernel for this step, or None (foreach only)."""
         return None
 

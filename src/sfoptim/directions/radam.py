@@ -9,7 +9,8 @@ learning rate is :math:`\gamma r_t` and the direction Adam's
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Optional, Union
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -61,7 +62,7 @@ class RAdamDirection(Direction):
             return bucket.grads, False
         return adam_direction(bucket.grads, bucket.buffers["exp_avg_sq"], step=step, beta2=beta2, eps=group["eps"]), True
 
-    def kernel(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> Optional[KernelSpec]:
+    def kernel(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> KernelSpec | None:
         beta2 = group["betas"][1]
         if radam_rectification(step, beta2) is None:
             return KernelSpec(Kind.SGD_V, ("exp_avg_sq",), {"beta2": beta2})
@@ -91,17 +92,17 @@ class RAdamScheduleFree(ScheduleFreeOptimizer):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: Union[float, Tensor] = 0.0025,
+        lr: float | Tensor = 0.0025,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0,
         r: float = 0.0,
         weight_lr_power: float = 2.0,
-        foreach: Optional[bool] = None,
+        foreach: bool | None = None,
         silent_sgd_phase: bool = True,
-        state_dtype: Optional[torch.dtype] = None,
+        state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
-        fused: Optional[bool] = None,
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             fused=fused,
@@ -133,17 +134,17 @@ class RAdamScheduleFreeClosure(ClosureForm, RAdamScheduleFree):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: Union[float, Tensor] = 0.0025,
+        lr: float | Tensor = 0.0025,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0,
         r: float = 0.0,
         weight_lr_power: float = 2.0,
-        foreach: Optional[bool] = None,
+        foreach: bool | None = None,
         silent_sgd_phase: bool = True,
-        state_dtype: Optional[torch.dtype] = None,
+        state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
-        fused: Optional[bool] = None,
+        fused: bool | None = None,
     ) -> None:
         super().__init__(
             params,

@@ -9,7 +9,8 @@ with ``momentum`` playing the role of the interpolation weight :math:`\beta`.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Optional, Union
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -30,7 +31,7 @@ class SGDDirection(Direction):
     def foreach(self, group: dict, step: int, bucket: Bucket, reduced: Mapping[str, Tensor]) -> tuple[list[Tensor], bool]:
         return bucket.grads, False
 
-    def kernel(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> Optional[KernelSpec]:
+    def kernel(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> KernelSpec | None:
         return _SGD_KERNEL
 
 
@@ -72,16 +73,16 @@ class SGDScheduleFree(ScheduleFreeOptimizer):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: Union[float, Tensor] = 1.0,
+        lr: float | Tensor = 1.0,
         momentum: float = 0.9,
         weight_decay: float = 0,
         warmup_steps: int = 0,
         r: float = 0.0,
         weight_lr_power: float = 2,
-        foreach: Optional[bool] = None,
-        state_dtype: Optional[torch.dtype] = None,
+        foreach: bool | None = None,
+        state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
-        fused: Optional[bool] = None,
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             fused=fused,
@@ -115,16 +116,16 @@ class SGDScheduleFreeClosure(ClosureForm, SGDScheduleFree):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: Union[float, Tensor] = 1.0,
+        lr: float | Tensor = 1.0,
         weight_decay: float = 0,
         momentum: float = 0.9,
         warmup_steps: int = 0,
         r: float = 0.0,
         weight_lr_power: float = 2.0,
-        foreach: Optional[bool] = None,
-        state_dtype: Optional[torch.dtype] = None,
+        foreach: bool | None = None,
+        state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
-        fused: Optional[bool] = None,
+        fused: bool | None = None,
     ) -> None:
         super().__init__(
             params,

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, ClassVar, Iterator, Mapping, Optional
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -97,7 +98,7 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
         weight_lr_power: float = 2,
         r: float = 0,
         *,
-        fused: Optional[bool] = None,
+        fused: bool | None = None,
     ) -> None:
         if not isinstance(base, torch.optim.Optimizer):
             raise TypeError(f"Invalid base: expected a torch.optim.Optimizer, got {type(base).__name__}")

@@ -30,7 +30,8 @@ and add nothing else.
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -198,7 +199,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         return all(g[key] for g in self.param_groups)
 
     @torch.no_grad()
-    def train(self) -> "ScheduleFreeOptimizer":
+    def train(self) -> ScheduleFreeOptimizer:
         """Moves the parameters to the training point ``y``. Idempotent; returns self."""
         key = self.group_key("train_mode")
         for group in self.param_groups:
@@ -208,7 +209,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         return self
 
     @torch.no_grad()
-    def eval(self) -> "ScheduleFreeOptimizer":
+    def eval(self) -> ScheduleFreeOptimizer:
         """Moves the parameters to the averaged point ``x``. Idempotent; returns self."""
         key = self.group_key("train_mode")
         for group in self.param_groups:
@@ -285,7 +286,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------- step
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Performs one schedule-free step with the gradients stored in ``p.grad``.
 
         ``closure``, if given, is evaluated first (with gradients enabled) and
@@ -303,7 +304,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             self._leave_step()
         return loss
 
-    def _enter_step(self, closure: Optional[Callable[[], Any]]) -> None:
+    def _enter_step(self, closure: Callable[[], Any] | None) -> None:
         """Puts the parameters where the closure and the update expect ``y`` (plain form: checks it)."""
         if not self.train_mode:
             raise ModeError(_MODE_MESSAGE.format(name=type(self).__name__))
@@ -351,7 +352,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             group[key("weight_lr_power")],
         )
 
-    def _commit(self, group: dict, sched: AveragingStep, beta: Optional[float] = None) -> None:
+    def _commit(self, group: dict, sched: AveragingStep, beta: float | None = None) -> None:
         key = self.group_key
         group[key("k")] = sched.step
         group[key("lr_max")] = sched.lr_max
@@ -384,7 +385,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
                 self._init_state(group, p, names)
             master = state.get("master")
             w = p.data if master is None else master
-            grad = p.grad
+            grad: Tensor = p.grad  # type: ignore[assignment]  # active parameters have one
             if grad.dtype != w.dtype:
                 # With a master the gradient (taken at the rounded weights) is widened too.
                 grad = grad.to(w.dtype)
@@ -432,7 +433,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             state_checks.settle_load(self, state_dict, previous)
 
 
-def _evaluate(closure: Optional[Callable[[], Any]]) -> Any:
+def _evaluate(closure: Callable[[], Any] | None) -> Any:
     if closure is None:
         return None
     with torch.enable_grad():
@@ -449,7 +450,7 @@ class ClosureForm:
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        super().__init__(*args, **kwargs)
         for group in self.param_groups:  # type: ignore[attr-defined]
             group[self.group_key("train_mode")] = False  # type: ignore[attr-defined]
 
@@ -466,7 +467,7 @@ class ClosureForm:
         return self
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any]) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Evaluates ``closure`` at ``y`` (with gradients enabled) and steps.
 
         The closure must zero the gradients, compute the loss and call
@@ -475,7 +476,7 @@ class ClosureForm:
         """
         return super().step(closure)  # type: ignore[misc]
 
-    def _enter_step(self, closure: Optional[Callable[[], Any]]) -> None:
+    def _enter_step(self, closure: Callable[[], Any] | None) -> None:
         if closure is None:
             raise TypeError(f"{type(self).__name__}.step() needs a closure that computes the loss and gradients")
         engine: ScheduleFreeOptimizer = self  # type: ignore[assignment]

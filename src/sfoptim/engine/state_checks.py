@@ -43,11 +43,11 @@ _PARAMETER_SIZED = ("z", "master", "x", "y")
 _NOT_IDENTIFYING = {"params", "param_names", "initial_lr"}
 
 
-def _backend_keys(opt: "ScheduleFreeOptimizer") -> tuple[str, ...]:
+def _backend_keys(opt: ScheduleFreeOptimizer) -> tuple[str, ...]:
     return (opt.group_key("foreach"), opt.group_key("fused"))
 
 
-def _fillable_keys(opt: "ScheduleFreeOptimizer") -> set[str]:
+def _fillable_keys(opt: ScheduleFreeOptimizer) -> set[str]:
     """Group keys a loadable checkpoint may lack.
 
     The engine's bookkeeping starts afresh (``__setstate__`` fills it in); the
@@ -94,7 +94,7 @@ def _likely_savers(keys: set[str]) -> list[str]:
     return sorted(n for n, v in scored.items() if v == best) if best > 0.5 else []
 
 
-def _required_keys(opt: "ScheduleFreeOptimizer") -> set[str]:
+def _required_keys(opt: ScheduleFreeOptimizer) -> set[str]:
     """The hyperparameters that every checkpoint of ``opt``'s class carries in its groups.
 
     Taken from the constructor (the nearest class in the MRO that names its
@@ -107,7 +107,7 @@ def _required_keys(opt: "ScheduleFreeOptimizer") -> set[str]:
     return set()
 
 
-def _check_class(opt: "ScheduleFreeOptimizer", saved_groups: list[dict]) -> None:
+def _check_class(opt: ScheduleFreeOptimizer, saved_groups: list[dict]) -> None:
     required = _required_keys(opt)
     cls = type(opt).__name__
     for gi, group in enumerate(saved_groups):
@@ -126,7 +126,7 @@ def _check_class(opt: "ScheduleFreeOptimizer", saved_groups: list[dict]) -> None
         )
 
 
-def _kept_keys(opt: "ScheduleFreeOptimizer", saved: dict, current: dict) -> dict:
+def _kept_keys(opt: ScheduleFreeOptimizer, saved: dict, current: dict) -> dict:
     """The values of ``current`` (this optimizer's group) that the load must keep.
 
     The backend always; the options sfoptim added (and the wrapper's own
@@ -137,7 +137,7 @@ def _kept_keys(opt: "ScheduleFreeOptimizer", saved: dict, current: dict) -> dict
     return {k: v for k, v in current.items() if k in backend or (k in fillable and k not in saved)}
 
 
-def _expected_group(opt: "ScheduleFreeOptimizer", saved: dict, current: dict) -> dict:
+def _expected_group(opt: ScheduleFreeOptimizer, saved: dict, current: dict) -> dict:
     """The group as it will be after the load, as far as the state checks need it."""
     group = {k: v for k, v in saved.items() if k != "params"}
     group.update(_kept_keys(opt, saved, current))
@@ -159,7 +159,7 @@ def _check_tensor(label: str, key: Any, value: Tensor, p: Tensor) -> None:
         raise ValueError(f"Invalid state_dict: {where} is a meta tensor and holds no values")
 
 
-def check_load(opt: "ScheduleFreeOptimizer", state_dict: dict) -> bool:
+def check_load(opt: ScheduleFreeOptimizer, state_dict: dict) -> bool:
     """Raises ValueError unless ``state_dict`` can be loaded into ``opt``; changes nothing.
 
     Returns False when the group structure does not match (other numbers of
@@ -193,7 +193,7 @@ def check_load(opt: "ScheduleFreeOptimizer", state_dict: dict) -> bool:
     return True
 
 
-def settle_load(opt: "ScheduleFreeOptimizer", state_dict: dict, previous_groups: list[dict]) -> None:
+def settle_load(opt: ScheduleFreeOptimizer, state_dict: dict, previous_groups: list[dict]) -> None:
     """After the base load: this optimizer's backend and options, and state in the step's dtypes."""
     for group, saved, previous in zip(opt.param_groups, state_dict["param_groups"], previous_groups):
         group.update(_kept_keys(opt, saved, previous))

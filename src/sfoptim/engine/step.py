@@ -24,7 +24,8 @@ closure, and calls :func:`update`, which runs these phases over all groups:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor

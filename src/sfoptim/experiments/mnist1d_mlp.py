@@ -293,7 +293,7 @@ def run_comparison(cfg: DemoConfig, progress: Callable[[int], object] | None = N
             # Ratio of means, and the per-seed ratios behind it, so a reader can
             # see whether one seed carries the result.
             row[b]["ratio"] = statistics.fmean(losses) / statistics.fmean(bl)
-            row[b]["ratio_per_seed"] = [l / c for l, c in zip(losses, bl)]
+            row[b]["ratio_per_seed"] = [loss / c for loss, c in zip(losses, bl)]
         rows.append(row)
 
     return {

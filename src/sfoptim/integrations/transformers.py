@@ -198,6 +198,8 @@ class ScheduleFreeTrainer(Trainer):
         if self.optimizer is not None:
             return self.optimizer
         opt_model = self.model if model is None else model
+        if opt_model is None:
+            raise ValueError("ScheduleFreeTrainer.create_optimizer needs a model")
         decay = set(self.get_decay_parameter_names(opt_model))
         named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
         groups = [
@@ -235,6 +237,8 @@ class ScheduleFreeTrainer(Trainer):
                     if "warmup_steps" in group and group.get(opt.group_key("k"), 0) == 0:
                         group["warmup_steps"] = steps
         if self.lr_scheduler is None:
+            if optimizer is None:
+                raise ValueError("ScheduleFreeTrainer.create_scheduler needs an optimizer; call create_optimizer first")
             self.lr_scheduler = get_constant_schedule(optimizer)
         return self.lr_scheduler
 
