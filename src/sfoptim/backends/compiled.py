@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..directions.base import KERNEL_SCALARS, Kind
 
-__all__ = ["step"]
+__all__ = ["step", "update_one"]
 
 _compiled: dict[tuple, Any] = {}
 # Plain ints: dynamo does not fold comparisons with IntEnum members reliably.
@@ -40,7 +40,8 @@ _SGD, _ADAM = int(Kind.SGD), int(Kind.ADAM)
 _warned = False
 
 
-def _update(y: Tensor, g: Tensor, z: Tensor, v: Optional[Tensor], m: Optional[Tensor], s: Tensor, kind: int) -> None:
+def update_one(y: Tensor, g: Tensor, z: Tensor, v: Optional[Tensor], m: Optional[Tensor], s: Tensor, kind: int) -> None:
+    """The kernel's update of one tensor in torch operations; ``s`` holds :data:`KERNEL_SCALARS` in order."""
     lr, ckp1, beta, wd, beta2, bc2, eps, mu, bc1 = s.unbind(0)  # the order of KERNEL_SCALARS
     if kind != _SGD:
         v.copy_(v * beta2 + g * g * (1 - beta2))  # type: ignore[union-attr]
@@ -65,15 +66,15 @@ def _kernel(kind: int, has_m: bool, dtype: torch.dtype) -> Any:
     """The compiled update for one variant, each with a code object of its own.
 
     Dynamo's recompile limit (8) counts graphs per code object; one shared
-    ``_update`` would reach it in a process that mixes directions, dtypes and
+    ``update_one`` would reach it in a process that mixes directions, dtypes and
     size specialisations, and ``fullgraph=True`` turns that into an error.
     """
     key = (kind, has_m, dtype)
     compiled = _compiled.get(key)
     if compiled is None:
         name = f"_update_{kind}_{int(has_m)}_{str(dtype).rsplit('.', 1)[-1]}"
-        code = _update.__code__.replace(co_name=name, co_qualname=name)
-        variant = types.FunctionType(code, _update.__globals__, name)
+        code = update_one.__code__.replace(co_name=name, co_qualname=name)
+        variant = types.FunctionType(code, update_one.__globals__, name)
         compiled = _compiled[key] = torch.compile(variant, dynamic=True, fullgraph=True)
     return compiled
 
