@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ..directions.base import KERNEL_SCALARS, Kind
 
-__all__ = ["step"]
+__all__ = ["step", "update_one"]
 
 _compiled: dict[tuple, Any] = {}
 # Plain ints: dynamo does not fold comparisons with IntEnum members reliably.
@@ -42,7 +42,8 @@ _SGD, _ADAM = int(Kind.SGD), int(Kind.ADAM)
 _warned = False
 
 
-def _update(y: Tensor, g: Tensor, z: Tensor, v: Tensor | None, m: Tensor | None, s: Tensor, kind: int) -> None:
+def update_one(y: Tensor, g: Tensor, z: Tensor, v: Tensor | None, m: Tensor | None, s: Tensor, kind: int) -> None:
+    """The kernel's update of one tensor in torch operations; ``s`` holds :data:`KERNEL_SCALARS` in order."""
     lr, ckp1, beta, wd, beta2, bc2, eps, mu, bc1 = s.unbind(0)  # the order of KERNEL_SCALARS
     if kind != _SGD:
         v.copy_(v * beta2 + g * g * (1 - beta2))  # type: ignore[union-attr, operator]
@@ -67,7 +68,7 @@ def _kernel(kind: int, has_m: bool, dtype: torch.dtype) -> Any:
     """The compiled update for one variant, each with a code object of its own.
 
     Dynamo's recompile limit (8) counts graphs per code object; one shared
-    ``_update`` would reach it in a process that mixes directions, dtypes and
+    ``update_one`` would reach it in a process that mixes directions, dtypes and
     size specialisations, and ``fullgraph=True`` turns that into an error.
     """
     key = (kind, has_m, dtype)
@@ -77,8 +78,8 @@ def _kernel(kind: int, has_m: bool, dtype: torch.dtype) -> Any:
         names: dict[str, Any] = {"co_name": name}
         if sys.version_info >= (3, 11):
             names["co_qualname"] = name
-        code = _update.__code__.replace(**names)
-        variant = types.FunctionType(code, _update.__globals__, name)
+        code = update_one.__code__.replace(**names)
+        variant = types.FunctionType(code, update_one.__globals__, name)
         compiled = _compiled[key] = torch.compile(variant, dynamic=True, fullgraph=True)
     return compiled
 

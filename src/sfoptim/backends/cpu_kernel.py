@@ -319,3 +319,34 @@ def wrap_before(ys: list[Tensor], zs: list[Tensor], lr_decay: float, beta: float
 def wrap_after(xs: list[Tensor], zs: list[Tensor], ckp1: float, beta: float, explicit: bool = False) -> bool:
     r"""The wrapper's post-step in one pass: ``x = lerp(x, z, c)``, then ``lerp(x, z, 1-\beta)`` (the new ``y``)."""
     return _wrap_call("sf_wrap_after", xs, zs, ckp1, beta, explicit)
+
+
+@torch.library.custom_op("sfoptim::cpu_kernel_step", mutates_args=("ys", "zs", "v", "m"), device_types="cpu")
+def step_op(
+    ys: list[Tensor], grads: list[Tensor], zs: list[Tensor], v: list[Tensor], m: list[Tensor], scalars: Tensor, kind: int
+) -> None:
+    r""":func:`step` as an operator that ``torch.compile`` keeps in its graph (``sfoptim::cpu_kernel_step``).
+
+    Same math and the same checks of every tensor before the C call; the
+    scalars arrive as one float64 tensor in the order of :data:`KERNEL_SCALARS`,
+    so a new learning rate or averaging weight is new data, not a new graph.
+    ``v`` and ``m`` are the kernel's buffer slots (empty lists where the family
+    has fewer). Where the kernel cannot run (a layout it refuses, no compiler)
+    the same update is done with torch operations, so the operator always
+    completes the step.
+    """
+    slots = [s for s in (v, m) if s]
+    values = scalars.tolist()
+    if step(ys, grads, zs, slots, Kind(kind), values):
+        return
+    from .compiled import update_one  # the kernel's math in torch operations
+
+    for i, y in enumerate(ys):
+        update_one(y, grads[i], zs[i], v[i] if v else None, m[i] if m else None, scalars, kind)
+
+
+@step_op.register_fake
+def _step_op_fake(
+    ys: list[Tensor], grads: list[Tensor], zs: list[Tensor], v: list[Tensor], m: list[Tensor], scalars: Tensor, kind: int
+) -> None:
+    return None

@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor
 
 from ..directions.base import KERNEL_SCALARS, Bucket, Direction
 from . import compiled, cpu_kernel, foreach
 
-__all__ = ["step", "wrap_after", "wrap_before"]
+__all__ = ["TracedCall", "prepare_traced", "step", "traced_step", "wrap_after", "wrap_before"]
 
 _no_kernel_warned: set[str] = set()
 _SCALAR_DEFAULTS = {name: (1.0 if name in ("bc1", "bc2") else 0.0) for name in KERNEL_SCALARS}
@@ -124,3 +125,67 @@ def wrap_before(ys: list[Tensor], zs: list[Tensor], lr_decay: float, beta: float
 def wrap_after(xs: list[Tensor], zs: list[Tensor], ckp1: float, beta: float, fused: bool | None) -> None:
     """:func:`.foreach.wrap_after` on the backend the policy picks (``xs`` hold the new ``y``)."""
     _wrap("wrap_after", xs, zs, ckp1, beta, fused)
+
+
+class TracedCall(NamedTuple):
+    """One bucket's update under ``torch.compile``, its scalars already in a tensor."""
+
+    bucket: Bucket
+    kind: int
+    slots: list[list[Tensor]]
+    scalars: Tensor
+    cpu_op: bool
+
+
+def prepare_traced(
+    direction: Direction,
+    group: dict,
+    step_index: int,
+    bucket: Bucket,
+    reduced: Mapping[str, Tensor],
+    *,
+    lr: float,
+    ckp1: float,
+    beta: float,
+    weight_decay: float,
+    fused: bool | None,
+    foreach_flag: bool | None,
+) -> TracedCall | None:
+    """The update of ``bucket`` for a compiled step, or None after doing it here eagerly.
+
+    Runs outside the compiled region: it reads the Python scalars of the step
+    and packs them (with the direction's kernel scalars) into one float64
+    tensor, so the graph that consumes it depends on no changing number. A
+    direction without a kernel description is updated here by
+    :func:`step`. On CPU, where the kernel is allowed, the graph calls the
+    C kernel as the operator ``sfoptim::cpu_kernel_step``; elsewhere it
+    traces the kernel's math (:func:`.compiled.update_one`).
+    """
+    spec = direction.kernel(group, step_index, reduced)
+    if spec is None:
+        step(
+            direction, group, step_index, bucket, reduced,
+            lr=lr, ckp1=ckp1, beta=beta, weight_decay=weight_decay, fused=fused, foreach_flag=foreach_flag,
+        )  # fmt: skip
+        return None
+    values = dict(_SCALAR_DEFAULTS, lr=lr, ckp1=ckp1, beta=beta, wd=weight_decay)
+    values.update(spec.scalars)
+    device = bucket.params[0].device
+    scalars = torch.tensor([float(values[name]) for name in KERNEL_SCALARS], dtype=torch.float64)
+    cpu_op = device.type == "cpu" and _kernel_allowed(fused, foreach_flag) and cpu_kernel.available()
+    if device.type != "cpu":
+        scalars = scalars.to(device)
+    slots = [bucket.buffers[name] for name in spec.buffers]
+    return TracedCall(bucket, int(spec.kind), slots, scalars, cpu_op)
+
+
+def traced_step(call: TracedCall) -> None:
+    """The compiled part of a step: the update of one bucket, all its scalars in a tensor."""
+    b = call.bucket
+    v = call.slots[0] if len(call.slots) > 0 else []
+    m = call.slots[1] if len(call.slots) > 1 else []
+    if call.cpu_op:
+        torch.ops.sfoptim.cpu_kernel_step(b.params, b.grads, b.z, v, m, call.scalars, call.kind)
+        return
+    for i, y in enumerate(b.params):
+        compiled.update_one(y, b.grads[i], b.z[i], v[i] if v else None, m[i] if m else None, call.scalars, call.kind)

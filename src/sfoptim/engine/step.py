@@ -37,7 +37,7 @@ from .schedule import interpolation_step
 if TYPE_CHECKING:
     from .optimizer import ScheduleFreeOptimizer
 
-__all__ = ["GroupStep", "update"]
+__all__ = ["GroupStep", "prepare_traced", "update"]
 
 _NO_REDUCTIONS: Mapping[str, Tensor] = {}
 
@@ -112,8 +112,65 @@ def reduce(plans: list[GroupStep]) -> Mapping[str, Tensor]:
 
 
 def update(opt: ScheduleFreeOptimizer) -> None:
-    """One step of every group; the parameters hold ``y`` before and after."""
+    """One step of every group; the parameters hold ``y`` before and after.
+
+    Under ``torch.compile`` the Python part of the step (:func:`prepare_traced`)
+    runs outside the graph, and the graph holds the arithmetic
+    (:func:`.dispatch.traced_step`): one graph break per step, and no number
+    that changes between steps in the graph's guards.
+    """
+    if torch.compiler.is_compiling():
+        for call in prepare_traced(opt):
+            dispatch.traced_step(call)
+        return
+    _update(opt, plan(opt))
+
+
+@torch.compiler.disable
+def prepare_traced(opt: ScheduleFreeOptimizer) -> list[dispatch.TracedCall]:
+    """Everything of a compiled step but the arithmetic, outside the graph.
+
+    The schedule lives in Python numbers in the param groups (as the published
+    package stores it); reading them inside the compiled region would make
+    every new value a new graph. So planning, state creation, the schedule and
+    the kernel scalars run here, eagerly, and the graph receives only tensors:
+    the buckets and one tensor of scalars per bucket (:func:`.dispatch.prepare_traced`).
+
+    The schedule is committed here, before the graph updates the tensors: a
+    second call out of the graph after the update would cost a second graph
+    break on every step. Every check that can refuse a step (gradients, state
+    shapes) has run by then. A delegated move (the wrapper) and groups with
+    master copies (``state_dtype``, written back after the update) run here
+    entirely, as in eager mode.
+    """
     plans = plan(opt)
+    if any(p.direction.delegates_move or opt.option(p.group, "state_dtype") is not None for p in plans):
+        _update(opt, plans)
+        return []
+    for p in plans:
+        if p.active:
+            p.buckets = opt._buckets(p.group, p.active, p.direction.state_buffers(p.group))
+    reduced = reduce(plans)
+    key = opt.group_key
+    calls: list[dispatch.TracedCall] = []
+    for p in plans:
+        group, direction = p.group, p.direction
+        sched = opt._schedule(group, direction.lr(group, p.step, reduced))
+        ckp1, beta = interpolation_step(sched.ckp1, p.beta_prev, p.beta)
+        fused, foreach_flag = opt.option(group, "fused"), opt.option(group, "foreach")
+        for bucket in p.buckets:
+            call = dispatch.prepare_traced(
+                direction, group, p.step, bucket, reduced,
+                lr=sched.lr, ckp1=ckp1, beta=beta, weight_decay=group[key("weight_decay")],
+                fused=fused, foreach_flag=foreach_flag,
+            )  # fmt: skip
+            if call is not None:
+                calls.append(call)
+        opt._commit(group, sched, p.beta)
+    return calls
+
+
+def _update(opt: ScheduleFreeOptimizer, plans: list[GroupStep]) -> None:
     delegated = []
     for p in plans:
         if p.direction.delegates_move:
