@@ -213,3 +213,25 @@ def test_own_checkpoint_without_base_entry_is_refused() -> None:
     del sd["base"]
     with pytest.raises(ValueError, match="'base'"):
         opt.load_state_dict(sd)
+
+
+def test_refused_checkpoint_leaves_the_base_optimizer_as_it_was() -> None:
+    # A checkpoint of a smaller model: the wrapper refuses it, and the base
+    # optimizer's momentum buffers must not have been replaced on the way.
+    small = torch.nn.Linear(3, 2, dtype=torch.float64)
+    opt_small = sfoptim.ScheduleFreeWrapper(torch.optim.SGD(small.parameters(), lr=0.1, momentum=0.9))
+    big = torch.nn.Linear(5, 2, dtype=torch.float64)
+    opt_big = sfoptim.ScheduleFreeWrapper(torch.optim.SGD(big.parameters(), lr=0.1, momentum=0.9))
+    for model, opt in ((small, opt_small), (big, opt_big)):
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+    before = copy.deepcopy(opt_big.state_dict())
+    with pytest.raises(ValueError):
+        opt_big.load_state_dict(opt_small.state_dict())
+    after = opt_big.state_dict()
+    for i, state in before["base"]["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(after["base"]["state"][i][key], value), f"base state {i}/{key} changed"
+    assert opt_big.param_groups is opt_big.base.param_groups

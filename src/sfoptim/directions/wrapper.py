@@ -16,6 +16,7 @@ base optimizer works, whatever it keeps in its state.
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .. import _validation
-from ..engine import ScheduleFreeOptimizer
+from ..engine import ScheduleFreeOptimizer, state_checks
 from .base import DelegatedDirection
 
 __all__ = ["BaseOptimizerDirection", "ScheduleFreeWrapper"]
@@ -189,8 +190,18 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
         if "base" not in state_dict:
             state_dict = self._from_published(state_dict)
         own = {k: v for k, v in state_dict.items() if k != "base"}
+        # Refuse before the base optimizer's state is replaced, and put it
+        # back if the wrapper's own load still fails: a refused checkpoint
+        # leaves both as they were.
+        state_checks.check_load(self, own)
+        previous_base = copy.deepcopy(self.base.state_dict())
         self.base.load_state_dict(state_dict["base"])
-        super().load_state_dict(own)
+        try:
+            super().load_state_dict(own)
+        except BaseException:
+            self.base.load_state_dict(previous_base)
+            self.base.param_groups = self.param_groups  # the groups shared before the load
+            raise
         # Both loads built fresh group dicts; share one set again.
         for ours, theirs in zip(self.param_groups, self.base.param_groups):
             theirs.update({k: v for k, v in ours.items() if k != "params"})
