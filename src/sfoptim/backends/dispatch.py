@@ -14,6 +14,11 @@ Policy, per bucket (tensors of one device and dtype):
 * what no kernel took: ``foreach=False`` one tensor at a time, else foreach.
 
 The same policy covers the wrapper's bookkeeping around its base optimizer.
+Under ``torch.compile`` the same choice is made (:func:`_kernel_call` serves
+both), but the update is split: :func:`prepare_traced` packs the scalars into
+a tensor outside the graph and :func:`traced_update` is the graph (the C
+kernel as the operator ``sfoptim::cpu_kernel_step`` on CPU, the kernel's math
+in torch operations elsewhere).
 """
 
 from __future__ import annotations
