@@ -14,6 +14,11 @@ Policy, per bucket (tensors of one device and dtype):
 * what no kernel took: ``foreach=False`` one tensor at a time, else foreach.
 
 The same policy covers the wrapper's bookkeeping around its base optimizer.
+Under ``torch.compile`` the same choice is made (:func:`_kernel_call` serves
+both), but the update is split: :func:`prepare_traced` packs the scalars into
+a tensor outside the graph and :func:`traced_update` is the graph (the C
+kernel as the operator ``sfoptim::cpu_kernel_step`` on CPU, the kernel's math
+in torch operations elsewhere).
 """
 
 from __future__ import annotations
@@ -25,10 +30,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ..directions.base import KERNEL_SCALARS, Bucket, Direction
+from ..directions.base import KERNEL_SCALARS, Bucket, Direction, Kind
 from . import compiled, cpu_kernel, foreach
 
-__all__ = ["TracedCall", "prepare_traced", "step", "traced_step", "wrap_after", "wrap_before"]
+__all__ = ["KernelCall", "TracedCall", "prepare_traced", "step", "traced_update", "wrap_after", "wrap_before"]
 
 _no_kernel_warned: set[str] = set()
 _SCALAR_DEFAULTS = {name: (1.0 if name in ("bc1", "bc2") else 0.0) for name in KERNEL_SCALARS}
@@ -60,11 +65,26 @@ def step(
     foreach_flag: bool | None,
 ) -> None:
     """Applies one schedule-free step to ``bucket`` on the backend the policy picks."""
-    if _kernel_allowed(fused, foreach_flag) and _run_kernel(
-        direction, group, step_index, bucket, reduced, lr, ckp1, beta, weight_decay, fused
-    ):
-        return
     args = dict(lr=lr, ckp1=ckp1, beta=beta, weight_decay=weight_decay)
+    backend = kernel_backend(bucket.params[0].device.type, fused) if _kernel_allowed(fused, foreach_flag) else None
+    if backend is not None:
+        call = _kernel_call(direction, group, step_index, bucket, reduced, fused, **args)
+        if call is not None and backend.step(
+            bucket.params, bucket.grads, bucket.z, call.slots, call.kind, call.scalars, explicit=fused is True
+        ):
+            return
+    _foreach(direction, group, step_index, bucket, reduced, foreach_flag, args)
+
+
+def _foreach(
+    direction: Direction,
+    group: dict,
+    step_index: int,
+    bucket: Bucket,
+    reduced: Mapping[str, Tensor],
+    foreach_flag: bool | None,
+    args: dict[str, float],
+) -> None:
     if foreach_flag is False:
         for single in foreach.split(bucket):
             foreach.step(direction, group, step_index, single, reduced, **args)
@@ -72,21 +92,30 @@ def step(
         foreach.step(direction, group, step_index, bucket, reduced, **args)
 
 
-def _run_kernel(
+class KernelCall(NamedTuple):
+    """What a kernel needs for one bucket besides its tensors."""
+
+    kind: Kind
+    #: The direction's buffers in the kernel's slot order (``v``, then ``m``).
+    slots: list[list[Tensor]]
+    #: The values of :data:`KERNEL_SCALARS`, in order.
+    scalars: list[Any]
+
+
+def _kernel_call(
     direction: Direction,
     group: dict,
     step_index: int,
     bucket: Bucket,
     reduced: Mapping[str, Tensor],
+    fused: bool | None,
+    *,
     lr: float,
     ckp1: float,
     beta: float,
     weight_decay: float,
-    fused: bool | None,
-) -> bool:
-    backend = kernel_backend(bucket.params[0].device.type, fused)
-    if backend is None:
-        return False
+) -> KernelCall | None:
+    """The direction's kernel description filled in for this step; None (and a warning with ``fused=True``) without one."""
     spec = direction.kernel(group, step_index, reduced)
     if spec is None:
         name = type(direction).__name__
@@ -97,18 +126,10 @@ def _run_kernel(
                 RuntimeWarning,
                 stacklevel=5,
             )
-        return False
+        return None
     values = dict(_SCALAR_DEFAULTS, lr=lr, ckp1=ckp1, beta=beta, wd=weight_decay)
     values.update(spec.scalars)
-    return backend.step(
-        bucket.params,
-        bucket.grads,
-        bucket.z,
-        [bucket.buffers[name] for name in spec.buffers],
-        spec.kind,
-        [values[name] for name in KERNEL_SCALARS],
-        explicit=fused is True,
-    )
+    return KernelCall(spec.kind, [bucket.buffers[name] for name in spec.buffers], [values[name] for name in KERNEL_SCALARS])
 
 
 def _wrap(name: str, a: list[Tensor], b: list[Tensor], scalar: float, beta: float, fused: bool | None) -> None:
@@ -153,39 +174,40 @@ def prepare_traced(
 ) -> TracedCall | None:
     """The update of ``bucket`` for a compiled step, or None after doing it here eagerly.
 
-    Runs outside the compiled region: it reads the Python scalars of the step
-    and packs them (with the direction's kernel scalars) into one float64
-    tensor, so the graph that consumes it depends on no changing number. A
-    direction without a kernel description is updated here by
-    :func:`step`. On CPU, where the kernel is allowed, the graph calls the
-    C kernel as the operator ``sfoptim::cpu_kernel_step``; elsewhere it
-    traces the kernel's math (:func:`.compiled.update_one`).
+    Runs outside the compiled region: it packs the step's Python scalars
+    (with the direction's kernel scalars) into one float64 tensor, so the
+    graph that consumes it (:func:`traced_update`) depends on no changing
+    number. A direction without a kernel description is updated here by the
+    foreach path. On CPU, where the policy allows the kernel, the graph calls
+    the C kernel as the operator ``sfoptim::cpu_kernel_step``; elsewhere (and
+    with ``fused=False``) it traces the kernel's math
+    (:func:`.compiled.update_one`), which the compiler fuses.
     """
-    spec = direction.kernel(group, step_index, reduced)
-    if spec is None:
-        step(
-            direction, group, step_index, bucket, reduced,
-            lr=lr, ckp1=ckp1, beta=beta, weight_decay=weight_decay, fused=fused, foreach_flag=foreach_flag,
-        )  # fmt: skip
+    args = dict(lr=lr, ckp1=ckp1, beta=beta, weight_decay=weight_decay)
+    call = _kernel_call(direction, group, step_index, bucket, reduced, fused, **args)
+    if call is None:
+        _foreach(direction, group, step_index, bucket, reduced, foreach_flag, args)
         return None
-    values = dict(_SCALAR_DEFAULTS, lr=lr, ckp1=ckp1, beta=beta, wd=weight_decay)
-    values.update(spec.scalars)
     device = bucket.params[0].device
-    scalars = torch.tensor([float(values[name]) for name in KERNEL_SCALARS], dtype=torch.float64)
-    cpu_op = device.type == "cpu" and _kernel_allowed(fused, foreach_flag) and cpu_kernel.available()
+    scalars = torch.tensor([float(v) for v in call.scalars], dtype=torch.float64)
     if device.type != "cpu":
         scalars = scalars.to(device)
-    slots = [bucket.buffers[name] for name in spec.buffers]
-    return TracedCall(bucket, int(spec.kind), slots, scalars, cpu_op)
+    cpu_op = device.type == "cpu" and _kernel_allowed(fused, foreach_flag) and cpu_kernel.available()
+    return TracedCall(bucket, int(call.kind), call.slots, scalars, cpu_op)
 
 
-def traced_step(call: TracedCall) -> None:
-    """The compiled part of a step: the update of one bucket, all its scalars in a tensor."""
-    b = call.bucket
-    v = call.slots[0] if len(call.slots) > 0 else []
-    m = call.slots[1] if len(call.slots) > 1 else []
-    if call.cpu_op:
-        torch.ops.sfoptim.cpu_kernel_step(b.params, b.grads, b.z, v, m, call.scalars, call.kind)
-        return
-    for i, y in enumerate(b.params):
-        compiled.update_one(y, b.grads[i], b.z[i], v[i] if v else None, m[i] if m else None, call.scalars, call.kind)
+def traced_update(calls: list[TracedCall]) -> None:
+    """The compiled part of a step: the updates of all buckets, every scalar in a tensor.
+
+    Called from a frame that dynamo does not trace, this function is compiled
+    as a frame of its own: one graph for the whole step, without graph breaks.
+    """
+    for call in calls:
+        b = call.bucket
+        v = call.slots[0] if len(call.slots) > 0 else []
+        m = call.slots[1] if len(call.slots) > 1 else []
+        if call.cpu_op:
+            torch.ops.sfoptim.cpu_kernel_step(b.params, b.grads, b.z, v, m, call.scalars, call.kind)
+            continue
+        for i, y in enumerate(b.params):
+            compiled.update_one(y, b.grads[i], b.z[i], v[i] if v else None, m[i] if m else None, call.scalars, call.kind)

@@ -24,7 +24,7 @@ closure, and calls :func:`update`, which runs these phases over all groups:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,6 +33,12 @@ from torch import Tensor
 from ..backends import dispatch
 from ..directions.base import Bucket, Direction
 from .schedule import interpolation_step
+
+_dynamo_callback: Callable[[], object] | None
+try:  # the frame callback dynamo installs while a compiled function runs (None or False otherwise)
+    from torch._C._dynamo.eval_frame import get_eval_frame_callback as _dynamo_callback
+except ImportError:  # pragma: no cover - a torch without dynamo
+    _dynamo_callback = None
 
 if TYPE_CHECKING:
     from .optimizer import ScheduleFreeOptimizer
@@ -111,23 +117,46 @@ def reduce(plans: list[GroupStep]) -> Mapping[str, Tensor]:
     return local
 
 
+@torch.compiler.disable(recursive=False)
 def update(opt: ScheduleFreeOptimizer) -> None:
     """One step of every group; the parameters hold ``y`` before and after.
 
-    Under ``torch.compile`` the Python part of the step (:func:`prepare_traced`)
-    runs outside the graph, and the graph holds the arithmetic
-    (:func:`.dispatch.traced_step`): one graph break per step, and no number
-    that changes between steps in the graph's guards.
+    Inside a ``torch.compile``-d region the step is split in two: the Python
+    part (:func:`prepare_traced`: plan, state, schedule, kernel scalars) runs
+    eagerly, and the arithmetic (:func:`.dispatch.traced_update`) is traced
+    as a frame of its own, one graph whose inputs are tensors only, so no
+    number that changes between steps reaches the guards. This frame itself
+    is never traced (``recursive=False`` leaves the functions it calls to
+    dynamo): calling the eager part from a traced frame would cost a graph
+    break of its own, on top of the one every enclosing traced frame takes
+    at ``optimizer.step()`` (as with ``torch.optim``).
     """
-    if torch.compiler.is_compiling():
-        for call in prepare_traced(opt):
-            dispatch.traced_step(call)
+    if _in_compiled_region():
+        calls, synced = prepare_traced(opt)
+        if calls:
+            dispatch.traced_update(calls)
+        if synced:
+            _sync_traced(opt, synced)
         return
     _update(opt, plan(opt))
 
 
+def _in_compiled_region() -> bool:
+    """Whether dynamo is watching the frames this step runs (a ``torch.compile``-d caller).
+
+    ``torch.compiler.is_compiling()`` answers only inside a frame being
+    traced, and :func:`update` is not one; the frame callback dynamo installs
+    for the duration of a compiled call is the signal that remains. Without
+    that hook (another torch) the step runs eagerly, as outside compile.
+    """
+    if _dynamo_callback is None:
+        return False
+    callback = _dynamo_callback()
+    return callback is not None and callback is not False
+
+
 @torch.compiler.disable
-def prepare_traced(opt: ScheduleFreeOptimizer) -> list[dispatch.TracedCall]:
+def prepare_traced(opt: ScheduleFreeOptimizer) -> tuple[list[dispatch.TracedCall], list[GroupStep]]:
     """Everything of a compiled step but the arithmetic, outside the graph.
 
     The schedule lives in Python numbers in the param groups (as the published
@@ -135,24 +164,25 @@ def prepare_traced(opt: ScheduleFreeOptimizer) -> list[dispatch.TracedCall]:
     every new value a new graph. So planning, state creation, the schedule and
     the kernel scalars run here, eagerly, and the graph receives only tensors:
     the buckets and one tensor of scalars per bucket (:func:`.dispatch.prepare_traced`).
+    Returns those calls and the groups whose master copies (``state_dtype``)
+    must be written into their parameters after the graph has run.
 
-    The schedule is committed here, before the graph updates the tensors: a
-    second call out of the graph after the update would cost a second graph
-    break on every step. Every check that can refuse a step (gradients, state
-    shapes) has run by then. A delegated move (the wrapper) and groups with
-    master copies (``state_dtype``, written back after the update) run here
-    entirely, as in eager mode.
+    The schedule is committed here, before the graph updates the tensors;
+    every check that can refuse a step (gradients, state shapes) has run by
+    then. A delegated move (the wrapper) runs here entirely, as in eager
+    mode: its base optimizer's step is arbitrary Python.
     """
     plans = plan(opt)
-    if any(p.direction.delegates_move or opt.option(p.group, "state_dtype") is not None for p in plans):
+    if any(p.direction.delegates_move for p in plans):
         _update(opt, plans)
-        return []
+        return [], []
     for p in plans:
         if p.active:
             p.buckets = opt._buckets(p.group, p.active, p.direction.state_buffers(p.group))
     reduced = reduce(plans)
     key = opt.group_key
     calls: list[dispatch.TracedCall] = []
+    synced: list[GroupStep] = []
     for p in plans:
         group, direction = p.group, p.direction
         sched = opt._schedule(group, direction.lr(group, p.step, reduced))
@@ -166,8 +196,17 @@ def prepare_traced(opt: ScheduleFreeOptimizer) -> list[dispatch.TracedCall]:
             )  # fmt: skip
             if call is not None:
                 calls.append(call)
+        if p.active and opt.option(group, "state_dtype") is not None:
+            synced.append(p)
         opt._commit(group, sched, p.beta)
-    return calls
+    return calls, synced
+
+
+@torch.compiler.disable
+def _sync_traced(opt: ScheduleFreeOptimizer, plans: list[GroupStep]) -> None:
+    """After the graph: the updated master copies rounded into their parameters."""
+    for p in plans:
+        opt._sync_params(p.group, p.active)
 
 
 def _update(opt: ScheduleFreeOptimizer, plans: list[GroupStep]) -> None:
