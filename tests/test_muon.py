@@ -202,3 +202,23 @@ def test_wrapper_around_torch_muon_trains():
         opt.step()
     opt.eval()
     assert loss_fn(model(x), y).item() < 0.15 * start
+
+
+def test_docs_examples_run(tmp_path, monkeypatch):
+    """The python blocks of docs/muon.md, in one namespace; the split they print is the documented one."""
+    import re
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parent.parent / "docs" / "muon.md"
+    blocks = re.findall(r"^```python\n(.*?)^```", page.read_text(), re.S | re.M)
+    assert len(blocks) == 3
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "docs_muon"}
+    exec(compile(blocks[0], str(page), "exec"), namespace)
+    groups = namespace["opt"].param_groups
+    assert groups[0]["param_names"] == ["mlp.0.weight", "mlp.2.weight"]
+    assert groups[1]["param_names"] == ["embed.weight", "mlp.0.bias", "mlp.2.bias", "lm_head.weight", "lm_head.bias"]
+    for block in blocks[1:]:
+        exec(compile(block, str(page), "exec"), namespace)
+    assert [g["lr"] for g in namespace["opt"].param_groups] == [0.02, 1e-3, 3e-3]
+    assert not namespace["muon"].train_mode and not namespace["adamw"].train_mode
