@@ -10,7 +10,11 @@ divided by the median of its baseline measured in the same rounds:
 
 * Adam-like contenders against ``torch.optim.AdamW(fused=True)``,
 * SGD-like contenders against the fastest of ``torch.optim.SGD(momentum=0.9)``
-  with ``fused=True`` and ``foreach=True`` (whichever is faster here).
+  with ``fused=True`` and ``foreach=True`` (whichever is faster here),
+* with ``--muon``, on the ``gpt`` layout: ``sfoptim.MuonScheduleFree`` against
+  ``torch.optim.Muon`` on the hidden matrices with ``torch.optim.AdamW(fused=True)``
+  on the embedding and the 1-D tensors, as torch recommends (both orthogonalize
+  the same matrices in bfloat16 with the same Newton-Schulz iterations).
 
 The first ``step()`` of each contender (state allocation, kernel build or
 ``torch.compile``) is timed separately and excluded from the medians. The
@@ -25,6 +29,8 @@ Examples::
     python benchmarks/step_time.py                      # CPU, 2 threads, all layouts
     python benchmarks/step_time.py --layouts 400x40K --rounds 30 --no-heavyball
     python benchmarks/step_time.py --device cuda        # on a GPU machine (adds peak-memory table)
+    python benchmarks/step_time.py --layouts gpt --muon --only Muon --device cuda
+    python benchmarks/step_time.py --layouts gpt --muon --only Muon --gpt-width 128 --rounds 10   # CPU
 
 On CUDA the default sfoptim rows time the foreach path (the default there until
 this table says otherwise); the ``fused=True`` rows time the compiled one-pass
@@ -51,11 +57,11 @@ LAYOUTS: dict[str, list[tuple[int, ...]]] = {
 }
 
 
-def _gpt_like() -> list[tuple[int, ...]]:
+def _gpt_like(d: int = 768) -> list[tuple[int, ...]]:
     # Token embedding + 5 transformer blocks of 12 tensors (two layer norms,
     # qkv, attention projection, two MLP matrices, with biases): 61 tensors,
-    # 47.0M parameters.
-    d, vocab = 768, 15104
+    # 47.0M parameters at width 768.
+    vocab = 15104
     shapes: list[tuple[int, ...]] = [(vocab, d)]
     for _ in range(5):
         shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
@@ -87,6 +93,11 @@ def contenders(args: argparse.Namespace) -> dict[str, tuple[str, Callable[[list]
         out["sfoptim AdamW fused=True"] = ("adam", lambda p: sfoptim.AdamWScheduleFree(p, lr=lr, weight_decay=wd, fused=True))
         out["sfoptim RAdam fused=True"] = ("adam", lambda p: sfoptim.RAdamScheduleFree(p, lr=lr, weight_decay=wd, fused=True))
         out["sfoptim SGD fused=True"] = ("sgd", lambda p: sfoptim.SGDScheduleFree(p, lr=lr, weight_decay=wd, fused=True))
+    if args.muon:
+        # The first tensor of the gpt layout is the token embedding: AdamW's in both.
+        out["torch Muon + AdamW"] = ("muon", lambda p: _MuonAndAdamW(p, lr, wd))
+        out["sfoptim Muon"] = ("muon", lambda p: sfoptim.MuonScheduleFree(
+            [{"params": p[:1], "use_muon": False}, {"params": p[1:]}], lr=0.02, adamw_lr=lr, weight_decay=wd))
     if args.foreach_too:
         out["sfoptim AdamW foreach"] = ("adam", lambda p: sfoptim.AdamWScheduleFree(p, lr=lr, weight_decay=wd, fused=False))
         out["sfoptim SGD foreach"] = ("sgd", lambda p: sfoptim.SGDScheduleFree(p, lr=lr, weight_decay=wd, fused=False))
@@ -116,6 +127,20 @@ def contenders(args: argparse.Namespace) -> dict[str, tuple[str, Callable[[list]
     if args.only:
         out = {k: v for k, v in out.items() if any(s.lower() in k.lower() for s in args.only) or k.startswith("torch")}
     return out
+
+
+class _MuonAndAdamW:
+    """torch.optim.Muon on the hidden matrices, AdamW(fused=True) on the embedding and the 1-D tensors."""
+
+    def __init__(self, params: list, lr: float, wd: float) -> None:
+        hidden = [p for p in params[1:] if p.ndim == 2]
+        rest = [params[0]] + [p for p in params[1:] if p.ndim != 2]
+        self.muon = torch.optim.Muon(hidden, lr=0.02, weight_decay=wd)
+        self.adamw = torch.optim.AdamW(rest, lr=lr, weight_decay=wd, fused=True)
+
+    def step(self) -> None:
+        self.muon.step()
+        self.adamw.step()
 
 
 def _trained(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -183,7 +208,7 @@ def run_layout(name: str, args: argparse.Namespace, device: torch.device) -> lis
                 peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
                 extra[cname] = max(extra[cname], peak)
     med = {k: statistics.median(v) for k, v in times.items()}
-    base = {"adam": med.get("torch AdamW fused")}
+    base = {"adam": med.get("torch AdamW fused"), "muon": med.get("torch Muon + AdamW")}
     sgd_bases = [med[k] for k in ("torch SGD-m fused", "torch SGD-m foreach") if k in med]
     base["sgd"] = min(sgd_bases) if sgd_bases else None
     rows = []
@@ -211,7 +236,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--foreach-too", action="store_true", help="also time sfoptim with fused=False")
     parser.add_argument("--only", nargs="+", help="keep only contenders whose name contains one of these (torch baselines always kept)")
     parser.add_argument("--warm-cache", action="store_true", help="reuse the user's sfoptim kernel cache")
+    parser.add_argument("--muon", action="store_true",
+                        help="also time sfoptim.MuonScheduleFree against torch.optim.Muon + AdamW (gpt layout)")
+    parser.add_argument("--gpt-width", type=int, default=768,
+                        help="model width of the gpt layout (default 768; bfloat16 matrix products are slow on most CPUs)")
     args = parser.parse_args(argv)
+    LAYOUTS["gpt"] = _gpt_like(args.gpt_width)
 
     if not args.warm_cache:
         os.environ["SFOPTIM_CACHE_DIR"] = tempfile.mkdtemp(prefix="sfoptim-bench-")
@@ -223,7 +253,8 @@ def main(argv: list[str] | None = None) -> None:
     cnames = list(dict.fromkeys(c for rows in results.values() for c, *_ in rows))
     lookup = {(lay, c): row for lay, rows in results.items() for row in rows for c in [row[0]]}
     width = max(len(c) for c in cnames) + 2
-    print("\nratio of median step time to baseline (adam: torch AdamW fused; sgd: fastest torch SGD-momentum)")
+    print("\nratio of median step time to baseline (adam: torch AdamW fused; sgd: fastest torch SGD-momentum"
+          + ("; muon: torch Muon + AdamW)" if args.muon else ")"))
     print("".ljust(width) + "".join(f"{lay:>22}" for lay in args.layouts))
     for c in cnames:
         cells = []

@@ -100,6 +100,10 @@ ADAMW_INVALID = COMMON_INVALID + WARMUP_INVALID + ADAM_INVALID + (("inner_moment
 RADAM_INVALID = COMMON_INVALID + ADAM_INVALID
 WRAPPER_INVALID = (("momentum", 0.0), ("weight_decay_at_y", -1.0), ("r", float("nan")), ("weight_lr_power", -1.0))
 
+MUON_INVALID = COMMON_INVALID + WARMUP_INVALID + (
+    ("beta", 0.0), ("momentum", 1.0), ("decay_at", "x"), ("ns_steps", 0), ("adjust_lr_fn", "cubic"),
+    ("normuon_beta2", 1.0), ("beta_horizon", 0), ("adamw_beta2", 1.0), ("adamw_eps", -1.0),
+)  # fmt: skip
 FAST = frozenset({"foreach", "fused", "state_dtype"})
 SGD_KW = dict(lr=0.2, warmup_steps=3, weight_decay=0.01, r=1.0)
 ADAMW_KW = dict(lr=0.02, warmup_steps=5, weight_decay=0.01, weight_lr_power=1.0)
@@ -107,6 +111,13 @@ ADAMW_INNER_KW = dict(lr=0.02, inner_momentum=0.9, betas=(0.8, 0.99), weight_dec
 RADAM_KW = dict(lr=0.02, weight_decay=0.01, betas=(0.9, 0.99), r=0.5)
 RADAM_SGD_KW = dict(lr=0.02, silent_sgd_phase=False)
 WRAPPER_KW = dict(momentum=0.8, weight_decay_at_y=0.01, r=1.0)
+
+# Newton-Schulz in the parameters' dtype, so that float64 runs are exact against the reference.
+MUON_KW = dict(lr=0.02, warmup_steps=3, weight_decay=0.01, adamw_lr=0.01, ns_dtype=None)
+NORMUON_KW = dict(
+    lr=0.02, weight_decay=0.02, decay_at="y", normuon=True, nesterov=False, adjust_lr_fn="match_rms_adamw",
+    beta_horizon=4, beta_power=0.5, ns_dtype=None, r=1.0,
+)  # fmt: skip
 
 
 def _sgd(ps: Any) -> torch.optim.Optimizer:
@@ -129,6 +140,8 @@ OPTIMIZERS: list[OptimizerInfo] = [
     OptimizerInfo("adamw_paper", sfoptim.AdamWScheduleFreePaper, ADAMW_KW, _published("AdamWScheduleFreePaper"), flags=FAST),
     OptimizerInfo("radam", sfoptim.RAdamScheduleFree, RADAM_KW, sfoptim.RAdamScheduleFreeReference, flags=FAST, invalid=RADAM_INVALID),
     OptimizerInfo("radam_sgd_phase", sfoptim.RAdamScheduleFree, RADAM_SGD_KW, sfoptim.RAdamScheduleFreeReference, flags=FAST),
+    OptimizerInfo("muon", sfoptim.MuonScheduleFree, MUON_KW, sfoptim.MuonScheduleFreeReference, flags=FAST, invalid=MUON_INVALID),
+    OptimizerInfo("normuon", sfoptim.MuonScheduleFree, NORMUON_KW, sfoptim.MuonScheduleFreeReference, flags=FAST),
     # The closure forms: parameters hold x between steps.
     OptimizerInfo("sgd_closure", sfoptim.SGDScheduleFreeClosure, SGD_KW, sfoptim.SGDScheduleFreeReference, closure=True, flags=FAST),
     OptimizerInfo("adamw_closure", sfoptim.AdamWScheduleFreeClosure, ADAMW_KW, sfoptim.AdamWScheduleFreeReference, closure=True, flags=FAST),

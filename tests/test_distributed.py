@@ -29,6 +29,12 @@ OPTIMIZERS = {
     "sgd": lambda ps: sfoptim.SGDScheduleFree(ps, lr=0.2, warmup_steps=2, weight_decay=0.01),
     "radam": lambda ps: sfoptim.RAdamScheduleFree(ps, lr=0.02),
     "wrapper": lambda ps: sfoptim.ScheduleFreeWrapper(torch.optim.Adam(ps, lr=0.02), weight_decay_at_y=0.01),
+    # Newton-Schulz in the parameters' dtype: in bfloat16 a last-bit difference between ranks' gradients
+    # would become a visible one.
+    "muon": lambda ps: sfoptim.MuonScheduleFree(ps, lr=0.02, warmup_steps=2, weight_decay=0.01, ns_dtype=None),
+    "normuon": lambda ps: sfoptim.MuonScheduleFree(
+        ps, lr=0.02, weight_decay=0.01, decay_at="y", normuon=True, beta_horizon=3, ns_dtype=None
+    ),
 }
 
 
@@ -117,6 +123,10 @@ def test_ddp_two_ranks_match_single_process():
     spawn(_ddp_worker, 2, ["adamw", "adamw_fused", "adamw_foreach", "sgd", "wrapper", "adamw_closure"], ["float64", "float32"], 10)
 
 
+def test_ddp_muon_two_ranks_match_single_process():
+    spawn(_ddp_worker, 2, ["muon", "normuon"], ["float64"], 10)
+
+
 # -------------------------------------------------------------------- FSDP2
 def _fsdp(model: nn.Module, world: int) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
@@ -161,6 +171,11 @@ def test_fsdp2_two_ranks_match_single_process_every_backend():
     names = ["adamw", "adamw_fused", "adamw_loop", "adamw_closure", "adamw_reference", "sgd", "radam", "wrapper"]
     cases = [(n, "float64") for n in names] + [("adamw", "float32"), ("wrapper", "float32")]
     spawn(_fsdp_worker, 2, cases, 15)
+
+
+def test_fsdp2_muon_gathers_whole_matrices_and_matches_single_process():
+    """Each rank orthogonalizes the whole (unevenly sharded) matrices and keeps its rows."""
+    spawn(_fsdp_worker, 2, [("muon", "float64"), ("normuon", "float64")], 10)
 
 
 # --------------------------------------------------------------------- DCP

@@ -48,6 +48,7 @@ from .engine import ModeError
 
 __all__ = [
     "AdamWScheduleFreeReference",
+    "MuonScheduleFreeReference",
     "RAdamScheduleFreeReference",
     "SGDScheduleFreeReference",
     "ScheduleFreeWrapperReference",
@@ -510,3 +511,180 @@ class ScheduleFreeWrapperReference(_XYZ):
             raise ValueError("Invalid state_dict: it has no 'base' entry (the base optimizer's state)")
         self.base.load_state_dict(state_dict["base"])
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "base"})
+
+
+# ------------------------------------------------------------------ Muon
+def _orthogonalize(m: Tensor, group: dict) -> Tensor:
+    r"""Newton-Schulz: :math:`X \leftarrow aX + (bA + cA^2)X`, :math:`A = XX^\top`, from :math:`m/\lVert m\rVert_F`.
+
+    Wide orientation (rows <= columns) so that :math:`A` is the small Gram
+    matrix; computed in ``ns_dtype`` (None: ``m``'s own), returned in ``m``'s.
+    """
+    a, b, c = group["ns_coefficients"]
+    wide = m.shape[0] <= m.shape[1]
+    x = (m if wide else m.T).to(m.dtype if group["ns_dtype"] is None else group["ns_dtype"])
+    x = x / x.norm().clamp(min=group["ns_eps"])
+    for _ in range(group["ns_steps"]):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x if wide else x.T).to(m.dtype)
+
+
+class MuonScheduleFreeReference(_XYZ):
+    r"""Schedule-free Muon with ``x``, ``y``, ``z`` stored; AdamW's direction on the other parameters.
+
+    Same arguments and defaults as :class:`sfoptim.MuonScheduleFree` (less
+    ``foreach``, ``fused`` and the precision options) and the same split of
+    groups. Per step :math:`t`, for every parameter of a group:
+
+    .. math::
+
+        z &\leftarrow z - \gamma_t \lambda p - \gamma_t d,
+            \quad p = z \text{ or } y \text{ (decay\_at)} \\
+        x &\leftarrow (1 - c_t) x + c_t z, \qquad y \leftarrow (1-\beta) z + \beta x
+
+    where, for a matrix :math:`G` (the gradient reshaped to ``shape[0]`` rows):
+    :math:`B \leftarrow \mu B + (1-\mu) G`, :math:`U = (1-\mu) G + \mu B`
+    (nesterov) or :math:`B`, :math:`O = \mathrm{NS}(U)`, NorMuon's
+    :math:`v \leftarrow \beta_2 v + (1-\beta_2)\,\mathrm{rowmean}(O^2)`,
+    :math:`O \leftarrow (O / (\sqrt v + 10^{-10}))\,\lVert O\rVert / \lVert\cdot\rVert`,
+    and :math:`d = s\,O` with :math:`s = \sqrt{\max(1, A/B)}` or
+    :math:`0.2\sqrt{\max(A,B)}`; for the rest Adam's
+    :math:`g / (\sqrt{v/(1-\beta_2^t)} + \epsilon)`. With ``beta_horizon``
+    :math:`T_0` the weight of the ``y`` the gradient of step :math:`s` is taken
+    at is :math:`1 - ((T_0-1)/(s-1))^\rho (1-\beta)` once :math:`s > T_0`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 0.02,
+        beta: float = 0.9,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        decay_at: str = "z",
+        warmup_steps: int = 0,
+        r: float = 0.0,
+        weight_lr_power: float = 2.0,
+        ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315),
+        ns_steps: int = 5,
+        ns_eps: float = 1e-7,
+        ns_dtype: torch.dtype | None = torch.bfloat16,
+        adjust_lr_fn: str | None = None,
+        normuon: bool = False,
+        normuon_beta2: float = 0.95,
+        beta_horizon: int | None = None,
+        beta_power: float = 1.0,
+        adamw_lr: float = 0.0025,
+        adamw_beta2: float = 0.999,
+        adamw_eps: float = 1e-8,
+    ) -> None:
+        defaults = dict(
+            lr=lr, beta=beta, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, decay_at=decay_at,
+            warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power, ns_coefficients=ns_coefficients,
+            ns_steps=ns_steps, ns_eps=ns_eps, ns_dtype=ns_dtype, adjust_lr_fn=adjust_lr_fn, normuon=normuon,
+            normuon_beta2=normuon_beta2, beta_horizon=beta_horizon, beta_power=beta_power, adamw_lr=adamw_lr,
+            adamw_beta2=adamw_beta2, adamw_eps=adamw_eps, use_muon=None, train_mode=True, **_SCHEDULE_STATE,
+        )  # fmt: skip
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Matrices (``ndim >= 2``, unnamed or not named like an embedding or head) in one group, the rest in another."""
+        if param_group.get("use_muon") is not None:
+            group = dict(param_group)
+            if not group["use_muon"] and "lr" not in group:
+                group["lr"] = group.get("adamw_lr", self.defaults["adamw_lr"])
+            super().add_param_group(group)
+            return
+        named = list(param_group["params"])
+        if named and not isinstance(named[0], tuple):
+            names = param_group.get("param_names") or [None] * len(named)
+            named = list(zip(names, named))
+        rest = {k: v for k, v in param_group.items() if k not in ("params", "param_names")}
+        skip = ("embed", "wte", "wpe", "lm_head", "head", "output", "classifier")
+
+        def matrix(name: str | None, p: Tensor) -> bool:
+            parts = [] if name is None else name.replace(".", "_").split("_")
+            return p.ndim >= 2 and not p.is_complex() and not any(w.startswith(s) and (s == "embed" or w == s) for w in parts for s in skip)
+
+        muon = [(n, p) for n, p in named if matrix(n, p)]
+        other = [(n, p) for n, p in named if not matrix(n, p)]
+        for use_muon, members in ((True, muon), (False, other)):
+            if members or (use_muon and not other):
+                group = dict(rest, use_muon=use_muon, params=[p for _, p in members])
+                if not use_muon:
+                    group["lr"] = rest.get("adamw_lr", self.defaults["adamw_lr"])
+                super().add_param_group(group)
+
+    def _validate(self, group: dict) -> None:
+        _check_common(group, "weight_decay")
+        _check_interpolation("beta", group["beta"])
+        _check("momentum", group["momentum"], lambda v: 0 <= v < 1, "in [0, 1)")
+        _check("normuon_beta2", group["normuon_beta2"], lambda v: 0 <= v < 1, "in [0, 1)")
+        _check("adamw_beta2", group["adamw_beta2"], lambda v: 0 <= v < 1, "in [0, 1)")
+        for name in ("ns_eps", "beta_power", "adamw_lr", "adamw_eps"):
+            _check(name, group[name], lambda v: v >= 0, ">= 0")
+        if group["decay_at"] not in ("z", "y"):
+            raise ValueError(f"Invalid decay_at: {group['decay_at']!r} (expected 'z' or 'y')")
+        if group["adjust_lr_fn"] not in (None, "original", "match_rms_adamw"):
+            raise ValueError(f"Invalid adjust_lr_fn: {group['adjust_lr_fn']!r}")
+        if not isinstance(group["ns_steps"], int) or not 1 <= group["ns_steps"] < 100:
+            raise ValueError(f"Invalid ns_steps: {group['ns_steps']!r} (expected a whole number in [1, 100))")
+        horizon = group["beta_horizon"]
+        if horizon is not None and (not isinstance(horizon, int) or horizon < 1):
+            raise ValueError(f"Invalid beta_horizon: {horizon!r} (expected None or a whole number >= 1)")
+
+    def _beta(self, group: dict, s: int) -> float:
+        """The weight of the ``y`` at which the gradient of step ``s`` is taken."""
+        horizon = group["beta_horizon"]
+        if horizon is None or s <= horizon:
+            return group["beta"]
+        return 1 - ((horizon - 1) / (s - 1)) ** group["beta_power"] * (1 - group["beta"])
+
+    def _muon_direction(self, group: dict, grad: Tensor, state: dict) -> Tensor:
+        mu = group["momentum"]
+        u = grad
+        if mu > 0:
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(grad)
+            buf = state["momentum_buffer"]
+            buf.copy_(mu * buf + (1 - mu) * grad)
+            u = (1 - mu) * grad + mu * buf if group["nesterov"] else buf
+        g = u.reshape(grad.shape[0], -1)
+        o = _orthogonalize(g, group)
+        if group["normuon"]:
+            if "normuon_v" not in state:
+                state["normuon_v"] = torch.zeros(g.shape[0], 1, dtype=g.dtype)
+            v, beta2 = state["normuon_v"], group["normuon_beta2"]
+            v.copy_(beta2 * v + (1 - beta2) * (o * o).mean(dim=1, keepdim=True))
+            normalized = o / (v.sqrt() + 1e-10)
+            o = normalized * (o.norm() / (normalized.norm() + 1e-10))
+        rows, cols = g.shape
+        scale = 0.2 * math.sqrt(max(rows, cols)) if group["adjust_lr_fn"] == "match_rms_adamw" else math.sqrt(max(1, rows / cols))
+        return (scale * o).reshape(grad.shape)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One step with the gradients in ``p.grad``; returns the closure's loss if one is given."""
+        loss = self._start_step(closure)
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            t = group["k"] + 1
+            lr = _warmup(float(group["lr"]), t, group["warmup_steps"])
+            c = _advance_average(group, lr, t)
+            beta, decay = self._beta(group, t + 1), group["weight_decay"]
+            for p in params:
+                state = self._xyz(p)
+                x, y, z = state["x"], state["y"], state["z"]
+                if group["use_muon"]:
+                    d = self._muon_direction(group, p.grad, state)
+                else:
+                    group_adam = {"betas": (beta, group["adamw_beta2"]), "eps": group["adamw_eps"]}
+                    d = p.grad / _adam_denominator(group_adam, t, p.grad, state)
+                z.sub_(z if group["decay_at"] == "z" else y, alpha=lr * decay)
+                z.sub_(d, alpha=lr)
+                x.mul_(1 - c).add_(z, alpha=c)
+                y.copy_((1 - beta) * z + beta * x)
+                p.copy_(y)
+        return loss

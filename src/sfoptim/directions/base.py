@@ -32,7 +32,13 @@ learning rate :math:`\gamma_t`). It declares:
   for sharded parameters, ranks) and passed to ``lr``, ``foreach`` and
   ``kernel`` as ``reduced``.
 * ``needs_full_param``: the direction must see whole matrices (an
-  orthogonalization), not shards or flattened views.
+  orthogonalization), not shards or flattened views. With
+  ``gathers_shards`` it receives sharded (FSDP2) tensors and gathers the
+  whole matrices itself.
+* ``buffer_shape(...)``: a state buffer of another shape than its parameter
+  (NorMuon's per-row second moment).
+* ``weight_decay_at_y(...)``: how much of the group's weight decay the
+  engine applies at ``y`` (a direction that decays ``z`` itself returns 0).
 * ``delegates_move``: the base optimizer moves ``z`` itself (the wrapper);
   see :class:`DelegatedDirection`.
 
@@ -47,7 +53,7 @@ import enum
 from collections.abc import Mapping
 from typing import Any, ClassVar, NamedTuple
 
-from torch import Tensor
+from torch import Size, Tensor
 
 __all__ = ["KERNEL_SCALARS", "KIND_SLOTS", "Bucket", "DelegatedDirection", "Direction", "KernelSpec", "Kind", "warmup_lr"]
 
@@ -131,6 +137,9 @@ class Direction:
     #: The direction needs whole tensors in their own shape (an
     #: orthogonalization): no flattening, and no sharded parameters.
     needs_full_param: ClassVar[bool] = False
+    #: With ``needs_full_param``: sharded (DTensor) parameters are accepted,
+    #: the direction gathers whole matrices itself and returns local shards.
+    gathers_shards: ClassVar[bool] = False
     #: The interpolation weight depends on the step: the engine records the
     #: one each ``y`` was built with (costs one group key).
     varying_beta: ClassVar[bool] = False
@@ -148,6 +157,18 @@ class Direction:
     def state_buffers(self, group: dict) -> tuple[str, ...]:
         """Names of the parameter-sized state buffers besides ``z`` (zeros at creation)."""
         return ()
+
+    def buffer_shape(self, group: dict, name: str, shape: Size) -> Size:
+        """The shape of state buffer ``name`` for a parameter of ``shape`` (default: the same)."""
+        return shape
+
+    def weight_decay_at_y(self, group: dict, weight_decay: float) -> float:
+        r"""The decay :math:`\lambda` the engine adds to the direction as :math:`\lambda y`.
+
+        The default is the group's ``weight_decay``; a direction that applies
+        the decay elsewhere (at ``z``, inside :meth:`foreach`) returns 0.
+        """
+        return weight_decay
 
     def reduce(self, group: dict, bucket: Bucket, beta: float) -> dict[str, Tensor]:
         """This bucket's contributions (0-d tensors) to each name in :attr:`reductions`.

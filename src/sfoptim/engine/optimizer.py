@@ -369,9 +369,15 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         src = work(p, state).detach()
         if "z" not in state:
             state["z"] = torch.clone(src, memory_format=torch.preserve_format)
+        direction = self.direction_for(group)
         for name in names:
             if name not in state:
-                state[name] = torch.zeros_like(src, memory_format=torch.preserve_format)
+                shape = direction.buffer_shape(group, name, p.shape)
+                if shape == p.shape:
+                    state[name] = torch.zeros_like(src, memory_format=torch.preserve_format)
+                else:
+                    # A smaller buffer (per row) is whole on every rank, also for a shard.
+                    state[name] = torch.zeros(shape, dtype=src.dtype, device=src.device)
         return state
 
     def _buckets(self, group: dict, active: list[Tensor], names: tuple[str, ...]) -> list[Bucket]:

@@ -144,11 +144,11 @@ def _expected_group(opt: ScheduleFreeOptimizer, saved: dict, current: dict) -> d
     return group
 
 
-def _check_tensor(label: str, key: Any, value: Tensor, p: Tensor) -> None:
+def _check_tensor(label: str, key: Any, value: Tensor, p: Tensor, shape: Any = None) -> None:
     where = f"state {key!r} of {label}"
-    if value.shape != p.shape:
+    if value.shape != (p.shape if shape is None else shape):
         raise ValueError(
-            f"Invalid state_dict: {where} has shape {tuple(value.shape)}, which is not the parameter's; "
+            f"Invalid state_dict: {where} has shape {tuple(value.shape)}, which is not the one the parameter needs; "
             "was the checkpoint saved for another model, or with the parameters in another order?"
         )
     if not (value.is_floating_point() or value.is_complex()) or value.is_complex() != p.is_complex():
@@ -177,7 +177,9 @@ def check_load(opt: ScheduleFreeOptimizer, state_dict: dict) -> bool:
     saved_state = state_dict["state"]
     for gi, (saved, group) in enumerate(zip(saved_groups, opt.param_groups)):
         expected = _expected_group(opt, saved, group)
-        sized = set(_PARAMETER_SIZED) | set(opt._state_buffers(expected))
+        own = set(opt._state_buffers(expected))
+        sized = set(_PARAMETER_SIZED) | own
+        direction = opt.direction_for(expected)
         for pi, (saved_id, p) in enumerate(zip(saved["params"], group["params"])):
             entry = saved_state.get(saved_id)
             if entry is None:
@@ -189,7 +191,8 @@ def check_load(opt: ScheduleFreeOptimizer, state_dict: dict) -> bool:
                 if key in sized:
                     if not isinstance(value, Tensor):
                         raise ValueError(f"Invalid state_dict: state {key!r} of {label} is not a tensor")
-                    _check_tensor(label, key, value, p)
+                    shape = direction.buffer_shape(expected, key, p.shape) if key in own else None
+                    _check_tensor(label, key, value, p, shape)
     return True
 
 

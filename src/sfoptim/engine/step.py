@@ -75,7 +75,7 @@ def plan(opt: ScheduleFreeOptimizer) -> list[GroupStep]:
     for gi, group in enumerate(opt.param_groups):
         direction = opt.direction_for(group)
         active = opt._active_params(gi, group)
-        if direction.needs_full_param:
+        if direction.needs_full_param and not direction.gathers_shards:
             _check_whole(opt, gi, group, active, direction)
         step = group[k] + 1
         beta = direction.beta(group, step)
@@ -191,7 +191,7 @@ def prepare_traced(opt: ScheduleFreeOptimizer) -> tuple[list[dispatch.TracedCall
         for bucket in p.buckets:
             call = dispatch.prepare_traced(
                 direction, group, p.step, bucket, reduced,
-                lr=sched.lr, ckp1=ckp1, beta=beta, weight_decay=group[key("weight_decay")],
+                lr=sched.lr, ckp1=ckp1, beta=beta, weight_decay=direction.weight_decay_at_y(group, group[key("weight_decay")]),
                 fused=fused, foreach_flag=foreach_flag,
             )  # fmt: skip
             if call is not None:
@@ -228,7 +228,7 @@ def _update(opt: ScheduleFreeOptimizer, plans: list[GroupStep]) -> None:
             _finish_delegated(opt, p, sched.ckp1)
         elif p.active:
             fused, foreach_flag = opt.option(group, "fused"), opt.option(group, "foreach")
-            decay = group[key("weight_decay")]
+            decay = direction.weight_decay_at_y(group, group[key("weight_decay")])
             for bucket in p.buckets:
                 dispatch.step(
                     direction, group, p.step, bucket, reduced,

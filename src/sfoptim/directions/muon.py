@@ -1,0 +1,398 @@
+r"""Schedule-free Muon: orthogonalized momentum for matrices, schedule-free AdamW for the rest.
+
+For a matrix parameter (2-D, or a convolution kernel seen as a matrix of
+``shape[0]`` rows) the base direction is Muon's (Jordan et al., 2024; as
+``torch.optim.Muon``):
+
+.. math::
+
+    B_t &= \operatorname{lerp}(B_{t-1}, g_t, 1-\mu), \qquad
+    \tilde B_t = \begin{cases} \operatorname{lerp}(g_t, B_t, \mu) & \text{nesterov} \\ B_t \end{cases} \\
+    O_t &= \mathrm{NS}^{(a,b,c)}_k(\tilde B_t), \qquad d_t = s(A, B)\, O_t
+
+where :math:`\mathrm{NS}` is ``ns_steps`` quintic Newton-Schulz iterations
+:math:`X \leftarrow aX + (bXX^\top + c(XX^\top)^2)X` from
+:math:`X_0 = \tilde B / \max(\lVert\tilde B\rVert_F, \epsilon)` (on the
+transpose when the matrix has more rows than columns), computed in
+``ns_dtype``, and :math:`s` the shape adjustment of the ``A x B`` matrix:
+:math:`\sqrt{\max(1, A/B)}` (``adjust_lr_fn=None`` or ``"original"``) or
+:math:`0.2\sqrt{\max(A, B)}` (``"match_rms_adamw"``).
+
+With ``normuon=True`` (NorMuon, Li et al., 2025) the orthogonalized update is
+normalized per row (neuron) by a second moment of its entries, and rescaled
+to keep its Frobenius norm:
+
+.. math::
+
+    v_t = \operatorname{lerp}(v_{t-1}, \operatorname{mean}_j O_{t,ij}^2, 1-\beta_2), \qquad
+    \hat O_t = O_t / (\sqrt{v_t} + 10^{-10}), \qquad
+    O_t \leftarrow \hat O_t \, \lVert O_t\rVert_F / (\lVert\hat O_t\rVert_F + 10^{-10})
+
+Every other parameter gets schedule-free AdamW's direction
+(:math:`g / (\sqrt{v/(1-\beta_2^t)} + \epsilon)`). The engine then moves
+:math:`z_{t+1} = z_t - \gamma_t (d_t + \lambda p_t)` with :math:`p_t = z_t`
+(``decay_at="z"``, the default, as in schedule-free spectral training) or
+:math:`p_t = y_t`, and averages as usual.
+
+The interpolation weight is ``beta`` or, with ``beta_horizon`` =
+:math:`T_0`, the time-varying weight of AMUSE (Kim et al., 2026): the
+gradient of step :math:`s` is taken at :math:`y = (1-\beta_s) z + \beta_s x`
+with :math:`\beta_s = \beta` for :math:`s \le T_0` and
+:math:`\beta_s = 1 - ((T_0 - 1)/(s - 1))^{\rho} (1 - \beta)` after
+(:math:`\rho` = ``beta_power``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Size, Tensor
+
+from .. import _validation
+from ..engine import ScheduleFreeOptimizer, with_backend_args
+from .adamw import adam_direction
+from .base import Bucket, Direction, KernelSpec, Kind
+
+__all__ = [
+    "AdamWPart",
+    "MuonDirection",
+    "MuonScheduleFree",
+    "adjusted_lr_ratio",
+    "is_muon_param",
+    "newton_schulz",
+]
+
+#: Newton-Schulz coefficients, steps and epsilon of ``torch.optim.Muon``.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_STEPS = 5
+NS_EPS = 1e-7
+_NORMUON_EPS = 1e-10
+
+#: Parameter names (from ``model.named_parameters()``) that are embeddings or
+#: output heads: matrices that Muon should not orthogonalize.
+EMBEDDING_OR_HEAD = re.compile(
+    r"(^|[._])(embed\w*|embedding\w*|wte|wpe|tok_embeddings|lm_head|head|output|classifier)([._]|$)"
+)
+
+
+def is_muon_param(p: Tensor, name: str | None = None) -> bool:
+    """The automatic split: a matrix (``ndim >= 2``) that is not an embedding or head.
+
+    Embeddings and heads are told by ``name`` (see :data:`EMBEDDING_OR_HEAD`)
+    when the parameters were passed with names (``model.named_parameters()``);
+    without names every parameter with ``ndim >= 2`` is orthogonalized.
+    Complex parameters never are.
+    """
+    if p.ndim < 2 or p.is_complex():
+        return False
+    return name is None or EMBEDDING_OR_HEAD.search(name) is None
+
+
+def newton_schulz(
+    g: Tensor, coefficients: tuple[float, float, float] = NS_COEFFICIENTS, steps: int = NS_STEPS,
+    eps: float = NS_EPS, dtype: torch.dtype | None = torch.bfloat16,
+) -> Tensor:
+    r"""The approximate orthogonal factor of the matrix ``g`` (a new tensor in ``dtype``).
+
+    ``steps`` iterations of :math:`X \leftarrow aX + (bA + cA^2)X`,
+    :math:`A = XX^\top`, from :math:`X_0 = g / \max(\lVert g\rVert_F, \epsilon)`,
+    on :math:`g^\top` when ``g`` has more rows than columns, with the same
+    operations as ``torch.optim.Muon`` (which computes in bfloat16). ``dtype``
+    None computes in ``g``'s dtype. ``g`` is not changed.
+    """
+    a, b, c = coefficients
+    x = g.to(g.dtype if dtype is None else dtype)
+    tall = g.size(0) > g.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.addmm(x, poly, x, beta=a)
+    return x.T if tall else x
+
+
+def adjusted_lr_ratio(adjust_lr_fn: str | None, rows: int, cols: int) -> float:
+    """``torch.optim.Muon``'s learning-rate factor for a ``rows x cols`` matrix."""
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return math.sqrt(max(1.0, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    raise ValueError(f"Invalid adjust_lr_fn: {adjust_lr_fn!r} (expected None, 'original' or 'match_rms_adamw')")
+
+
+def varying_beta(group: dict, step: int) -> float:
+    """The interpolation weight of the ``y`` built by the 1-based ``step`` (module docstring)."""
+    beta, horizon = group["beta"], group["beta_horizon"]
+    s = step + 1  # that y is where the gradient of step s = step + 1 is taken
+    if horizon is None or s <= horizon:
+        return beta
+    return 1 - ((horizon - 1) / (s - 1)) ** group["beta_power"] * (1 - beta)
+
+
+def _shard_like(full: Tensor, like: Tensor) -> Tensor:
+    """``full`` laid out as the DTensor ``like`` (this rank's part; no communication)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)  # type: ignore[attr-defined]
+
+
+class MuonDirection(Direction):
+    """Muon's orthogonalized momentum (module docstring); state ``momentum_buffer``, NorMuon's ``normuon_v``."""
+
+    needs_full_param = True
+    gathers_shards = True
+    varying_beta = True
+
+    def beta(self, group: dict, step: int) -> float:
+        return varying_beta(group, step)
+
+    def state_buffers(self, group: dict) -> tuple[str, ...]:
+        names: tuple[str, ...] = ("momentum_buffer",) if group["momentum"] > 0 else ()
+        return (*names, "normuon_v") if group["normuon"] else names
+
+    def buffer_shape(self, group: dict, name: str, shape: Size) -> Size:
+        return Size((shape[0], 1)) if name == "normuon_v" else shape
+
+    def weight_decay_at_y(self, group: dict, weight_decay: float) -> float:
+        return weight_decay if group["decay_at"] == "y" else 0.0
+
+    def foreach(self, group: dict, step: int, bucket: Bucket, reduced: Mapping[str, Tensor]) -> tuple[list[Tensor], bool]:
+        mu = group["momentum"]
+        updates: list[Tensor] = bucket.grads
+        if mu > 0:
+            buf = bucket.buffers["momentum_buffer"]
+            torch._foreach_lerp_(buf, bucket.grads, 1 - mu)
+            updates = list(torch._foreach_lerp(bucket.grads, buf, mu)) if group["nesterov"] else buf
+        vs = bucket.buffers.get("normuon_v")
+        out = []
+        for i, u in enumerate(updates):
+            sharded = type(u) is not Tensor and hasattr(u, "full_tensor")
+            whole = u.full_tensor() if sharded else u  # type: ignore[attr-defined]
+            matrix = whole.reshape(whole.shape[0], -1)
+            o = newton_schulz(
+                matrix, group["ns_coefficients"], group["ns_steps"], group["ns_eps"], group["ns_dtype"]
+            ).to(whole.dtype)
+            if vs is not None:
+                o = _normuon(o, vs[i], group["normuon_beta2"])
+            o.mul_(adjusted_lr_ratio(group["adjust_lr_fn"], *matrix.shape))
+            d = o.view(whole.shape)
+            out.append(_shard_like(d, u) if sharded else d)
+        if group["decay_at"] == "z" and group["weight_decay"] != 0:
+            torch._foreach_add_(out, bucket.z, alpha=group["weight_decay"])
+        return out, True
+
+
+def _normuon(o: Tensor, v: Tensor, beta2: float) -> Tensor:
+    """NorMuon's per-row normalization of ``o``, keeping its Frobenius norm; updates ``v`` in place."""
+    norm = o.norm()
+    v.lerp_(o.square().mean(dim=1, keepdim=True), 1 - beta2)
+    o = o / (v.sqrt() + _NORMUON_EPS)
+    return o.mul_(norm / (o.norm() + _NORMUON_EPS))
+
+
+class AdamWPart(Direction):
+    """Schedule-free AdamW's direction for the parameters Muon does not take; state ``exp_avg_sq``."""
+
+    varying_beta = True
+
+    def beta(self, group: dict, step: int) -> float:
+        return varying_beta(group, step)
+
+    def state_buffers(self, group: dict) -> tuple[str, ...]:
+        return ("exp_avg_sq",)
+
+    def weight_decay_at_y(self, group: dict, weight_decay: float) -> float:
+        return weight_decay if group["decay_at"] == "y" else 0.0
+
+    def foreach(self, group: dict, step: int, bucket: Bucket, reduced: Mapping[str, Tensor]) -> tuple[list[Tensor], bool]:
+        d = adam_direction(
+            bucket.grads, bucket.buffers["exp_avg_sq"], step=step, beta2=group["adamw_beta2"], eps=group["adamw_eps"]
+        )
+        if group["decay_at"] == "z" and group["weight_decay"] != 0:
+            torch._foreach_add_(d, bucket.z, alpha=group["weight_decay"])
+        return d, True
+
+    def kernel(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> KernelSpec | None:
+        if group["decay_at"] == "z" and group["weight_decay"] != 0:
+            return None  # the kernels decay at y only
+        beta2 = group["adamw_beta2"]
+        return KernelSpec(Kind.ADAM, ("exp_avg_sq",), {"beta2": beta2, "bc2": 1 - beta2**step, "eps": group["adamw_eps"]})
+
+
+@with_backend_args
+class MuonScheduleFree(ScheduleFreeOptimizer):
+    r"""Schedule-free Muon: Muon's orthogonalized direction on matrices, AdamW's on the rest.
+
+    See :mod:`sfoptim.directions.muon` for the math. Each parameter group is
+    either a Muon group or an AdamW group (``use_muon`` in the group). A group
+    without ``use_muon`` is split in two when it is added: the parameters
+    :func:`is_muon_param` accepts (``ndim >= 2``, and not an embedding or
+    output head where the parameters carry names: pass
+    ``model.named_parameters()``) form a Muon group with learning rate
+    ``lr``; the others an AdamW group with learning rate ``adamw_lr``. Set
+    ``use_muon=True`` or ``False`` in a group to choose yourself; an AdamW
+    group without its own ``lr`` takes ``adamw_lr``. Convolution kernels are
+    orthogonalized as ``shape[0] x (the rest)`` matrices.
+
+    Args:
+        params: parameters, named parameters or parameter groups.
+        lr: learning rate of the Muon groups (default 0.02).
+        beta: interpolation weight :math:`\beta \in (0, 1]` (default 0.9).
+        momentum: Muon's momentum :math:`\mu \in [0, 1)` (default 0.95;
+            0 keeps no buffer).
+        nesterov: Nesterov-style momentum, as ``torch.optim.Muon`` (default True).
+        weight_decay: :math:`\lambda` (default 0).
+        decay_at: ``"z"`` (default) or ``"y"``: the point the decay is taken at.
+        warmup_steps: linear warmup length in steps (default 0).
+        r: polynomial weighting power of the average (default 0).
+        weight_lr_power: power of the maximal learning rate in the averaging
+            weights (default 2).
+        ns_coefficients: Newton-Schulz coefficients (default torch's).
+        ns_steps: Newton-Schulz iterations (default 5).
+        ns_eps: floor of the norm the input is divided by (default 1e-7).
+        ns_dtype: dtype of the Newton-Schulz iterations (default
+            ``torch.bfloat16``, as torch; None: the parameter's dtype).
+        adjust_lr_fn: ``None``/``"original"`` or ``"match_rms_adamw"`` (as torch).
+        normuon: NorMuon's per-row normalization (default False).
+        normuon_beta2: its second-moment decay in [0, 1) (default 0.95).
+        beta_horizon: :math:`T_0 \ge 1`, after which the interpolation weight
+            rises towards 1 (AMUSE); None (default) keeps ``beta``.
+        beta_power: :math:`\rho \ge 0` of that rise (default 1).
+        adamw_lr: learning rate of the automatic AdamW groups (default 0.0025).
+        adamw_beta2: AdamW's second-moment decay (default 0.999).
+        adamw_eps: AdamW's epsilon (default 1e-8).
+        {backend_args}
+
+    The Muon groups have no fused kernel (their direction runs foreach); the
+    AdamW groups use the fused CPU kernel where it runs, except with decay at
+    ``z``. Under FSDP2 each rank gathers every sharded matrix to orthogonalize
+    it and keeps its own shard of the result.
+
+    Example::
+
+        opt = sfoptim.MuonScheduleFree(model.named_parameters(), lr=0.02, adamw_lr=3e-3)
+        opt.train(); model.train()
+        ...
+        opt.eval(); model.eval()
+    """
+
+    _muon_direction = MuonDirection()
+    _adamw_direction = AdamWPart()
+    direction = _muon_direction
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 0.02,
+        beta: float = 0.9,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        decay_at: str = "z",
+        warmup_steps: int = 0,
+        r: float = 0.0,
+        weight_lr_power: float = 2.0,
+        ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+        ns_steps: int = NS_STEPS,
+        ns_eps: float = NS_EPS,
+        ns_dtype: torch.dtype | None = torch.bfloat16,
+        adjust_lr_fn: str | None = None,
+        normuon: bool = False,
+        normuon_beta2: float = 0.95,
+        beta_horizon: int | None = None,
+        beta_power: float = 1.0,
+        adamw_lr: float = 0.0025,
+        adamw_beta2: float = 0.999,
+        adamw_eps: float = 1e-8,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr, beta=beta, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, decay_at=decay_at,
+            warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power, ns_coefficients=ns_coefficients,
+            ns_steps=ns_steps, ns_eps=ns_eps, ns_dtype=ns_dtype, adjust_lr_fn=adjust_lr_fn, normuon=normuon,
+            normuon_beta2=normuon_beta2, beta_horizon=beta_horizon, beta_power=beta_power, adamw_lr=adamw_lr,
+            adamw_beta2=adamw_beta2, adamw_eps=adamw_eps, use_muon=None, foreach=foreach, fused=fused,
+            state_dtype=state_dtype, stochastic_rounding=stochastic_rounding,
+        )  # fmt: skip
+        super().__init__(params, defaults)
+
+    def direction_for(self, group: dict) -> Direction:
+        return self._muon_direction if group["use_muon"] else self._adamw_direction
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Adds a group; one without ``use_muon`` becomes a Muon group and an AdamW group (class docstring)."""
+        use_muon = param_group.get("use_muon")
+        if use_muon is not None:
+            if not isinstance(use_muon, bool):
+                raise ValueError(f"Invalid use_muon: {use_muon!r} (expected True, False or None)")
+            group = dict(param_group)
+            if not use_muon and "lr" not in group:
+                group["lr"] = group.get("adamw_lr", self.defaults["adamw_lr"])
+            super().add_param_group(group)
+            return
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        names = param_group.get("param_names")
+        if params and isinstance(params[0], tuple):
+            names, params = [n for n, _ in params], [p for _, p in params]
+        parts: dict[bool, list[int]] = {True: [], False: []}
+        for i, p in enumerate(params):
+            parts[is_muon_param(p, names[i] if names else None)].append(i)
+        rest = {k: v for k, v in param_group.items() if k not in ("params", "param_names")}
+        for muon in (True, False):
+            if not parts[muon] and (parts[not muon] or not muon):
+                continue
+            group = dict(rest, use_muon=muon, params=[params[i] for i in parts[muon]])
+            if names:
+                group["param_names"] = [names[i] for i in parts[muon]]
+            if not muon:
+                group["lr"] = rest.get("adamw_lr", self.defaults["adamw_lr"])
+            super().add_param_group(group)
+
+    def _validate_group(self, group: dict) -> None:
+        super()._validate_group(group)
+        _validation.check_interpolation("beta", group["beta"])
+        _validation.check_in_range("momentum", group["momentum"], 0.0, 1.0, low_open=False, high_open=True)
+        _validation.check_warmup_steps(group["warmup_steps"])
+        if group["decay_at"] not in ("z", "y"):
+            raise ValueError(f"Invalid decay_at: {group['decay_at']!r} (expected 'z' or 'y')")
+        if not isinstance(group["nesterov"], bool):
+            raise ValueError(f"Invalid nesterov: {group['nesterov']!r} (expected True or False)")
+        if not isinstance(group["normuon"], bool):
+            raise ValueError(f"Invalid normuon: {group['normuon']!r} (expected True or False)")
+        coefficients = group["ns_coefficients"]
+        if not isinstance(coefficients, (tuple, list)) or len(coefficients) != 3:
+            raise ValueError(f"Invalid ns_coefficients: {coefficients!r} (expected three numbers (a, b, c))")
+        for value in coefficients:
+            _validation.check_in_range("ns_coefficients", value, -math.inf, math.inf, low_open=True, high_open=True)
+        steps = group["ns_steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps < 100:
+            raise ValueError(f"Invalid ns_steps: {steps!r} (expected a whole number in [1, 100))")
+        _validation.check_nonnegative("ns_eps", group["ns_eps"])
+        if group["ns_dtype"] is not None and not (isinstance(group["ns_dtype"], torch.dtype) and group["ns_dtype"].is_floating_point):
+            raise ValueError(f"Invalid ns_dtype: {group['ns_dtype']!r} (expected a floating-point torch.dtype or None)")
+        adjusted_lr_ratio(group["adjust_lr_fn"], 1, 1)
+        _validation.check_in_range("normuon_beta2", group["normuon_beta2"], 0.0, 1.0, low_open=False, high_open=True)
+        horizon = group["beta_horizon"]
+        if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1):
+            raise ValueError(f"Invalid beta_horizon: {horizon!r} (expected None or a whole number of steps >= 1)")
+        _validation.check_nonnegative("beta_power", group["beta_power"])
+        _validation.check_nonnegative("adamw_lr", group["adamw_lr"])
+        _validation.check_in_range("adamw_beta2", group["adamw_beta2"], 0.0, 1.0, low_open=False, high_open=True)
+        _validation.check_nonnegative("adamw_eps", group["adamw_eps"])
+        if group["use_muon"]:
+            for i, p in enumerate(group["params"]):
+                if p.ndim < 2 or p.is_complex():
+                    raise ValueError(
+                        f"Invalid use_muon: True for param {i} of shape {tuple(p.shape)} and dtype {p.dtype}; "
+                        "Muon orthogonalizes real matrices (ndim >= 2): put it in a group with use_muon=False"
+                    )

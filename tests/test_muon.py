@@ -1,0 +1,224 @@
+"""Schedule-free Muon: torch's Muon step inside, the parameter split, NorMuon, the wrapper around torch.optim.Muon.
+
+The generic checks (reference in float64, state dicts, modes, backends,
+validation) run through ``tests/registry.py``; these are the Muon-specific ones.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.optim._muon import _zeropower_via_newtonschulz
+
+import sfoptim
+from sfoptim.directions.muon import newton_schulz
+
+F32, F64 = torch.float32, torch.float64
+
+
+def fixed_grads(shapes: list[tuple[int, ...]], step: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Gradients that do not depend on the point, so two optimizers see the very same inputs."""
+    g = torch.Generator().manual_seed(500 + step)
+    return [torch.randn(s, generator=g, dtype=F64).to(dtype) for s in shapes]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6), (8, 8)])
+def test_newton_schulz_is_torch_muons_bit_for_bit(shape):
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    ours = newton_schulz(g)
+    assert ours.dtype == torch.bfloat16
+    assert torch.equal(ours, _zeropower_via_newtonschulz(g, (3.4445, -4.7750, 2.0315), 5, 1e-7))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(nesterov=False), dict(adjust_lr_fn="match_rms_adamw"), dict(momentum=0.8, weight_decay=0.1)],
+    ids=["default", "no_nesterov", "match_rms_adamw", "momentum_decay"],
+)
+def test_z_follows_torch_muon_step_for_step(options):
+    """With weight decay at z, z moves exactly as torch.optim.Muon moves its parameters (bf16 Newton-Schulz)."""
+    shapes = [(12, 7), (7, 12)]
+    start = fixed_grads(shapes, -1, F32)
+    ours = [nn.Parameter(t.clone()) for t in start]
+    theirs = [nn.Parameter(t.clone()) for t in start]
+    kw = {"lr": 0.03, "momentum": 0.95, "weight_decay": 0.0, **options}
+    opt = sfoptim.MuonScheduleFree(ours, decay_at="z", **kw)
+    muon = torch.optim.Muon(theirs, **kw)
+    for step in range(10):
+        for p, q, g in zip(ours, theirs, fixed_grads(shapes, step, F32)):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        muon.step()
+        for p, q in zip(ours, theirs):
+            assert rel(opt.state[p]["z"], q) < 1e-5, f"step {step + 1}"
+
+
+def test_bfloat16_newton_schulz_stays_close_to_the_reference():
+    """The default bf16 iterations against the reference's in float32: close, not equal."""
+    shapes = [(12, 7), (5,), (4, 2, 3)]
+    a = [nn.Parameter(t) for t in fixed_grads(shapes, -1, F32)]
+    b = [nn.Parameter(t.clone()) for t in a]
+    opt = sfoptim.MuonScheduleFree(a, lr=0.01)
+    ref = sfoptim.MuonScheduleFreeReference(b, lr=0.01, ns_dtype=F32)
+    for step in range(10):
+        for p, q, g in zip(a, b, fixed_grads(shapes, step, F32)):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    assert max(rel(p, q) for p, q in zip(a, b)) < 2e-2
+
+
+def test_float32_matches_reference_loosely():
+    shapes = [(12, 7), (5,), (4, 2, 3)]
+    a = [nn.Parameter(t) for t in fixed_grads(shapes, -1, F32)]
+    b = [nn.Parameter(t.clone()) for t in a]
+    kw = dict(lr=0.02, weight_decay=0.05, normuon=True, beta_horizon=3, ns_dtype=None)
+    opt, ref = sfoptim.MuonScheduleFree(a, **kw), sfoptim.MuonScheduleFreeReference(b, **kw)
+    for step in range(20):
+        for p, q, g in zip(a, b, fixed_grads(shapes, step, F32)):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+        assert max(rel(p, q) for p, q in zip(a, b)) < 1e-5, f"step {step + 1}"
+
+
+class TinyLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(11, 6)
+        self.conv = nn.Conv1d(6, 6, 3, padding=1)
+        self.block = nn.Linear(6, 6)
+        self.norm = nn.LayerNorm(6)
+        self.lm_head = nn.Linear(6, 11, bias=False)
+
+
+def test_split_by_shape_and_name():
+    model = TinyLM()
+    opt = sfoptim.MuonScheduleFree(model.named_parameters(), lr=0.02, adamw_lr=0.003)
+    muon, adam = opt.param_groups
+    assert muon["use_muon"] and not adam["use_muon"]
+    assert muon["param_names"] == ["conv.weight", "block.weight"]
+    assert set(adam["param_names"]) == {"embed_tokens.weight", "conv.bias", "block.bias", "norm.weight", "norm.bias", "lm_head.weight"}
+    assert (muon["lr"], adam["lr"]) == (0.02, 0.003)
+    # Without names only the shape can tell: embedding and head are matrices.
+    unnamed = sfoptim.MuonScheduleFree(model.parameters())
+    assert len(unnamed.param_groups[0]["params"]) == 4
+    ref = sfoptim.MuonScheduleFreeReference(model.named_parameters(), lr=0.02, adamw_lr=0.003)
+    assert [len(g["params"]) for g in ref.param_groups] == [2, 6]
+
+
+def test_explicit_use_muon_groups_are_kept():
+    model = TinyLM()
+    opt = sfoptim.MuonScheduleFree([
+        {"params": [model.block.weight], "use_muon": True},
+        {"params": [model.lm_head.weight], "use_muon": False},
+        {"params": [model.embed_tokens.weight], "use_muon": False, "lr": 0.1},
+    ], adamw_lr=0.004)  # fmt: skip
+    assert [g["use_muon"] for g in opt.param_groups] == [True, False, False]
+    assert [g["lr"] for g in opt.param_groups] == [0.02, 0.004, 0.1]
+    with pytest.raises(ValueError, match="use_muon"):
+        sfoptim.MuonScheduleFree([{"params": [model.block.bias], "use_muon": True}])
+    with pytest.raises(ValueError, match="use_muon"):
+        sfoptim.MuonScheduleFree([{"params": [model.block.weight], "use_muon": "yes"}])
+
+
+def test_conv_kernel_is_orthogonalized_as_a_matrix():
+    """A conv kernel's step is a multiple of an (approximately) orthogonal out x (in*k) matrix."""
+    conv = nn.Conv1d(4, 3, 3)
+    opt = sfoptim.MuonScheduleFree([conv.weight], lr=1.0, momentum=0.0, beta=1.0, ns_dtype=F64, ns_steps=30,
+                                   ns_coefficients=(1.5, -0.5, 0.0))  # fmt: skip
+    conv.weight.grad = torch.randn_like(conv.weight)
+    z0 = conv.weight.detach().clone()
+    opt.step()
+    step = (z0 - opt.state[conv.weight]["z"]).reshape(3, -1)
+    assert torch.allclose(step @ step.T, torch.eye(3), atol=1e-6)
+
+
+def test_normuon_state_is_per_row_and_round_trips():
+    model = TinyLM()
+    opt = sfoptim.MuonScheduleFree(model.named_parameters(), normuon=True)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.state[model.conv.weight]["normuon_v"].shape == (6, 1)
+    assert "normuon_v" not in opt.state[model.embed_tokens.weight]
+    again = sfoptim.MuonScheduleFree(model.named_parameters(), normuon=True)
+    again.load_state_dict(opt.state_dict())
+    assert torch.equal(again.state[model.conv.weight]["normuon_v"], opt.state[model.conv.weight]["normuon_v"])
+    sd = opt.state_dict()
+    sd["state"][0]["normuon_v"] = torch.zeros(6, 6)
+    with pytest.raises(ValueError, match="normuon_v"):
+        again.load_state_dict(sd)
+
+
+def test_decay_at_z_and_at_y_differ():
+    results = []
+    for decay_at in ("z", "y"):
+        p = nn.Parameter(torch.ones(4, 3, dtype=F64))
+        opt = sfoptim.MuonScheduleFree([p], weight_decay=0.5, decay_at=decay_at, ns_dtype=None)
+        for step in range(3):
+            p.grad = fixed_grads([(4, 3)], step, F64)[0]
+            opt.step()
+        results.append(p.detach().clone())
+    assert rel(*results) > 1e-6
+
+
+# ---------------------------------------------------------------- wrapper
+def test_wrapper_around_torch_muon_matches_its_reference():
+    """ScheduleFreeWrapper(torch.optim.Muon) against the readable wrapper reference, same base optimizer."""
+    shapes = [(9, 5), (5, 9)]
+    start = fixed_grads(shapes, -1, F64)
+    a = [nn.Parameter(t.clone()) for t in start]
+    b = [nn.Parameter(t.clone()) for t in start]
+    wrapped = sfoptim.ScheduleFreeWrapper(torch.optim.Muon(a, lr=0.02, weight_decay=0.1), momentum=0.9)
+    ref = sfoptim.ScheduleFreeWrapperReference(torch.optim.Muon(b, lr=0.02, weight_decay=0.1), momentum=0.9)
+    for step in range(15):
+        for p, q, g in zip(a, b, fixed_grads(shapes, step, F64)):
+            p.grad, q.grad = g.clone(), g.clone()
+        wrapped.step()
+        ref.step()
+        assert max(rel(p, q) for p, q in zip(a, b)) < 1e-12, f"step {step + 1}"
+    wrapped.eval()
+    ref.eval()
+    assert max(rel(p, q) for p, q in zip(a, b)) < 1e-12
+
+
+def test_wrapper_around_torch_muon_trains():
+    torch.manual_seed(0)
+    x = torch.randn(256, 8)
+    y = x @ torch.randn(8, 4)
+    model = nn.Sequential(nn.Linear(8, 16, bias=False), nn.Tanh(), nn.Linear(16, 4, bias=False))
+    opt = sfoptim.ScheduleFreeWrapper(torch.optim.Muon(model.parameters(), lr=0.05, weight_decay=0.0), momentum=0.9)
+    loss_fn = nn.functional.mse_loss
+    start = loss_fn(model(x), y).item()
+    for _ in range(100):
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+    opt.eval()
+    assert loss_fn(model(x), y).item() < 0.15 * start
+
+
+def test_docs_examples_run(tmp_path, monkeypatch):
+    """The python blocks of docs/muon.md, in one namespace; the split they print is the documented one."""
+    import re
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parent.parent / "docs" / "muon.md"
+    blocks = re.findall(r"^```python\n(.*?)^```", page.read_text(), re.S | re.M)
+    assert len(blocks) == 3
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "docs_muon"}
+    exec(compile(blocks[0], str(page), "exec"), namespace)
+    groups = namespace["opt"].param_groups
+    assert groups[0]["param_names"] == ["mlp.0.weight", "mlp.2.weight"]
+    assert groups[1]["param_names"] == ["embed.weight", "mlp.0.bias", "mlp.2.bias", "lm_head.weight", "lm_head.bias"]
+    for block in blocks[1:]:
+        exec(compile(block, str(page), "exec"), namespace)
+    assert [g["lr"] for g in namespace["opt"].param_groups] == [0.02, 1e-3, 3e-3]
+    assert not namespace["muon"].train_mode and not namespace["adamw"].train_mode
