@@ -8,6 +8,7 @@ and :mod:`sfoptim.backends` runs the update.
 
 from .batchnorm import recalibrate_batchnorm
 from .directions.adamw import AdamWScheduleFree, AdamWScheduleFreeClosure, AdamWScheduleFreePaper
+from .directions.prodigy import ProdigyScheduleFree, ProdigyScheduleFreeClosure
 from .directions.radam import RAdamScheduleFree, RAdamScheduleFreeClosure
 from .directions.sgd import SGDScheduleFree, SGDScheduleFreeClosure
 from .directions.wrapper import ScheduleFreeWrapper
@@ -15,6 +16,7 @@ from .engine import ModeError, ScheduleFreeOptimizer
 from .modes import TiedMode, averaged_state_dict, eval_mode, eval_optimizer_state_dict, tie_mode, unwrap_optimizer
 from .reference import (
     AdamWScheduleFreeReference,
+    ProdigyScheduleFreeReference,
     RAdamScheduleFreeReference,
     ScheduleFreeWrapperReference,
     SGDScheduleFreeReference,
@@ -28,6 +30,9 @@ __all__ = [
     "AdamWScheduleFreePaper",
     "AdamWScheduleFreeReference",
     "ModeError",
+    "ProdigyScheduleFree",
+    "ProdigyScheduleFreeClosure",
+    "ProdigyScheduleFreeReference",
     "RAdamScheduleFree",
     "RAdamScheduleFreeClosure",
     "RAdamScheduleFreeReference",

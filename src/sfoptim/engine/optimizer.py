@@ -369,9 +369,11 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         src = work(p, state).detach()
         if "z" not in state:
             state["z"] = torch.clone(src, memory_format=torch.preserve_format)
-        for name in names:
-            if name not in state:
-                state[name] = torch.zeros_like(src, memory_format=torch.preserve_format)
+        if names:
+            direction = self.direction_for(group)
+            for name in names:
+                if name not in state:
+                    state[name] = direction.init_buffer(group, name, src)
         return state
 
     def _buckets(self, group: dict, active: list[Tensor], names: tuple[str, ...]) -> list[Bucket]:

@@ -167,6 +167,7 @@ def prepare_traced(opt: ScheduleFreeOptimizer) -> list[dispatch.TracedCall]:
             if call is not None:
                 calls.append(call)
         opt._commit(group, sched, p.beta)
+        direction.commit(group, p.step, reduced)
     return calls
 
 
@@ -198,6 +199,7 @@ def _update(opt: ScheduleFreeOptimizer, plans: list[GroupStep]) -> None:
                 )  # fmt: skip
             opt._sync_params(group, p.active)
         opt._commit(group, sched, p.beta)
+        direction.commit(group, p.step, reduced)
 
 
 def _delegated_move(opt: ScheduleFreeOptimizer, plans: list[GroupStep], reduced: Mapping[str, Tensor]) -> None:
