@@ -21,6 +21,11 @@ try:
 except ImportError:  # the published package is only the oracle of some entries
     schedulefree = None
 
+try:
+    import pytorch_optimizer
+except ImportError:  # a third-party base optimizer for the wrapper (the bench extra)
+    pytorch_optimizer = None
+
 F64, F32 = torch.float64, torch.float32
 
 
@@ -129,6 +134,10 @@ def _rmsprop(ps: Any) -> torch.optim.Optimizer:
     return torch.optim.RMSprop(ps, lr=0.005, weight_decay=0.01)
 
 
+def _adopt(ps: Any) -> torch.optim.Optimizer:
+    return pytorch_optimizer.ADOPT(ps, lr=0.01, weight_decay=0.01, weight_decouple=True)
+
+
 OPTIMIZERS: list[OptimizerInfo] = [
     # The fast forms, each against our reference form.
     OptimizerInfo("sgd", sfoptim.SGDScheduleFree, SGD_KW, sfoptim.SGDScheduleFreeReference, flags=FAST, invalid=SGD_INVALID),
@@ -157,6 +166,11 @@ OPTIMIZERS: list[OptimizerInfo] = [
     OptimizerInfo("prodigy_reference", sfoptim.ProdigyScheduleFreeReference, PRODIGY_KW, None, invalid=PRODIGY_INVALID),
     OptimizerInfo("wrapper_reference_adam", sfoptim.ScheduleFreeWrapperReference, WRAPPER_KW, None, base=_adam),
 ]
+
+if pytorch_optimizer is not None:
+    OPTIMIZERS.append(
+        OptimizerInfo("wrapper_adopt", sfoptim.ScheduleFreeWrapper, WRAPPER_KW, sfoptim.ScheduleFreeWrapperReference, base=_adopt, flags=frozenset({"fused"}))
+    )
 
 BY_NAME = {info.name: info for info in OPTIMIZERS}
 assert len(BY_NAME) == len(OPTIMIZERS), "registry names must be unique"
