@@ -87,7 +87,8 @@ class ProdigyDirection(Direction):
         return d * d * warmup_lr(group, step)
 
     def reduce(self, group: dict, bucket: Bucket, beta: float) -> dict[str, Tensor]:
-        step = int(group["k"]) + 1
+        # reduce() receives no step index: the one about to be taken follows the steps taken.
+        step = int(group[ProdigyScheduleFree.group_key("k")]) + 1
         scale = self._accumulator_scale(group, step)
         rho = math.sqrt(group["betas"][1])
         dots, l1s = [], []
