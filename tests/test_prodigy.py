@@ -91,9 +91,10 @@ def test_bfloat16_buffers_train_and_survive_a_checkpoint() -> None:
             loss = nn.functional.mse_loss(m(xb), yb)
             loss.backward()
             o.step()
-        return float(loss)
+        return float(loss.detach())
 
-    first = float(nn.functional.mse_loss(model(xb), yb))
+    with torch.no_grad():
+        first = float(nn.functional.mse_loss(model(xb), yb))
     train(model, opt, 30)
     for p in model.parameters():
         state = opt.state[p]
