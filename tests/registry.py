@@ -21,6 +21,11 @@ try:
 except ImportError:  # the published package is only the oracle of some entries
     schedulefree = None
 
+try:
+    import pytorch_optimizer
+except ImportError:  # a third-party base optimizer for the wrapper (the bench extra)
+    pytorch_optimizer = None
+
 F64, F32 = torch.float64, torch.float32
 
 
@@ -98,6 +103,12 @@ ADAM_INVALID = (("betas", (0.0, 0.999)), ("betas", (0.9, 1.0)), ("eps", -1e-8), 
 SGD_INVALID = COMMON_INVALID + WARMUP_INVALID + (("momentum", 0.0), ("momentum", 1.5))
 ADAMW_INVALID = COMMON_INVALID + WARMUP_INVALID + ADAM_INVALID + (("inner_momentum", 1.0),)
 RADAM_INVALID = COMMON_INVALID + ADAM_INVALID
+PRODIGY_INVALID = COMMON_INVALID + WARMUP_INVALID + ADAM_INVALID + (
+    ("d0", 0.0),
+    ("d0", float("inf")),
+    ("d_coef", -1.0),
+    ("split_groups", "yes"),
+)
 WRAPPER_INVALID = (("momentum", 0.0), ("weight_decay_at_y", -1.0), ("r", float("nan")), ("weight_lr_power", -1.0))
 
 MUON_INVALID = COMMON_INVALID + WARMUP_INVALID + (
@@ -110,6 +121,8 @@ ADAMW_KW = dict(lr=0.02, warmup_steps=5, weight_decay=0.01, weight_lr_power=1.0)
 ADAMW_INNER_KW = dict(lr=0.02, inner_momentum=0.9, betas=(0.8, 0.99), weight_decay=0.05)
 RADAM_KW = dict(lr=0.02, weight_decay=0.01, betas=(0.9, 0.99), r=0.5)
 RADAM_SGD_KW = dict(lr=0.02, silent_sgd_phase=False)
+PRODIGY_KW = dict(d0=1e-3, betas=(0.9, 0.99), warmup_steps=3, weight_decay=0.01)
+PRODIGY_SPLIT_KW = dict(d0=1e-4, split_groups=True, r=0.0, weight_lr_power=1.0, d_coef=0.5)
 WRAPPER_KW = dict(momentum=0.8, weight_decay_at_y=0.01, r=1.0)
 
 # Newton-Schulz in the parameters' dtype, so that float64 runs are exact against the reference.
@@ -132,6 +145,10 @@ def _rmsprop(ps: Any) -> torch.optim.Optimizer:
     return torch.optim.RMSprop(ps, lr=0.005, weight_decay=0.01)
 
 
+def _adopt(ps: Any) -> torch.optim.Optimizer:
+    return pytorch_optimizer.ADOPT(ps, lr=0.01, weight_decay=0.01, weight_decouple=True)
+
+
 OPTIMIZERS: list[OptimizerInfo] = [
     # The fast forms, each against our reference form.
     OptimizerInfo("sgd", sfoptim.SGDScheduleFree, SGD_KW, sfoptim.SGDScheduleFreeReference, flags=FAST, invalid=SGD_INVALID),
@@ -142,10 +159,13 @@ OPTIMIZERS: list[OptimizerInfo] = [
     OptimizerInfo("radam_sgd_phase", sfoptim.RAdamScheduleFree, RADAM_SGD_KW, sfoptim.RAdamScheduleFreeReference, flags=FAST),
     OptimizerInfo("muon", sfoptim.MuonScheduleFree, MUON_KW, sfoptim.MuonScheduleFreeReference, flags=FAST, invalid=MUON_INVALID),
     OptimizerInfo("normuon", sfoptim.MuonScheduleFree, NORMUON_KW, sfoptim.MuonScheduleFreeReference, flags=FAST),
+    OptimizerInfo("prodigy", sfoptim.ProdigyScheduleFree, PRODIGY_KW, sfoptim.ProdigyScheduleFreeReference, flags=FAST, invalid=PRODIGY_INVALID),
+    OptimizerInfo("prodigy_split", sfoptim.ProdigyScheduleFree, PRODIGY_SPLIT_KW, sfoptim.ProdigyScheduleFreeReference, flags=FAST),
     # The closure forms: parameters hold x between steps.
     OptimizerInfo("sgd_closure", sfoptim.SGDScheduleFreeClosure, SGD_KW, sfoptim.SGDScheduleFreeReference, closure=True, flags=FAST),
     OptimizerInfo("adamw_closure", sfoptim.AdamWScheduleFreeClosure, ADAMW_KW, sfoptim.AdamWScheduleFreeReference, closure=True, flags=FAST),
     OptimizerInfo("radam_closure", sfoptim.RAdamScheduleFreeClosure, RADAM_KW, sfoptim.RAdamScheduleFreeReference, closure=True, flags=FAST),
+    OptimizerInfo("prodigy_closure", sfoptim.ProdigyScheduleFreeClosure, PRODIGY_KW, sfoptim.ProdigyScheduleFreeReference, closure=True, flags=FAST),
     # The wrapper around plain and stateful base optimizers.
     OptimizerInfo("wrapper_sgd", sfoptim.ScheduleFreeWrapper, WRAPPER_KW, sfoptim.ScheduleFreeWrapperReference, base=_sgd, flags=frozenset({"fused"}), invalid=WRAPPER_INVALID),
     OptimizerInfo("wrapper_adam", sfoptim.ScheduleFreeWrapper, WRAPPER_KW, sfoptim.ScheduleFreeWrapperReference, base=_adam, flags=frozenset({"fused"})),
@@ -156,8 +176,14 @@ OPTIMIZERS: list[OptimizerInfo] = [
     OptimizerInfo("radam_reference", sfoptim.RAdamScheduleFreeReference, RADAM_KW, _published("RAdamScheduleFree"), tolerance=1e-12, invalid=RADAM_INVALID),
     OptimizerInfo("radam_reference_sgd_phase", sfoptim.RAdamScheduleFreeReference, RADAM_SGD_KW, _published("RAdamScheduleFree"), tolerance=1e-12),
     OptimizerInfo("wrapper_reference", sfoptim.ScheduleFreeWrapperReference, WRAPPER_KW, _published("ScheduleFreeWrapperReference"), base=_sgd, tolerance=1e-12, invalid=WRAPPER_INVALID),
+    OptimizerInfo("prodigy_reference", sfoptim.ProdigyScheduleFreeReference, PRODIGY_KW, None, invalid=PRODIGY_INVALID),
     OptimizerInfo("wrapper_reference_adam", sfoptim.ScheduleFreeWrapperReference, WRAPPER_KW, None, base=_adam),
 ]
+
+if pytorch_optimizer is not None:
+    OPTIMIZERS.append(
+        OptimizerInfo("wrapper_adopt", sfoptim.ScheduleFreeWrapper, WRAPPER_KW, sfoptim.ScheduleFreeWrapperReference, base=_adopt, flags=frozenset({"fused"}))
+    )
 
 BY_NAME = {info.name: info for info in OPTIMIZERS}
 assert len(BY_NAME) == len(OPTIMIZERS), "registry names must be unique"

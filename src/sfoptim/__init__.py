@@ -9,6 +9,7 @@ and :mod:`sfoptim.backends` runs the update.
 from .batchnorm import recalibrate_batchnorm
 from .directions.adamw import AdamWScheduleFree, AdamWScheduleFreeClosure, AdamWScheduleFreePaper
 from .directions.muon import MuonScheduleFree
+from .directions.prodigy import ProdigyScheduleFree, ProdigyScheduleFreeClosure
 from .directions.radam import RAdamScheduleFree, RAdamScheduleFreeClosure
 from .directions.sgd import SGDScheduleFree, SGDScheduleFreeClosure
 from .directions.wrapper import ScheduleFreeWrapper
@@ -17,6 +18,7 @@ from .modes import TiedMode, averaged_state_dict, eval_mode, eval_optimizer_stat
 from .reference import (
     AdamWScheduleFreeReference,
     MuonScheduleFreeReference,
+    ProdigyScheduleFreeReference,
     RAdamScheduleFreeReference,
     ScheduleFreeWrapperReference,
     SGDScheduleFreeReference,
@@ -32,6 +34,9 @@ __all__ = [
     "ModeError",
     "MuonScheduleFree",
     "MuonScheduleFreeReference",
+    "ProdigyScheduleFree",
+    "ProdigyScheduleFreeClosure",
+    "ProdigyScheduleFreeReference",
     "RAdamScheduleFree",
     "RAdamScheduleFreeClosure",
     "RAdamScheduleFreeReference",

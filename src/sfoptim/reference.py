@@ -49,6 +49,7 @@ from .engine import ModeError
 __all__ = [
     "AdamWScheduleFreeReference",
     "MuonScheduleFreeReference",
+    "ProdigyScheduleFreeReference",
     "RAdamScheduleFreeReference",
     "SGDScheduleFreeReference",
     "ScheduleFreeWrapperReference",
@@ -408,6 +409,119 @@ class RAdamScheduleFreeReference(_PaperStep):
         if _radam_rectifier(t, group["betas"][1]) is None:
             return grad
         return grad / denom
+
+
+class ProdigyScheduleFreeReference(_XYZ):
+    r"""Schedule-free Prodigy with ``x``, ``y``, ``z`` stored (the authors' AlgoPerf algorithm).
+
+    For step :math:`t`, with :math:`d` the estimate so far, :math:`\gamma_t`
+    the learning rate after warmup, :math:`a_t = d^2\gamma_t` and
+    :math:`\rho = \sqrt{\beta_2}`:
+
+    .. math::
+
+        n_t &= \rho\, n_{t-1} + a_t \textstyle\sum_p \langle g_p,\, x_{0,p} - z_p \rangle,
+            \qquad s_p \leftarrow \rho\, s_p + a_t g_p,
+            \qquad d' = \max(d,\; c_d\, n_t / \textstyle\sum_p \|s_p\|_1) \\
+        v_p &\leftarrow \beta_2 v_p + (1-\beta_2)\, d^2 g_p^2, \qquad
+        z_p \leftarrow z_p - d\gamma_t \bigl(d' g_p / (\sqrt{v_p} + d'\epsilon) + \lambda y_p\bigr) \\
+        x_p &\leftarrow (1 - c_t)\, x_p + c_t z_p, \qquad
+        c_t = \frac{w_t}{\sum_{i \le t} w_i}, \qquad w_t = t^r (\max_{i \le t} d_i\gamma_i)^{p},
+        \qquad y_p = (1-\beta) z_p + \beta x_p
+
+    The sums run over all parameters, or over each group alone with
+    ``split_groups=True``. While :math:`\sum_p \|s_p\|_1 = 0` neither :math:`d`
+    nor :math:`n` changes.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1.0,
+        betas: tuple[float, float] = (0.9, 0.9955),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        warmup_steps: int = 0,
+        r: float = 0.75,
+        weight_lr_power: float = 0.0,
+        d0: float = 1e-6,
+        d_coef: float = 1.0,
+        split_groups: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps, r=r,
+            weight_lr_power=weight_lr_power, d0=d0, d_coef=d_coef, split_groups=split_groups,
+            train_mode=True, **_SCHEDULE_STATE,
+        )
+        super().__init__(params, defaults)
+
+    def _validate(self, group: dict) -> None:
+        _check_common(group, "weight_decay")
+        _check_adam(group)
+        _check("d0", group["d0"], lambda v: 0 < v < math.inf, "> 0")
+        _check("d_coef", group["d_coef"], lambda v: 0 < v < math.inf, "> 0")
+        if not isinstance(group["split_groups"], bool):
+            raise ValueError(f"Invalid split_groups: {group['split_groups']!r} (expected True or False)")
+        # A group that joins the shared estimate takes its current value.
+        shared = [g for g in self.param_groups if g is not group and not g["split_groups"] and "d" in g]
+        source = shared[0] if shared and not group["split_groups"] else {"d": float(group["d0"]), "d_numerator": 0.0}
+        group.setdefault("d", source["d"])
+        group.setdefault("d_numerator", source["d_numerator"])
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One step with the gradients in ``p.grad``; returns the closure's loss if one is given."""
+        loss = self._start_step(closure)
+        active = [[p for p in g["params"] if p.grad is not None] for g in self.param_groups]
+        for p in (p for ps in active for p in ps):
+            if p.grad.is_sparse or p.grad.shape != p.shape:
+                raise RuntimeError(f"{type(self).__name__} needs a dense gradient shaped like the parameter {tuple(p.shape)}")
+        # First pass: the sums, over the shared groups or each split group.
+        sums: dict[Any, list[float]] = {}
+        for gi, (group, params) in enumerate(zip(self.param_groups, active)):
+            t = group["k"] + 1
+            a = group["d"] ** 2 * _warmup(float(group["lr"]), t, group["warmup_steps"])
+            rho = math.sqrt(group["betas"][1])
+            total = sums.setdefault(gi if group["split_groups"] else "shared", [0.0, 0.0])
+            for p in params:
+                state = self._prodigy_state(p)
+                g, z, p0, s = (_real(t) for t in (p.grad, state["z"], state["p0"], state["s"]))
+                total[0] += a * float((g * (p0 - z)).sum())
+                total[1] += float((rho * s + a * g).abs().sum())
+        # Second pass: the new estimate, then the paper's step with it.
+        for gi, (group, params) in enumerate(zip(self.param_groups, active)):
+            t = group["k"] + 1
+            gamma = _warmup(float(group["lr"]), t, group["warmup_steps"])
+            d, beta2 = group["d"], group["betas"][1]
+            rho = math.sqrt(beta2)
+            numerator, denominator = sums.get(gi if group["split_groups"] else "shared", [0.0, 0.0])
+            if denominator > 0:
+                n_new = rho * group["d_numerator"] + numerator
+                d_new = max(d, group["d_coef"] * n_new / denominator)
+            else:
+                n_new, d_new = group["d_numerator"], d
+            c = _advance_average(group, d * gamma, t)
+            beta, decay = group["betas"][0], group["weight_decay"]
+            for p in params:
+                state = self.state[p]
+                x, y, z, v, s = (_real(state[n]) for n in ("x", "y", "z", "exp_avg_sq", "s"))
+                g = _real(p.grad)
+                v.mul_(beta2).addcmul_(g, g, value=(1 - beta2) * d * d)
+                s.mul_(rho).add_(g, alpha=d * d * gamma)
+                z.sub_(d * gamma * (d_new * g / (v.sqrt() + d_new * group["eps"]) + decay * y))
+                x.mul_(1 - c).add_(z, alpha=c)
+                y.copy_((1 - beta) * z + beta * x)
+                p.copy_(state["y"])
+            group["d"], group["d_numerator"] = d_new, n_new
+        return loss
+
+    def _prodigy_state(self, p: Tensor) -> dict:
+        state = self._xyz(p)
+        if "p0" not in state:
+            state["p0"] = p.detach().clone(memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(state["z"])
+            state["s"] = torch.zeros_like(state["z"])
+        return state
 
 
 class ScheduleFreeWrapperReference(_XYZ):

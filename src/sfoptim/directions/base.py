@@ -15,7 +15,8 @@ learning rate :math:`\gamma_t`). It declares:
 
 * ``state_buffers(group)``: names of the parameter-sized buffers it keeps in
   ``optimizer.state[p]`` besides the engine's ``z`` (and ``master``). The
-  engine creates them as zeros and hands them over by name in
+  engine creates them (``init_buffer``: zeros unless the direction says
+  otherwise, in ``buffer_dtype``) and hands them over by name in
   :class:`Bucket`; it never spells one itself.
 * ``foreach(...)``: the direction for a :class:`Bucket` of tensors of one
   device and dtype, with ``torch._foreach_*`` ops (the reference backend,
@@ -30,7 +31,10 @@ learning rate :math:`\gamma_t`). It declares:
 * ``reductions`` and ``reduce(...)``: global scalars over all parameters of
   all groups, computed before the update (summed over groups, buckets and,
   for sharded parameters, ranks) and passed to ``lr``, ``foreach`` and
-  ``kernel`` as ``reduced``.
+  ``kernel`` as ``reduced``. A sum over one group only uses the name
+  :func:`group_reduction` gives.
+* ``commit(group, step, reduced)``: per-group scalar state the direction
+  keeps in the group (Prodigy's ``d``), written once the group's step is done.
 * ``needs_full_param``: the direction must see whole matrices (an
   orthogonalization), not shards or flattened views. With
   ``gathers_shards`` it receives sharded (FSDP2) tensors and gathers the
@@ -53,9 +57,20 @@ import enum
 from collections.abc import Mapping
 from typing import Any, ClassVar, NamedTuple
 
+import torch
 from torch import Size, Tensor
 
-__all__ = ["KERNEL_SCALARS", "KIND_SLOTS", "Bucket", "DelegatedDirection", "Direction", "KernelSpec", "Kind", "warmup_lr"]
+__all__ = [
+    "KERNEL_SCALARS",
+    "KIND_SLOTS",
+    "Bucket",
+    "DelegatedDirection",
+    "Direction",
+    "KernelSpec",
+    "Kind",
+    "group_reduction",
+    "warmup_lr",
+]
 
 
 class Bucket(NamedTuple):
@@ -125,6 +140,16 @@ def warmup_lr(group: dict, step: int) -> float:
     return float(group["lr"]) * factor
 
 
+def group_reduction(name: str, group: dict) -> str:
+    """The reduction name under which ``reduce`` contributes to a sum over ``group`` alone.
+
+    Only ``group``'s buckets return this name, so its total (completed across
+    ranks like any other) covers that group's parameters: a per-group
+    estimate, such as Prodigy's ``d`` with ``split_groups=True``.
+    """
+    return f"{name}@group{id(group)}"
+
+
 class Direction:
     """A base direction (see the module docstring for the contract).
 
@@ -169,14 +194,35 @@ class Direction:
         the decay elsewhere (at ``z``, inside :meth:`foreach`) returns 0.
         """
         return weight_decay
+    def buffer_dtype(self, group: dict, name: str, dtype: torch.dtype) -> torch.dtype:
+        """The dtype of state buffer ``name`` for a working copy of ``dtype`` (default: the same).
+
+        The engine creates the buffer in it and keeps it there when a
+        checkpoint is loaded; ``foreach`` then receives it as it is.
+        """
+        return dtype
+
+    def init_buffer(self, group: dict, name: str, like: Tensor) -> Tensor:
+        """State buffer ``name`` at creation, shaped like the working copy ``like`` (default: zeros)."""
+        return torch.zeros_like(like, dtype=self.buffer_dtype(group, name, like.dtype), memory_format=torch.preserve_format)
 
     def reduce(self, group: dict, bucket: Bucket, beta: float) -> dict[str, Tensor]:
         """This bucket's contributions (0-d tensors) to each name in :attr:`reductions`.
 
         Called before the update with ``y`` in ``bucket.params``; ``beta`` is
         the weight ``y`` was built with, so ``x = lerp(y, z, 1 - 1/beta)``.
+        It changes nothing. Names from :func:`group_reduction` give sums over
+        one group.
         """
         return {}
+
+    def commit(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> None:
+        """Records per-group scalar state after the group's 1-based ``step`` (default: none).
+
+        Called once per group and step, after its tensors are updated (also
+        for a group without gradients), with the same ``reduced`` that
+        ``lr`` and ``foreach`` saw.
+        """
 
     def foreach(
         self, group: dict, step: int, bucket: Bucket, reduced: Mapping[str, Tensor]

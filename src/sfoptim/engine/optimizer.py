@@ -369,15 +369,17 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         src = work(p, state).detach()
         if "z" not in state:
             state["z"] = torch.clone(src, memory_format=torch.preserve_format)
-        direction = self.direction_for(group)
-        for name in names:
-            if name not in state:
-                shape = direction.buffer_shape(group, name, p.shape)
-                if shape == p.shape:
-                    state[name] = torch.zeros_like(src, memory_format=torch.preserve_format)
-                else:
-                    # A smaller buffer (per row) is whole on every rank, also for a shard.
-                    state[name] = torch.zeros(shape, dtype=src.dtype, device=src.device)
+        if names:
+            direction = self.direction_for(group)
+            for name in names:
+                if name not in state:
+                    shape = direction.buffer_shape(group, name, p.shape)
+                    if shape == p.shape:
+                        state[name] = direction.init_buffer(group, name, src)
+                    else:
+                        # A smaller buffer (per row) is whole on every rank, also for a shard.
+                        dtype = direction.buffer_dtype(group, name, src.dtype)
+                        state[name] = torch.zeros(shape, dtype=dtype, device=src.device)
         return state
 
     def _buckets(self, group: dict, active: list[Tensor], names: tuple[str, ...]) -> list[Bucket]:

@@ -202,17 +202,21 @@ def settle_load(opt: ScheduleFreeOptimizer, state_dict: dict, previous_groups: l
         group.update(_kept_keys(opt, saved, previous))
     precision.restore_wide_state(opt, state_dict)
     for group in opt.param_groups:
-        sized = set(_PARAMETER_SIZED) | set(opt._state_buffers(group))
+        direction = opt.direction_for(group)
+        own = set(opt._state_buffers(group))
+        sized = set(_PARAMETER_SIZED) | own
         for p in group["params"]:
             state = opt.state.get(p)
             if not state:
                 continue
-            if precision.master_dtype(group, p) is not None:
-                continue
-            # Without a master in this group the parameter itself is the working
-            # copy (it holds the master's rounded value already).
-            state.pop("master", None)
+            work = precision.master_dtype(group, p)
+            if work is None:
+                # Without a master in this group the parameter itself is the working
+                # copy (it holds the master's rounded value already).
+                state.pop("master", None)
+                work = p.dtype
             for key in sized & state.keys():
                 value = state[key]
-                if isinstance(value, Tensor) and value.dtype != p.dtype:
-                    state[key] = value.to(dtype=p.dtype)
+                want = direction.buffer_dtype(group, key, work) if key in own else work
+                if isinstance(value, Tensor) and value.dtype != want:
+                    state[key] = value.to(dtype=want)

@@ -199,6 +199,7 @@ def prepare_traced(opt: ScheduleFreeOptimizer) -> tuple[list[dispatch.TracedCall
         if p.active and opt.option(group, "state_dtype") is not None:
             synced.append(p)
         opt._commit(group, sched, p.beta)
+        direction.commit(group, p.step, reduced)
     return calls, synced
 
 
@@ -237,6 +238,7 @@ def _update(opt: ScheduleFreeOptimizer, plans: list[GroupStep]) -> None:
                 )  # fmt: skip
             opt._sync_params(group, p.active)
         opt._commit(group, sched, p.beta)
+        direction.commit(group, p.step, reduced)
 
 
 def _delegated_move(opt: ScheduleFreeOptimizer, plans: list[GroupStep], reduced: Mapping[str, Tensor]) -> None:

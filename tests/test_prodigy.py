@@ -1,0 +1,188 @@
+"""Schedule-free Prodigy: the estimate ``d`` across groups and ranks, narrow buffers.
+
+The generic checks (state dicts, modes, backends, one group against the
+reference form) run through ``tests/registry.py``. Here: several groups with
+different learning rates (one shared ``d`` against one per group), a group
+without gradients, DDP and FSDP2 against a single process, and
+``buffer_dtype``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from _dist import rel_diff, spawn
+from test_distributed import batch, check_mode_switch, make_model, params, shard, train_step
+
+import sfoptim
+
+F64 = torch.float64
+
+
+def _groups(seed: int = 0) -> list[list[nn.Parameter]]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = [[(4, 3), (5,)], [(6,)], [(2, 2)]]
+    return [[nn.Parameter(torch.randn(s, generator=g, dtype=F64)) for s in group] for group in shapes]
+
+
+def _set_grads(groups: list[list[torch.Tensor]], step: int, skip_last: bool) -> None:
+    g = torch.Generator().manual_seed(100 + step)
+    for gi, group in enumerate(groups):
+        for p in group:
+            noise = torch.randn(p.shape, generator=g, dtype=F64)
+            # The last group has no gradient on odd steps (a frozen or unused branch).
+            p.grad = None if skip_last and gi == len(groups) - 1 and step % 2 else 0.3 * p.detach() + noise
+
+
+@pytest.mark.parametrize("split_groups", [False, True], ids=["shared_d", "split_groups"])
+def test_groups_with_different_lrs_match_the_reference(split_groups: bool) -> None:
+    lrs = [1.0, 0.3, 2.0]
+    kwargs = dict(d0=1e-4, betas=(0.9, 0.99), weight_decay=0.02, warmup_steps=4, split_groups=split_groups)
+    ours, theirs = _groups(), _groups()
+    opt = sfoptim.ProdigyScheduleFree([{"params": g, "lr": lr} for g, lr in zip(ours, lrs)], **kwargs)
+    ref = sfoptim.ProdigyScheduleFreeReference([{"params": g, "lr": lr} for g, lr in zip(theirs, lrs)], **kwargs)
+    for step in range(40):
+        _set_grads(ours, step, skip_last=True)
+        _set_grads(theirs, step, skip_last=True)
+        opt.step()
+        ref.step()
+        flat_ours = [p.detach() for g in ours for p in g]
+        flat_theirs = [p.detach() for g in theirs for p in g]
+        assert rel_diff(flat_ours, flat_theirs) <= 1e-9, f"step {step + 1}"
+    assert rel_diff(opt.eval_params(), ref.eval_params()) <= 1e-9
+    ds = [g["d"] for g in opt.param_groups]
+    assert ds == pytest.approx([g["d"] for g in ref.param_groups], rel=1e-9)
+    assert min(ds) > 100 * kwargs["d0"], "the estimate should have grown from d0"
+    if split_groups:
+        assert len(set(ds)) == 3, "each group keeps its own estimate"
+    else:
+        assert len(set(ds)) == 1, "the groups share one estimate"
+
+
+def test_a_group_added_later_joins_the_shared_estimate() -> None:
+    first, later = _groups()[:2]
+    opt = sfoptim.ProdigyScheduleFree(first, d0=1e-4)
+    for step in range(5):
+        _set_grads([first], step, skip_last=False)
+        opt.step()
+    opt.add_param_group({"params": later})
+    assert opt.param_groups[1]["d"] == opt.param_groups[0]["d"] > 1e-4
+    assert opt.param_groups[1]["d_numerator"] == opt.param_groups[0]["d_numerator"]
+    own = sfoptim.ProdigyScheduleFree(first, d0=1e-4, split_groups=True)
+    own.param_groups[0]["d"] = 0.5
+    own.add_param_group({"params": later})
+    assert own.param_groups[1]["d"] == 1e-4
+
+
+# ------------------------------------------------------------ buffer_dtype
+def test_bfloat16_buffers_train_and_survive_a_checkpoint() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+    xb, yb = torch.randn(64, 5), torch.randn(64, 3)
+    opt = sfoptim.ProdigyScheduleFree(model.parameters(), d0=1e-4, buffer_dtype=torch.bfloat16)
+
+    def train(m: nn.Module, o: sfoptim.ProdigyScheduleFree, steps: int) -> float:
+        loss = torch.tensor(0.0)
+        for _ in range(steps):
+            o.zero_grad()
+            loss = nn.functional.mse_loss(m(xb), yb)
+            loss.backward()
+            o.step()
+        return float(loss.detach())
+
+    with torch.no_grad():
+        first = float(nn.functional.mse_loss(model(xb), yb))
+    train(model, opt, 30)
+    for p in model.parameters():
+        state = opt.state[p]
+        assert {state[n].dtype for n in ("exp_avg_sq", "s", "p0")} == {torch.bfloat16}
+        assert state["z"].dtype == torch.float32
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    last = train(model, opt, 30)
+    assert last < 0.8 * first
+
+    resumed = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+    resumed.load_state_dict(saved_model)
+    resumed_opt = sfoptim.ProdigyScheduleFree(resumed.parameters(), d0=1e-4, buffer_dtype=torch.bfloat16)
+    resumed_opt.load_state_dict(saved_opt)
+    p0 = next(iter(resumed.parameters()))
+    assert resumed_opt.state[p0]["s"].dtype == torch.bfloat16, "loading must keep the narrow buffers narrow"
+    train(resumed, resumed_opt, 30)
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_invalid_buffer_dtype_is_refused() -> None:
+    with pytest.raises(ValueError, match="buffer_dtype"):
+        sfoptim.ProdigyScheduleFree([nn.Parameter(torch.zeros(2))], buffer_dtype=torch.int32)
+
+
+# ------------------------------------------------------------ distributed
+OPTIMIZERS = {
+    "prodigy": lambda ps: sfoptim.ProdigyScheduleFree(ps, d0=1e-3, warmup_steps=3, weight_decay=0.01),
+    "prodigy_split": lambda ps: sfoptim.ProdigyScheduleFree(
+        [{"params": ps[:2]}, {"params": ps[2:], "lr": 0.5}], d0=1e-3, split_groups=True
+    ),
+    "prodigy_closure": lambda ps: sfoptim.ProdigyScheduleFreeClosure(ps, d0=1e-3, warmup_steps=3),
+}
+
+
+def _step(model: nn.Module, opt, xb: torch.Tensor, yb: torch.Tensor) -> None:
+    if isinstance(opt, sfoptim.ProdigyScheduleFreeClosure):
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(xb), yb)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    else:
+        train_step(model, opt, xb, yb)
+
+
+def _run(rank: int, world: int, wrap, name: str, steps: int) -> None:
+    model = wrap(make_model(F64))
+    opt = OPTIMIZERS[name](list(model.parameters()))
+    ref_model = make_model(F64)
+    ref_opt = OPTIMIZERS[name](list(ref_model.parameters()))
+    for step in range(steps):
+        xb, yb = batch(step, F64)
+        _step(model, opt, shard(xb, rank, world), shard(yb, rank, world))
+        _step(ref_model, ref_opt, xb, yb)
+        d = rel_diff(params(model), params(ref_model))
+        assert d <= 1e-9, f"{name} step {step}: rel diff {d:.3g} vs single process"
+        assert opt.param_groups[0]["d"] == pytest.approx(ref_opt.param_groups[0]["d"], rel=1e-9)
+        if step % 5 == 4 and not isinstance(opt, sfoptim.ProdigyScheduleFreeClosure):
+            check_mode_switch(model, opt, ref_model, ref_opt, 1e-9, name)
+    assert opt.param_groups[0]["d"] > 1e-2, "the estimate should have grown"
+    # Every rank holds the same estimate.
+    ds = torch.tensor([g["d"] for g in opt.param_groups], dtype=F64)
+    gathered = [torch.empty_like(ds) for _ in range(world)]
+    torch.distributed.all_gather(gathered, ds)
+    assert all(torch.equal(g, ds) for g in gathered)
+
+
+def _ddp_worker(rank: int, world: int, names: list[str]) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    for name in names:
+        _run(rank, world, lambda m: DDP(m), name, 12)
+
+
+def _fsdp_worker(rank: int, world: int, names: list[str]) -> None:
+    from test_distributed import _fsdp
+
+    for name in names:
+        _run(rank, world, lambda m: _fsdp(m, world), name, 12)
+
+
+def test_ddp_two_ranks_match_single_process() -> None:
+    spawn(_ddp_worker, 2, list(OPTIMIZERS))
+
+
+def test_fsdp2_two_ranks_match_single_process() -> None:
+    spawn(_fsdp_worker, 2, list(OPTIMIZERS))
