@@ -11,6 +11,10 @@ train a linear softmax classifier with batch 16 for a fixed number of epochs:
 
 Each method's learning rate is tuned on a log grid; the table reports final
 training accuracy and loss (mean ± sd over seeds) at each method's best rate.
+The learning-rate-free schedule-free optimizers run once with their defaults
+(nothing tuned): ``sf-plus`` (``sfoptim.AdamCScheduleFreePlus``), ``muon-sf``,
+``prodigy-sf`` (from sfoptim, run by default when this sfoptim has them) and
+``prodigyplus`` (the prodigy-plus-schedule-free package, on request).
 
 Example:
   python benchmarks/convex.py --out out/convex
@@ -29,7 +33,11 @@ import torch
 import torch.nn.functional as F
 
 import sfoptim
+from sfoptim.experiments.methods import step_with_loss, untuned_schedule_free_methods
 
+#: Run once with their defaults, evaluated at x after eval(); the lr grid does not apply.
+UNTUNED = {m.name: m for m in untuned_schedule_free_methods()}
+TUNED = ("schedulefree", "linear", "polyak", "primal")
 DATASETS = ("digits", "iris", "wine", "breast_cancer")
 
 
@@ -55,8 +63,38 @@ def full_metrics(w, b, x, y):
         return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 
 
+class _LinearModel(torch.nn.Module):
+    """The parameters ``w`` and ``b`` as a module, for optimizers built from a model."""
+
+    def __init__(self, w, b):
+        super().__init__()
+        self.w, self.b = torch.nn.Parameter(w), torch.nn.Parameter(b)
+
+
+def train_untuned(method, x, y, epochs, batch, seed):
+    """One run of an untuned method of ``UNTUNED``; (training loss, training accuracy) at ``x``."""
+    g = torch.Generator().manual_seed(seed)
+    k = int(y.max()) + 1
+    m = UNTUNED[method]
+    model = _LinearModel(torch.zeros(x.shape[1], k), torch.zeros(k))
+    opt = m.build(model, {})
+    opt.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(y), generator=g)
+        for i in range(0, len(y), batch):
+            idx = perm[i:i + batch]
+            loss = F.cross_entropy(x[idx] @ model.w + model.b, y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            step_with_loss(opt, loss, m)
+    opt.eval()
+    return full_metrics(model.w, model.b, x, y)
+
+
 def train(method, x, y, lr, epochs, batch, seed):
     """Train one run; return (training loss, training accuracy) at its output point."""
+    if method in UNTUNED:
+        return train_untuned(method, x, y, epochs, batch, seed)
     g = torch.Generator().manual_seed(seed)
     k = int(y.max()) + 1
     w = torch.zeros(x.shape[1], k, requires_grad=True)
@@ -111,10 +149,18 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--grid", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0])
-    p.add_argument("--methods", nargs="+", default=["schedulefree", "linear", "polyak", "primal"])
+    p.add_argument("--methods", nargs="+", choices=TUNED + tuple(UNTUNED),
+                   help="default: the four SGD variants and the untuned schedule-free optimizers this "
+                        "sfoptim has (sf-plus, muon-sf, prodigy-sf)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="out/convex")
     a = p.parse_args(argv)
+    if a.methods is None:
+        a.methods = list(TUNED) + [n for n in ("sf-plus", "muon-sf", "prodigy-sf") if UNTUNED[n].available() is None]
+    for n in a.methods:
+        why = UNTUNED[n].available() if n in UNTUNED else None
+        if why is not None:
+            p.error(f"argument --methods: {n!r} cannot run here: {why}")
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
 
@@ -122,7 +168,7 @@ def main(argv=None):
     for name in a.datasets:
         x, y = load(name)
         for m in a.methods:
-            for lr in a.grid:
+            for lr in ([None] if m in UNTUNED else a.grid):
                 res[(name, m, lr)] = [train(m, x, y, lr, a.epochs, a.batch, s) for s in range(a.seeds)]
         print(f"{name} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
 
@@ -133,12 +179,13 @@ def main(argv=None):
     for name in a.datasets:
         for m in a.methods:
             # Tuned for final training loss, the quantity every method minimises.
-            best = min(a.grid, key=lambda lr: _finite(statistics.fmean(r[0] for r in res[(name, m, lr)])))
+            grid = [None] if m in UNTUNED else a.grid
+            best = min(grid, key=lambda lr: _finite(statistics.fmean(r[0] for r in res[(name, m, lr)])))
             runs = res[(name, m, best)]
-            table[(name, m)] = {"lr": best, "edge": best in (min(a.grid), max(a.grid)),
+            table[(name, m)] = {"lr": best, "edge": best is not None and best in (min(a.grid), max(a.grid)),
                                 "loss": ms([r[0] for r in runs]), "acc": ms([r[1] for r in runs]),
                                 "grid_loss": {str(lr): statistics.fmean(r[0] for r in res[(name, m, lr)])
-                                              for lr in a.grid}}
+                                              for lr in grid}}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(
@@ -151,12 +198,14 @@ def main(argv=None):
         for m in a.methods:
             r = table[(name, m)]
             cells.append(f"{r['acc'][0]:.4f} ± {r['acc'][1]:.4f} / {r['loss'][0]:.3g} ± {r['loss'][1]:.2g} "
-                         f"({r['lr']:g}{'*' if r['edge'] else ''})")
+                         + (f"({r['lr']:g}{'*' if r['edge'] else ''})" if r["lr"] is not None else "(defaults)"))
         lines.append("| " + " | ".join(cells) + " |")
     md = "\n".join(lines)
     (out / "results.md").write_text(
         f"Final training accuracy / loss, mean ± sd over {a.seeds} seeds, batch {a.batch}, {a.epochs} epochs; "
-        f"lr tuned per method on {a.grid} for training loss (* = on the grid's edge).\n\n{md}\n")
+        f"lr tuned per method on {a.grid} for training loss (* = on the grid's edge); "
+        f"{', '.join(m for m in a.methods if m in UNTUNED) or 'no method'} run once with defaults, not tuned."
+        f"\n\n{md}\n")
     print(md)
 
     try:
@@ -168,6 +217,9 @@ def main(argv=None):
     fig, axes = plt.subplots(1, len(a.datasets), figsize=(4 * len(a.datasets), 3.6), squeeze=False)
     for ax, name in zip(axes[0], a.datasets):
         for i, m in enumerate(a.methods):
+            if m in UNTUNED:  # one point per dataset, no lr: a horizontal line
+                ax.axhline(statistics.fmean(r[0] for r in res[(name, m, None)]), color=f"C{i}", ls=":", label=m)
+                continue
             ax.plot(a.grid, [statistics.fmean(r[0] for r in res[(name, m, lr)]) for lr in a.grid],
                     marker="o", color=f"C{i}", label=m)
         ax.set_xscale("log")

@@ -1,15 +1,32 @@
 """Character-level transformer, one pass over Python's standard-library source.
 
-One schedule-free AdamW run per momentum (beta1 = 0.9 and 0.98), never told its
-stopping time, is evaluated at T/8, T/4, T/2 and T and compared with AdamW +
-warmup + cosine decay and AdamW + warmup-stable-decay (WSD), each with its
-learning rate tuned on a grid separately for every stopping time.  The metric is
-held-out loss (nats per byte) on standard-library files kept out of training.
+Optimizers that are never told their stopping time (schedule-free ones) are
+evaluated at T/8, T/4, T/2 and T of a single run and compared with baselines
+whose every run knows its stopping time: AdamW + warmup + cosine decay, AdamW +
+warmup-stable-decay (WSD) and Muon + WSD, each with its learning rate tuned on a
+grid separately for every stopping time.  The metric is held-out loss (nats per
+byte) on standard-library files kept out of training; the tables give it at
+every stopping time, its ratio to tuned AdamW + cosine, and each method's
+tuning budget.
+
+Methods (--methods; default: every one whose optimizer is installed):
+  sf-adamw      schedule-free AdamW, one run per (beta1, lr) in --sf-betas x --sf-lr;
+                the one with the lowest held-out loss averaged over the stopping times
+  adamw-cosine  AdamW + warmup + cosine, lr tuned per stopping time over --grid
+  adamw-wsd     AdamW + WSD, lr tuned per stopping time over --grid
+  muon-wsd      torch.optim.Muon (transformer blocks' weight matrices, RMS matched
+                to AdamW) + AdamW (embeddings, head, norms, biases), WSD, lr tuned
+                per stopping time over --grid
+  prodigyplus   prodigy-plus-schedule-free's ProdigyPlusScheduleFree, defaults
+  sf-plus       sfoptim.AdamCScheduleFreePlus (ScheduleFree+), defaults (lr 1.0)
+  muon-sf       sfoptim.MuonScheduleFree, defaults
+  prodigy-sf    sfoptim.ProdigyScheduleFree, defaults (lr 1.0)
 
 The text is read from the running interpreter's standard library (the directory
 of ``os.__file__``); nothing is downloaded or shipped.  Every batch is new data
 (a single pass), so training and held-out loss measure the same thing up to the
-file split.  The task, model and runs are ``sfoptim.experiments.char_lm``.
+file split.  The task, model, method table and runs are
+``sfoptim.experiments.char_lm``.
 
 Example:
   python benchmarks/lm_stdlib.py --out out/lm           # the documented run
@@ -29,15 +46,18 @@ from pathlib import Path
 import torch
 
 from sfoptim.experiments.char_lm import (
+    DEFAULT_METHODS,
     LMConfig,
     chunks,
+    lm_methods,
     load_text,
-    run_cosine,
-    run_schedulefree,
+    run_decay,
+    run_once,
     run_wsd,
 )
 
 FRACTIONS = (0.125, 0.25, 0.5, 1.0)
+REFERENCE = "adamw-cosine"
 
 
 # --------------------------------------------------------------------------- report
@@ -60,15 +80,19 @@ def build_parser():
     p.add_argument("--heads", type=int, default=d.heads, help="(default: %(default)s)")
     p.add_argument("--beta2", type=float, default=d.beta2, help="(default: %(default)s)")
     p.add_argument("--warmup", type=int, default=d.warmup,
-                   help="warmup steps, the same for every method (default: %(default)s)")
+                   help="warmup steps of sf-adamw and the tuned schedules (default: %(default)s)")
     p.add_argument("--decay-frac", type=float, default=d.decay_frac,
                    help="WSD: fraction of the run spent decaying (default: %(default)s)")
     p.add_argument("--sf-lr", type=float, nargs="+", default=[0.008, 0.016],
-                   help="one schedule-free run per value (each is never told its stopping time) "
-                        "(default: %(default)s)")
-    p.add_argument("--sf-betas", type=float, nargs="+", default=[0.9, 0.98], help="(default: %(default)s)")
+                   help="sf-adamw learning rates (one run per value and beta; one kept for all "
+                        "stopping times) (default: %(default)s)")
+    p.add_argument("--sf-betas", type=float, nargs="+", default=[0.9, 0.98],
+                   help="sf-adamw beta1 values (default: %(default)s)")
     p.add_argument("--grid", type=float, nargs="+", default=[0.004, 0.008, 0.016, 0.032],
-                   help="baseline learning rates, tuned per stopping time (default: %(default)s)")
+                   help="learning rates of adamw-cosine, adamw-wsd and muon-wsd, tuned per stopping time "
+                        "(default: %(default)s)")
+    p.add_argument("--methods", nargs="+", metavar="NAME",
+                   help="methods to run (listed above; default: every one whose optimizer is installed)")
     p.add_argument("--heldout", type=int, default=d.heldout, help="held-out windows (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="(default: %(default)s)")
     p.add_argument("--out", default="out/lm", help="(default: %(default)s)")
@@ -80,18 +104,50 @@ def config(a) -> LMConfig:
     return LMConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(LMConfig)})
 
 
+def select_methods(a, cfg):
+    """The methods named by --methods (an unknown or unavailable name is an error), or the
+    installed ones of the default list; also returns the defaults left out and why."""
+    table = lm_methods(cfg, lrs=tuple(a.grid), sf_lrs=tuple(a.sf_lr), sf_betas=tuple(a.sf_betas))
+    if a.methods is None:
+        skipped = {n: table[n].available() for n in DEFAULT_METHODS if table[n].available() is not None}
+        return [table[n] for n in DEFAULT_METHODS if n not in skipped], skipped
+    out = []
+    for name in dict.fromkeys(a.methods):
+        if name not in table:
+            raise SystemExit(f"--methods: unknown method {name!r} (choose from {', '.join(table)})")
+        why = table[name].available()
+        if why is not None:
+            raise SystemExit(f"--methods: {name!r} cannot run here: {why}")
+        out.append(table[name])
+    return out, {}
+
+
+def _steps_per_config(m, a, horizons):
+    if m.schedule is None:
+        return a.steps
+    if m.schedule == "wsd":  # one shared stable phase, one decay branch per horizon
+        return a.steps + sum(round(a.decay_frac * h) for h in horizons) - round(a.decay_frac * a.steps)
+    return sum(horizons)
+
+
+def _config(c):
+    return ", ".join(f"{k} {v:g}" for k, v in c.items()) or "defaults"
+
+
 def main(argv=None):
     """Run the benchmark and write results.json, results.md and lm.png to --out."""
     a = build_parser().parse_args(argv)
     cfg = config(a)
     torch.set_num_threads(a.threads)
+    methods, skipped = select_methods(a, cfg)
+    for name, why in skipped.items():
+        print(f"skipping {name}: {why}", file=sys.stderr)
 
     train_files, held_files = load_text()
     held = chunks(held_files, a.ctx, 12345)[: a.heldout]
     horizons = [round(a.steps * f) for f in FRACTIONS]
     curve = sorted({round(a.steps * i / 24) for i in range(1, 25)} | set(horizons))
-    total = a.seeds * (
-        len(a.sf_betas) * len(a.sf_lr) * a.steps + len(a.grid) * (sum(horizons) + a.steps + sum(round(a.decay_frac * h) for h in horizons) - round(a.decay_frac * a.steps)))
+    total = a.seeds * sum(len(m.grid) * _steps_per_config(m, a, horizons) for m in methods)
     need = a.steps * a.batch
     print(f"stdlib: {sum(map(len, train_files)) / 1e6:.1f} MB train, {sum(map(len, held_files)) / 1e6:.1f} MB "
           f"held-out; one pass uses {need * (a.ctx + 1) / 1e6:.1f} MB", file=sys.stderr)
@@ -103,60 +159,87 @@ def main(argv=None):
         bar, tick = None, (lambda: None)
 
     t0 = time.perf_counter()
-    sfk = [(b, lr) for b in a.sf_betas for lr in a.sf_lr]
-    name = lambda k: f"sf{k[0]}@{k[1]:g}"  # noqa: E731
-    res = {"sf": {k: {} for k in sfk}, "cosine": {}, "wsd": {}}
+    # res[name][config index][seed] = {step: held-out loss}
+    res: dict = {m.name: [{} for _ in m.grid] for m in methods}
+    seconds: dict = {m.name: 0.0 for m in methods}
     for seed in range(a.seeds):
         data = chunks(train_files, a.ctx, seed)
         if len(data) < need:
             raise SystemExit(f"only {len(data)} windows of text for {need} needed: lower --steps/--batch")
         data = data[:need]
-        for k in sfk:
-            res["sf"][k][seed] = run_schedulefree(cfg, data, held, seed, k[0], k[1], curve, tick)
-        for lr in a.grid:
-            for h in horizons:
-                res["cosine"].setdefault(lr, {}).setdefault(h, {})[seed] = run_cosine(cfg, data, held, seed, lr, h, tick)
-            for h, v in run_wsd(cfg, data, held, seed, lr, horizons, tick).items():
-                res["wsd"].setdefault(lr, {}).setdefault(h, {})[seed] = v
+        for m in methods:
+            t = time.perf_counter()
+            for i, c in enumerate(m.grid):
+                if m.schedule is None:
+                    res[m.name][i][seed] = run_once(cfg, data, held, seed, m, c, curve, tick)
+                elif m.schedule == "wsd":
+                    res[m.name][i][seed] = run_wsd(cfg, data, held, seed, m, horizons, tick, config=c)
+                else:
+                    res[m.name][i][seed] = {h: run_decay(cfg, data, held, seed, m, c, h, tick) for h in horizons}
+            seconds[m.name] += time.perf_counter() - t
     if bar:
         bar.close()
     seeds = range(a.seeds)
 
+    def mean_loss(name, i, steps):
+        return statistics.fmean(res[name][i][s][h] for s in seeds for h in steps)
+
+    # Tuned per stopping time: the lowest mean held-out loss there.  One run:
+    # one configuration for all stopping times, the lowest mean over them.
+    chosen = {}
+    for m in methods:
+        if m.schedule is None:
+            best = min(range(len(m.grid)), key=lambda i: mean_loss(m.name, i, horizons))
+            chosen[m.name] = dict.fromkeys(horizons, best)
+        else:
+            chosen[m.name] = {h: min(range(len(m.grid)), key=lambda i: mean_loss(m.name, i, [h])) for h in horizons}
+
     rows = []
     for h in horizons:
-        row = {"steps": h, "tokens": h * a.batch * a.ctx}
-        for k in sfk:
-            row[name(k)] = ms([res["sf"][k][s][h] for s in seeds])
-        for kind in ("cosine", "wsd"):
-            best = min(a.grid, key=lambda lr: statistics.fmean(res[kind][lr][h][s] for s in seeds))
-            row[kind] = {"lr": best, "edge": best in (min(a.grid), max(a.grid)),
-                         "loss": ms([res[kind][best][h][s] for s in seeds]),
-                         "grid": {str(lr): statistics.fmean(res[kind][lr][h][s] for s in seeds) for lr in a.grid}}
-        for k in sfk:
-            row[f"ratio_{name(k)}_cosine"] = row[name(k)][0] / row["cosine"]["loss"][0]
+        row: dict = {"steps": h, "tokens": h * a.batch * a.ctx}
+        for m in methods:
+            i = chosen[m.name][h]
+            lrs = sorted({c["lr"] for c in m.grid}) if m.grid[0] else []
+            row[m.name] = {"config": m.grid[i], "loss": ms([res[m.name][i][s][h] for s in seeds]),
+                           "edge": len(lrs) >= 3 and m.grid[i]["lr"] in (lrs[0], lrs[-1]),
+                           "grid": [mean_loss(m.name, j, [h]) for j in range(len(m.grid))]}
+        if REFERENCE in row:
+            for m in methods:
+                row[m.name]["ratio"] = row[m.name]["loss"][0] / row[REFERENCE]["loss"][0]
         rows.append(row)
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"args": vars(a), "seconds": time.perf_counter() - t0, "torch": torch.__version__,
-              "python": sys.version.split()[0], "rows": rows,
-              "sf_curve": {name(k): {"steps": curve, "loss": [[res["sf"][k][s][t] for t in curve] for s in seeds]}
-                           for k in sfk}}
+              "python": sys.version.split()[0], "skipped": skipped,
+              "methods": {m.name: {"label": m.label, "tuning": m.tuning(), "schedule": m.schedule,
+                                   "grid": list(m.grid), "seconds": seconds[m.name]} for m in methods},
+              "rows": rows,
+              "curves": {m.name: {"steps": curve, "config": m.grid[chosen[m.name][a.steps]],
+                                  "loss": [[res[m.name][chosen[m.name][a.steps]][s][t] for t in curve] for s in seeds]}
+                         for m in methods if m.schedule is None}}
     (out / "results.json").write_text(json.dumps(result, indent=2))
 
     f = lambda m: f"{m[0]:.4f} ± {m[1]:.4f}"  # noqa: E731
-    head = ["steps", "tokens"] + [f"SF β={k[0]} lr {k[1]:g}" for k in sfk] + ["tuned cosine (lr)", "tuned WSD (lr)"] + \
-           [f"SF β={k[0]} lr {k[1]:g} / cosine" for k in sfk]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [str(r["steps"]), f"{r['tokens'] / 1e6:.2f}M"] + [f(r[name(k)]) for k in sfk]
-        for kind in ("cosine", "wsd"):
-            cells.append(f"{f(r[kind]['loss'])} ({r[kind]['lr']:g}{'*' if r[kind]['edge'] else ''})")
-        cells += [f"{r[f'ratio_{name(k)}_cosine']:.3f}" for k in sfk]
-        lines.append("| " + " | ".join(cells) + " |")
+    head = ["method"] + [f"{r['steps']} ({r['tokens'] / 1e6:.2f}M)" for r in rows]
+    md = lambda h, body: ["| " + " | ".join(h) + " |", "|" + "---|" * len(h)] + [  # noqa: E731
+        "| " + " | ".join(b) + " |" for b in body]
+    lines = [f"Held-out loss (nats/byte), mean ± sd over {a.seeds} seed{'s' * (a.seeds > 1)}, "
+             "by stopping time (steps, training bytes):", ""]
+    lines += md(head, [[m.label] + [f(r[m.name]["loss"]) for r in rows] for m in methods])
+    if REFERENCE in res:
+        lines += ["", "Ratio to AdamW + cosine tuned for each stopping time (below 1: lower loss):", ""]
+        lines += md(["method"] + [str(r["steps"]) for r in rows],
+                    [[m.label] + [f"{r[m.name]['ratio']:.3f}" for r in rows] for m in methods if m.name != REFERENCE])
+    lines += ["", "Tuning budget, configuration chosen by held-out loss (* = lr on the grid's edge), wall time:", ""]
+    body = []
+    for m in methods:
+        picks = [_config(r[m.name]["config"]) + ("*" if r[m.name]["edge"] else "") for r in rows]
+        chosen_text = picks[0] if m.schedule is None else "; ".join(f"{r['steps']}: {p}" for r, p in zip(rows, picks))
+        body.append([m.label, m.tuning(), chosen_text, f"{seconds[m.name]:.0f} s"])
+    lines += md(["method", "budget", "chosen", "wall"], body)
     table = "\n".join(lines)
     (out / "results.md").write_text(
-        f"Held-out loss (nats/byte), mean ± sd over {a.seeds} seeds; * = best lr on the grid's edge.\n\n"
         f"Command: python benchmarks/lm_stdlib.py {' '.join(sys.argv[1:] if argv is None else argv)}\n\n"
         + table + "\n")
     print(table)
@@ -168,25 +251,28 @@ def main(argv=None):
     except ImportError:
         return result
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, k in enumerate(sfk):
-        c = result["sf_curve"][name(k)]
-        ax.plot([t * a.batch * a.ctx for t in curve], [statistics.fmean(v) for v in zip(*c["loss"])],
-                color=("C0", "C1", "C4", "C5", "C6", "C7")[i % 6], lw=2,
-                label=f"schedule-free AdamW β={k[0]}, lr {k[1]:g}: one run")
     toks = [r["tokens"] for r in rows]
-    for kind, color, marker in (("cosine", "C3", "o"), ("wsd", "C2", "s")):
-        ax.errorbar(toks, [r[kind]["loss"][0] for r in rows], yerr=[r[kind]["loss"][1] for r in rows],
-                    color=color, marker=marker, ls="--", capsize=3, label=f"{kind}, lr tuned per stopping time")
+    markers = "osD^v<>"
+    for i, m in enumerate(methods):
+        if m.schedule is None:
+            c = result["curves"][m.name]
+            ax.plot([t * a.batch * a.ctx for t in curve], [statistics.fmean(v) for v in zip(*c["loss"])],
+                    color=f"C{i}", lw=2, label=f"{m.label} ({_config(c['config'])}): one run")
+        else:
+            ax.errorbar(toks, [r[m.name]["loss"][0] for r in rows], yerr=[r[m.name]["loss"][1] for r in rows],
+                        color=f"C{i}", marker=markers[i % len(markers)], ls="--", capsize=3,
+                        label=f"{m.label}, lr tuned per stopping time")
     ax.set_xscale("log")
     ax.set_xlabel("training tokens (bytes)")
     ax.set_ylabel("held-out loss (nats/byte)")
-    lo = min(min(r["cosine"]["loss"][0], r["wsd"]["loss"][0]) for r in rows)
-    ax.set_ylim(lo * 0.95, max(r["cosine"]["loss"][0] for r in rows) * 1.25)
+    ends = [r[m.name]["loss"][0] for r in rows for m in methods]
+    ax.set_ylim(min(ends) * 0.95, max(r[m.name]["loss"][0] for r in rows[:1] for m in methods) * 1.15)
     ax.set_title(f"Byte-level transformer on the Python stdlib, one pass ({a.seeds} seeds)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "lm.png", dpi=110)
+    plt.close(fig)
     return result
 
 

@@ -19,10 +19,12 @@ def _load(name):
 
 def test_convex_smoke(tmp_path):
     pytest.importorskip("sklearn")
+    methods = ("schedulefree", "linear", "polyak", "primal", "prodigyplus")
     _load("convex").main(["--datasets", "iris", "--epochs", "2", "--seeds", "1", "--grid", "0.1", "1",
-                          "--out", str(tmp_path)])
+                          "--methods", *methods, "--out", str(tmp_path)])
     res = json.loads((tmp_path / "results.json").read_text())["results"]
-    assert set(res) == {f"iris/{m}" for m in ("schedulefree", "linear", "polyak", "primal")}
+    assert set(res) == {f"iris/{m}" for m in methods}
+    assert res["iris/prodigyplus"]["lr"] is None  # run once with its defaults, not tuned
     assert all(0.0 <= r["acc"][0] <= 1.0 for r in res.values())
 
 
@@ -34,11 +36,46 @@ def test_batchnorm_smoke(tmp_path):
 
 
 def test_lm_smoke(tmp_path):
+    methods = ["sf-adamw", "adamw-cosine", "adamw-wsd", "muon-wsd", "prodigyplus"]
     _load("lm_stdlib").main(["--steps", "16", "--seeds", "1", "--batch", "2", "--ctx", "16", "--d", "16",
                              "--layers", "1", "--heads", "2", "--warmup", "2", "--grid", "0.003",
-                             "--sf-betas", "0.9", "--sf-lr", "0.01", "--heldout", "8", "--out", str(tmp_path)])
-    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+                             "--sf-betas", "0.9", "--sf-lr", "0.01", "--heldout", "8", "--methods", *methods,
+                             "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "results.json").read_text())
+    rows = result["rows"]
     assert [r["steps"] for r in rows] == [2, 4, 8, 16]
+    assert list(result["methods"]) == methods
+    assert all(r["adamw-cosine"]["ratio"] == 1.0 and r[m]["loss"][0] > 0 for r in rows for m in methods)
+    assert result["methods"]["prodigyplus"]["tuning"] == "defaults, not tuned"
+    assert "Tuning budget" in (tmp_path / "results.md").read_text()
+
+
+def test_lm_refuses_a_method_it_cannot_run(tmp_path, monkeypatch):
+    import sfoptim
+
+    monkeypatch.delattr(sfoptim, "MuonScheduleFree", raising=False)
+    with pytest.raises(SystemExit, match="MuonScheduleFree"):
+        _load("lm_stdlib").main(["--methods", "muon-sf", "--out", str(tmp_path)])
+
+
+def test_lm_wsd_branches_equal_separate_runs():
+    # run_wsd trains every horizon from one shared stable phase; each branch
+    # must equal a WSD run of its own (for Muon + AdamW too, whose state is
+    # split over two optimizers).
+    import torch
+
+    from sfoptim.experiments import char_lm
+
+    torch.set_num_threads(1)
+    cfg = char_lm.LMConfig(steps=12, batch=2, ctx=16, d=16, layers=1, heads=2, warmup=2, decay_frac=0.5)
+    train, held = char_lm.load_text()
+    data = char_lm.chunks(train[:20], cfg.ctx, 0)[: cfg.steps * cfg.batch]
+    held = char_lm.chunks(held[:5], cfg.ctx, 1)[:8]
+    method = char_lm.lm_methods(cfg)["muon-wsd"]
+    branched = char_lm.run_wsd(cfg, data, held, 0, method, [6, 12], lambda: None, config={"lr": 0.01})
+    for h in (6, 12):
+        alone = char_lm.run_decay(cfg, data, held, 0, method, {"lr": 0.01}, h, lambda: None)
+        assert branched[h] == alone
 
 
 def test_precision_smoke(tmp_path):

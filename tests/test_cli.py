@@ -38,10 +38,12 @@ def test_version():
     ("--steps", "4", "at least 8"),
     ("--seeds", "0", "positive"),
     ("--seeds", "two", "integer"),
-    ("--lr", "0", "positive"),
-    ("--lr", "-0.01", "positive"),
-    ("--lr", "nan", "positive"),
-    ("--lr", "inf", "positive"),
+    ("--lrs", "0", "positive"),
+    ("--lrs", "-0.01", "positive"),
+    ("--lrs", "nan", "positive"),
+    ("--lrs", "inf", "positive"),
+    ("--weight-decays", "-1", "non-negative"),
+    ("--weight-decays", "nan", "non-negative"),
     ("--threads", "0", "positive"),
 ])
 def test_bad_values_are_refused_before_training(flag, value, says, tmp_path, capsys, no_training):
@@ -68,6 +70,25 @@ def test_unwritable_out_is_refused_before_training(where, tmp_path, capsys, no_t
     assert "argument --out" in err and out in err
 
 
+def test_unknown_method_is_refused_before_training(tmp_path, capsys, no_training):
+    with pytest.raises(SystemExit) as exc:
+        demo.main(["--methods", "sf-adamw", "adamw-sine", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --methods" in err and "'adamw-sine'" in err and "adamw-cosine" in err
+
+
+def test_method_missing_from_sfoptim_is_refused_before_training(tmp_path, capsys, monkeypatch, no_training):
+    # The entry looks its optimizer up when the command runs; without it the
+    # command says which class is missing instead of failing mid-run.
+    monkeypatch.delattr(sfoptim, "AdamCScheduleFreePlus", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        demo.main(["--methods", "sf-plus", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --methods" in err and "AdamCScheduleFreePlus" in err
+
+
 def test_out_folder_is_created_and_left_clean(tmp_path, no_training):
     out = tmp_path / "a" / "b"
     with pytest.raises(AssertionError, match="training started"):
@@ -88,7 +109,9 @@ def test_help_shows_defaults():
     assert proc.returncode == 0, proc.stderr
     text = " ".join(proc.stdout.split())  # argparse wraps lines
     for flag, default in [("--steps", demo.DEFAULT.steps), ("--seeds", len(demo.DEFAULT.seeds)),
-                          ("--lr", f"{demo.DEFAULT.sf_lr:g}"), ("--threads", 1), ("--out", "sfoptim-demo")]:
+                          ("--lrs", " ".join(f"{x:g}" for x in demo.DEFAULT.lrs)),
+                          ("--weight-decays", " ".join(f"{x:g}" for x in demo.DEFAULT.weight_decays)),
+                          ("--threads", 1), ("--out", "sfoptim-demo")]:
         after = text.split(f"  {flag}", 1)[-1] if f"  {flag}" in text else text.split(flag)[-1]
         assert f"default: {default}" in after.split(" --")[0], (flag, after[:200])
 
@@ -118,7 +141,7 @@ def test_progress_is_shown_on_a_terminal(tmp_path):
     reader.start()
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "sfoptim.cli", "demo", "--quick", "--steps", "8", "--seeds", "1", "--no-linear",
+            [sys.executable, "-m", "sfoptim.cli", "demo", "--quick", "--steps", "8", "--seeds", "1", "--methods", "sf-adamw",
              "--out", str(tmp_path)],
             stdout=subprocess.PIPE, stderr=slave, text=True, timeout=900,
         )

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("mnist1d", reason="the demo extra (pip install 'sfoptim[demo]') is not installed")
 
@@ -30,7 +31,7 @@ def test_demo_quick_writes_finite_results(tmp_path):
         capture_output=True, text=True, timeout=900,  # a hang guard: minutes on a loaded machine
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "SF/cosine" in proc.stdout
+    assert "held-out accuracy" in proc.stdout and "training loss" in proc.stdout
     # stderr is a pipe here, not a terminal: no progress bar in it.
     assert "training" not in proc.stderr and "\r" not in proc.stderr, proc.stderr[-500:]
     wide = [line for line in proc.stdout.splitlines() if len(line) > 100]
@@ -39,20 +40,97 @@ def test_demo_quick_writes_finite_results(tmp_path):
     result = json.loads((out / "results.json").read_text())
     rows = result["rows"]
     assert [r["steps"] for r in rows] == [50, 100, 200, 400]
+    assert {"sf-adamw", "adamw-cosine"} <= set(result["methods"])
     for r in rows:
-        for method in ("schedulefree", "cosine", "linear"):
+        for method in result["methods"]:
             loss_mean, loss_sd = r[method]["loss"]
             acc_mean, _ = r[method]["acc"]
             assert math.isfinite(loss_mean) and loss_mean > 0 and loss_sd >= 0
             assert 0.0 <= acc_mean <= 1.0
-        assert r["cosine"]["ratio"] > 0
+        assert r["sf-adamw"]["loss_ratio"] > 0
     assert all(math.isfinite(x) for x in _numbers(result))
 
     md = (out / "results.md").read_text()
-    assert "| steps |" in md and "SF/cosine" in md
+    assert "| method |" in md and "Held-out accuracy" in md and "Tuning budget" in md
     png = out / "frontier.png"
     pytest.importorskip("matplotlib")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_schedule_free_and_cosine_get_the_same_grid():
+    from sfoptim import demo
+
+    for cfg in (demo.DEFAULT, demo.QUICK):
+        table = demo.demo_methods(cfg)
+        assert table["sf-adamw"].grid == table["adamw-cosine"].grid
+        assert len(table["sf-adamw"].grid) == len(cfg.lrs) * len(cfg.weight_decays)
+    assert len(demo.DEFAULT.lrs) * len(demo.DEFAULT.weight_decays) == 6
+
+
+def test_one_run_keeps_one_config_and_schedules_are_tuned_per_stopping_time():
+    import statistics
+
+    import torch
+
+    from sfoptim import demo
+
+    torch.set_num_threads(1)
+    cfg = demo.DemoConfig(steps=16, seeds=(0,), num_samples=600, hidden=16, sf_warmup=2, curve_points=2,
+                          lrs=(0.003, 0.03), weight_decays=(0.1, 1.0))
+    table = demo.demo_methods(cfg)
+    result = demo.run_comparison(cfg, methods=[table["sf-adamw"], table["adamw-cosine"]])
+    rows = result["rows"]
+    grid = table["sf-adamw"].grid
+    # Schedule-free: the configuration with the best accuracy averaged over all stopping times.
+    mean_over_stops = [statistics.fmean(r["sf-adamw"]["grid_acc"][j] for r in rows) for j in range(len(grid))]
+    best = grid[max(range(len(grid)), key=mean_over_stops.__getitem__)]
+    assert all(r["sf-adamw"]["config"] == best for r in rows)
+    # Cosine: the best configuration at each stopping time on its own.
+    for r in rows:
+        accs = r["adamw-cosine"]["grid_acc"]
+        assert r["adamw-cosine"]["config"] == grid[max(range(len(grid)), key=accs.__getitem__)]
+        assert r["adamw-cosine"]["acc"][0] == max(accs)
+
+
+class _LossTakingSGD(torch.optim.SGD):
+    """A real optimizer whose step needs the loss (as ScheduleFree+'s does); it records what it gets."""
+
+    def __init__(self, params, lr=1.0):
+        super().__init__(params, lr=0.01)
+        self.losses = []
+
+    def step(self, closure=None, *, loss):
+        self.losses.append(float(loss))
+        return super().step(closure)
+
+    def train(self):
+        pass
+
+    def eval(self):
+        pass
+
+
+def test_method_needing_the_loss_is_looked_up_late_and_gets_it(monkeypatch):
+    import sfoptim
+    from sfoptim import demo
+
+    made = []
+
+    def build(params, **kwargs):
+        made.append(_LossTakingSGD(params, **kwargs))
+        return made[-1]
+
+    torch.set_num_threads(1)
+    cfg = demo.DemoConfig(steps=12, num_samples=600, hidden=16)
+    task = demo.load_task(cfg.num_samples)
+    # The table names the class; it is found when a run builds its optimizer.
+    method = demo.demo_methods(cfg)["sf-plus"]
+    monkeypatch.setattr(sfoptim, "AdamCScheduleFreePlus", build, raising=False)
+    assert method.available() is None and method.needs_loss
+    demo.train_method(task, cfg, 0, method, {}, 12, [12])
+    losses = made[0].losses
+    assert len(losses) == 12 and all(math.isfinite(x) and x > 0 for x in losses)
+    assert losses[0] == pytest.approx(math.log(10), rel=0.2)  # cross-entropy of a fresh 10-class model
 
 
 def test_cli_without_command_prints_help():

@@ -1,18 +1,21 @@
 """``sfoptim demo``: one schedule-free run against schedules tuned per stopping time.
 
 The demo trains a small MLP on MNIST-1D (generated offline by the ``mnist1d``
-package) and compares a *single* schedule-free AdamW run, evaluated at the four
-stopping times T/8, T/4, T/2 and T, against AdamW with linear warmup and cosine
-decay (and, as a second baseline, linear decay) whose learning rate is tuned on a
-small grid separately for each stopping time.  Every baseline run knows its
-stopping time in advance; the schedule-free run does not.
+package) and compares schedule-free optimizers, evaluated at the four stopping
+times T/8, T/4, T/2 and T of a single run, against AdamW with linear warmup and
+cosine decay, whose every run knows its stopping time in advance.  Schedule-free
+AdamW and AdamW + cosine get the same grid of learning rates and weight decays;
+schedule-free AdamW keeps one configuration for all stopping times while cosine
+is tuned for each one, both by held-out accuracy.  Optimizers that need no
+learning rate run once with their defaults.
 
-The reported quantity is the loss on the whole training set (what the optimizer
-minimises) together with held-out accuracy, as mean and standard deviation over
-seeds.  Results are written as a terminal table, ``results.md``, ``results.json``
-and ``frontier.png`` in the output folder.  The task, training loop and tuning
-live in :mod:`sfoptim.experiments.mnist1d_mlp`; this module is the command
-around them (arguments, progress, reports).
+The reported quantities are held-out accuracy (the metric every choice is made
+by) and the loss on the whole training set (what the optimizer minimises), as
+mean and standard deviation over seeds.  Results are written as a terminal
+table, ``results.md``, ``results.json`` and ``frontier.png`` in the output
+folder.  The task, training loop, method table and tuning live in
+:mod:`sfoptim.experiments.mnist1d_mlp`; this module is the command around them
+(arguments, progress, reports).
 """
 
 from __future__ import annotations
@@ -30,25 +33,29 @@ from pathlib import Path
 
 import torch
 
+from sfoptim.experiments.methods import Method
 from sfoptim.experiments.mnist1d_mlp import (
     DEFAULT,
+    DEFAULT_METHODS,
     QUICK,
     STOP_FRACTIONS,
     DemoConfig,
+    demo_methods,
     evaluate,
     load_task,
     make_model,
     run_comparison,
     schedule_factor,
     total_steps,
+    train_method,
     train_run,
 )
 
 # The experiment's names stay importable from here for code written against
 # ``sfoptim.demo``; they live in sfoptim.experiments.mnist1d_mlp.
 __all__ = [
-    "DEFAULT", "QUICK", "STOP_FRACTIONS", "DemoConfig", "build_parser", "evaluate", "load_task", "main",
-    "make_model", "run_demo", "schedule_factor", "train_run",
+    "DEFAULT", "DEFAULT_METHODS", "QUICK", "STOP_FRACTIONS", "DemoConfig", "build_parser", "demo_methods",
+    "evaluate", "load_task", "main", "make_model", "run_demo", "schedule_factor", "train_method", "train_run",
 ]
 
 #: Widest line the command prints (the tables and the summary).
@@ -87,11 +94,11 @@ class _Progress:
             self._bar.close()
 
 
-def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
+def run_demo(cfg: DemoConfig, methods: list[Method], progress: bool = True) -> dict:
     """Run every training run of the demo (``run_comparison``) with an optional progress bar on stderr."""
-    bar = _Progress(total_steps(cfg), progress)
+    bar = _Progress(total_steps(cfg, methods), progress)
     try:
-        return run_comparison(cfg, bar)
+        return run_comparison(cfg, bar, methods)
     finally:
         bar.close()
 
@@ -105,45 +112,51 @@ def _fmt(ms, digits=3):
     return f"{m:.{digits}g} ± {sd:.{digits - 1}g}"
 
 
+def _config(config: dict, edge=()) -> str:
+    if not config:
+        return "defaults"
+    return " ".join(f"{'wd' if k == 'weight_decay' else k} {v:g}{'*' * (k in edge)}" for k, v in config.items())
+
+
+def _choices(result, name) -> str:
+    """The configuration ``name`` used: one for all stopping times, or one per stopping time."""
+    rows = result["rows"]
+    picks = [_config(r[name]["config"], r[name]["on_grid_edge"]) for r in rows]
+    if result["methods"][name]["schedule"] is None:
+        return picks[0]
+    return "; ".join(f"{r['steps']}: {c}" for r, c in zip(rows, picks))
+
+
+def _metric_rows(result, metric):
+    return [[m["label"]] + [_fmt(r[name][metric]) for r in result["rows"]]
+            for name, m in result["methods"].items()]
+
+
 def format_table(result, markdown: bool = False) -> str:
-    """The comparison table: Markdown (every column in one table, for results.md)
-    or aligned text for a terminal, at most 100 columns wide (training loss and
-    held-out accuracy as two tables)."""
-    baselines = [b for b in ("cosine", "linear") if b in result["rows"][0]]
-
-    def lr(r, b):
-        return f"{r[b]['lr']:g}" + ("*" if r[b]["lr_on_grid_edge"] else "")
-
+    """Held-out accuracy and training loss per method and stopping time, then
+    each method's tuning budget and choice: Markdown (for results.md) or
+    aligned text at most 100 columns wide (for a terminal)."""
+    n = len(result["config"]["seeds"])
+    head = ["method"] + [str(r["steps"]) for r in result["rows"]]
+    acc, loss = _metric_rows(result, "acc"), _metric_rows(result, "loss")
+    tuning = [(m["label"], m["tuning"], _choices(result, name)) for name, m in result["methods"].items()]
     if markdown:
-        head = ["steps", "schedule-free loss", "schedule-free acc"]
-        for b in baselines:
-            head += [f"tuned {b} loss", f"{b} lr", f"{b} acc", f"SF/{b}"]
-        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for r in result["rows"]:
-            line = [str(r["steps"]), _fmt(r["schedulefree"]["loss"]), _fmt(r["schedulefree"]["acc"])]
-            for b in baselines:
-                line += [_fmt(r[b]["loss"]), lr(r, b), _fmt(r[b]["acc"]), f"{r[b]['ratio']:.3f}"]
-            out.append("| " + " | ".join(line) + " |")
-        return "\n".join(out)
-
-    loss_head = ["steps", "schedule-free"]
-    acc_head = ["steps", "schedule-free"]
-    for b in baselines:
-        loss_head += [f"tuned {b}", "lr", f"SF/{b[:3]}"]
-        acc_head += [f"tuned {b}"]
-    loss_body, acc_body = [], []
-    for r in result["rows"]:
-        loss_line = [str(r["steps"]), _fmt(r["schedulefree"]["loss"])]
-        acc_line = [str(r["steps"]), _fmt(r["schedulefree"]["acc"])]
-        for b in baselines:
-            loss_line += [_fmt(r[b]["loss"]), lr(r, b), f"{r[b]['ratio']:.3f}"]
-            acc_line += [_fmt(r[b]["acc"])]
-        loss_body.append(loss_line)
-        acc_body.append(acc_line)
-    return "\n".join(["training loss on the whole training set (mean ± sd over seeds):"]
-                     + _aligned(loss_head, loss_body)
-                     + ["", "held-out accuracy (baselines tuned for training loss):"]
-                     + _aligned(acc_head, acc_body))
+        def md(h, body):
+            return ["| " + " | ".join(h) + " |", "|" + "---|" * len(h)] + ["| " + " | ".join(b) + " |" for b in body]
+        return "\n".join(
+            [f"Held-out accuracy (mean ± sd over {n} seed{'s' * (n > 1)}), by stopping time:", ""]
+            + md(head, acc)
+            + ["", "Training loss on the whole training set, by stopping time:", ""]
+            + md(head, loss)
+            + ["", "Tuning budget and the configuration chosen (by held-out accuracy):", ""]
+            + md(["method", "budget", "chosen"], [list(t) for t in tuning]))
+    lines = [f"held-out accuracy (mean ± sd over {n} seed{'s' * (n > 1)}), by stopping time:"]
+    lines += _aligned(head, acc)
+    lines += ["", "training loss on the whole training set:"] + _aligned(head, loss)
+    lines += ["", "tuning budget; configuration chosen by held-out accuracy (* = on the grid's edge):"]
+    for label, budget, chosen in tuning:
+        lines += textwrap.wrap(f"{label}: {budget}; chosen: {chosen}", WIDTH, subsequent_indent="    ")
+    return "\n".join(lines)
 
 
 def _aligned(head, body):
@@ -154,70 +167,63 @@ def _aligned(head, body):
 
 
 def _verdict(result) -> str:
-    ratios = [r["cosine"]["ratio"] for r in result["rows"]]
-    wins = sum(x <= 1.0 for x in ratios)
-    return (f"schedule-free training loss is no worse than tuned cosine at {wins} of "
-            f"{len(ratios)} stopping times (SF/cosine ratios: "
-            + ", ".join(f"{x:.3f}" for x in ratios) + ")")
-
-
-def _tuned_end_points(ax, result, metric: str, label: str) -> None:
-    """Marks each tuned baseline's ``metric`` (mean ± sd) at its stopping times."""
-    hs = [r["steps"] for r in result["rows"]]
-    for b, color, marker in (("cosine", "C3", "o"), ("linear", "C2", "s")):
-        if b not in result["rows"][0]:
+    """Each method's held-out accuracy against tuned AdamW + cosine, stopping time by stopping time."""
+    ref = result["reference"]
+    if ref is None:
+        return "(no AdamW + cosine run to compare with)"
+    parts = []
+    for name, m in result["methods"].items():
+        if name == ref:
             continue
-        m = [r[b][metric][0] for r in result["rows"]]
-        sd = [r[b][metric][1] for r in result["rows"]]
-        ax.errorbar(hs, m, yerr=sd, color=color, marker=marker, ls="--", capsize=3, label=label.format(b))
+        diffs = [r[name]["acc_diff"] for r in result["rows"]]
+        parts.append(f"{m['label']} {', '.join(f'{d:+.3f}' for d in diffs)}")
+    return ("held-out accuracy minus that of AdamW + cosine tuned for each stopping time: "
+            + "; ".join(parts))
 
 
 def plot(result, path: Path) -> bool:
-    """Write the frontier plot; return False when matplotlib is unavailable."""
+    """Write the frontier plot (training loss and held-out accuracy); return
+    False when matplotlib is unavailable."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import NullFormatter
     except ImportError:
         return False
-    curve = result["schedulefree_curve"]
-    steps = curve["steps"]
-    per_seed = curve["loss"]
-    mean = [statistics.fmean(v) for v in zip(*per_seed)]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for _i, losses in enumerate(per_seed):
-        ax.plot(steps, losses, color="C0", alpha=0.25, lw=1)
-    ax.plot(steps, mean, color="C0", lw=2,
-            label=f"schedule-free AdamW, one run (lr {result['config']['sf_lr']:g})")
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
     hs = [r["steps"] for r in result["rows"]]
-    _tuned_end_points(ax, result, "loss", "warmup + {} decay, lr tuned per stopping time")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("steps")
-    ax.set_ylabel("training loss (whole training set)")
-    n = len(result["config"]["seeds"])
-    fig.suptitle(f"MNIST-1D MLP: one schedule-free run vs schedules tuned per stopping time "
-                 f"(mean over {n} seed{'s' * (n > 1)})")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-
-    # Held-out accuracy beside it: a lower training loss is not automatically a
-    # better model, and the reader should see both.
-    acc_mean = [statistics.fmean(v) for v in zip(*curve["acc"])]
-    ax2.plot(steps, acc_mean, color="C0", lw=2, label="schedule-free AdamW, one run")
-    _tuned_end_points(ax2, result, "acc", "{}, tuned for training loss per stopping time")
-    ax2.set_xscale("log")
-    ax2.set_xlabel("steps")
-    ax2.set_ylabel("held-out accuracy")
-    ax2.grid(True, which="both", alpha=0.3)
-    ax2.legend(fontsize=8)
-    from matplotlib.ticker import NullFormatter
-
-    for a in (ax, ax2):
+    markers = "osD^v<>"
+    for i, (name, m) in enumerate(result["methods"].items()):
+        color = f"C{i}"
+        curve = result["curves"].get(name)
+        for ax, metric in ((ax_acc, "acc"), (ax_loss, "loss")):
+            if curve is not None:
+                # One run, never told when it stops: a curve, best configuration.
+                mean = [statistics.fmean(v) for v in zip(*curve[metric])]
+                ax.plot(curve["steps"], mean, color=color, lw=2, label=f"{m['label']}, one run")
+            else:
+                ax.errorbar(hs, [r[name][metric][0] for r in result["rows"]],
+                            yerr=[r[name][metric][1] for r in result["rows"]], color=color,
+                            marker=markers[i % len(markers)], ls="--", capsize=3,
+                            label=f"{m['label']}, tuned per stopping time")
+    for ax in (ax_acc, ax_loss):
+        ax.set_xscale("log")
+        ax.set_xlabel("steps")
+        ax.grid(True, which="both", alpha=0.3)
         # Label exactly the four stopping times; log-axis minor labels collide.
-        a.set_xticks(hs, [str(h) for h in hs])
-        a.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(hs, [str(h) for h in hs])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax_acc.set_ylabel("held-out accuracy")
+    accs = [r[name]["acc"][0] for r in result["rows"] for name in result["methods"]]
+    ax_acc.set_ylim(max(0.0, min(accs) - 0.1), min(1.0, max(accs) + 0.03))
+    ax_acc.legend(fontsize=8, loc="lower right")
+    ax_loss.set_yscale("log")
+    ax_loss.set_ylabel("training loss (whole training set)")
+    n = len(result["config"]["seeds"])
+    fig.suptitle(f"MNIST-1D MLP: schedule-free runs vs AdamW + cosine tuned per stopping time "
+                 f"(mean over {n} seed{'s' * (n > 1)})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -236,10 +242,11 @@ def write_outputs(result, out: Path):
         f"seeds {cfg['seeds']}; torch {result['torch']}, {result['threads']} thread(s), "
         f"{result['seconds']:.0f} s wall, {result['cpu_seconds']:.0f} s CPU.",
         "",
-        "Loss is on the whole training set; accuracy on held-out data; mean ± sd over seeds.",
-        f"Baselines: AdamW, linear warmup over {cfg['warmup_frac']:.0%} of the run, then decay to 0, "
-        f"learning rate tuned per stopping time over {cfg['grid']} "
-        "(* = best on the grid's edge).",
+        "Accuracy on held-out data; loss on the whole training set; mean ± sd over seeds. "
+        "A schedule-free run is never told its stopping time and keeps one configuration "
+        "(best held-out accuracy averaged over the stopping times); a decay schedule "
+        f"(linear warmup over {cfg['warmup_frac']:.0%} of the run, then decay to 0) is tuned "
+        "for each stopping time (best held-out accuracy there). * = best on the grid's edge.",
         "",
         format_table(result, markdown=True),
         "",
@@ -250,8 +257,8 @@ def write_outputs(result, out: Path):
     return plot(result, out / "frontier.png")
 
 
-def _positive(kind, minimum=None):
-    """An argparse ``type`` accepting finite numbers > 0 (and >= ``minimum``)."""
+def _positive(kind, minimum=None, allow_zero=False):
+    """An argparse ``type`` accepting finite numbers > 0 (>= 0 with ``allow_zero``; >= ``minimum``)."""
     def parse(text):
         try:
             value = kind(text)
@@ -259,8 +266,9 @@ def _positive(kind, minimum=None):
             raise argparse.ArgumentTypeError(
                 f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
             ) from None
-        if not (isinstance(value, int) or math.isfinite(value)) or value <= 0:
-            raise argparse.ArgumentTypeError(f"must be a positive {'integer' if kind is int else 'number'}, got {text!r}")
+        if not (isinstance(value, int) or math.isfinite(value)) or value < 0 or (value == 0 and not allow_zero):
+            what = "non-negative" if allow_zero else "positive"
+            raise argparse.ArgumentTypeError(f"must be a {what} {'integer' if kind is int else 'number'}, got {text!r}")
         if minimum is not None and value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text!r}")
         return value
@@ -270,34 +278,66 @@ def _positive(kind, minimum=None):
 
 def build_parser() -> argparse.ArgumentParser:
     """The options of ``sfoptim demo``; every value is checked here, before any training."""
+    table = demo_methods(DEFAULT)
+    listing = "\n".join(f"  {name:<13} {m.label}: {m.tuning()}" + (" [default]" if name in DEFAULT_METHODS else "")
+                        for name, m in table.items())
     p = argparse.ArgumentParser(
         prog="sfoptim demo",
-        description="Train one schedule-free AdamW run on MNIST-1D and compare it, at "
-                    "T/8, T/4, T/2 and T, with AdamW + warmup + cosine (and linear) decay "
-                    "tuned separately for each stopping time.",
+        description="Train schedule-free optimizers on MNIST-1D and compare them, at "
+                    "T/8, T/4, T/2 and T, with AdamW + warmup + cosine decay tuned separately "
+                    "for each stopping time. Schedule-free AdamW and the decay schedules share "
+                    "one grid (--lrs x --weight-decays); schedule-free AdamW keeps one "
+                    "configuration for all stopping times (best held-out accuracy averaged over "
+                    "them), a decay schedule takes the best for each stopping time.",
+        epilog="methods:\n" + listing + "\n(default: those of the [default] ones that this "
+               "sfoptim has)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--quick", action="store_true",
                    help=f"small run (under a minute): {QUICK.steps} steps, {len(QUICK.seeds)} seed, "
-                        f"{QUICK.num_samples} samples")
+                        f"{QUICK.num_samples} samples, a {len(QUICK.lrs) * len(QUICK.weight_decays)}-point grid")
     p.add_argument("--out", default="sfoptim-demo",
                    help="output folder, created if needed; checked for writing before training "
                         "(default: %(default)s)")
+    p.add_argument("--methods", nargs="+", metavar="NAME",
+                   help="methods to run, by name (listed below)")
     # T/8 must be at least one step, so that the four stopping times differ.
     p.add_argument("--steps", type=_positive(int, minimum=8), metavar="T",
                    help=f"horizon T in steps, at least 8 (default: {DEFAULT.steps}; {QUICK.steps} with --quick)")
     p.add_argument("--seeds", type=_positive(int), metavar="N",
                    help=f"number of seeds (default: {len(DEFAULT.seeds)}; {len(QUICK.seeds)} with --quick)")
-    p.add_argument("--lr", type=_positive(float),
-                   help=f"schedule-free learning rate (default: {DEFAULT.sf_lr:g})")
+    p.add_argument("--lrs", type=_positive(float), nargs="+", metavar="LR",
+                   help="learning rates of the shared grid (default: "
+                        f"{' '.join(f'{x:g}' for x in DEFAULT.lrs)}; "
+                        f"{' '.join(f'{x:g}' for x in QUICK.lrs)} with --quick)")
+    p.add_argument("--weight-decays", type=_positive(float, allow_zero=True), nargs="+", metavar="WD",
+                   help="weight decays of the shared grid (default: "
+                        f"{' '.join(f'{x:g}' for x in DEFAULT.weight_decays)}; "
+                        f"{' '.join(f'{x:g}' for x in QUICK.weight_decays)} with --quick)")
     # One thread is the sensible default for a model this small: on two shared
     # cores, two threads made each step several times slower (synchronisation
     # costs more than the tiny matrix products gain).
     p.add_argument("--threads", type=_positive(int), default=1,
                    help="torch threads, capped at the number of CPUs (default: %(default)s)")
-    p.add_argument("--no-linear", action="store_true", help="skip the linear-decay baseline")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (it is shown only when stderr is a terminal)")
     return p
+
+
+def _methods(p: argparse.ArgumentParser, names, cfg: DemoConfig) -> list[Method]:
+    """The named methods, or the available defaults; an unknown or unavailable name is a usage error."""
+    table = demo_methods(cfg)
+    if names is None:
+        return [table[n] for n in DEFAULT_METHODS if table[n].available() is None]
+    out = []
+    for name in dict.fromkeys(names):  # in the order given, once each
+        if name not in table:
+            p.error(f"argument --methods: unknown method {name!r} (choose from {', '.join(table)})")
+        why = table[name].available()
+        if why is not None:
+            p.error(f"argument --methods: {name!r} cannot run here: {why}")
+        out.append(table[name])
+    return out
 
 
 def _writable_folder(p: argparse.ArgumentParser, folder: str) -> Path:
@@ -316,29 +356,28 @@ def main(argv=None) -> int:
     """Entry point of ``sfoptim demo``."""
     p = build_parser()
     a = p.parse_args(argv)
-    out = _writable_folder(p, a.out)
 
     cfg = DemoConfig(**asdict(QUICK if a.quick else DEFAULT))
     if a.steps is not None:
         cfg.steps = a.steps
     if a.seeds is not None:
         cfg.seeds = tuple(range(a.seeds))
-    if a.lr is not None:
-        cfg.sf_lr = a.lr
-    if a.no_linear:
-        cfg.linear_decay = False
+    if a.lrs is not None:
+        cfg.lrs = tuple(a.lrs)
+    if a.weight_decays is not None:
+        cfg.weight_decays = tuple(a.weight_decays)
+    methods = _methods(p, a.methods, cfg)
+    out = _writable_folder(p, a.out)
     cfg.threads = min(a.threads, os.cpu_count() or 1)
     torch.set_num_threads(cfg.threads)
 
     # A bar redirected to a file or pipe is thousands of carriage-return lines.
-    result = run_demo(cfg, progress=not a.no_progress and sys.stderr.isatty())
+    result = run_demo(cfg, methods, progress=not a.no_progress and sys.stderr.isatty())
     plotted = write_outputs(result, out)
     print()
     print(format_table(result))
     print()
     print(textwrap.fill(_verdict(result) + ".", WIDTH))
-    print(textwrap.fill("(SF/cos, SF/lin: schedule-free loss / tuned baseline loss; "
-                        f"* = tuned lr on the edge of the grid {', '.join(f'{x:g}' for x in cfg.grid)})", WIDTH))
     print("wrote:")
     for name in ("results.md", "results.json") + (("frontier.png",) if plotted else ()):
         print(f"  {out / name}")

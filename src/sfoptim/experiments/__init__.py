@@ -2,10 +2,13 @@
 
 Each module is one task, usable on its own:
 
+* :mod:`sfoptim.experiments.methods`: the method tables' entries: an optimizer
+  recipe, the configurations it is tuned over, and whether its runs know
+  their stopping time.
 * :mod:`sfoptim.experiments.mnist1d_mlp`: the demo's task (MNIST-1D generated
-  offline, a 3-layer MLP), its training loop for schedule-free AdamW and for
-  AdamW with warmup and cosine or linear decay, and the comparison against
-  schedules tuned per stopping time that ``sfoptim demo`` reports.
+  offline, a 3-layer MLP), its method table and training loop, and the
+  comparison against schedules tuned per stopping time that ``sfoptim demo``
+  reports.
 * :mod:`sfoptim.experiments.char_lm`: a byte-level transformer trained on the
   running interpreter's standard-library source (``benchmarks/lm_stdlib.py``).
 * :mod:`sfoptim.experiments.problems`: tiny deterministic regression problems

@@ -7,10 +7,13 @@ Files are split into training and held-out sets by a hash of their path, and
 every training batch is new data (a single pass), so training and held-out loss
 measure the same thing up to the file split.
 
-Runs: :func:`run_schedulefree` (schedule-free AdamW, never told its stopping
-time), :func:`run_cosine` (AdamW, warmup and cosine decay to zero at a known
-horizon) and :func:`run_wsd` (warmup-stable-decay, every horizon from one
-shared stable phase).  The metric is held-out loss in nats per byte.
+Runs take a :class:`~sfoptim.experiments.methods.Method` from the method table
+:func:`lm_methods`: :func:`run_once` (a run never told its stopping time,
+evaluated along the way), :func:`run_decay` (warmup and cosine decay to zero at
+a known horizon) and :func:`run_wsd` (warmup-stable-decay, every horizon from
+one shared stable phase).  :func:`run_schedulefree` and :func:`run_cosine` are
+the schedule-free AdamW and AdamW + cosine runs by their hyperparameters.  The
+metric is held-out loss in nats per byte.
 """
 
 from __future__ import annotations
@@ -28,11 +31,17 @@ import torch.nn.functional as F
 from torch import nn
 
 import sfoptim
+from sfoptim.experiments.methods import Method, grid, muon_adamw, step_with_loss, untuned_schedule_free_methods
 
 __all__ = [
-    "Block", "CharLM", "LMConfig", "chunks", "factor", "heldout_loss", "lm_loss", "load_text",
-    "run_cosine", "run_schedulefree", "run_wsd", "stdlib_files",
+    "DEFAULT_METHODS", "Block", "CharLM", "LMConfig", "chunks", "factor", "heldout_loss", "lm_loss",
+    "lm_methods", "load_text", "run_cosine", "run_decay", "run_once", "run_schedulefree", "run_wsd",
+    "stdlib_files",
 ]
+
+#: Methods run when none are named (those whose optimizer is installed).
+DEFAULT_METHODS = ("sf-adamw", "adamw-cosine", "adamw-wsd", "muon-wsd", "prodigyplus", "sf-plus", "muon-sf",
+                   "prodigy-sf")
 
 
 @dataclass
@@ -167,6 +176,45 @@ def factor(kind, step, horizon, warmup, decay_frac):
     raise ValueError(kind)
 
 
+# --------------------------------------------------------------------------- methods
+
+def lm_methods(cfg: LMConfig, lrs=(0.004, 0.008, 0.016, 0.032), sf_lrs=(0.008, 0.016),
+               sf_betas=(0.9, 0.98)) -> dict[str, Method]:
+    """The benchmark's method table, by name.
+
+    No weight decay anywhere, beta2 = ``cfg.beta2``, ``cfg.warmup`` warmup
+    steps for the tuned methods.  ``adamw-cosine``, ``adamw-wsd`` and
+    ``muon-wsd`` are tuned per stopping time over ``lrs``; ``muon-wsd`` is
+    ``torch.optim.Muon`` (``adjust_lr_fn="match_rms_adamw"``, so one learning
+    rate serves both parts) on the transformer blocks' weight matrices and
+    AdamW on the embeddings, head, norms and biases.  ``sf-adamw`` is one run
+    per (beta1, lr) in ``sf_betas`` x ``sf_lrs``, one of them chosen for all
+    stopping times.  The untuned schedule-free optimizers run with their
+    defaults.
+    """
+    betas = (0.9, cfg.beta2)
+
+    def adamw(model, c):
+        return torch.optim.AdamW(model.parameters(), lr=c["lr"], betas=betas, weight_decay=0.0)
+
+    def muon(model, c):
+        return muon_adamw(model, c["lr"], lambda name, _: name.startswith("blocks."), betas=betas)
+
+    def sf_adamw(model, c):
+        return sfoptim.AdamWScheduleFree(model.parameters(), lr=c["lr"], betas=(c["beta1"], cfg.beta2),
+                                         warmup_steps=cfg.warmup)
+
+    tuned = grid(lr=lrs)
+    table = [
+        Method("sf-adamw", "SF AdamW", sf_adamw, grid(beta1=sf_betas, lr=sf_lrs), schedule_free=True),
+        Method("adamw-cosine", "AdamW + cosine", adamw, tuned, schedule="cosine"),
+        Method("adamw-wsd", "AdamW + WSD", adamw, tuned, schedule="wsd"),
+        Method("muon-wsd", "Muon + WSD", muon, tuned, schedule="wsd"),
+        *untuned_schedule_free_methods(),
+    ]
+    return {m.name: m for m in table}
+
+
 # --------------------------------------------------------------------------- runs
 
 def _model(cfg, seed, dtype=torch.float32):
@@ -175,69 +223,98 @@ def _model(cfg, seed, dtype=torch.float32):
     return CharLM(cfg.ctx, cfg.d, cfg.layers, cfg.heads).to(dtype)
 
 
-def run_schedulefree(cfg: LMConfig, data, held, seed, beta, lr, evals, tick: Callable[[], object],
-                     dtype=torch.float32, opt_kwargs=None):
-    """One schedule-free run; returns ``{step: heldout_loss}`` at ``evals``.
+def run_once(cfg: LMConfig, data, held, seed, method: Method, config, evals, tick: Callable[[], object],
+             dtype=torch.float32):
+    """One run of ``method`` (never told its stopping time); returns ``{step: heldout_loss}`` at ``evals``.
 
-    ``dtype`` (the model's dtype) and ``opt_kwargs`` (extra optimizer keyword
-    arguments such as ``state_dtype``) let benchmarks/precision.py run this same
-    training in bfloat16; the defaults are the float32 run of benchmarks/lm_stdlib.py.
+    Schedule-free methods are evaluated after ``optimizer.eval()``.
     """
     model = _model(cfg, seed, dtype)
-    opt = sfoptim.AdamWScheduleFree(model.parameters(), lr=lr, betas=(beta, cfg.beta2),
-                                    warmup_steps=cfg.warmup, **(opt_kwargs or {}))
-    opt.train()
+    opt = method.build(model, config)
+    if method.schedule_free:
+        opt.train()
     out, want = {}, set(evals)
     for step in range(cfg.steps):
         loss = lm_loss(model, data[step * cfg.batch:(step + 1) * cfg.batch])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        step_with_loss(opt, loss, method)
         tick()
         if step + 1 in want:
-            opt.eval()
+            if method.schedule_free:
+                opt.eval()
             out[step + 1] = heldout_loss(model, held)
-            opt.train()
+            if method.schedule_free:
+                opt.train()
     return out
 
 
-def _steps(model, opt, cfg, data, lr, kind, horizon, start, stop, tick):
+def run_schedulefree(cfg: LMConfig, data, held, seed, beta, lr, evals, tick: Callable[[], object],
+                     dtype=torch.float32, opt_kwargs=None):
+    """One schedule-free AdamW run; returns ``{step: heldout_loss}`` at ``evals``.
+
+    ``dtype`` (the model's dtype) and ``opt_kwargs`` (extra optimizer keyword
+    arguments such as ``state_dtype``) let benchmarks/precision.py run this same
+    training in bfloat16.
+    """
+    method = Method("sf-adamw", "SF AdamW", lambda model, c: sfoptim.AdamWScheduleFree(
+        model.parameters(), lr=lr, betas=(beta, cfg.beta2), warmup_steps=cfg.warmup, **(opt_kwargs or {})),
+        schedule_free=True)
+    return run_once(cfg, data, held, seed, method, {}, evals, tick, dtype)
+
+
+def _steps(model, opt, cfg, data, base_lrs, method, horizon, start, stop, tick):
     for step in range(start, stop):
-        for g in opt.param_groups:
-            g["lr"] = lr * factor(kind, step, horizon, cfg.warmup, cfg.decay_frac)
+        f = factor(method.schedule, step, horizon, cfg.warmup, cfg.decay_frac)
+        for g, lr in zip(opt.param_groups, base_lrs):
+            g["lr"] = lr * f
         loss = lm_loss(model, data[step * cfg.batch:(step + 1) * cfg.batch])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        step_with_loss(opt, loss, method)
         tick()
 
 
-def _adamw(model, cfg, lr):
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, cfg.beta2), weight_decay=0.0)
+def _adamw_method(cfg, kind):
+    return lm_methods(cfg)[f"adamw-{kind}"]
+
+
+def run_decay(cfg, data, held, seed, method: Method, config, horizon, tick):
+    """``method`` with its decay schedule ending at ``horizon``; returns held-out loss there."""
+    model = _model(cfg, seed)
+    opt = method.build(model, config)
+    base = [g["lr"] for g in opt.param_groups]
+    _steps(model, opt, cfg, data, base, method, horizon, 0, horizon, tick)
+    return heldout_loss(model, held)
 
 
 def run_cosine(cfg, data, held, seed, lr, horizon, tick):
     """AdamW + warmup + cosine to zero at ``horizon``; returns held-out loss there."""
-    model = _model(cfg, seed)
-    opt = _adamw(model, cfg, lr)
-    _steps(model, opt, cfg, data, lr, "cosine", horizon, 0, horizon, tick)
-    return heldout_loss(model, held)
+    return run_decay(cfg, data, held, seed, _adamw_method(cfg, "cosine"), {"lr": lr}, horizon, tick)
 
 
-def run_wsd(cfg, data, held, seed, lr, horizons, tick):
+def run_wsd(cfg, data, held, seed, lr_or_method, horizons, tick, config=None):
     """WSD for every horizon at once: the stable phase is shared and each
     horizon's decay is a branch from a copy of it.  This equals separate runs
-    exactly because the data order depends only on the seed."""
+    exactly because the data order depends only on the seed.
+
+    ``lr_or_method`` is AdamW's learning rate, or a ``Method`` with schedule
+    ``"wsd"`` run with ``config``.  Returns ``{horizon: heldout_loss}``.
+    """
+    if isinstance(lr_or_method, Method):
+        method = lr_or_method
+    else:
+        method, config = _adamw_method(cfg, "wsd"), {"lr": lr_or_method}
     model = _model(cfg, seed)
-    opt = _adamw(model, cfg, lr)
+    opt = method.build(model, config or {})
+    base = [g["lr"] for g in opt.param_groups]
     out, pos = {}, 0
     for h in sorted(horizons):
         start = h - round(cfg.decay_frac * h)
-        _steps(model, opt, cfg, data, lr, "wsd", h, pos, start, tick)
+        _steps(model, opt, cfg, data, base, method, h, pos, start, tick)
         pos = start
-        bm, bo = copy.deepcopy(model), None
-        bo = _adamw(bm, cfg, lr)
-        bo.load_state_dict(opt.state_dict())
-        _steps(bm, bo, cfg, data, lr, "wsd", h, start, h, tick)
+        # Copied together, the branch's optimizer state refers to the branch's parameters.
+        bm, bo = copy.deepcopy((model, opt))
+        _steps(bm, bo, cfg, data, base, method, h, start, h, tick)
         out[h] = heldout_loss(bm, held)
     return out

@@ -1,10 +1,17 @@
 """MNIST-1D with a 3-layer MLP: one schedule-free run against schedules tuned per stopping time.
 
-The task of ``sfoptim demo``.  A *single* schedule-free AdamW run, evaluated at
-the stopping times T/8, T/4, T/2 and T, is compared with AdamW with linear
-warmup and cosine (and linear) decay whose learning rate is tuned on a small
-grid separately for each stopping time.  Every baseline run knows its stopping
-time in advance; the schedule-free run does not.
+The task of ``sfoptim demo``.  Each method of :func:`demo_methods` is trained
+and evaluated at the stopping times T/8, T/4, T/2 and T.  A schedule-free
+method is one run per configuration, never told when it stops; a decay
+schedule (AdamW with linear warmup and cosine or linear decay) is one run per
+configuration *and* stopping time.  Methods compared on equal terms get the
+same configurations (the same tuning budget), and every configuration is chosen
+by the metric the demo reports, held-out accuracy:
+
+* a schedule-free method picks **one** configuration, the one with the highest
+  held-out accuracy averaged over seeds and over the four stopping times;
+* a decay schedule picks the configuration with the highest mean held-out
+  accuracy **separately for each stopping time**.
 
 The data is generated offline by the ``mnist1d`` package (the ``demo`` extra).
 Within a seed every method starts from the same weights and sees the same
@@ -18,7 +25,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -26,14 +33,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sfoptim
+from sfoptim.experiments.methods import Method, grid, step_with_loss, untuned_schedule_free_methods
 
 __all__ = [
-    "DEFAULT", "QUICK", "STOP_FRACTIONS", "DemoConfig", "evaluate", "load_task", "make_model",
-    "run_comparison", "schedule_factor", "total_steps", "train_run",
+    "DEFAULT", "DEFAULT_METHODS", "QUICK", "STOP_FRACTIONS", "DemoConfig", "demo_methods", "evaluate",
+    "load_task", "make_model", "run_comparison", "schedule_factor", "total_steps", "train_method",
+    "train_run",
 ]
 
 #: Fractions of the full horizon at which every method is compared.
 STOP_FRACTIONS = (0.125, 0.25, 0.5, 1.0)
+
+#: Methods run when none are named: schedule-free AdamW against tuned cosine,
+#: plus every untuned schedule-free optimizer this sfoptim has (sf-plus,
+#: muon-sf, prodigy-sf).
+DEFAULT_METHODS = ("sf-adamw", "adamw-cosine", "sf-plus", "muon-sf", "prodigy-sf")
 
 
 @dataclass
@@ -44,15 +58,16 @@ class DemoConfig:
     seeds: tuple = (0, 1, 2)
     batch_size: int = 128
     hidden: int = 256
-    sf_lr: float = 0.008
+    # The tuning grid shared by schedule-free AdamW and the decay schedules.
+    # A one-seed sweep over a wider range (lr 0.004..0.064) had its best
+    # held-out accuracy inside this one.
+    lrs: tuple = (0.008, 0.016, 0.032)
+    weight_decays: tuple = (0.1, 1.0)
     sf_warmup: int = 50
-    # The schedule-free rate is fixed in advance, not picked from a sweep.  The
-    # baseline grid brackets the cosine optimum of a wider one-seed sweep
-    # (0.004..0.064: 0.016 won at every horizon); the report flags any optimum
-    # on the grid's edge.
-    grid: tuple = (0.008, 0.016, 0.032)
+    # The schedule-free rate of train_run's "schedulefree" method, which
+    # benchmarks/precision.py runs; the demo itself tunes over ``lrs``.
+    sf_lr: float = 0.008
     warmup_frac: float = 0.05
-    linear_decay: bool = True
     curve_points: int = 40
     threads: int = 1
     num_samples: int = 5000
@@ -62,21 +77,46 @@ class DemoConfig:
         """The four stopping times T/8, T/4, T/2, T as step counts."""
         return [max(1, round(self.steps * f)) for f in STOP_FRACTIONS]
 
-    def baselines(self):
-        """The decay schedules compared against: cosine, and linear unless disabled."""
-        return ["cosine"] + (["linear"] if self.linear_decay else [])
-
 
 DEFAULT = DemoConfig()
 QUICK = DemoConfig(
     steps=400,
     seeds=(0,),
-    grid=(0.008, 0.016, 0.032),
+    lrs=(0.016, 0.032),
+    weight_decays=(1.0,),
     sf_warmup=20,
     curve_points=20,
     num_samples=2500,
     label="quick",
 )
+
+
+def demo_methods(cfg: DemoConfig) -> dict[str, Method]:
+    """The demo's method table, by name.
+
+    ``sf-adamw``, ``adamw-cosine`` and ``adamw-linear`` share the grid
+    ``lr`` in ``cfg.lrs`` x ``weight_decay`` in ``cfg.weight_decays``
+    (AdamW's decoupled weight decay, betas (0.9, 0.999)); the decay schedules
+    warm up linearly over ``cfg.warmup_frac`` of each run, schedule-free AdamW
+    over ``cfg.sf_warmup`` steps.  The untuned schedule-free optimizers run
+    once with their defaults.
+    """
+    tuned = grid(lr=cfg.lrs, weight_decay=cfg.weight_decays)
+
+    def adamw(model, c):
+        return torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=c["weight_decay"])
+
+    def sf_adamw(model, c):
+        return sfoptim.AdamWScheduleFree(model.parameters(), lr=c["lr"], weight_decay=c["weight_decay"],
+                                         warmup_steps=cfg.sf_warmup)
+
+    table = [
+        Method("sf-adamw", "SF AdamW", sf_adamw, tuned, schedule_free=True),
+        Method("adamw-cosine", "AdamW + cosine", adamw, tuned, schedule="cosine"),
+        Method("adamw-linear", "AdamW + linear", adamw, tuned, schedule="linear"),
+        *untuned_schedule_free_methods(),
+    ]
+    return {m.name: m for m in table}
 
 
 # ---------------------------------------------------------------------------
@@ -175,17 +215,17 @@ def _batch_order(n: int, steps: int, batch: int, seed: int) -> torch.Tensor:
     return idx.view(-1, batch)[:steps]
 
 
-def train_run(task, cfg: DemoConfig, seed: int, method: str, lr: float,
-              horizon: int, eval_steps, progress=None, dtype=torch.float32, opt_kwargs=None):
-    """Train one run and return ``{step: (train_loss, test_acc)}`` at ``eval_steps``.
+def train_method(task, cfg: DemoConfig, seed: int, method: Method, config: dict, horizon: int,
+                 eval_steps, progress=None, dtype=torch.float32):
+    """Train one run of ``method`` with hyperparameters ``config``; return
+    ``{step: (train_loss, test_acc)}`` at ``eval_steps``.
 
-    ``method`` is ``"schedulefree"`` (never told ``horizon``; it only stops
-    there), ``"cosine"`` or ``"linear"`` (warmup then decay to zero at
-    ``horizon``).  ``progress``, when given, is called with 1 after every step.
-    ``dtype`` is the model's (and the inputs') dtype and ``opt_kwargs`` are
-    extra keyword arguments for the schedule-free optimizer (e.g.
-    ``state_dtype``); ``benchmarks/precision.py`` uses both to run this exact
-    task in bfloat16.  The defaults are what ``sfoptim demo`` runs.
+    A method with a decay schedule warms up over ``cfg.warmup_frac`` of
+    ``horizon`` and decays to zero there; any other method only stops at
+    ``horizon``.  Schedule-free methods are evaluated after
+    ``optimizer.eval()`` (at their averaged point ``x``).  ``progress``, when
+    given, is called with 1 after every step; ``dtype`` is the model's (and the
+    inputs') dtype.
     """
     xtr, ytr = task[0], task[1]
     torch.manual_seed(seed)
@@ -194,37 +234,56 @@ def train_run(task, cfg: DemoConfig, seed: int, method: str, lr: float,
     model = make_model(xtr.shape[1], cfg.hidden).to(dtype)
     xtr = xtr.to(dtype)
     order = _batch_order(len(xtr), horizon, cfg.batch_size, seed)
-    opt: torch.optim.Optimizer
-    sf_opt = None  # the schedule-free optimizer, which has train()/eval()
-    if method == "schedulefree":
-        opt = sf_opt = sfoptim.AdamWScheduleFree(model.parameters(), lr=lr, warmup_steps=cfg.sf_warmup,
-                                                 **(opt_kwargs or {}))
-        sf_opt.train()
-    elif opt_kwargs:
-        raise ValueError("opt_kwargs applies to the schedule-free run only")
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-        warmup = max(1, round(cfg.warmup_frac * horizon))
+    opt = method.build(model, config)
+    if method.schedule_free:
+        opt.train()
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    warmup = max(1, round(cfg.warmup_frac * horizon))
     wanted = set(eval_steps)
     out = {}
     for step in range(horizon):
-        if method != "schedulefree":
-            for group in opt.param_groups:
-                group["lr"] = lr * schedule_factor(method, step, horizon, warmup)
+        if method.schedule is not None:
+            f = schedule_factor(method.schedule, step, horizon, warmup)
+            for group, lr in zip(opt.param_groups, base_lrs):
+                group["lr"] = lr * f
         idx = order[step]
         loss = F.cross_entropy(model(xtr[idx]).float(), ytr[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        step_with_loss(opt, loss, method)
         if progress is not None:
             progress(1)
         if step + 1 in wanted:
-            if sf_opt is not None:
-                sf_opt.eval()  # parameters now hold the averaged point x
+            if method.schedule_free:
+                opt.eval()  # parameters now hold the averaged point x
             out[step + 1] = evaluate(model, task)
-            if sf_opt is not None:
-                sf_opt.train()
+            if method.schedule_free:
+                opt.train()
     return out
+
+
+def train_run(task, cfg: DemoConfig, seed: int, method: str, lr: float,
+              horizon: int, eval_steps, progress=None, dtype=torch.float32, opt_kwargs=None):
+    """Train one run without weight decay; return ``{step: (train_loss, test_acc)}`` at ``eval_steps``.
+
+    ``method`` is ``"schedulefree"`` (schedule-free AdamW with
+    ``cfg.sf_warmup`` warmup steps, never told ``horizon``), ``"cosine"`` or
+    ``"linear"`` (AdamW, warmup then decay to zero at ``horizon``).
+    ``opt_kwargs`` are extra keyword arguments for the schedule-free optimizer
+    (e.g. ``state_dtype``); ``benchmarks/precision.py`` uses them with
+    ``dtype`` to run this task in bfloat16.
+    """
+    if method == "schedulefree":
+        m = Method("schedulefree", "SF AdamW", lambda model, c: sfoptim.AdamWScheduleFree(
+            model.parameters(), lr=c["lr"], warmup_steps=cfg.sf_warmup, **(opt_kwargs or {})), schedule_free=True)
+    elif opt_kwargs:
+        raise ValueError("opt_kwargs applies to the schedule-free run only")
+    elif method in ("cosine", "linear"):
+        m = Method(method, f"AdamW + {method}", lambda model, c: torch.optim.AdamW(
+            model.parameters(), lr=c["lr"], weight_decay=0.0), schedule=method)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    return train_method(task, cfg, seed, m, {"lr": lr}, horizon, eval_steps, progress, dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -237,63 +296,86 @@ def _mean_sd(values):
     return m, sd
 
 
-def total_steps(cfg: DemoConfig) -> int:
+def total_steps(cfg: DemoConfig, methods: Sequence[Method]) -> int:
     """Training steps that :func:`run_comparison` takes in all (for a progress bar)."""
-    return len(cfg.seeds) * (cfg.steps + len(cfg.baselines()) * len(cfg.grid) * sum(cfg.horizons()))
+    per_config = {m.name: (sum(cfg.horizons()) if m.schedule else cfg.steps) for m in methods}
+    return len(cfg.seeds) * sum(len(m.grid) * per_config[m.name] for m in methods)
 
 
-def run_comparison(cfg: DemoConfig, progress: Callable[[int], object] | None = None) -> dict:
+def _on_edge(config: dict, configs) -> list[str]:
+    """The hyperparameters of ``config`` at an end of their range in ``configs``
+    (only for ranges of three or more values, where an end means something)."""
+    out = []
+    for k, v in config.items():
+        values = sorted({c[k] for c in configs})
+        if len(values) >= 3 and v in (values[0], values[-1]):
+            out.append(k)
+    return out
+
+
+def run_comparison(cfg: DemoConfig, progress: Callable[[int], object] | None = None,
+                   methods: Sequence[Method] | None = None) -> dict:
     """Run every training run of the comparison and return a JSON-ready result dict.
 
-    ``rows`` holds, per stopping time, the schedule-free run's training loss and
-    held-out accuracy (mean, sd over seeds) and, per baseline, those of the
-    learning rate on ``cfg.grid`` with the lowest mean training loss at that
-    stopping time, the ratio of means (schedule-free / baseline) and the
-    per-seed ratios.  ``progress`` is called with 1 after every training step.
+    ``methods`` defaults to the available ones of :data:`DEFAULT_METHODS`.
+    ``rows`` holds, per stopping time and method, the training loss and
+    held-out accuracy (mean, sd over seeds) of the chosen configuration (see
+    the module's docstring for the rule), the configuration, and every
+    configuration's mean accuracy.  ``curves`` holds each one-run method's
+    per-seed training loss and accuracy over the run at its chosen
+    configuration.  ``progress`` is called with 1 after every training step.
     """
+    if methods is None:
+        table = demo_methods(cfg)
+        methods = [table[n] for n in DEFAULT_METHODS if table[n].available() is None]
     task = load_task(cfg.num_samples)
     horizons = cfg.horizons()
     T = cfg.steps
-    baselines = cfg.baselines()
     curve = sorted({max(1, round(T * i / cfg.curve_points)) for i in range(1, cfg.curve_points + 1)} | set(horizons))
     t0, c0 = time.perf_counter(), time.process_time()
 
-    sf: dict[int, dict[int, tuple[float, float]]] = {}  # seed -> {step: (loss, acc)}
-    # baseline -> horizon -> lr -> seed -> (loss, acc)
-    base: dict[str, dict[int, dict[float, dict[int, tuple[float, float]]]]] = {
-        b: {h: {lr: {} for lr in cfg.grid} for h in horizons} for b in baselines}
+    # runs[name][config index][seed] = {step: (loss, acc)}
+    runs: dict[str, list[dict[int, dict[int, tuple[float, float]]]]] = {
+        m.name: [{} for _ in m.grid] for m in methods}
     for seed in cfg.seeds:
-        sf[seed] = train_run(task, cfg, seed, "schedulefree", cfg.sf_lr, T, curve, progress)
-        for b in baselines:
-            for h in horizons:
-                for lr in cfg.grid:
-                    base[b][h][lr][seed] = train_run(task, cfg, seed, b, lr, h, [h], progress)[h]
+        for m in methods:
+            for i, config in enumerate(m.grid):
+                if m.schedule:
+                    runs[m.name][i][seed] = {
+                        h: train_method(task, cfg, seed, m, config, h, [h], progress)[h] for h in horizons}
+                else:
+                    runs[m.name][i][seed] = train_method(task, cfg, seed, m, config, T, curve, progress)
     elapsed = time.perf_counter() - t0
     cpu = time.process_time() - c0
 
+    def mean_acc(name, i, steps):
+        return statistics.fmean(runs[name][i][s][h][1] for s in cfg.seeds for h in steps)
+
+    chosen = {}  # name -> {horizon: config index}
+    for m in methods:
+        if m.schedule:
+            chosen[m.name] = {h: max(range(len(m.grid)), key=lambda i: mean_acc(m.name, i, [h])) for h in horizons}
+        else:
+            best = max(range(len(m.grid)), key=lambda i: mean_acc(m.name, i, horizons))
+            chosen[m.name] = dict.fromkeys(horizons, best)
+
+    reference = "adamw-cosine" if "adamw-cosine" in runs else None
     rows = []
     for h in horizons:
-        row = {"steps": h}
-        losses = [sf[s][h][0] for s in cfg.seeds]
-        accs = [sf[s][h][1] for s in cfg.seeds]
-        row["schedulefree"] = {"lr": cfg.sf_lr, "loss": _mean_sd(losses), "acc": _mean_sd(accs)}
-        for b in baselines:
-            # Tuning picks the learning rate with the lowest mean training loss
-            # over seeds, as a practitioner tuning this one horizon would.
-            best_lr = min(cfg.grid, key=lambda lr: statistics.fmean(base[b][h][lr][s][0] for s in cfg.seeds))
-            bl = [base[b][h][best_lr][s][0] for s in cfg.seeds]
-            ba = [base[b][h][best_lr][s][1] for s in cfg.seeds]
-            row[b] = {
-                "lr": best_lr,
-                "lr_on_grid_edge": best_lr in (min(cfg.grid), max(cfg.grid)),
-                "loss": _mean_sd(bl),
-                "acc": _mean_sd(ba),
-                "grid_loss": {str(lr): statistics.fmean(base[b][h][lr][s][0] for s in cfg.seeds) for lr in cfg.grid},
+        row: dict = {"steps": h}
+        for m in methods:
+            i = chosen[m.name][h]
+            row[m.name] = {
+                "config": m.grid[i],
+                "on_grid_edge": _on_edge(m.grid[i], m.grid),
+                "loss": _mean_sd([runs[m.name][i][s][h][0] for s in cfg.seeds]),
+                "acc": _mean_sd([runs[m.name][i][s][h][1] for s in cfg.seeds]),
+                "grid_acc": [mean_acc(m.name, j, [h]) for j in range(len(m.grid))],
             }
-            # Ratio of means, and the per-seed ratios behind it, so a reader can
-            # see whether one seed carries the result.
-            row[b]["ratio"] = statistics.fmean(losses) / statistics.fmean(bl)
-            row[b]["ratio_per_seed"] = [loss / c for loss, c in zip(losses, bl)]
+        if reference:
+            for m in methods:
+                row[m.name]["loss_ratio"] = row[m.name]["loss"][0] / row[reference]["loss"][0]
+                row[m.name]["acc_diff"] = row[m.name]["acc"][0] - row[reference]["acc"][0]
         rows.append(row)
 
     return {
@@ -303,10 +385,16 @@ def run_comparison(cfg: DemoConfig, progress: Callable[[int], object] | None = N
         "threads": torch.get_num_threads(),
         "seconds": elapsed,
         "cpu_seconds": cpu,
+        "reference": reference,
+        "methods": {m.name: {"label": m.label, "tuning": m.tuning(), "schedule": m.schedule,
+                             "schedule_free": m.schedule_free, "grid": list(m.grid)} for m in methods},
         "rows": rows,
-        "schedulefree_curve": {
-            "steps": curve,
-            "loss": [[sf[s][t][0] for t in curve] for s in cfg.seeds],
-            "acc": [[sf[s][t][1] for t in curve] for s in cfg.seeds],
+        "curves": {
+            m.name: {
+                "steps": curve,
+                "loss": [[runs[m.name][chosen[m.name][T]][s][t][0] for t in curve] for s in cfg.seeds],
+                "acc": [[runs[m.name][chosen[m.name][T]][s][t][1] for t in curve] for s in cfg.seeds],
+            }
+            for m in methods if not m.schedule
         },
     }
