@@ -178,6 +178,11 @@ def factor(kind, step, horizon, warmup, decay_frac):
 
 # --------------------------------------------------------------------------- methods
 
+def _in_blocks(name: str, module: nn.Module) -> bool:
+    """The transformer blocks' weight matrices: the hidden ones (not the embedding or the head)."""
+    return name.startswith("blocks.")
+
+
 def lm_methods(cfg: LMConfig, lrs=(0.004, 0.008, 0.016, 0.032), sf_lrs=(0.008, 0.016),
                sf_betas=(0.9, 0.98)) -> dict[str, Method]:
     """The benchmark's method table, by name.
@@ -198,7 +203,7 @@ def lm_methods(cfg: LMConfig, lrs=(0.004, 0.008, 0.016, 0.032), sf_lrs=(0.008, 0
         return torch.optim.AdamW(model.parameters(), lr=c["lr"], betas=betas, weight_decay=0.0)
 
     def muon(model, c):
-        return muon_adamw(model, c["lr"], lambda name, _: name.startswith("blocks."), betas=betas)
+        return muon_adamw(model, c["lr"], _in_blocks, betas=betas)
 
     def sf_adamw(model, c):
         return sfoptim.AdamWScheduleFree(model.parameters(), lr=c["lr"], betas=(c["beta1"], cfg.beta2),
@@ -210,7 +215,7 @@ def lm_methods(cfg: LMConfig, lrs=(0.004, 0.008, 0.016, 0.032), sf_lrs=(0.008, 0
         Method("adamw-cosine", "AdamW + cosine", adamw, tuned, schedule="cosine"),
         Method("adamw-wsd", "AdamW + WSD", adamw, tuned, schedule="wsd"),
         Method("muon-wsd", "Muon + WSD", muon, tuned, schedule="wsd"),
-        *untuned_schedule_free_methods(),
+        *untuned_schedule_free_methods(_in_blocks),
     ]
     return {m.name: m for m in table}
 

@@ -25,7 +25,7 @@ from torch import nn
 import sfoptim
 
 __all__ = [
-    "Method", "MethodUnavailable", "ParamSplitOptimizer", "grid", "muon_adamw", "sfoptim_class",
+    "Method", "MethodUnavailable", "ParamSplitOptimizer", "grid", "hidden_matrices", "muon_adamw", "sfoptim_class",
     "step_with_loss",
 ]
 
@@ -145,9 +145,7 @@ def muon_adamw(model: nn.Module, lr: float, hidden: Callable[[str, nn.Module], b
     both parts.  Embeddings, heads, biases, norms and other parameters go to
     AdamW.
     """
-    matrices = [m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear) and hidden(n, m)]
-    ids = {id(p) for p in matrices}
-    rest = [p for p in model.parameters() if id(p) not in ids]
+    matrices, rest = (g["params"] for g in hidden_matrices(model, hidden))
     return ParamSplitOptimizer(
         torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"),
         torch.optim.AdamW(rest, lr=lr, betas=betas, weight_decay=weight_decay),
@@ -163,7 +161,20 @@ def _prodigyplus() -> type:
     return ProdigyPlusScheduleFree
 
 
-def untuned_schedule_free_methods() -> list[Method]:
+def hidden_matrices(model: nn.Module, hidden: Callable[[str, nn.Module], bool]) -> list[dict[str, Any]]:
+    """Two parameter groups: the weights of the ``nn.Linear`` modules ``hidden`` accepts, and the rest.
+
+    The first group is marked ``use_muon=True``, the second ``use_muon=False``,
+    so that :class:`sfoptim.MuonScheduleFree` orthogonalizes exactly the
+    matrices that the ``torch.optim.Muon`` baseline (:func:`muon_adamw`) does.
+    """
+    matrices = [m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear) and hidden(n, m)]
+    ids = {id(p) for p in matrices}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    return [{"params": matrices, "use_muon": True}, {"params": rest, "use_muon": False}]
+
+
+def untuned_schedule_free_methods(hidden: Callable[[str, nn.Module], bool] | None = None) -> list[Method]:
     """The learning-rate-free and spectral schedule-free optimizers, each run once with its defaults.
 
     ``ScheduleFree+`` (``sfoptim.AdamCScheduleFreePlus``, lr 1.0) takes its
@@ -171,6 +182,9 @@ def untuned_schedule_free_methods() -> list[Method]:
     Prodigy come from sfoptim; ``prodigyplus`` is the
     ``prodigy-plus-schedule-free`` package's ``ProdigyPlusScheduleFree``.  An
     entry whose optimizer is not installed reports itself unavailable.
+    ``hidden(name, module)`` picks the ``nn.Linear`` modules whose weights
+    schedule-free Muon orthogonalizes (as for the Muon baseline); without it
+    Muon's own split of ``model.named_parameters()`` applies.
     """
     def sfoptim_method(name: str, label: str, cls: str, needs_loss: bool = False, **kwargs: Any) -> Method:
         return Method(name, label, lambda model, _: sfoptim_class(cls)(model.parameters(), **kwargs),
@@ -178,7 +192,10 @@ def untuned_schedule_free_methods() -> list[Method]:
 
     return [
         sfoptim_method("sf-plus", "ScheduleFree+", "AdamCScheduleFreePlus", needs_loss=True, lr=1.0),
-        sfoptim_method("muon-sf", "SF Muon", "MuonScheduleFree"),
+        Method("muon-sf", "SF Muon",
+               lambda model, _: sfoptim_class("MuonScheduleFree")(
+                   hidden_matrices(model, hidden) if hidden is not None else model.named_parameters()),
+               schedule_free=True, requires=lambda: sfoptim_class("MuonScheduleFree")),
         sfoptim_method("prodigy-sf", "SF Prodigy", "ProdigyScheduleFree", lr=1.0),
         Method("prodigyplus", "prodigyplus", lambda model, _: _prodigyplus()(model.parameters()),
                schedule_free=True, requires=_prodigyplus),

@@ -91,6 +91,11 @@ QUICK = DemoConfig(
 )
 
 
+def _hidden_layer(name: str, module: nn.Module) -> bool:
+    """The MLP's hidden-to-hidden layer (``make_model``'s second ``nn.Linear``)."""
+    return name == "2"
+
+
 def demo_methods(cfg: DemoConfig) -> dict[str, Method]:
     """The demo's method table, by name.
 
@@ -114,7 +119,7 @@ def demo_methods(cfg: DemoConfig) -> dict[str, Method]:
         Method("sf-adamw", "SF AdamW", sf_adamw, tuned, schedule_free=True),
         Method("adamw-cosine", "AdamW + cosine", adamw, tuned, schedule="cosine"),
         Method("adamw-linear", "AdamW + linear", adamw, tuned, schedule="linear"),
-        *untuned_schedule_free_methods(),
+        *untuned_schedule_free_methods(_hidden_layer),
     ]
     return {m.name: m for m in table}
 
