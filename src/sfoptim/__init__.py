@@ -14,6 +14,7 @@ from .directions.wrapper import ScheduleFreeWrapper
 from .engine import ModeError, ScheduleFreeOptimizer
 from .modes import TiedMode, averaged_state_dict, eval_mode, eval_optimizer_state_dict, tie_mode, unwrap_optimizer
 from .reference import (
+    AdamCScheduleFreePlusReference,
     AdamWScheduleFreeReference,
     RAdamScheduleFreeReference,
     ScheduleFreeWrapperReference,
@@ -23,6 +24,7 @@ from .reference import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdamCScheduleFreePlusReference",
     "AdamWScheduleFree",
     "AdamWScheduleFreeClosure",
     "AdamWScheduleFreePaper",
