@@ -7,6 +7,7 @@ and :mod:`sfoptim.backends` runs the update.
 """
 
 from .batchnorm import recalibrate_batchnorm
+from .directions.adamc_plus import AdamCScheduleFreePlus, AdamCScheduleFreePlusClosure, AdamCScheduleFreePlusPaper
 from .directions.adamw import AdamWScheduleFree, AdamWScheduleFreeClosure, AdamWScheduleFreePaper
 from .directions.radam import RAdamScheduleFree, RAdamScheduleFreeClosure
 from .directions.sgd import SGDScheduleFree, SGDScheduleFreeClosure
@@ -24,6 +25,9 @@ from .reference import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdamCScheduleFreePlus",
+    "AdamCScheduleFreePlusClosure",
+    "AdamCScheduleFreePlusPaper",
     "AdamCScheduleFreePlusReference",
     "AdamWScheduleFree",
     "AdamWScheduleFreeClosure",

@@ -149,6 +149,14 @@ class Direction:
         """Names of the parameter-sized state buffers besides ``z`` (zeros at creation)."""
         return ()
 
+    def weight_decay(self, group: dict, lr: float, decay: float) -> float:
+        r"""The decay :math:`\lambda` the engine adds at ``y`` this step, given the step's ``lr``.
+
+        Default: the group's ``weight_decay`` (``decay``). AdamC scales it by
+        the learning rate, so that :math:`\gamma\lambda y` shrinks with it.
+        """
+        return decay
+
     def reduce(self, group: dict, bucket: Bucket, beta: float) -> dict[str, Tensor]:
         """This bucket's contributions (0-d tensors) to each name in :attr:`reductions`.
 

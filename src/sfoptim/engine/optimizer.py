@@ -350,6 +350,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             group[key("weight_sum")],
             group[key("r")],
             group[key("weight_lr_power")],
+            c_warmup=group.get(key("c_warmup"), 0),
         )
 
     def _commit(self, group: dict, sched: AveragingStep, beta: float | None = None) -> None:

@@ -161,7 +161,8 @@ def prepare_traced(opt: ScheduleFreeOptimizer) -> list[dispatch.TracedCall]:
         for bucket in p.buckets:
             call = dispatch.prepare_traced(
                 direction, group, p.step, bucket, reduced,
-                lr=sched.lr, ckp1=ckp1, beta=beta, weight_decay=group[key("weight_decay")],
+                lr=sched.lr, ckp1=ckp1, beta=beta,
+                weight_decay=direction.weight_decay(group, sched.lr, group[key("weight_decay")]),
                 fused=fused, foreach_flag=foreach_flag,
             )  # fmt: skip
             if call is not None:
@@ -189,7 +190,7 @@ def _update(opt: ScheduleFreeOptimizer, plans: list[GroupStep]) -> None:
             _finish_delegated(opt, p, sched.ckp1)
         elif p.active:
             fused, foreach_flag = opt.option(group, "fused"), opt.option(group, "foreach")
-            decay = group[key("weight_decay")]
+            decay = direction.weight_decay(group, sched.lr, group[key("weight_decay")])
             for bucket in p.buckets:
                 dispatch.step(
                     direction, group, p.step, bucket, reduced,
