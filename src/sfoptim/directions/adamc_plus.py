@@ -265,13 +265,13 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
             ValueError: the loss is not a finite number; nothing has changed.
             ModeError: in eval mode (call :meth:`train` first).
         """
-        if closure is None and loss is None:
-            raise TypeError(
-                f"{type(self).__name__}.step() needs the loss for its Polyak step size: "
-                "call step(loss=loss) or step(closure) with a closure that returns the loss"
-            )
         self._enter_step(closure)
         try:
+            if closure is None and loss is None:
+                raise TypeError(
+                    f"{type(self).__name__}.step() needs the loss for its Polyak step size: "
+                    "call step(loss=loss) or step(closure) with a closure that returns the loss"
+                )
             value = _evaluate(closure)
             f = self._global_loss(loss if loss is not None else value)
             for group in self.param_groups:
