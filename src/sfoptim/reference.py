@@ -550,7 +550,9 @@ class AdamCScheduleFreePlusReference(_XYZ):
     :math:`t \le` ``c_warmup`` (``weight_sum`` does not grow then); afterwards
     :math:`c_t = w_t/\sum w` with :math:`w_t = t^r \gamma_{\max}^p`, where
     :math:`\gamma_{\max}` starts at :math:`\epsilon`. If every gradient is zero
-    the step size is 0.
+    the step size is 0. A parameter without a gradient keeps ``x`` and ``z``
+    and its ``y`` is rebuilt with :math:`\beta_t` (the authors' code leaves its
+    ``y`` as built with an earlier :math:`\beta` while annealing).
 
     The loss reaches the step as ``step(closure)`` (its return value),
     ``step(loss=f)`` or ``step_func(f)`` (the authors' spelling). Arguments and
@@ -647,6 +649,12 @@ class AdamCScheduleFreePlusReference(_XYZ):
                 group["weight_sum"] += w
                 c = w / group["weight_sum"]
             group["k"] = t
+            for p in group["params"]:
+                if p.grad is None and "z" in self.state.get(p, {}):
+                    # Not stepped: x and z stay, y follows this step's interpolation weight.
+                    state = self.state[p]
+                    _real(state["y"]).copy_(beta * _real(state["x"]) + (1 - beta) * _real(state["z"]))
+                    p.copy_(state["y"])
             for p in params:
                 state = self.state[p]
                 if "exp_avg" not in state:

@@ -167,6 +167,7 @@ def prepare_traced(opt: ScheduleFreeOptimizer) -> list[dispatch.TracedCall]:
             )  # fmt: skip
             if call is not None:
                 calls.append(call)
+        _rebuild_inactive(opt, p)
         opt._commit(group, sched, p.beta)
     return calls
 
@@ -198,7 +199,32 @@ def _update(opt: ScheduleFreeOptimizer, plans: list[GroupStep]) -> None:
                     fused=fused, foreach_flag=foreach_flag,
                 )  # fmt: skip
             opt._sync_params(group, p.active)
+        _rebuild_inactive(opt, p)
         opt._commit(group, sched, p.beta)
+
+
+def _rebuild_inactive(opt: ScheduleFreeOptimizer, p: GroupStep) -> None:
+    r"""Moves the ``y`` of the group's parameters without a gradient to the step's new :math:`\beta`.
+
+    The group records one interpolation weight for all its ``y``; when it
+    changes, a parameter that was not stepped keeps its ``x`` and ``z`` and
+    gets :math:`y = \beta x + (1-\beta) z`, i.e. ``lerp(y, z, 1 - beta/beta_prev)``.
+    """
+    if p.beta == p.beta_prev or p.direction.delegates_move:
+        return
+    stepped = {id(q) for q in p.active}
+    params, ys, zs = [], [], []
+    for q in p.group["params"]:
+        state = opt.state.get(q)
+        if id(q) in stepped or not state or "z" not in state:
+            continue
+        master = state.get("master")
+        params.append(q)
+        ys.append(real(q.data if master is None else master))
+        zs.append(real(state["z"]))
+    if ys:
+        torch._foreach_lerp_(ys, zs, 1 - p.beta / p.beta_prev)
+        opt._sync_params(p.group, params)
 
 
 def _delegated_move(opt: ScheduleFreeOptimizer, plans: list[GroupStep], reduced: Mapping[str, Tensor]) -> None:
