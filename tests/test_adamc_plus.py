@@ -234,3 +234,55 @@ def test_ddp_replicas_stay_identical_and_match_one_process(tmp_path) -> None:
     assert out[True]["identical"], "replicas diverged"
     assert out[True]["worst"] <= 1e-9, f"DDP differs from one process by {out[True]['worst']:.3g}"
     assert not out[False]["identical"]
+
+
+# ---------------------------------------------------------------- Lightning
+def test_lightning_automatic_optimization_passes_the_loss_through_its_closure(tmp_path) -> None:
+    """Lightning calls ``step(closure)``; the run equals a hand-written loop with the same closure."""
+    pl = pytest.importorskip("lightning.pytorch")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from sfoptim.integrations.lightning import ScheduleFreeCallback
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 4, generator=g)
+    y = x @ torch.randn(4, 1, generator=g) + 0.1 * torch.randn(32, 1, generator=g)
+
+    def net() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net()
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return sfoptim.AdamCScheduleFreePlus(self.parameters(), weight_decay=1.0)
+
+    module = Module()
+    trainer = pl.Trainer(
+        max_epochs=3, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[ScheduleFreeCallback()],
+        enable_checkpointing=False,
+    )  # fmt: skip
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=8))
+    lightning_x = trainer.optimizers[0].eval_params()
+
+    model = net()
+    opt = sfoptim.AdamCScheduleFreePlus(model.parameters(), weight_decay=1.0)
+    for _ in range(3):
+        for i in range(0, 32, 8):
+
+            def closure(i: int = i) -> torch.Tensor:
+                opt.zero_grad()
+                loss = nn.functional.mse_loss(model(x[i : i + 8]), y[i : i + 8])
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+    assert trainer.optimizers[0].param_groups[0]["k"] == 12
+    assert rel_diff(lightning_x, opt.eval_params()) <= 1e-6
