@@ -142,6 +142,24 @@ def test_step_without_a_loss_says_how_to_pass_one() -> None:
     assert all(torch.equal(state["state"][0][n], after["state"][0][n]) for n in ("z", "exp_avg", "exp_avg_sq"))
 
 
+def test_accumulated_loss_is_used_once_by_a_plain_step() -> None:
+    runs = []
+    for accumulate in (True, False):
+        p = torch.nn.Parameter(torch.arange(6, dtype=torch.float64).reshape(3, 2))
+        opt = sfoptim.AdamCScheduleFreePlus([p])
+        p.grad = torch.full_like(p, 0.3)
+        if accumulate:
+            opt.accumulate_loss(torch.tensor(1.25, dtype=torch.float64))
+            opt.accumulate_loss(0.5)
+            opt.step()
+            with pytest.raises(TypeError, match="accumulate_loss"):
+                opt.step()  # the accumulated loss was used up
+        else:
+            opt.step(loss=1.75)
+        runs.append(p.detach().clone())
+    assert torch.equal(runs[0], runs[1])
+
+
 def test_paper_step_func_returns_the_value_and_needs_one() -> None:
     p, opt = one_param_opt(sfoptim.AdamCScheduleFreePlusPaper)
     assert opt.step_func(1.5) == 1.5

@@ -224,6 +224,7 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
             ip_term=0.0,
         )
         self.average_loss = average_loss
+        self._pending_loss: Tensor | float | None = None
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -265,21 +266,36 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
             ValueError: the loss is not a finite number; nothing has changed.
             ModeError: in eval mode (call :meth:`train` first).
         """
+        if loss is None and closure is None and getattr(self, "_pending_loss", None) is not None:
+            loss = self._pending_loss
         self._enter_step(closure)
         try:
             if closure is None and loss is None:
                 raise TypeError(
                     f"{type(self).__name__}.step() needs the loss for its Polyak step size: "
-                    "call step(loss=loss) or step(closure) with a closure that returns the loss"
+                    "call step(loss=loss), step(closure) with a closure that returns the loss, "
+                    "or accumulate_loss(loss) before step()"
                 )
             value = _evaluate(closure)
             f = self._global_loss(loss if loss is not None else value)
             for group in self.param_groups:
                 group["function_value"] = f
             self._update()
+            self._pending_loss = None
         finally:
             self._leave_step()
         return value
+
+    def accumulate_loss(self, loss: float | Tensor) -> None:
+        """Adds ``loss`` to the loss the next argument-less :meth:`step` uses.
+
+        For training loops that call ``step()`` without arguments (trainers):
+        call it once per micro-batch with the loss whose gradient was
+        accumulated (scaled as it was for ``backward``). The sum is used by the
+        next ``step()`` without ``closure`` or ``loss`` and then cleared.
+        """
+        value = loss.detach() if isinstance(loss, Tensor) else loss
+        self._pending_loss = value if self._pending_loss is None else self._pending_loss + value
 
     def _global_loss(self, loss: Any) -> float:
         """The loss as a float, averaged over the ranks of the default process group."""
