@@ -73,6 +73,18 @@ def averaging_step(
     return AveragingStep(step, lr, lr_max, weight_sum, ckp1)
 
 
+def refined_coefficient(ckp1: float, beta: float, decoupling_c: float | None) -> float:
+    r"""The averaging coefficient with the refinement of Song et al. (2025), "Through the River".
+
+    :math:`c \leftarrow \min(1, c\,(1-\beta)\,C)` for ``decoupling_c`` = :math:`C`,
+    which decouples the averaging window from the interpolation weight
+    :math:`\beta`; ``None`` (the default) leaves :math:`c` as it is.
+    """
+    if decoupling_c is None:
+        return ckp1
+    return min(1.0, ckp1 * (1.0 - beta) * decoupling_c)
+
+
 def interpolation_step(ckp1: float, beta_prev: float, beta: float) -> tuple[float, float]:
     r"""The ``(weight, beta)`` pair that updates ``y`` in place when :math:`\beta` changes.
 

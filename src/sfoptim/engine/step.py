@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..backends import dispatch
 from ..directions.base import Bucket, Direction
-from .schedule import interpolation_step
+from .schedule import interpolation_step, refined_coefficient
 
 if TYPE_CHECKING:
     from .optimizer import ScheduleFreeOptimizer
@@ -156,6 +156,7 @@ def prepare_traced(opt: ScheduleFreeOptimizer) -> list[dispatch.TracedCall]:
     for p in plans:
         group, direction = p.group, p.direction
         sched = opt._schedule(group, direction.lr(group, p.step, reduced))
+        sched = sched._replace(ckp1=refined_coefficient(sched.ckp1, p.beta, group.get(key("decoupling_c"))))
         ckp1, beta = interpolation_step(sched.ckp1, p.beta_prev, p.beta)
         fused, foreach_flag = opt.option(group, "fused"), opt.option(group, "foreach")
         for bucket in p.buckets:
@@ -186,6 +187,7 @@ def _update(opt: ScheduleFreeOptimizer, plans: list[GroupStep]) -> None:
     for p in plans:
         group, direction = p.group, p.direction
         sched = opt._schedule(group, direction.lr(group, p.step, reduced))
+        sched = sched._replace(ckp1=refined_coefficient(sched.ckp1, p.beta, group.get(key("decoupling_c"))))
         ckp1, beta = interpolation_step(sched.ckp1, p.beta_prev, p.beta)
         if p.direction.delegates_move:
             _finish_delegated(opt, p, sched.ckp1)
