@@ -304,3 +304,39 @@ def test_lightning_automatic_optimization_passes_the_loss_through_its_closure(tm
             opt.step(closure)
     assert trainer.optimizers[0].param_groups[0]["k"] == 12
     assert rel_diff(lightning_x, opt.eval_params()) <= 1e-6
+
+
+# -------------------------------------------------------------------- FSDP2
+def _fsdp_worker(rank: int, world: int, steps: int, result: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    kw = dict(weight_decay=20.0, polyak_beta=0.9, c_warmup=3, sf_beta1_anneal_steps=20)
+    model = _model()
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = sfoptim.AdamCScheduleFreePlus(model.parameters(), **kw)
+    single = _model()
+    single_opt = sfoptim.AdamCScheduleFreePlus(single.parameters(), **kw)
+    n = GLOBAL_BATCH // world
+    worst = 0.0
+    for step in range(steps):
+        xb, yb = _batch(step)
+        _train(model, opt, xb[rank * n : (rank + 1) * n], yb[rank * n : (rank + 1) * n])
+        _train(single, single_opt, xb, yb)
+        mine = [p.detach().full_tensor() for p in model.parameters()]
+        worst = max(worst, rel_diff(mine, [p.detach() for p in single.parameters()]))
+    if rank == 0:
+        torch.save({"worst": worst}, result)
+
+
+@pytest.mark.slow
+def test_fsdp2_reductions_over_shards_match_one_process(tmp_path) -> None:
+    """Sharded parameters: the Polyak sums are completed across ranks; equal to one process in float64."""
+    result = str(tmp_path / "result.pt")
+    spawn(_fsdp_worker, 2, 20, result)
+    worst = torch.load(result)["worst"]
+    assert worst <= 1e-9, f"FSDP2 differs from one process by {worst:.3g}"
