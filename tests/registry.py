@@ -46,6 +46,7 @@ class OptimizerInfo:
         flags: backend flags the class accepts (``foreach``, ``fused``, ``state_dtype``).
         tolerance: relative agreement with the reference in float64.
         invalid: ``(argument, value)`` pairs that must raise ValueError naming the argument.
+        needs_loss: the step takes the loss (ScheduleFree+'s Polyak step size).
     """
 
     name: str
@@ -60,6 +61,8 @@ class OptimizerInfo:
     tolerance: float = 1e-9
     backend_tolerance: dict[torch.dtype, float] = field(default_factory=lambda: {F64: 1e-12, F32: 2e-5})
     invalid: tuple[tuple[str, Any], ...] = ()
+    #: ``step()`` needs the loss (``step(loss=...)``, or a closure that returns it).
+    needs_loss: bool = False
 
     def make(self, params: list[torch.Tensor], **overrides: Any) -> Any:
         first = self.base(params) if self.base is not None else params
@@ -124,6 +127,20 @@ RADAM_SGD_KW = dict(lr=0.02, silent_sgd_phase=False)
 PRODIGY_KW = dict(d0=1e-3, betas=(0.9, 0.99), warmup_steps=3, weight_decay=0.01)
 PRODIGY_SPLIT_KW = dict(d0=1e-4, split_groups=True, r=0.0, weight_lr_power=1.0, d_coef=0.5)
 WRAPPER_KW = dict(momentum=0.8, weight_decay_at_y=0.01, r=1.0)
+PLUS_KW = dict(weight_decay=2.0, polyak_beta=0.9, c_warmup=3, sf_beta1_anneal_steps=10, r=1.0, betas=(0.8, 0.99))
+PLUS_INVALID = (
+    *COMMON_INVALID,
+    ("betas", (1.0, 0.95)),
+    ("betas", (0.9, 1.0)),
+    ("eps", -1e-8),
+    ("polyak_beta", 1.0),
+    ("sf_beta1", 0.0),
+    ("sf_beta1", 1.5),
+    ("sf_beta1_max", 1.0),  # annealing towards 1 is refused (it is linear in log(1 - beta))
+    ("c_warmup", -1),
+    ("c_warmup", 2.5),
+    ("sf_beta1_anneal_steps", -3),
+)
 
 # Newton-Schulz in the parameters' dtype, so that float64 runs are exact against the reference.
 MUON_KW = dict(lr=0.02, warmup_steps=3, weight_decay=0.01, adamw_lr=0.01, ns_dtype=None)
@@ -170,6 +187,10 @@ OPTIMIZERS: list[OptimizerInfo] = [
     OptimizerInfo("wrapper_sgd", sfoptim.ScheduleFreeWrapper, WRAPPER_KW, sfoptim.ScheduleFreeWrapperReference, base=_sgd, flags=frozenset({"fused"}), invalid=WRAPPER_INVALID),
     OptimizerInfo("wrapper_adam", sfoptim.ScheduleFreeWrapper, WRAPPER_KW, sfoptim.ScheduleFreeWrapperReference, base=_adam, flags=frozenset({"fused"})),
     OptimizerInfo("wrapper_rmsprop", sfoptim.ScheduleFreeWrapper, WRAPPER_KW, sfoptim.ScheduleFreeWrapperReference, base=_rmsprop, flags=frozenset({"fused"})),
+    # ScheduleFree+ (the step takes the loss), against our reference form.
+    OptimizerInfo("adamc_plus", sfoptim.AdamCScheduleFreePlus, PLUS_KW, sfoptim.AdamCScheduleFreePlusReference, flags=FAST, invalid=PLUS_INVALID, needs_loss=True),
+    OptimizerInfo("adamc_plus_closure", sfoptim.AdamCScheduleFreePlusClosure, PLUS_KW, sfoptim.AdamCScheduleFreePlusReference, closure=True, flags=FAST, needs_loss=True),
+    OptimizerInfo("adamc_plus_paper", sfoptim.AdamCScheduleFreePlusPaper, PLUS_KW, sfoptim.AdamCScheduleFreePlusReference, flags=FAST, needs_loss=True),
     # Our reference forms, against the published package (RAdam against its fast form: it has no reference).
     OptimizerInfo("sgd_reference", sfoptim.SGDScheduleFreeReference, SGD_KW, _published("SGDScheduleFreeReference"), tolerance=1e-12, invalid=SGD_INVALID),
     OptimizerInfo("adamw_reference", sfoptim.AdamWScheduleFreeReference, {**ADAMW_KW, "decay_at_z": True}, _published("AdamWScheduleFreeReference"), tolerance=1e-12, invalid=ADAMW_INVALID),

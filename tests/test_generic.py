@@ -36,12 +36,27 @@ def set_grads(params: list[torch.Tensor], step: int) -> None:
         p.grad = 0.5 * p.detach() + torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
 
 
+def loss_of(params: list[torch.Tensor]) -> float:
+    """A loss for the optimizers that need one (a Polyak step size); positive, varies with the point."""
+    return 1.0 + 0.25 * sum(float((p.detach().double() ** 2).sum()) for p in params)
+
+
+def step_args(info: OptimizerInfo, params: list[torch.Tensor]) -> dict[str, Any]:
+    """Keyword arguments of a plain ``step()``: the loss where the optimizer needs it."""
+    return {"loss": loss_of(params)} if info.needs_loss else {}
+
+
 def take_step(info: OptimizerInfo, opt: Any, params: list[torch.Tensor], step: int) -> None:
     if info.closure:
-        opt.step(lambda: set_grads(params, step))
+
+        def closure() -> float:
+            set_grads(params, step)
+            return loss_of(params)
+
+        opt.step(closure)
     else:
         set_grads(params, step)
-        opt.step()
+        opt.step(**step_args(info, params))
 
 
 def snapshot(params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -166,15 +181,16 @@ def test_step_never_writes_gradients(info: OptimizerInfo) -> None:
     for step in range(5):
         seen: list[torch.Tensor] = []
 
-        def closure(step: int = step, seen: list = seen) -> None:
+        def closure(step: int = step, seen: list = seen) -> float:
             set_grads(params, step)
             seen[:] = [p.grad.clone() for p in params]
+            return loss_of(params)
 
         if info.closure:
             opt.step(closure)
         else:
             closure()
-            opt.step()
+            opt.step(**step_args(info, params))
         assert all(torch.equal(p.grad, g) for p, g in zip(params, seen))
 
 
@@ -225,7 +241,7 @@ def test_matches_independent_reference(info: OptimizerInfo) -> None:
                     group["lr"] *= 0.5
         take_step(info, opt, ours, step)
         set_grads(theirs, step)
-        oracle.step()
+        oracle.step(**step_args(info, theirs))
         expected = x_of(oracle, theirs) if info.closure else snapshot(theirs)
         assert worst(ours, expected) <= info.tolerance, f"step {step + 1}"
     if not info.closure:

@@ -221,3 +221,32 @@ def test_docs_example_runs(tmp_path, monkeypatch):
     model = ns["model"]
     for saved, p in zip(saved_params(tmp_path / "hf_final", model), model.parameters()):
         assert torch.equal(saved, p)  # the model holds x after train()
+
+
+class StepLoss(TrainerCallback):
+    """The loss each optimizer step used, read from the optimizer after the step."""
+
+    def __init__(self):
+        self.used = []
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.used.append(sfoptim.modes.unwrap_optimizer(optimizer).param_groups[0]["function_value"])
+
+
+def test_trainer_hands_the_loss_to_schedule_free_plus(tmp_path):
+    """ScheduleFree+ needs the loss: each step gets the loss of its accumulated gradient (what the Trainer logs)."""
+    recorder = StepLoss()
+    trainer = ScheduleFreeTrainer(
+        model=tiny_model(),
+        args=make_args(tmp_path, max_steps=4, gradient_accumulation_steps=2, eval_strategy="no", save_strategy="no"),
+        train_dataset=dataset(),
+        optimizer_cls=sfoptim.AdamCScheduleFreePlus,
+        optimizer_kwargs={"lr": 1.0, "weight_decay": 1.0},
+        callbacks=[recorder],
+    )
+    trainer.train()
+    opt = sfoptim.modes.unwrap_optimizer(trainer.optimizer)
+    assert isinstance(opt, sfoptim.AdamCScheduleFreePlus) and opt.param_groups[0]["k"] == 4
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(recorder.used) == len(logged) == 4
+    assert recorder.used == pytest.approx(logged, abs=1e-3)

@@ -7,6 +7,7 @@ and :mod:`sfoptim.backends` runs the update.
 """
 
 from .batchnorm import recalibrate_batchnorm
+from .directions.adamc_plus import AdamCScheduleFreePlus, AdamCScheduleFreePlusClosure, AdamCScheduleFreePlusPaper
 from .directions.adamw import AdamWScheduleFree, AdamWScheduleFreeClosure, AdamWScheduleFreePaper
 from .directions.muon import MuonScheduleFree
 from .directions.prodigy import ProdigyScheduleFree, ProdigyScheduleFreeClosure
@@ -16,6 +17,7 @@ from .directions.wrapper import ScheduleFreeWrapper
 from .engine import ModeError, ScheduleFreeOptimizer
 from .modes import TiedMode, averaged_state_dict, eval_mode, eval_optimizer_state_dict, tie_mode, unwrap_optimizer
 from .reference import (
+    AdamCScheduleFreePlusReference,
     AdamWScheduleFreeReference,
     MuonScheduleFreeReference,
     ProdigyScheduleFreeReference,
@@ -27,6 +29,10 @@ from .reference import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdamCScheduleFreePlus",
+    "AdamCScheduleFreePlusClosure",
+    "AdamCScheduleFreePlusPaper",
+    "AdamCScheduleFreePlusReference",
     "AdamWScheduleFree",
     "AdamWScheduleFreeClosure",
     "AdamWScheduleFreePaper",

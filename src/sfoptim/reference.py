@@ -47,6 +47,7 @@ from torch import Tensor
 from .engine import ModeError
 
 __all__ = [
+    "AdamCScheduleFreePlusReference",
     "AdamWScheduleFreeReference",
     "MuonScheduleFreeReference",
     "ProdigyScheduleFreeReference",
@@ -802,3 +803,163 @@ class MuonScheduleFreeReference(_XYZ):
                 y.copy_((1 - beta) * z + beta * x)
                 p.copy_(y)
         return loss
+
+
+# ------------------------------------------------------- ScheduleFree+
+def _annealed_beta(group: dict, t: int) -> float:
+    r""":math:`\beta_t`: ``sf_beta1`` moved towards ``sf_beta1_max`` linearly in :math:`\log(1-\beta)`.
+
+    Progress is :math:`\min(1, (t-1)/T)` over ``sf_beta1_anneal_steps`` = :math:`T`
+    (no annealing when :math:`T = 0`).
+    """
+    steps = group["sf_beta1_anneal_steps"]
+    if steps <= 0:
+        return group["sf_beta1"]
+    s = min(max(t - 1, 0) / steps, 1.0)
+    return 1 - (1 - group["sf_beta1"]) ** (1 - s) * (1 - group["sf_beta1_max"]) ** s
+
+
+class AdamCScheduleFreePlusReference(_XYZ):
+    r"""ScheduleFree+ (AdamC decay, Polyak step size, interpolation annealing) with ``x``, ``y``, ``z`` stored.
+
+    Step :math:`t` with loss :math:`f` at :math:`y_{t-1}` and gradients :math:`g`:
+
+    .. math::
+
+        \beta_t &= 1 - (1-\beta)^{1-s}(1-\beta_{\max})^{s}, \quad s = \min(1, (t-1)/T) \\
+        e_t &= \rho\, e_{t-1} + (1-\rho)\sqrt{\pi/2}\, \textstyle\sum \|g\|_1,
+            \qquad \bar e_t = e_t / (1-\rho^t) \\
+        \eta_t &= \max\big(0,\ f + \beta_t \textstyle\sum \langle g, z_{t-1} - x_{t-1}\rangle\big) / \bar e_t \\
+        \gamma_t &= \max(\gamma, \epsilon)\, \eta_t \\
+        m_t &= \beta_1 m + (1-\beta_1) g, \quad v_t = \beta_2 v + (1-\beta_2) g^2 \\
+        z_t &= z_{t-1} - \gamma_t^2 \lambda\, y_{t-1}
+              - \gamma_t \frac{m_t/(1-\beta_1^t)}{\sqrt{v_t/(1-\beta_2^t)} + \epsilon} \\
+        x_t &= (1-c_t) x_{t-1} + c_t z_t, \quad y_t = \beta_t x_t + (1-\beta_t) z_t
+
+    Sums run over every parameter of every group. :math:`\rho` is
+    ``polyak_beta``; :math:`e` is stored bias-corrected (the next step's EMA
+    starts from :math:`\bar e`), as the authors' code does. ``c_t = 1`` for
+    :math:`t \le` ``c_warmup`` (``weight_sum`` does not grow then); afterwards
+    :math:`c_t = w_t/\sum w` with :math:`w_t = t^r \gamma_{\max}^p`, where
+    :math:`\gamma_{\max}` starts at :math:`\epsilon`. If every gradient is zero
+    the step size is 0. A parameter without a gradient keeps ``x`` and ``z``
+    and its ``y`` is rebuilt with :math:`\beta_t` (the authors' code leaves its
+    ``y`` as built with an earlier :math:`\beta` while annealing).
+
+    The loss reaches the step as ``step(closure)`` (its return value),
+    ``step(loss=f)`` or ``step_func(f)`` (the authors' spelling). Arguments and
+    defaults are those of the authors' ``AdamCScheduleFreePlusPaper``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+        sf_beta1: float = 0.9,
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        r: float = 0,
+        polyak_beta: float = 0,
+        c_warmup: int = 0,
+        sf_beta1_anneal_steps: int = 0,
+        sf_beta1_max: float = 0.965,
+        weight_lr_power: float = 2,
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=betas, sf_beta1=sf_beta1, eps=eps, weight_decay=weight_decay, r=r,
+            polyak_beta=polyak_beta, c_warmup=c_warmup, sf_beta1_anneal_steps=sf_beta1_anneal_steps,
+            sf_beta1_max=sf_beta1_max, weight_lr_power=weight_lr_power, train_mode=True,
+            k=0, weight_sum=0.0, scheduled_lr=0.0, grad_l1_ema=0.0,
+        )
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            group.setdefault("lr_max", group["eps"])
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self.param_groups[-1].setdefault("lr_max", self.param_groups[-1]["eps"])
+
+    def _validate(self, group: dict) -> None:
+        _check_common(group, "weight_decay")
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"Invalid betas: {betas!r} (expected a pair (beta1, beta2))")
+        _check("betas[0]", betas[0], lambda v: 0 <= v < 1, "in [0, 1)")
+        _check("betas[1]", betas[1], lambda v: 0 <= v < 1, "in [0, 1)")
+        _check("eps", group["eps"], lambda v: v >= 0, ">= 0")
+        _check("polyak_beta", group["polyak_beta"], lambda v: 0 <= v < 1, "in [0, 1)")
+        annealing = group["sf_beta1_anneal_steps"] > 0
+        for name in ("sf_beta1", "sf_beta1_max"):
+            _check(name, group[name], (lambda v: 0 < v < 1) if annealing else (lambda v: 0 < v <= 1),
+                   "in (0, 1)" if annealing else "in (0, 1]")  # fmt: skip
+        for name in ("c_warmup", "sf_beta1_anneal_steps"):
+            _check(name, group[name], lambda v: v >= 0 and v == int(v), "a whole number >= 0")
+
+    @torch.no_grad()
+    def step_func(self, function_value: float | Tensor | None = None) -> Any:
+        """One step with the loss ``function_value`` at ``y``; returns it (the authors' interface)."""
+        self.step(loss=function_value)
+        return function_value
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, *, loss: float | Tensor | None = None) -> Any:
+        """One step; the loss is ``loss`` if given, else the closure's return value."""
+        if closure is None and loss is None:
+            raise TypeError(f"{type(self).__name__}.step() needs the loss: pass a closure that returns it, or loss=")
+        value = self._start_step(closure)
+        f = loss if loss is not None else value
+        if f is None:
+            raise TypeError(f"{type(self).__name__}.step(): the closure returned None; it must return the loss")
+        f = float(f)
+        active = [[p for p in g["params"] if p.grad is not None] for g in self.param_groups]
+        first = self.param_groups[0]
+        l1 = 0.0
+        ip = 0.0
+        for group, params in zip(self.param_groups, active):
+            beta = _annealed_beta(group, group["k"] + 1)
+            for p in params:
+                state = self._xyz(p)
+                g = _real(p.grad)
+                l1 += g.abs().sum().item()
+                ip += beta * (g * (_real(state["z"]) - _real(state["x"]))).sum().item()
+        rho = first["polyak_beta"]
+        ema = rho * first["grad_l1_ema"] + (1 - rho) * l1 * math.sqrt(math.pi / 2)
+        ema /= 1 - rho ** (first["k"] + 1)
+        polyak = max(0.0, f + ip) / ema if ema > 0 else 0.0
+        for group, params in zip(self.param_groups, active):
+            t = group["k"] + 1
+            beta, (beta1, beta2), eps = _annealed_beta(group, t), group["betas"], group["eps"]
+            lr = max(float(group["lr"]), eps) * polyak
+            group["grad_l1_ema"] = ema
+            group["scheduled_lr"] = lr
+            group["lr_max"] = max(group["lr_max"], lr)
+            if t <= group["c_warmup"]:
+                c = 1.0
+            else:
+                w = t ** group["r"] * group["lr_max"] ** group["weight_lr_power"]
+                group["weight_sum"] += w
+                c = w / group["weight_sum"]
+            group["k"] = t
+            for p in group["params"]:
+                if p.grad is None and "z" in self.state.get(p, {}):
+                    # Not stepped: x and z stay, y follows this step's interpolation weight.
+                    state = self.state[p]
+                    _real(state["y"]).copy_(beta * _real(state["x"]) + (1 - beta) * _real(state["z"]))
+                    p.copy_(state["y"])
+            for p in params:
+                state = self.state[p]
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(state["z"])
+                    state["exp_avg_sq"] = torch.zeros_like(state["z"])
+                x, y, z, m, v = (_real(state[n]) for n in ("x", "y", "z", "exp_avg", "exp_avg_sq"))
+                g = _real(p.grad)
+                m.mul_(beta1).add_(g, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                d = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + eps)
+                z.sub_(y, alpha=lr * lr * group["weight_decay"])
+                z.sub_(d, alpha=lr)
+                x.mul_(1 - c).add_(z, alpha=c)
+                y.copy_(beta * x + (1 - beta) * z)
+                p.copy_(state["y"])
+        return value

@@ -187,13 +187,17 @@ class Direction:
         """The shape of state buffer ``name`` for a parameter of ``shape`` (default: the same)."""
         return shape
 
-    def weight_decay_at_y(self, group: dict, weight_decay: float) -> float:
-        r"""The decay :math:`\lambda` the engine adds to the direction as :math:`\lambda y`.
+    def weight_decay_at_y(self, group: dict, lr: float, weight_decay: float) -> float:
+        r"""The decay :math:`\lambda` the engine adds to the direction as :math:`\lambda y` this step.
 
-        The default is the group's ``weight_decay``; a direction that applies
-        the decay elsewhere (at ``z``, inside :meth:`foreach`) returns 0.
+        ``lr`` is the step's learning rate :math:`\gamma_t`. The default is the
+        group's ``weight_decay``. A direction that applies the decay elsewhere
+        (at ``z``, inside :meth:`foreach`) returns 0; AdamC scales it by the
+        step size, so that :math:`\gamma_t \lambda y` shrinks as
+        :math:`\gamma_t^2`.
         """
         return weight_decay
+
     def buffer_dtype(self, group: dict, name: str, dtype: torch.dtype) -> torch.dtype:
         """The dtype of state buffer ``name`` for a working copy of ``dtype`` (default: the same).
 

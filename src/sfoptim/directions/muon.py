@@ -159,7 +159,7 @@ class MuonDirection(Direction):
     def buffer_shape(self, group: dict, name: str, shape: Size) -> Size:
         return Size((shape[0], 1)) if name == "normuon_v" else shape
 
-    def weight_decay_at_y(self, group: dict, weight_decay: float) -> float:
+    def weight_decay_at_y(self, group: dict, lr: float, weight_decay: float) -> float:
         return weight_decay if group["decay_at"] == "y" else 0.0
 
     def foreach(self, group: dict, step: int, bucket: Bucket, reduced: Mapping[str, Tensor]) -> tuple[list[Tensor], bool]:
@@ -207,7 +207,7 @@ class AdamWPart(Direction):
     def state_buffers(self, group: dict) -> tuple[str, ...]:
         return ("exp_avg_sq",)
 
-    def weight_decay_at_y(self, group: dict, weight_decay: float) -> float:
+    def weight_decay_at_y(self, group: dict, lr: float, weight_decay: float) -> float:
         return weight_decay if group["decay_at"] == "y" else 0.0
 
     def foreach(self, group: dict, step: int, bucket: Bucket, reduced: Mapping[str, Tensor]) -> tuple[list[Tensor], bool]:

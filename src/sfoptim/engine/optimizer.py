@@ -30,6 +30,7 @@ and add nothing else.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
@@ -173,6 +174,13 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         _validation.check_nonnegative("r", group[self.group_key("r")])
         _validation.check_nonnegative("weight_lr_power", group[self.group_key("weight_lr_power")])
         precision.check_state_dtype(self.option(group, "state_dtype"))
+        # Averaging options any group may set (off when absent).
+        if group.get(self.group_key("decoupling_c")) is not None:
+            _validation.check_in_range("decoupling_c", group[self.group_key("decoupling_c")], 0.0, math.inf, low_open=True, high_open=True)
+        if self.group_key("c_warmup") in group:
+            c_warmup = group[self.group_key("c_warmup")]
+            if isinstance(c_warmup, bool) or not isinstance(c_warmup, (int, float)) or c_warmup < 0 or c_warmup != int(c_warmup):
+                raise ValueError(f"Invalid c_warmup: {c_warmup!r} (must be a whole number of steps >= 0)")
         clash = ENGINE_STATE.intersection(self.direction_for(group).state_buffers(group))
         if clash:
             raise TypeError(f"{type(self.direction_for(group)).__name__} declares engine state buffers {sorted(clash)}")
@@ -350,6 +358,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             group[key("weight_sum")],
             group[key("r")],
             group[key("weight_lr_power")],
+            c_warmup=group.get(key("c_warmup"), 0),
         )
 
     def _commit(self, group: dict, sched: AveragingStep, beta: float | None = None) -> None:

@@ -43,7 +43,7 @@ class AveragingStep(NamedTuple):
 
 
 def averaging_step(
-    step: int, lr: float, lr_max: float, weight_sum: float, r: float, weight_lr_power: float
+    step: int, lr: float, lr_max: float, weight_sum: float, r: float, weight_lr_power: float, c_warmup: int = 0
 ) -> AveragingStep:
     """Advances the averaging schedule by one step.
 
@@ -55,6 +55,9 @@ def averaging_step(
         weight_sum: sum of the averaging weights before this step.
         r: polynomial weighting power.
         weight_lr_power: power of ``lr_max`` in the weight.
+        c_warmup: for steps ``t <= c_warmup`` the coefficient is 1 (``x``
+            follows ``z``) and the weight is not added to ``weight_sum``;
+            ``lr_max`` still grows.
 
     Returns:
         The new scalars. While every weight so far is zero (``lr = 0`` from the
@@ -62,10 +65,24 @@ def averaging_step(
         becoming NaN.
     """
     lr_max = max(lr, lr_max)
+    if step <= c_warmup:
+        return AveragingStep(step, lr, lr_max, weight_sum, 1.0)
     weight = (step**r) * (max(lr_max, 0.0) ** weight_lr_power)
     weight_sum = weight_sum + weight
     ckp1 = weight / weight_sum if weight_sum > 0.0 else 0.0
     return AveragingStep(step, lr, lr_max, weight_sum, ckp1)
+
+
+def refined_coefficient(ckp1: float, beta: float, decoupling_c: float | None) -> float:
+    r"""The averaging coefficient with the refinement of Song et al. (2025), "Through the River".
+
+    :math:`c \leftarrow \min(1, c\,(1-\beta)\,C)` for ``decoupling_c`` = :math:`C`,
+    which decouples the averaging window from the interpolation weight
+    :math:`\beta`; ``None`` (the default) leaves :math:`c` as it is.
+    """
+    if decoupling_c is None:
+        return ckp1
+    return min(1.0, ckp1 * (1.0 - beta) * decoupling_c)
 
 
 def interpolation_step(ckp1: float, beta_prev: float, beta: float) -> tuple[float, float]:

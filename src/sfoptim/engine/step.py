@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..backends import dispatch
 from ..directions.base import Bucket, Direction
-from .schedule import interpolation_step
+from .schedule import interpolation_step, refined_coefficient
 
 _dynamo_callback: Callable[[], object] | None
 try:  # the frame callback dynamo installs while a compiled function runs (None or False otherwise)
@@ -186,18 +186,21 @@ def prepare_traced(opt: ScheduleFreeOptimizer) -> tuple[list[dispatch.TracedCall
     for p in plans:
         group, direction = p.group, p.direction
         sched = opt._schedule(group, direction.lr(group, p.step, reduced))
+        sched = sched._replace(ckp1=refined_coefficient(sched.ckp1, p.beta, group.get(key("decoupling_c"))))
         ckp1, beta = interpolation_step(sched.ckp1, p.beta_prev, p.beta)
         fused, foreach_flag = opt.option(group, "fused"), opt.option(group, "foreach")
         for bucket in p.buckets:
             call = dispatch.prepare_traced(
                 direction, group, p.step, bucket, reduced,
-                lr=sched.lr, ckp1=ckp1, beta=beta, weight_decay=direction.weight_decay_at_y(group, group[key("weight_decay")]),
+                lr=sched.lr, ckp1=ckp1, beta=beta,
+                weight_decay=direction.weight_decay_at_y(group, sched.lr, group[key("weight_decay")]),
                 fused=fused, foreach_flag=foreach_flag,
             )  # fmt: skip
             if call is not None:
                 calls.append(call)
         if p.active and opt.option(group, "state_dtype") is not None:
             synced.append(p)
+        _rebuild_inactive(opt, p)
         opt._commit(group, sched, p.beta)
         direction.commit(group, p.step, reduced)
     return calls, synced
@@ -224,12 +227,13 @@ def _update(opt: ScheduleFreeOptimizer, plans: list[GroupStep]) -> None:
     for p in plans:
         group, direction = p.group, p.direction
         sched = opt._schedule(group, direction.lr(group, p.step, reduced))
+        sched = sched._replace(ckp1=refined_coefficient(sched.ckp1, p.beta, group.get(key("decoupling_c"))))
         ckp1, beta = interpolation_step(sched.ckp1, p.beta_prev, p.beta)
         if p.direction.delegates_move:
             _finish_delegated(opt, p, sched.ckp1)
         elif p.active:
             fused, foreach_flag = opt.option(group, "fused"), opt.option(group, "foreach")
-            decay = direction.weight_decay_at_y(group, group[key("weight_decay")])
+            decay = direction.weight_decay_at_y(group, sched.lr, group[key("weight_decay")])
             for bucket in p.buckets:
                 dispatch.step(
                     direction, group, p.step, bucket, reduced,
@@ -237,8 +241,33 @@ def _update(opt: ScheduleFreeOptimizer, plans: list[GroupStep]) -> None:
                     fused=fused, foreach_flag=foreach_flag,
                 )  # fmt: skip
             opt._sync_params(group, p.active)
+        _rebuild_inactive(opt, p)
         opt._commit(group, sched, p.beta)
         direction.commit(group, p.step, reduced)
+
+
+def _rebuild_inactive(opt: ScheduleFreeOptimizer, p: GroupStep) -> None:
+    r"""Moves the ``y`` of the group's parameters without a gradient to the step's new :math:`\beta`.
+
+    The group records one interpolation weight for all its ``y``; when it
+    changes, a parameter that was not stepped keeps its ``x`` and ``z`` and
+    gets :math:`y = \beta x + (1-\beta) z`, i.e. ``lerp(y, z, 1 - beta/beta_prev)``.
+    """
+    if p.beta == p.beta_prev or p.direction.delegates_move:
+        return
+    stepped = {id(q) for q in p.active}
+    params, ys, zs = [], [], []
+    for q in p.group["params"]:
+        state = opt.state.get(q)
+        if id(q) in stepped or not state or "z" not in state:
+            continue
+        master = state.get("master")
+        params.append(q)
+        ys.append(real(q.data if master is None else master))
+        zs.append(real(state["z"]))
+    if ys:
+        torch._foreach_lerp_(ys, zs, 1 - p.beta / p.beta_prev)
+        opt._sync_params(p.group, params)
 
 
 def _delegated_move(opt: ScheduleFreeOptimizer, plans: list[GroupStep], reduced: Mapping[str, Tensor]) -> None:

@@ -242,6 +242,22 @@ class ScheduleFreeTrainer(Trainer):
             self.lr_scheduler = get_constant_schedule(optimizer)
         return self.lr_scheduler
 
+    def training_step(self, model: torch.nn.Module, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
+        """The ``Trainer``'s step; hands its loss to optimizers whose step size needs it.
+
+        The returned loss of each micro-batch is the one ``backward`` was called
+        on, so their sum over an accumulation window is the loss of the
+        accumulated gradient (:meth:`sfoptim.AdamCScheduleFreePlus.accumulate_loss`).
+        """
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        try:
+            opt = unwrap_optimizer(self.optimizer)
+        except TypeError:
+            opt = None
+        if opt is not None and hasattr(opt, "accumulate_loss"):
+            opt.accumulate_loss(loss)
+        return loss
+
     def _get_learning_rate(self) -> float:
         # The constant scheduler reports the base lr; the optimizer knows
         # the warmed-up one it actually used.
