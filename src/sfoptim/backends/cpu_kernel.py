@@ -161,8 +161,9 @@ class _Call(NamedTuple):
         return self.address + k * self.n * self.table.itemsize
 
 
-#: Verdicts of the overlap check by (pointers, byte sizes); see :func:`_overlapping`.
-_disjoint_seen: dict[tuple, bool] = {}
+#: Pointer tables of disjoint calls (None: overlapping) by (pointers, sizes, element
+#: size), which is all the verdict and the table depend on; see :func:`_table`.
+_tables: dict[tuple, array.array | None] = {}
 
 _shape_of = operator.attrgetter("shape")
 _dtype_of = operator.attrgetter("dtype")
@@ -217,17 +218,14 @@ def _inspect(tensors: Sequence[Sequence[Tensor]]) -> str | _Call:
         or not all(map(Tensor.is_contiguous, flat))
     ):
         return "layout"
-    pointers = list(map(Tensor.data_ptr, flat))
-    sizes = list(map(Tensor.numel, head))
-    if _overlapping(pointers, sizes, first.element_size()):
+    table = _table(list(map(Tensor.data_ptr, flat)), list(map(Tensor.numel, head)), first.element_size())
+    if table is None:
         return "alias"
-    table = array.array("q", pointers)
-    table.extend(sizes)
     return _Call(dtype, n, table, table.buffer_info()[0])
 
 
-def _overlapping(pointers: list[int], sizes: list[int], element_size: int) -> bool:
-    """True when two tensors of the call share any byte of memory.
+def _table(pointers: list[int], sizes: list[int], element_size: int) -> array.array | None:
+    """The call's pointer table, or None when two tensors of the call share any byte of memory.
 
     ``pointers`` are those of all lists back to back, each list as long as
     ``sizes`` (element counts by index). The kernel splits the work across
@@ -236,20 +234,25 @@ def _overlapping(pointers: list[int], sizes: list[int], element_size: int) -> bo
     reachable twice (the same parameter listed twice, overlapping views, a
     state buffer aliasing its gradient). Sorted by start address, disjoint
     intervals have each start at or after the previous end, so one comparison
-    per neighbour decides. Verdicts are cached by the exact addresses and
-    sizes, which is all they depend on.
+    per neighbour decides. Both the verdict and the table are functions of the
+    exact addresses and sizes, so they are kept by those: a training loop
+    whose tensors stay where they are builds neither again.
     """
     key = (tuple(pointers), tuple(sizes), element_size)
-    seen = _disjoint_seen.get(key)
-    if seen is not None:
-        return not seen
+    try:
+        return _tables[key]
+    except KeyError:
+        pass
     nbytes = [s * element_size for s in sizes] * (len(pointers) // len(sizes))
     spans = sorted((start, start + size) for start, size in zip(pointers, nbytes) if size)
-    overlap = any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
-    if len(_disjoint_seen) >= 64:
-        _disjoint_seen.clear()
-    _disjoint_seen[key] = not overlap
-    return overlap
+    table = None
+    if not any(b[0] < a[1] for a, b in zip(spans, spans[1:])):
+        table = array.array("q", pointers)
+        table.extend(sizes)
+    if len(_tables) >= 64:
+        _tables.clear()
+    _tables[key] = table
+    return table
 
 
 def _refuse(reason: str, explicit: bool) -> bool:
