@@ -31,8 +31,10 @@ passed per call from :func:`torch.get_num_threads`.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import itertools
+import operator
 import os
 import threading
 import warnings
@@ -142,15 +144,31 @@ def _install_library_for_tests(lib: ctypes.CDLL) -> None:
 
 
 class _Call(NamedTuple):
-    """What one kernel call needs, gathered while every tensor is checked."""
+    """What one kernel call needs, gathered while every tensor is checked.
+
+    ``table`` holds, as C ``int64``, the data pointers of the lists back to
+    back (list ``k`` from index ``k * n``) followed by the ``n`` element
+    counts; :meth:`array` gives the address of its ``k``-th array, valid while
+    this object lives.
+    """
 
     dtype: torch.dtype
-    pointers: list[list[int]]
-    sizes: list[int]
+    n: int
+    table: array.array
+    address: int
+
+    def array(self, k: int) -> int:
+        return self.address + k * self.n * self.table.itemsize
 
 
-#: Verdicts of the overlap check by (pointers, byte sizes); see :func:`_overlapping`.
-_disjoint_seen: dict[tuple, bool] = {}
+#: Pointer tables of disjoint calls (None: overlapping) by (pointers, sizes, element
+#: size), which is all the verdict and the table depend on; see :func:`_table`.
+_tables: dict[tuple, array.array | None] = {}
+
+_shape_of = operator.attrgetter("shape")
+_dtype_of = operator.attrgetter("dtype")
+_is_cpu = operator.attrgetter("is_cpu")
+_PLAIN = {Tensor}
 
 
 def _inspect(tensors: Sequence[Sequence[Tensor]]) -> str | _Call:
@@ -165,6 +183,10 @@ def _inspect(tensors: Sequence[Sequence[Tensor]]) -> str | _Call:
     foreach path, which defines the result; tensors that cannot belong
     together (a state buffer whose shape is not its parameter's) raise
     RuntimeError, as foreach does, before anything is modified.
+
+    Each property is read for all tensors of the call in one ``map`` (which
+    iterates in C) rather than tensor by tensor in Python: with hundreds of
+    small tensors these reads are most of what a step costs beyond the kernel.
     """
     head = tensors[0]
     first = head[0]
@@ -174,55 +196,63 @@ def _inspect(tensors: Sequence[Sequence[Tensor]]) -> str | _Call:
     if dtype not in _DTYPES:
         return "dtype"
     n = len(head)
-    shapes = [t.shape for t in head]
-    reason = None
+    shapes = list(map(_shape_of, head))
     for lst in tensors:
         if len(lst) != n:
             raise RuntimeError(f"sfoptim fused kernel: tensor lists of different lengths ({len(lst)} and {n})")
-        if lst is not head and not all(t.shape == s for t, s in zip(lst, shapes)):
+        if lst is not head and list(map(_shape_of, lst)) != shapes:
             i = next(i for i, (t, s) in enumerate(zip(lst, shapes)) if t.shape != s)
             raise RuntimeError(
                 f"sfoptim: tensor {i} of a bucket has shape {tuple(shapes[i])} but its state or gradient has "
                 f"shape {tuple(lst[i].shape)}; the optimizer state does not belong to this parameter"
             )
-        # Tensor subclasses (DTensor shards under FSDP2) hide their storage
-        # behind data_ptr(); they take the foreach path, which handles them.
-        if reason is None and not all(
-            type(t) is Tensor and t.dtype == dtype and t.is_cpu and t.is_contiguous() for t in lst
-        ):
-            reason = "layout"
-    if reason is not None:
-        return reason
-    pointers = [[t.data_ptr() for t in lst] for lst in tensors]
-    sizes = [t.numel() for t in head]
-    if _overlapping(pointers, [s * first.element_size() for s in sizes]):
+    flat = list(itertools.chain.from_iterable(tensors))
+    # Tensor subclasses (DTensor shards under FSDP2) hide their storage
+    # behind data_ptr(); they take the foreach path, which handles them. The
+    # type is checked first, so the reads below only ever see plain tensors.
+    if set(map(type, flat)) != _PLAIN:
+        return "layout"
+    if (
+        list(map(_dtype_of, flat)).count(dtype) != len(flat)
+        or not all(map(_is_cpu, flat))
+        or not all(map(Tensor.is_contiguous, flat))
+    ):
+        return "layout"
+    table = _table(list(map(Tensor.data_ptr, flat)), list(map(Tensor.numel, head)), first.element_size())
+    if table is None:
         return "alias"
-    return _Call(dtype, pointers, sizes)
+    return _Call(dtype, n, table, table.buffer_info()[0])
 
 
-def _overlapping(pointers: list[list[int]], nbytes: list[int]) -> bool:
-    """True when two tensors of the call share any byte of memory.
+def _table(pointers: list[int], sizes: list[int], element_size: int) -> array.array | None:
+    """The call's pointer table, or None when two tensors of the call share any byte of memory.
 
-    The kernel splits the work across threads and keeps each element's values
-    in registers between reading and writing them, which is only the foreach
-    result when no element is reachable twice (the same parameter listed
-    twice, overlapping views, a state buffer aliasing its gradient). Sorted by
-    start address, disjoint intervals have each start at or after the previous
-    end, so one comparison per neighbour decides. Verdicts are cached by the
-    exact addresses and sizes, which is all they depend on.
+    ``pointers`` are those of all lists back to back, each list as long as
+    ``sizes`` (element counts by index). The kernel splits the work across
+    threads and keeps each element's values in registers between reading and
+    writing them, which is only the foreach result when no element is
+    reachable twice (the same parameter listed twice, overlapping views, a
+    state buffer aliasing its gradient). Sorted by start address, disjoint
+    intervals have each start at or after the previous end, so one comparison
+    per neighbour decides. Both the verdict and the table are functions of the
+    exact addresses and sizes, so they are kept by those: a training loop
+    whose tensors stay where they are builds neither again.
     """
-    key = (tuple(itertools.chain.from_iterable(pointers)), tuple(nbytes))
-    seen = _disjoint_seen.get(key)
-    if seen is not None:
-        return not seen
-    spans = sorted(
-        (start, start + size) for lst in pointers for start, size in zip(lst, nbytes) if size
-    )
-    overlap = any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
-    if len(_disjoint_seen) >= 64:
-        _disjoint_seen.clear()
-    _disjoint_seen[key] = not overlap
-    return overlap
+    key = (tuple(pointers), tuple(sizes), element_size)
+    try:
+        return _tables[key]
+    except KeyError:
+        pass
+    nbytes = [s * element_size for s in sizes] * (len(pointers) // len(sizes))
+    spans = sorted((start, start + size) for start, size in zip(pointers, nbytes) if size)
+    table = None
+    if not any(b[0] < a[1] for a, b in zip(spans, spans[1:])):
+        table = array.array("q", pointers)
+        table.extend(sizes)
+    if len(_tables) >= 64:
+        _tables.clear()
+    _tables[key] = table
+    return table
 
 
 def _refuse(reason: str, explicit: bool) -> bool:
@@ -235,10 +265,6 @@ def _refuse(reason: str, explicit: bool) -> bool:
         }[reason]
         _warn_once(reason, f"sfoptim: fused=True does not support {what}; using the foreach implementation for them.")
     return False
-
-
-def _pointers(pointers: list[int]) -> ctypes.Array:
-    return (ctypes.c_void_p * len(pointers))(*pointers)
 
 
 def step(
@@ -273,16 +299,16 @@ def step(
     lib = _load()
     if lib is None:
         return False
-    pointers = [_pointers(p) for p in call.pointers]
+    lists = 3 + len(slots)
     fn = getattr(lib, f"sf_step_{_DTYPES[call.dtype]}")
     rc = fn(
-        len(ys),
-        pointers[0],
-        pointers[1],
-        pointers[2],
-        pointers[3] if len(slots) > 0 else None,
-        pointers[4] if len(slots) > 1 else None,
-        (ctypes.c_int64 * len(ys))(*call.sizes),
+        call.n,
+        call.array(0),
+        call.array(1),
+        call.array(2),
+        call.array(3) if len(slots) > 0 else None,
+        call.array(4) if len(slots) > 1 else None,
+        call.array(lists),
         _Scalars(*scalars),
         int(kind),
         torch.get_num_threads(),
@@ -302,8 +328,7 @@ def _wrap_call(name: str, a: list[Tensor], b: list[Tensor], s1: float, s2: float
     if lib is None:
         return False
     fn = getattr(lib, f"{name}_{_DTYPES[call.dtype]}")
-    sizes = (ctypes.c_int64 * len(a))(*call.sizes)
-    if fn(len(a), _pointers(call.pointers[0]), _pointers(call.pointers[1]), sizes, s1, s2, torch.get_num_threads()) != 0:
+    if fn(call.n, call.array(0), call.array(1), call.array(2), s1, s2, torch.get_num_threads()) != 0:
         raise MemoryError("sfoptim fused kernel: out of memory for its work list")
     return True
 

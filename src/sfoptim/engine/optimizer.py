@@ -30,7 +30,9 @@ and add nothing else.
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
@@ -83,6 +85,15 @@ _MODE_MESSAGE = (
     "not the training point y. Call optimizer.train() before training steps "
     "(and optimizer.eval() before evaluating or saving)."
 )
+
+_grad_of = operator.attrgetter("grad")
+_data_of = operator.attrgetter("data")
+_shape_of = operator.attrgetter("shape")
+_dtype_of = operator.attrgetter("dtype")
+_device_of = operator.attrgetter("device")
+_is_cpu = operator.attrgetter("is_cpu")
+_is_sparse = operator.attrgetter("is_sparse")
+_z_of = operator.itemgetter("z")
 
 #: State keys the engine owns; a direction's buffers must be named otherwise.
 ENGINE_STATE = frozenset({"z", "master"})
@@ -330,7 +341,16 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         return f"param_groups[{group_index}]['params'][{param_index}]{name} (shape {tuple(p.shape)})"
 
     def _active_params(self, group_index: int, group: dict) -> list[Tensor]:
-        active = []
+        params = group["params"]
+        # Read for all parameters at once (``map`` iterates in C); the loop
+        # below, which names the offending parameter, runs only on a failure.
+        grads = list(map(_grad_of, params))
+        if any(map(operator.is_, grads, itertools.repeat(None))):
+            present = [g is not None for g in grads]
+            params = list(itertools.compress(params, present))
+            grads = list(itertools.compress(grads, present))
+        if not any(map(_is_sparse, grads)) and list(map(_shape_of, grads)) == list(map(_shape_of, params)):
+            return list(params)
         for i, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
@@ -345,8 +365,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
                     f"{self._param_label(group_index, i, p)} has a gradient of shape "
                     f"{tuple(p.grad.shape)}, which does not match the parameter."
                 )
-            active.append(p)
-        return active
+        raise AssertionError("unreachable: a gradient failed a check that no parameter fails")
 
     def _schedule(self, group: dict, lr: float) -> AveragingStep:
         """The averaging scalars of the group's next step, taken with learning rate ``lr``."""
@@ -392,8 +411,43 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         return state
 
     def _buckets(self, group: dict, active: list[Tensor], names: tuple[str, ...]) -> list[Bucket]:
-        # This loop runs for every parameter on every step, so it stays lean:
-        # state is created once, complex views only where needed.
+        """The group's tensors in buckets of one device, dtype and tensor type (state created on first use)."""
+        bucket = self._one_bucket(active, names)
+        if bucket is not None:
+            return [bucket]
+        return self._sorted_buckets(group, active, names)
+
+    def _one_bucket(self, active: list[Tensor], names: tuple[str, ...]) -> Bucket | None:
+        """The usual case in one bucket, or None where :meth:`_sorted_buckets` is needed.
+
+        The usual case: every parameter has its state already, no master copy,
+        and all parameters and gradients share one device, one real dtype and
+        one tensor type. It runs on every step for every parameter, so each
+        property is read for all parameters at once.
+        """
+        if not active:
+            return None
+        states = list(map(self.state.__getitem__, active))
+        if any(map(operator.contains, states, itertools.repeat("master"))):
+            return None
+        try:
+            zs = list(map(_z_of, states))
+            buffers = {n: list(map(operator.itemgetter(n), states)) for n in names}
+        except KeyError:  # state still to be created
+            return None
+        ws = list(map(_data_of, active))
+        grads: list[Tensor] = list(map(_grad_of, active))
+        first = ws[0]
+        dtype, n = first.dtype, len(ws)
+        if dtype.is_complex or set(map(type, ws)) != {type(first)}:
+            return None
+        if list(map(_dtype_of, ws)).count(dtype) != n or list(map(_dtype_of, grads)).count(dtype) != n:
+            return None
+        if not (all(map(_is_cpu, ws)) if first.is_cpu else len(set(map(_device_of, ws))) == 1):
+            return None
+        return Bucket(ws, grads, zs, buffers)
+
+    def _sorted_buckets(self, group: dict, active: list[Tensor], names: tuple[str, ...]) -> list[Bucket]:
         needed = {"z", *names}
         by_key: dict[tuple, Bucket] = {}
         for p in active:
