@@ -96,8 +96,10 @@ def contenders(args: argparse.Namespace) -> dict[str, tuple[str, Callable[[list]
     if args.muon:
         # The first tensor of the gpt layout is the token embedding: AdamW's in both.
         out["torch Muon + AdamW"] = ("muon", lambda p: _MuonAndAdamW(p, lr, wd))
+        # Same orthogonalization work as torch's: bfloat16 Newton-Schulz on every device.
         out["sfoptim Muon"] = ("muon", lambda p: sfoptim.MuonScheduleFree(
-            [{"params": p[:1], "use_muon": False}, {"params": p[1:]}], lr=0.02, adamw_lr=lr, weight_decay=wd))
+            [{"params": p[:1], "use_muon": False}, {"params": p[1:]}], lr=0.02, adamw_lr=lr, weight_decay=wd,
+            ns_dtype=torch.bfloat16))
     if args.foreach_too:
         out["sfoptim AdamW foreach"] = ("adam", lambda p: sfoptim.AdamWScheduleFree(p, lr=lr, weight_decay=wd, fused=False))
         out["sfoptim SGD foreach"] = ("sgd", lambda p: sfoptim.SGDScheduleFree(p, lr=lr, weight_decay=wd, fused=False))

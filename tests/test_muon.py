@@ -47,7 +47,7 @@ def test_z_follows_torch_muon_step_for_step(options):
     ours = [nn.Parameter(t.clone()) for t in start]
     theirs = [nn.Parameter(t.clone()) for t in start]
     kw = {"lr": 0.03, "momentum": 0.95, "weight_decay": 0.0, **options}
-    opt = sfoptim.MuonScheduleFree(ours, decay_at="z", **kw)
+    opt = sfoptim.MuonScheduleFree(ours, decay_at="z", ns_dtype=torch.bfloat16, **kw)
     muon = torch.optim.Muon(theirs, **kw)
     for step in range(10):
         for p, q, g in zip(ours, theirs, fixed_grads(shapes, step, F32)):
@@ -59,11 +59,11 @@ def test_z_follows_torch_muon_step_for_step(options):
 
 
 def test_bfloat16_newton_schulz_stays_close_to_the_reference():
-    """The default bf16 iterations against the reference's in float32: close, not equal."""
+    """bf16 iterations (torch's, and the default on accelerators) against the reference's in float32: close, not equal."""
     shapes = [(12, 7), (5,), (4, 2, 3)]
     a = [nn.Parameter(t) for t in fixed_grads(shapes, -1, F32)]
     b = [nn.Parameter(t.clone()) for t in a]
-    opt = sfoptim.MuonScheduleFree(a, lr=0.01)
+    opt = sfoptim.MuonScheduleFree(a, lr=0.01, ns_dtype=torch.bfloat16)
     ref = sfoptim.MuonScheduleFreeReference(b, lr=0.01, ns_dtype=F32)
     for step in range(10):
         for p, q, g in zip(a, b, fixed_grads(shapes, step, F32)):
@@ -222,3 +222,21 @@ def test_docs_examples_run(tmp_path, monkeypatch):
         exec(compile(block, str(page), "exec"), namespace)
     assert [g["lr"] for g in namespace["opt"].param_groups] == [0.02, 1e-3, 3e-3]
     assert not namespace["muon"].train_mode and not namespace["adamw"].train_mode
+
+
+def test_auto_newton_schulz_dtype_is_float32_on_cpu():
+    """The default ("auto") computes Newton-Schulz in float32 on CPU, where bfloat16 products are slow."""
+    shapes = [(12, 7), (5,)]
+    runs = {}
+    for ns_dtype in ("auto", F32, torch.bfloat16):
+        ps = [nn.Parameter(t) for t in fixed_grads(shapes, -1, F32)]
+        opt = sfoptim.MuonScheduleFree(ps, lr=0.01, ns_dtype=ns_dtype)
+        for step in range(3):
+            for p, g in zip(ps, fixed_grads(shapes, step, F32)):
+                p.grad = g
+            opt.step()
+        runs[ns_dtype] = [p.detach().clone() for p in ps]
+    assert all(torch.equal(a, b) for a, b in zip(runs["auto"], runs[F32]))
+    assert not all(torch.equal(a, b) for a, b in zip(runs["auto"], runs[torch.bfloat16]))
+    with pytest.raises(ValueError, match="ns_dtype"):
+        sfoptim.MuonScheduleFree([nn.Parameter(torch.zeros(3, 3))], ns_dtype="fast")

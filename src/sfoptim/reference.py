@@ -637,7 +637,10 @@ def _orthogonalize(m: Tensor, group: dict) -> Tensor:
     """
     a, b, c = group["ns_coefficients"]
     wide = m.shape[0] <= m.shape[1]
-    x = (m if wide else m.T).to(m.dtype if group["ns_dtype"] is None else group["ns_dtype"])
+    ns_dtype = group["ns_dtype"]
+    if ns_dtype == "auto":  # bfloat16 matrix products are slow on CPUs
+        ns_dtype = torch.float32 if m.device.type == "cpu" else torch.bfloat16
+    x = (m if wide else m.T).to(m.dtype if ns_dtype is None else ns_dtype)
     x = x / x.norm().clamp(min=group["ns_eps"])
     for _ in range(group["ns_steps"]):
         gram = x @ x.T
@@ -685,7 +688,7 @@ class MuonScheduleFreeReference(_XYZ):
         ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315),
         ns_steps: int = 5,
         ns_eps: float = 1e-7,
-        ns_dtype: torch.dtype | None = torch.bfloat16,
+        ns_dtype: torch.dtype | str | None = "auto",
         adjust_lr_fn: str | None = None,
         normuon: bool = False,
         normuon_beta2: float = 0.95,
