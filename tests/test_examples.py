@@ -51,7 +51,9 @@ def test_smallest_training_loop_example():
     assert len(mse) == 2 and mse[-1] < 0.4  # the target's variance is ~0.45
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+# FSDP2 and its DCP checkpoints are covered in-process by tests/test_distributed.py;
+# running the example end to end costs 40 s, so it is in the slow set.
+@pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
 def test_distributed_example_trains_saves_and_resumes(mode, tmp_path):
     ckpt = str(tmp_path / "ckpt")
     first = run_example("examples/distributed.py", "--mode", mode, "--steps", "10", "--checkpoint", ckpt).stdout
