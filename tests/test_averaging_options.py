@@ -147,6 +147,17 @@ def test_weight_decay_options_follow_the_loop_written_by_hand(kind, decay_at, ad
         opt.train()
 
 
+def test_fused_true_with_decay_at_z_warns_that_it_runs_foreach() -> None:
+    from sfoptim.backends import dispatch
+
+    dispatch._no_kernel_warned.discard("decay_at")
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = sfoptim.AdamWScheduleFree([{"params": [p], "decay_at": "z"}], weight_decay=0.1, fused=True)
+    p.grad = torch.ones(3)
+    with pytest.warns(RuntimeWarning, match="decay_at"):
+        opt.step()
+
+
 @pytest.mark.parametrize("decay_at, adamc", DECAY_OPTIONS)
 def test_weight_decay_options_survive_a_state_dict_round_trip(decay_at, adamc) -> None:
     """An optimizer built without the options and loaded from a checkpoint continues with them."""

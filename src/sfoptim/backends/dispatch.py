@@ -72,6 +72,14 @@ def step(
     backend = kernel_backend(bucket.params[0].device.type, fused) if _kernel_allowed(fused, foreach_flag) else None
     if decay_at_z and weight_decay != 0:
         # The kernels decay at y only.
+        if fused and "decay_at" not in _no_kernel_warned:
+            _no_kernel_warned.add("decay_at")
+            warnings.warn(
+                'sfoptim: fused=True, but the fused kernels take weight decay at y only; a group with decay_at="z" '
+                "uses the foreach implementation.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
         _foreach(direction, group, step_index, bucket, reduced, foreach_flag, dict(args, decay_at_z=True))
         return
     if backend is not None:
