@@ -24,6 +24,13 @@ CASES = {
     "adamw": lambda p, **kw: sfoptim.AdamWScheduleFree(p, lr=0.01, warmup_steps=10, weight_decay=0.01, **kw),
     "sgd": lambda p, **kw: sfoptim.SGDScheduleFree(p, lr=0.05, warmup_steps=10, **kw),
     "radam": lambda p, **kw: sfoptim.RAdamScheduleFree(p, lr=0.01, **kw),
+    # the weight-decay options: AdamC scales the kernel's decay scalar; decay at z runs foreach
+    "adamw_adamc": lambda p, **kw: sfoptim.AdamWScheduleFree(
+        [{"params": list(p), "adamc": True}], lr=0.01, warmup_steps=10, weight_decay=0.1, **kw
+    ),
+    "adamw_decay_at_z": lambda p, **kw: sfoptim.AdamWScheduleFree(
+        [{"params": list(p), "decay_at": "z", "adamc": True}], lr=0.01, warmup_steps=10, weight_decay=0.1, **kw
+    ),
     "wrapper": lambda p, **kw: sfoptim.ScheduleFreeWrapper(torch.optim.Adam(p, lr=0.01), weight_decay_at_y=0.01, **kw),
 }
 
@@ -74,6 +81,8 @@ def adamw_breaks() -> int:
         ("adamw", {"fused": False}),
         ("adamw", {"state_dtype": torch.float64}),
         ("wrapper", {}),
+        ("adamw_adamc", {}),
+        ("adamw_decay_at_z", {}),
         pytest.param("sgd", {}, marks=pytest.mark.slow),
         pytest.param("radam", {}, marks=pytest.mark.slow),
     ],

@@ -11,6 +11,8 @@ Policy, per bucket (tensors of one device and dtype):
   no compiler; with ``fused=True`` it warns once.
 * with ``fused=True`` and a direction that has no kernel: a warning, once per
   direction type.
+* weight decay at ``z`` (``decay_at="z"`` with a nonzero decay): never a
+  kernel, which decays at ``y`` only.
 * what no kernel took: ``foreach=False`` one tensor at a time, else foreach.
 
 The same policy covers the wrapper's bookkeeping around its base optimizer.
@@ -61,12 +63,25 @@ def step(
     ckp1: float,
     beta: float,
     weight_decay: float,
+    decay_at_z: bool = False,
     fused: bool | None,
     foreach_flag: bool | None,
 ) -> None:
     """Applies one schedule-free step to ``bucket`` on the backend the policy picks."""
     args = dict(lr=lr, ckp1=ckp1, beta=beta, weight_decay=weight_decay)
     backend = kernel_backend(bucket.params[0].device.type, fused) if _kernel_allowed(fused, foreach_flag) else None
+    if decay_at_z and weight_decay != 0:
+        # The kernels decay at y only.
+        if fused and "decay_at" not in _no_kernel_warned:
+            _no_kernel_warned.add("decay_at")
+            warnings.warn(
+                'sfoptim: fused=True, but the fused kernels take weight decay at y only; a group with decay_at="z" '
+                "uses the foreach implementation.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        _foreach(direction, group, step_index, bucket, reduced, foreach_flag, dict(args, decay_at_z=True))
+        return
     if backend is not None:
         call = _kernel_call(direction, group, step_index, bucket, reduced, fused, **args)
         if call is not None and backend.step(
@@ -83,7 +98,7 @@ def _foreach(
     bucket: Bucket,
     reduced: Mapping[str, Tensor],
     foreach_flag: bool | None,
-    args: dict[str, float],
+    args: dict[str, Any],
 ) -> None:
     if foreach_flag is False:
         for single in foreach.split(bucket):
@@ -169,6 +184,7 @@ def prepare_traced(
     ckp1: float,
     beta: float,
     weight_decay: float,
+    decay_at_z: bool = False,
     fused: bool | None,
     foreach_flag: bool | None,
 ) -> TracedCall | None:
@@ -184,6 +200,10 @@ def prepare_traced(
     (:func:`.compiled.update_one`), which the compiler fuses.
     """
     args = dict(lr=lr, ckp1=ckp1, beta=beta, weight_decay=weight_decay)
+    if decay_at_z and weight_decay != 0:
+        # The kernels (and their traced math) decay at y only: this bucket runs eagerly on foreach.
+        _foreach(direction, group, step_index, bucket, reduced, foreach_flag, dict(args, decay_at_z=True))
+        return None
     call = _kernel_call(direction, group, step_index, bucket, reduced, fused, **args)
     if call is None:
         _foreach(direction, group, step_index, bucket, reduced, foreach_flag, args)

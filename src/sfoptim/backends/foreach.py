@@ -43,14 +43,21 @@ def step(
     ckp1: float,
     beta: float,
     weight_decay: float,
+    decay_at_z: bool = False,
 ) -> None:
-    """One step of a bucket: the direction's foreach form, weight decay at ``y``, the update."""
+    r"""One step of a bucket: the direction's foreach form, weight decay, the update.
+
+    The decay :math:`\lambda` is taken at ``y`` (:math:`d + \lambda y`) or,
+    with ``decay_at_z``, at ``z`` (:math:`d + \lambda z`); ``y`` and ``z``
+    are then updated with the same decayed direction.
+    """
     d, owned = direction.foreach(group, step_index, bucket, reduced)
     if weight_decay != 0:
+        at = bucket.z if decay_at_z else bucket.params
         if owned:
-            torch._foreach_add_(d, bucket.params, alpha=weight_decay)
+            torch._foreach_add_(d, at, alpha=weight_decay)
         else:
-            d = list(torch._foreach_add(d, bucket.params, alpha=weight_decay))
+            d = list(torch._foreach_add(d, at, alpha=weight_decay))
     interpolate_and_step(bucket.params, bucket.z, d, lr, ckp1, beta)
 
 

@@ -171,9 +171,6 @@ class MuonDirection(Direction):
     def buffer_shape(self, group: dict, name: str, shape: Size) -> Size:
         return Size((shape[0], 1)) if name == "normuon_v" else shape
 
-    def weight_decay_at_y(self, group: dict, lr: float, weight_decay: float) -> float:
-        return weight_decay if group["decay_at"] == "y" else 0.0
-
     def foreach(self, group: dict, step: int, bucket: Bucket, reduced: Mapping[str, Tensor]) -> tuple[list[Tensor], bool]:
         mu = group["momentum"]
         updates: list[Tensor] = bucket.grads
@@ -196,8 +193,6 @@ class MuonDirection(Direction):
             o.mul_(adjusted_lr_ratio(group["adjust_lr_fn"], *matrix.shape))
             d = o.view(whole.shape)
             out.append(_shard_like(d, u) if sharded else d)
-        if group["decay_at"] == "z" and group["weight_decay"] != 0:
-            torch._foreach_add_(out, bucket.z, alpha=group["weight_decay"])
         return out, True
 
 
@@ -220,20 +215,13 @@ class AdamWPart(Direction):
     def state_buffers(self, group: dict) -> tuple[str, ...]:
         return ("exp_avg_sq",)
 
-    def weight_decay_at_y(self, group: dict, lr: float, weight_decay: float) -> float:
-        return weight_decay if group["decay_at"] == "y" else 0.0
-
     def foreach(self, group: dict, step: int, bucket: Bucket, reduced: Mapping[str, Tensor]) -> tuple[list[Tensor], bool]:
         d = adam_direction(
             bucket.grads, bucket.buffers["exp_avg_sq"], step=step, beta2=group["adamw_beta2"], eps=group["adamw_eps"]
         )
-        if group["decay_at"] == "z" and group["weight_decay"] != 0:
-            torch._foreach_add_(d, bucket.z, alpha=group["weight_decay"])
         return d, True
 
     def kernel(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> KernelSpec | None:
-        if group["decay_at"] == "z" and group["weight_decay"] != 0:
-            return None  # the kernels decay at y only
         beta2 = group["adamw_beta2"]
         return KernelSpec(Kind.ADAM, ("exp_avg_sq",), {"beta2": beta2, "bc2": 1 - beta2**step, "eps": group["adamw_eps"]})
 

@@ -192,6 +192,13 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             c_warmup = group[self.group_key("c_warmup")]
             if isinstance(c_warmup, bool) or not isinstance(c_warmup, (int, float)) or c_warmup < 0 or c_warmup != int(c_warmup):
                 raise ValueError(f"Invalid c_warmup: {c_warmup!r} (must be a whole number of steps >= 0)")
+        # Weight-decay options (the default: decay at y, no AdamC correction).
+        decay_at = group.get(self.group_key("decay_at"), "y")
+        if decay_at not in ("y", "z"):
+            raise ValueError(f"Invalid {self.group_key('decay_at')}: {decay_at!r} (expected 'y' or 'z')")
+        adamc = group.get(self.group_key("adamc"), False)
+        if not isinstance(adamc, bool):
+            raise ValueError(f"Invalid {self.group_key('adamc')}: {adamc!r} (expected True or False)")
         clash = ENGINE_STATE.intersection(self.direction_for(group).state_buffers(group))
         if clash:
             raise TypeError(f"{type(self.direction_for(group)).__name__} declares engine state buffers {sorted(clash)}")

@@ -85,6 +85,25 @@ def refined_coefficient(ckp1: float, beta: float, decoupling_c: float | None) ->
     return min(1.0, ckp1 * (1.0 - beta) * decoupling_c)
 
 
+def decay_coefficient(weight_decay: float, lr: float, lr_max: float, adamc: bool) -> float:
+    r"""The weight decay :math:`\lambda_t` of a step, with the AdamC correction when asked for.
+
+    AdamC (Defazio, 2025, "Why Gradients Rapidly Increase Near the End of
+    Training") makes decoupled weight decay follow the learning-rate schedule:
+    :math:`\lambda_t = \lambda\,\gamma_t / \gamma_{\max,t}`. The paper's
+    :math:`\gamma_{\max}` is the peak of the schedule; an optimizer that does
+    not know the schedule ahead uses the largest learning rate so far, this
+    step included (``lr_max``), which equals the peak once it is passed (during
+    warmup the ratio is 1). The step then shrinks the decayed point by
+    :math:`\gamma_t \lambda_t`, proportional to :math:`\gamma_t^2`, so that
+    warmup and a decaying schedule keep the balance between gradient and
+    decay. Without ``adamc`` (the default) :math:`\lambda_t = \lambda`.
+    """
+    if not adamc or weight_decay == 0 or lr_max <= 0.0:
+        return weight_decay
+    return weight_decay * (lr / lr_max)
+
+
 def interpolation_step(ckp1: float, beta_prev: float, beta: float) -> tuple[float, float]:
     r"""The ``(weight, beta)`` pair that updates ``y`` in place when :math:`\beta` changes.
 

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..backends import dispatch
 from ..directions.base import Bucket, Direction
-from .schedule import interpolation_step, refined_coefficient
+from .schedule import AveragingStep, decay_coefficient, interpolation_step, refined_coefficient
 
 _dynamo_callback: Callable[[], object] | None
 try:  # the frame callback dynamo installs while a compiled function runs (None or False otherwise)
@@ -189,11 +189,11 @@ def prepare_traced(opt: ScheduleFreeOptimizer) -> tuple[list[dispatch.TracedCall
         sched = sched._replace(ckp1=refined_coefficient(sched.ckp1, p.beta, group.get(key("decoupling_c"))))
         ckp1, beta = interpolation_step(sched.ckp1, p.beta_prev, p.beta)
         fused, foreach_flag = opt.option(group, "fused"), opt.option(group, "foreach")
+        decay = _decay(opt, group, direction, sched)
         for bucket in p.buckets:
             call = dispatch.prepare_traced(
                 direction, group, p.step, bucket, reduced,
-                lr=sched.lr, ckp1=ckp1, beta=beta,
-                weight_decay=direction.weight_decay_at_y(group, sched.lr, group[key("weight_decay")]),
+                lr=sched.lr, ckp1=ckp1, beta=beta, weight_decay=decay, decay_at_z=_decay_at_z(opt, group),
                 fused=fused, foreach_flag=foreach_flag,
             )  # fmt: skip
             if call is not None:
@@ -233,17 +233,29 @@ def _update(opt: ScheduleFreeOptimizer, plans: list[GroupStep]) -> None:
             _finish_delegated(opt, p, sched.ckp1)
         elif p.active:
             fused, foreach_flag = opt.option(group, "fused"), opt.option(group, "foreach")
-            decay = direction.weight_decay_at_y(group, sched.lr, group[key("weight_decay")])
+            decay, at_z = _decay(opt, group, direction, sched), _decay_at_z(opt, group)
             for bucket in p.buckets:
                 dispatch.step(
                     direction, group, p.step, bucket, reduced,
-                    lr=sched.lr, ckp1=ckp1, beta=beta, weight_decay=decay,
+                    lr=sched.lr, ckp1=ckp1, beta=beta, weight_decay=decay, decay_at_z=at_z,
                     fused=fused, foreach_flag=foreach_flag,
                 )  # fmt: skip
             opt._sync_params(group, p.active)
         _rebuild_inactive(opt, p)
         opt._commit(group, sched, p.beta)
         direction.commit(group, p.step, reduced)
+
+
+def _decay(opt: ScheduleFreeOptimizer, group: dict, direction: Direction, sched: AveragingStep) -> float:
+    """The decay the engine adds to the direction this step (AdamC-corrected when the group asks)."""
+    key = opt.group_key
+    decay = direction.weight_decay_at_y(group, sched.lr, group[key("weight_decay")])
+    return decay_coefficient(decay, sched.lr, sched.lr_max, bool(group.get(key("adamc"), False)))
+
+
+def _decay_at_z(opt: ScheduleFreeOptimizer, group: dict) -> bool:
+    """Whether the group's decay is taken at ``z`` (``decay_at="z"``) rather than at ``y`` (the default)."""
+    return group.get(opt.group_key("decay_at"), "y") == "z"
 
 
 def _rebuild_inactive(opt: ScheduleFreeOptimizer, p: GroupStep) -> None:
@@ -274,7 +286,8 @@ def _delegated_move(opt: ScheduleFreeOptimizer, plans: list[GroupStep], reduced:
     r"""Phase 4: the base optimizer moves a copy of ``z`` held in the parameters.
 
     Each parameter lends its storage to a new tensor holding ``z`` (minus
-    :math:`\gamma\lambda y` for weight decay at ``y``, with this step's learning
+    :math:`\gamma\lambda y` for weight decay at ``y``, or :math:`\gamma\lambda z`
+    with ``sf_decay_at="z"``, with this step's learning
     rate, read before the base optimizer may change it); ``y`` and the stored
     ``z`` are not touched. If the base optimizer raises, the parameters get
     their ``y`` back and the ``z`` buffers this step created are removed, so
@@ -286,15 +299,20 @@ def _delegated_move(opt: ScheduleFreeOptimizer, plans: list[GroupStep], reduced:
         for q in created:
             opt.state[q]["z"] = q.detach().clone()
         decay = p.group[key("weight_decay")]
+        if decay != 0 and p.group.get(key("adamc"), False):
+            lr = p.direction.lr(p.group, p.step, reduced)
+            decay = decay_coefficient(decay, lr, max(lr, p.group[key("lr_max")]), True)
         lr_decay = p.direction.decay_lr(p.group) * decay if decay != 0 else 0.0  # type: ignore[attr-defined]
+        at_z = _decay_at_z(opt, p.group)
         zs = [opt.state[q]["z"] for q in p.active]
         if not zs:
             iterates: list[Tensor] = []
         elif lr_decay != 0:
-            iterates = list(torch._foreach_sub(zs, [q.data for q in p.active], alpha=lr_decay))
+            iterates = list(torch._foreach_sub(zs, zs if at_z else [q.data for q in p.active], alpha=lr_decay))
         else:
             iterates = [torch.clone(z, memory_format=torch.preserve_format) for z in zs]
-        p.moved = (iterates, created, lr_decay)
+        # Decay at z moves only the base optimizer's iterate: x comes from y and the old z as they are.
+        p.moved = (iterates, created, 0.0 if at_z else lr_decay)
     for p in plans:
         for q, t in zip(p.active, p.moved[0]):
             _swap(q, t)
