@@ -340,3 +340,10 @@ def test_fsdp2_reductions_over_shards_match_one_process(tmp_path) -> None:
     spawn(_fsdp_worker, 2, 20, result)
     worst = torch.load(result)["worst"]
     assert worst <= 1e-9, f"FSDP2 differs from one process by {worst:.3g}"
+
+
+def test_engine_adamc_option_is_refused_since_the_decay_is_already_scaled():
+    p = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match="adamc"):
+        sfoptim.AdamCScheduleFreePlus([{"params": [p], "adamc": True}], weight_decay=20.0)
+    sfoptim.AdamCScheduleFreePlus([{"params": [p], "adamc": False}], weight_decay=20.0)

@@ -237,6 +237,9 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
 
     def _validate_group(self, group: dict) -> None:
         super()._validate_group(group)
+        if group.get("adamc"):
+            # Its decay is already scaled by the step size; the engine's option would scale it twice.
+            raise ValueError(f"Invalid adamc: {group['adamc']!r} (ScheduleFree+ always applies AdamC's scaling of weight decay)")
         betas = group["betas"]
         try:
             beta1, beta2 = betas
