@@ -66,6 +66,19 @@ def annealed_beta(beta: float, beta_max: float, anneal_steps: int, step: int) ->
     return 1 - math.exp(math.log(1 - beta) * (1 - s) + math.log(1 - beta_max) * s)
 
 
+def _inner_gap(g: Tensor, z: Tensor, y: Tensor) -> Tensor:
+    r""":math:`\langle g, z - y\rangle`, for a plain tensor as two dot products.
+
+    Dot products need no parameter-sized temporary, whose allocation every
+    step costs more than the arithmetic; a sharded (DTensor) parameter keeps
+    the elementwise form, whose partial sum the engine completes across ranks.
+    """
+    if type(g) is Tensor and type(z) is Tensor and type(y) is Tensor:
+        flat = g.reshape(-1)
+        return torch.dot(flat, z.reshape(-1)) - torch.dot(flat, y.reshape(-1))
+    return (g * (z - y)).sum()
+
+
 class AdamCPlusDirection(Direction):
     """Adam's bias-corrected direction with a Polyak step size and AdamC decay.
 
@@ -90,9 +103,7 @@ class AdamCPlusDirection(Direction):
         """
         grads = bucket.grads
         l1 = torch.stack(torch._foreach_norm(grads, 1)).sum(dtype=torch.float64)
-        diff = torch._foreach_sub(bucket.z, bucket.params)
-        torch._foreach_mul_(diff, grads)
-        ip = torch.stack([t.sum() for t in diff]).sum(dtype=torch.float64)
+        ip = torch.stack([_inner_gap(g, z, y) for g, z, y in zip(grads, bucket.z, bucket.params)]).sum(dtype=torch.float64)
         beta_now = self.beta(group, group["k"] + 1)
         return {"grad_l1": l1, "ip_term": ip * (beta_now / beta)}
 
