@@ -420,8 +420,23 @@ class MuonScheduleFree(ScheduleFreeOptimizer):
 
     The Muon groups have no fused kernel (their direction runs foreach); the
     AdamW groups use the fused CPU kernel where it runs, except with decay at
-    ``z``. Under FSDP2 each rank gathers every sharded matrix to orthogonalize
-    it and keeps its own shard of the result.
+    ``z``.
+
+    Under FSDP2 (parameters sharded by rows over a one-dimensional mesh) each
+    matrix is orthogonalized by one rank, its owner: the matrices of a group
+    are dealt out by decreasing size, each to the rank with the least work so
+    far, so with ``N`` ranks each does about ``1/N`` of the Newton-Schulz
+    work. Per group and step that costs two ``all_to_all`` exchanges: the
+    rows of each matrix go to its owner, and the rows of the result (with
+    NorMuon also its per-row second moment, one number per row, which every
+    rank keeps whole) come back. For matrices of ``M`` elements in all, a
+    rank sends and receives about ``2 (M/N) (N-1)/N`` elements, against the
+    ``M (N-1)/N`` an all-gather of every matrix would receive. Each matrix
+    is orthogonalized whole, as by a single process. The balance is
+    per group: a group holding a single matrix always gives it to the first
+    rank, so keep the matrices together in few groups. Other layouts
+    (several mesh dimensions, sharding along another dimension) are gathered
+    whole on every rank, and every rank orthogonalizes them.
 
     Example::
 
