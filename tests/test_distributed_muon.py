@@ -35,6 +35,15 @@ def deep_model() -> nn.Module:
     return nn.Sequential(*layers[:-1]).to(DTYPE)
 
 
+def edge_model() -> nn.Module:
+    """Shards of every shape: a conv kernel (3 x 4 as a matrix: 2 + 1 rows), a one-row matrix (1 + 0), a tall 3 x 1."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(5, 9), nn.Tanh(), nn.Unflatten(1, (1, 3, 3)), nn.Conv2d(1, 3, 2), nn.Flatten(),
+        nn.Linear(12, 1), nn.Tanh(), nn.Linear(1, 3),
+    ).to(DTYPE)
+
+
 def single_process(make, steps: int) -> list[list[torch.Tensor]]:
     """Parameters and NorMuon's v after every step of one process over the whole batch."""
     model = make()
@@ -42,7 +51,7 @@ def single_process(make, steps: int) -> list[list[torch.Tensor]]:
     out = []
     for step in range(steps):
         train_step(model, opt, *batch(step, DTYPE))
-        out.append(params(model) + [opt.state[p]["normuon_v"].clone() for p in model.parameters() if p.ndim == 2])
+        out.append(params(model) + [opt.state[p]["normuon_v"].clone() for p in model.parameters() if p.ndim >= 2])
     return out
 
 
@@ -58,7 +67,7 @@ def _count_worker(rank: int, world: int, steps: int) -> None:
     try:
         model = _fsdp(deep_model(), world)
         opt = normuon(model.parameters())
-        matrices = [p for p in model.parameters() if p.ndim == 2]
+        matrices = [p for p in model.parameters() if p.ndim >= 2]
         expected = single_process(deep_model, steps)
         for step in range(steps):
             calls.clear()
@@ -84,6 +93,15 @@ def _count_worker(rank: int, world: int, steps: int) -> None:
         muon.newton_schulz = real
 
 
+def test_owners_balance_the_work_deterministically():
+    assert muon.assign_owners([5] * 6, 2) == [0, 1, 0, 1, 0, 1]
+    # Largest first, each onto the least-loaded rank: loads 10 + 2 + 1 = 13 and 8 + 4 = 12.
+    assert muon.assign_owners([1, 8, 2, 10, 4], 2) == [0, 1, 0, 0, 1]
+    assert muon.assign_owners([3, 3], 4) == [0, 1]
+    assert muon.orthogonalization_cost(torch.Size((3, 4))) == 3 * 12
+    assert muon.orthogonalization_cost(torch.Size((8, 1, 2, 2))) == 4 * 32
+
+
 def test_fsdp2_muon_splits_the_orthogonalization_across_ranks():
     spawn(_count_worker, 2, 4)
 
@@ -92,7 +110,7 @@ def _dcp_worker(rank: int, world: int, path: str) -> None:
     import torch.distributed.checkpoint as dcp
 
     def fsdp_model():
-        return _fsdp(deep_model(), world)
+        return _fsdp(edge_model(), world)
 
     model = fsdp_model()
     opt = normuon(model.parameters())
@@ -108,8 +126,8 @@ def _dcp_worker(rank: int, world: int, path: str) -> None:
     _dcp_load(model, opt, path)
     assert not opt.train_mode, "the checkpoint was saved in eval mode"
     opt.train()
-    matrices = [p for p in model.parameters() if p.ndim == 2]
-    expected = single_process(deep_model, TOTAL)
+    matrices = [p for p in model.parameters() if p.ndim >= 2]
+    expected = single_process(edge_model, TOTAL)
     for step in range(SAVE_AT, TOTAL):
         xb, yb = batch(step, DTYPE)
         train_step(model, opt, shard(xb, rank, world), shard(yb, rank, world))

@@ -192,13 +192,14 @@ def assign_owners(costs: list[int], world: int) -> list[int]:
     return owners
 
 
-def _splittable(tensors: list[Tensor]) -> list[int]:
+def _splittable(tensors: list[Tensor], vs: list[Tensor] | None) -> list[int]:
     """Indices of the tensors whose orthogonalization :func:`_orthogonalize_split` shares out.
 
     Those are DTensors sharded by rows over one and the same one-dimensional
     mesh of more than one rank: FSDP2's layout. Every rank reaches the same
     answer from shapes and placements alone. Other layouts are gathered whole
-    on every rank.
+    on every rank, as are the single-column matrices under NorMuon, whose
+    per-row ``v`` has the parameter's shape and is therefore sharded too.
     """
     from torch.distributed.tensor import DTensor, Shard
 
@@ -206,6 +207,8 @@ def _splittable(tensors: list[Tensor]) -> list[int]:
     chosen = []
     for i, t in enumerate(tensors):
         if not isinstance(t, DTensor) or t.device_mesh.ndim != 1 or t.placements != (Shard(0),):
+            continue
+        if vs is not None and type(vs[i]) is not Tensor:
             continue
         if mesh is None and t.device_mesh.size() > 1 and t.device_mesh.get_coordinate() is not None:
             mesh = t.device_mesh
@@ -326,7 +329,7 @@ class MuonDirection(Direction):
             torch._foreach_lerp_(buf, bucket.grads, 1 - mu)
             updates = list(torch._foreach_lerp(bucket.grads, buf, mu)) if group["nesterov"] else buf
         vs = bucket.buffers.get("normuon_v")
-        split = _splittable(updates) if any(type(u) is not Tensor for u in updates) else []
+        split = _splittable(updates, vs) if any(type(u) is not Tensor for u in updates) else []
         shared: dict[int, Tensor] = {}
         if split:
             directions = _orthogonalize_split(group, [updates[i] for i in split], None if vs is None else [vs[i] for i in split])
@@ -338,7 +341,13 @@ class MuonDirection(Direction):
                 continue
             sharded = type(u) is not Tensor and hasattr(u, "full_tensor")
             whole = u.full_tensor() if sharded else u  # type: ignore[attr-defined]
-            d = _orthogonalized(group, whole, None if vs is None else vs[i])
+            v = None if vs is None else vs[i]
+            # A single-column matrix's v has the parameter's shape, so it is sharded like the parameter.
+            v_sharded = v is not None and type(v) is not Tensor and hasattr(v, "full_tensor")
+            v_whole = v.full_tensor() if v_sharded else v  # type: ignore[union-attr]
+            d = _orthogonalized(group, whole, v_whole)
+            if v_sharded:
+                v.copy_(_shard_like(v_whole, v))  # type: ignore[union-attr, arg-type]
             out.append(_shard_like(d, u) if sharded else d)
         return out, True
 
