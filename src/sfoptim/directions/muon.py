@@ -63,8 +63,10 @@ __all__ = [
     "MuonDirection",
     "MuonScheduleFree",
     "adjusted_lr_ratio",
+    "assign_owners",
     "is_muon_param",
     "newton_schulz",
+    "orthogonalization_cost",
 ]
 
 #: Newton-Schulz coefficients, steps and epsilon of ``torch.optim.Muon``.
