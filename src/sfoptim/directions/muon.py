@@ -212,11 +212,23 @@ def _splittable(tensors: list[Tensor], vs: list[Tensor] | None) -> list[int]:
             continue
         if vs is not None and type(vs[i]) is not Tensor:
             continue
-        if mesh is None and t.device_mesh.size() > 1 and t.device_mesh.get_coordinate() is not None:
+        if mesh is None and _exchanges_rank_by_rank(t.device_mesh):
             mesh = t.device_mesh
         if mesh is not None and t.device_mesh == mesh:
             chosen.append(i)
     return chosen
+
+
+def _exchanges_rank_by_rank(mesh: Any) -> bool:
+    """Whether the mesh has several ranks, this one among them, numbered as its process group numbers them.
+
+    Shard ``i`` lives at mesh position ``i``, while ``all_to_all`` addresses
+    ranks of the group; a mesh listing its ranks in another order is left to
+    the gathering path rather than translated.
+    """
+    if mesh.size() < 2 or mesh.get_coordinate() is None:
+        return False
+    return dist.get_process_group_ranks(mesh.get_group()) == mesh.mesh.flatten().tolist()
 
 
 def _flat(tensors: list[Tensor], like: Tensor) -> Tensor:
