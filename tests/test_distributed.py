@@ -174,7 +174,7 @@ def test_fsdp2_two_ranks_match_single_process_every_backend():
 
 
 def test_fsdp2_muon_gathers_whole_matrices_and_matches_single_process():
-    """Each rank orthogonalizes the whole (unevenly sharded) matrices and keeps its rows."""
+    """The whole (unevenly sharded) matrices are orthogonalized, each on one rank, and every rank gets its rows."""
     spawn(_fsdp_worker, 2, [("muon", "float64"), ("normuon", "float64")], 10)
 
 
