@@ -4,7 +4,7 @@ Every contender gets its own parameters (same values, same layout) and shares
 one set of fixed gradients, re-attached before every step outside the timing
 (heavyball sets ``p.grad`` to None; with ``weight_decay=0``, the default, no
 contender writes into a gradient). Each round steps every contender once, in a
-rotating order, so machine noise (other processes, frequency changes) hits
+rotating order, so slow drifts (frequency changes, a background task) reach
 all of them alike; the table reports the median step time of each contender
 divided by the median of its baseline measured in the same rounds:
 
@@ -17,6 +17,14 @@ divided by the median of its baseline measured in the same rounds:
   ``torch.optim.Muon`` on the hidden matrices with ``torch.optim.AdamW(fused=True)``
   on the embedding and the 1-D tensors, as torch recommends (both orthogonalize
   the same matrices in bfloat16 with the same Newton-Schulz iterations).
+
+Run it on an otherwise idle machine. Contention for the cores does not slow
+the contenders alike: torch's fused CPU optimizers split each tensor across
+the threads in turn, waiting for all threads after every tensor, and slow down
+several times more than sfoptim's kernel, which splits the whole bucket once
+(with two threads on two busy cores, torch's fused AdamW took 7 to 12 times its
+idle step time, sfoptim's AdamW about 3 times), so a loaded machine flatters
+sfoptim.
 
 The first ``step()`` of each contender (state allocation, kernel build or
 ``torch.compile``) is timed separately and excluded from the medians. The
