@@ -461,6 +461,15 @@ class MuonScheduleFree(ScheduleFreeOptimizer):
     (several mesh dimensions, sharding along another dimension) are gathered
     whole on every rank, and every rank orthogonalizes them.
 
+    The defaults are plain Muon's (Jordan et al.: ``lr=0.02`` with the
+    original shape adjustment, no weight decay; ``torch.optim.Muon`` defaults
+    to ``lr=1e-3`` and ``weight_decay=0.1``). Schedule-free NorMuon (Apte et
+    al., 2026, "Anytime Training with Schedule-Free Spectral Optimization")
+    is ``normuon=True`` with ``adjust_lr_fn="match_rms_adamw"``, so that one
+    learning rate serves both parts (pass it as ``lr`` and ``adamw_lr``), and
+    a nonzero ``weight_decay`` at ``z``, which that paper finds essential for
+    long runs.
+
     Example::
 
         opt = sfoptim.MuonScheduleFree(model.named_parameters(), lr=0.02, adamw_lr=3e-3)

@@ -150,9 +150,16 @@ class ProdigyScheduleFree(ScheduleFreeOptimizer):
 
     The step size is Prodigy's estimate ``d`` of the distance to a solution
     (see :mod:`sfoptim.directions.prodigy` for the equations); ``lr`` scales
-    it and is best left at 1 (warmup still helps: ``warmup_steps``). Call
-    :meth:`train` before training steps and :meth:`eval` before evaluating
-    or saving, as for every schedule-free optimizer.
+    it and is best left at 1. Call :meth:`train` before training steps and
+    :meth:`eval` before evaluating or saving, as for every schedule-free
+    optimizer.
+
+    Warm up (``warmup_steps``): the defaults are the submission's, and the
+    submission warms up linearly over the first 7.5 % of its step budget.
+    :math:`v` has no bias correction, so while it is young the step is up to about
+    :math:`1/\sqrt{1-\beta_2}` (15 at the default :math:`\beta_2`) times
+    :math:`d` per coordinate; without warmup, :math:`d` can grow by orders of
+    magnitude within the first few steps and those steps are then large.
 
     Args:
         params: parameters or parameter groups.
