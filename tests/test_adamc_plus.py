@@ -9,6 +9,7 @@ and fused backends.
 from __future__ import annotations
 
 import copy
+import random
 
 import pytest
 import torch
@@ -112,6 +113,100 @@ def test_fast_forms_follow_the_reference(kw, group2, frozen, split, seed, cls_ba
                 assert rel_diff([p.detach() for p in ours], [p.detach() for p in theirs]) <= tol, f"{dtype} x after step {step + 1}"
                 opt.train()
                 ref.train()
+
+
+def _random_config(rng: random.Random) -> tuple[dict, dict, int | None, int, int]:
+    """Keyword arguments, the second group's overrides, the parameter frozen on even steps, the split, a seed."""
+    kw = {
+        "lr": rng.choice([1.0, 0.5]),
+        "betas": rng.choice([(0.9, 0.95), (0.0, 0.99), (0.5, 0.9)]),
+        "sf_beta1": rng.choice([0.9, 0.8, 1.0]),
+        "weight_decay": rng.choice([0.0, 0.5, 2.0]),
+        "r": rng.choice([0.0, 1.0, 2.0]),
+        "polyak_beta": rng.choice([0.0, 0.9]),
+        "c_warmup": rng.choice([0, 3, 8]),
+        "sf_beta1_anneal_steps": rng.choice([0, 5, 20]),
+        "weight_lr_power": rng.choice([2.0, 0.0, 1.5]),
+    }
+    if kw["sf_beta1_anneal_steps"] and kw["sf_beta1"] == 1.0:
+        kw["sf_beta1"] = 0.9
+    group2 = rng.choice([{}, {"lr": 0.7, "weight_decay": 1.0, "betas": (0.8, 0.99)}, {"eps": 1e-6}])
+    return kw, group2, rng.choice([None, 0, 3]), rng.choice([1, 2, 3]), rng.randrange(2**16)
+
+
+def _paper_run(cls, dtype: torch.dtype, config, steps: int, **extra) -> list[list[torch.Tensor]]:
+    """The point held after every step, then ``x``; ``step_func`` with the loss as a float."""
+    kw, group2, frozen, split, seed = config
+    init, loss_fn = problem(dtype, seed)
+    params = [t.clone().requires_grad_() for t in init]
+    opt = build(cls, params, split, kw, group2, **extra)
+    opt.train()
+    points = []
+    for step in range(steps):
+        for p in params:
+            p.grad = None
+        loss = loss_fn(params)
+        loss.backward()
+        if frozen is not None and step % 2 == 0:
+            params[frozen].grad = None
+        opt.step_func(loss.item())
+        points.append([p.detach().clone() for p in params])
+    opt.eval()
+    points.append([p.detach().clone() for p in params])
+    return points
+
+
+def test_paper_form_follows_the_reference_over_60_steps_in_float32_and_float64() -> None:
+    """A seeded set of random configurations, 60 steps: float64 within 1e-9, float32 within 2e-5.
+
+    The Polyak step size divides by the gradient norm, so near the loss floor
+    some trajectories amplify every rounding difference: there the reference
+    form's own float32 run leaves its float64 run by up to 1e-3. Only
+    configurations on which float32 itself is accurate to 2e-5 (the reference
+    in float32 against float64) can hold the float32 bound; the others are
+    checked in float64 only.
+    """
+    rng = random.Random(0)
+    checked32 = 0
+    for _ in range(12):
+        config = _random_config(rng)
+        ref64 = _paper_run(sfoptim.AdamCScheduleFreePlusReference, torch.float64, config, 60)
+        if not all(torch.isfinite(t).all() for point in ref64 for t in point):
+            continue  # diverges in float64 (weight decay too strong for this small problem)
+        ours64 = _paper_run(sfoptim.AdamCScheduleFreePlusPaper, torch.float64, config, 60, fused=False)
+        worst64 = max(rel_diff(a, b) for a, b in zip(ours64, ref64))
+        assert worst64 <= 1e-9, f"float64 {worst64:.3g} on {config}"
+        ref32 = _paper_run(sfoptim.AdamCScheduleFreePlusReference, torch.float32, config, 60)
+        if max(rel_diff(a, b) for a, b in zip(ref32, ref64)) > 2e-5:
+            continue
+        ours32 = _paper_run(sfoptim.AdamCScheduleFreePlusPaper, torch.float32, config, 60, fused=False)
+        worst32 = max(rel_diff(a, b) for a, b in zip(ours32, ref32))
+        assert worst32 <= 2e-5, f"float32 {worst32:.3g} on {config}"
+        checked32 += 1
+    assert checked32 >= 8, f"only {checked32} well-conditioned configurations"
+
+
+def test_polyak_inner_product_keeps_its_digits_when_z_and_y_are_close() -> None:
+    """``ip_term`` against float64 arithmetic on the same float32 ``z``, ``y`` and gradient.
+
+    With a tiny step size ``z - y`` is a millionth of ``z``; the inner product
+    must not be formed as ``<g, z> - <g, y>``, which cancels to noise. 600K
+    elements also take the sliced path on CPU.
+    """
+    g = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(600, 1000, generator=g))
+    opt = sfoptim.AdamCScheduleFreePlusPaper([p], fused=False)
+    for _ in range(5):
+        p.grad = torch.randn(p.shape, generator=g)
+        opt.step_func(1.0)
+    grad = torch.randn(p.shape, generator=g)
+    z, y = opt.state[p]["z"].double(), p.detach().double()
+    truth = float((grad.double() * (z - y)).sum())
+    assert abs(truth) > 0
+    p.grad = grad
+    opt.step_func(1.0)
+    got = opt.param_groups[0]["ip_term"]
+    assert abs(got - truth) <= 1e-5 * abs(truth), f"{got} vs {truth}"
 
 
 def one_param_opt(cls=sfoptim.AdamCScheduleFreePlus, **kw):
