@@ -80,24 +80,23 @@ def _inner_gap(g: Tensor, z: Tensor, y: Tensor) -> Tensor:
     for 2M elements with ``|z - y|`` a thousandth of ``|z|``). The products
     are summed by torch's summation, not a dot product, whose single running
     float32 sum loses about 1e-5 relative over a million terms of mixed sign.
-    A plain tensor is taken in slices on CPU (their sums added in float64); a
-    sharded (DTensor) parameter keeps the plain elementwise form, whose partial
-    sum the engine completes across ranks.
+    A large tensor on CPU is taken in slices; a sharded (DTensor) parameter
+    keeps the plain elementwise form, whose partial sum the engine completes
+    across ranks.
     """
     if type(g) is Tensor and type(z) is Tensor and type(y) is Tensor:
+        n = g.numel()
+        if n <= _GAP_SLICE or g.device.type != "cpu":
+            return torch.sub(z, y).mul_(g).sum()
         gf, zf, yf = g.reshape(-1), z.reshape(-1), y.reshape(-1)
-        n = gf.numel()
-        width = _GAP_SLICE if zf.device.type == "cpu" else max(n, 1)
-        buf = torch.empty(min(n, width), dtype=zf.dtype, device=zf.device)
+        buf = torch.empty(_GAP_SLICE, dtype=zf.dtype, device=zf.device)
         parts = []
-        for start in range(0, n, width):
-            stop = min(start + width, n)
+        for start in range(0, n, _GAP_SLICE):
+            stop = min(start + _GAP_SLICE, n)
             gap = buf[: stop - start]
             torch.sub(zf[start:stop], yf[start:stop], out=gap)
-            parts.append(gap.mul_(gf[start:stop]).sum().to(torch.float64))
-        if len(parts) == 1:
-            return parts[0]
-        return torch.stack(parts).sum() if parts else zf.new_zeros((), dtype=torch.float64)
+            parts.append(gap.mul_(gf[start:stop]).sum())
+        return torch.stack(parts).sum()
     return (g * (z - y)).sum()
 
 
