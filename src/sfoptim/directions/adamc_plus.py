@@ -66,9 +66,9 @@ def annealed_beta(beta: float, beta_max: float, anneal_steps: int, step: int) ->
     return 1 - math.exp(math.log(1 - beta) * (1 - s) + math.log(1 - beta_max) * s)
 
 
-#: Elements per slice of :func:`_inner_gap` on CPU: one reused buffer of this
-#: size instead of a parameter-sized temporary, whose allocation every step
-#: costs more than the arithmetic.
+#: A larger tensor on CPU goes through :func:`_inner_gap` in slices of this
+#: many elements, sharing one buffer: a temporary as large as a big parameter
+#: costs more to allocate every step than the arithmetic.
 _GAP_SLICE = 1 << 20
 
 
