@@ -264,6 +264,7 @@ SF_WRAP_ENTRIES(double)
             if (gap) {                                                                   \
                 const T *restrict zz = z[idx] + o, *restrict yy = y[idx] + o;            \
                 for (; i + SF_LANES <= len; i += SF_LANES) {                             \
+                    _Pragma("omp simd")                                                  \
                     for (int j = 0; j < SF_LANES; j++) {                                 \
                         const double gj = (double)gg[i + j];                             \
                         l1[j] += fabs(gj);                                               \
@@ -277,6 +278,7 @@ SF_WRAP_ENTRIES(double)
                 }                                                                        \
             } else {                                                                     \
                 for (; i + SF_LANES <= len; i += SF_LANES) {                             \
+                    _Pragma("omp simd")                                                  \
                     for (int j = 0; j < SF_LANES; j++) l1[j] += fabs((double)gg[i + j]); \
                 }                                                                        \
                 for (; i < len; i++) l1[0] += fabs((double)gg[i]);                       \
