@@ -681,17 +681,21 @@ def test_kernel_sums_refuse_a_tensor_of_another_size_before_c(bad: torch.Tensor)
         _fused_cpu.sums(*lists, tuple(BucketSum))
 
 
-def _polyak_sums_after_two_steps(**kw: Any) -> tuple[tuple[float, float], dict, dict]:
-    """(grad_l1, ip_term) the second step of ScheduleFree+ used, and those of the kernel's and torch's paths."""
+def _polyak_sums_of_third_step(**kw: Any) -> tuple[tuple[float, float], tuple[float, float], tuple[float, float]]:
+    """(grad_l1, ip_term) the third step of ScheduleFree+ used, and those of the kernel's and torch's paths.
+
+    The third, since the first step's averaging coefficient 1 leaves ``y = z``
+    and the second step's inner product 0.
+    """
     from sfoptim.directions.base import Bucket
 
     gen = torch.Generator().manual_seed(5)
     params = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (3000, 17, 70_001)]
     opt = sfoptim.AdamCScheduleFreePlus(params, **kw)
-    for s in range(2):
+    for s in range(3):
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen)
-        if s == 1:
+        if s == 2:
             group, direction = opt.param_groups[0], opt.direction
             bucket = Bucket([p.detach() for p in params], [p.grad for p in params], [opt.state[p]["z"] for p in params], {})
             beta = opt.y_beta(group)
@@ -720,8 +724,8 @@ def test_polyak_sums_come_from_the_kernel_exactly_where_the_update_does(kw: dict
     """The kernel's sums where the bucket takes the kernel; elsewhere the torch path's, unchanged."""
     if not _fused_cpu.available():
         pytest.skip("no C compiler")
-    used, fused, torch_path = _polyak_sums_after_two_steps(polyak_beta=0.0, **kw)
-    assert fused != torch_path, "float32 sums that agree to the bit cannot tell the paths apart"
+    used, fused, torch_path = _polyak_sums_of_third_step(polyak_beta=0.0, **kw)
+    assert fused[0] != torch_path[0] and fused[1] != torch_path[1], "sums that agree to the bit cannot tell the paths apart"
     expected = fused if on_kernel else torch_path
     assert used[1] == expected[1]
     assert math.isclose(used[0], expected[0], rel_tol=1e-15)
@@ -736,13 +740,14 @@ def test_polyak_sums_with_decay_at_z_keep_the_torch_path():
     opt = sfoptim.AdamCScheduleFreePlus([{"params": params, "decay_at": "z"}], weight_decay=20.0)
     from sfoptim.directions.base import Bucket
 
-    for s in range(2):
+    for s in range(3):
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen)
-        if s == 1:
+        if s == 2:
             group, direction = opt.param_groups[0], opt.direction
             bucket = Bucket([p.detach() for p in params], [p.grad for p in params], [opt.state[p]["z"] for p in params], {})
             expected = float(direction.reduce(group, bucket, opt.y_beta(group))["ip_term"])
+            assert expected != 0.0
         opt.step(loss=3.0)
     assert opt.param_groups[0]["ip_term"] == expected
 
