@@ -12,6 +12,7 @@ subprocess, so that a regression fails one test instead of killing pytest.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import shutil
 import subprocess
@@ -398,7 +399,7 @@ def fuzz_cases(draw: Any) -> dict:
         )
     return dict(
         specs=specs,
-        opt=draw(st.sampled_from(["adamw", "adamw-momentum", "sgd", "radam", "wrapper"])),
+        opt=draw(st.sampled_from(["adamw", "adamw-momentum", "sgd", "radam", "wrapper", "plus"])),
         state=draw(st.sampled_from(["fresh", "same", "other-shape", "other-dtype", "z-float64", "z-strided", "z-small"])),
         steps=draw(st.integers(1, 3)),
         seed=draw(st.integers(0, 2**16)),
@@ -448,6 +449,9 @@ def _make_opt(kind: str, params: list[torch.nn.Parameter], fused: bool | None, f
         return sfoptim.AdamWScheduleFree(params, lr=0.01, inner_momentum=0.5 if kind == "adamw-momentum" else 0.0, **kw)
     if kind == "sgd":
         return sfoptim.SGDScheduleFree(params, lr=0.05, **kw)
+    if kind == "plus":
+        # Its step size comes from global sums, which the kernel takes in a pass of its own.
+        return sfoptim.AdamCScheduleFreePlus(params, **kw)
     return sfoptim.RAdamScheduleFree(params, lr=0.01, **kw)
 
 
@@ -479,8 +483,12 @@ def _checkpoint(case: dict, params: list[torch.nn.Parameter]) -> dict | None:
         warnings.simplefilter("ignore")
         opt = _make_opt(case["opt"], src, False, True)
     _set_grads(src, specs, case["seed"] + 2)
-    opt.step()
+    opt.step(**_loss(case, 0))
     return copy.deepcopy(opt.state_dict())
+
+
+def _loss(case: dict, step: int) -> dict[str, float]:
+    return {"loss": 2.0 / (step + 1)} if case["opt"] == "plus" else {}
 
 
 def _corrupt_state(opt: Any, params: list[torch.nn.Parameter], variant: str) -> None:
@@ -506,7 +514,7 @@ def _run_case(case: dict, fused: bool | None, foreach: bool | None) -> tuple[typ
                 opt.load_state_dict(sd)
             for s in range(case["steps"]):
                 _set_grads(params, case["specs"], case["seed"] + 10 + s)
-                opt.step()
+                opt.step(**_loss(case, s))
                 if s == 0 and case["state"] in ("z-float64", "z-strided", "z-small"):
                     _corrupt_state(opt, params, case["state"])
         except (ValueError, RuntimeError, TypeError) as exc:
@@ -519,8 +527,15 @@ def check_fuzz_case(case: dict) -> None:
     err_fused, fused = _run_case(case, None, None)
     err_foreach, foreach = _run_case(case, False, True)
     assert err_fused == err_foreach, f"fused raised {err_fused}, foreach {err_foreach}"
+    shared = 0.0
+    if case["opt"] == "plus":
+        # The Polyak step size is one number for all tensors, and the kernel sums
+        # float32 buckets in float64 where torch sums them in float32: that
+        # rounding reaches every tensor (a bfloat16 one by at most one unit).
+        narrow = {t.dtype for t in foreach} & {torch.float32, torch.complex64}
+        shared = max((TOLERANCE[d] for d in narrow), default=0.0)
     for a, b in zip(fused, foreach):
-        tol = TOLERANCE[a.dtype]
+        tol = max(TOLERANCE[a.dtype], shared if a.dtype != torch.bfloat16 or not shared else 2**-7)
         a_r, b_r = (torch.view_as_real(a), torch.view_as_real(b)) if a.is_complex() else (a, b)
         # Relative to the value, or to one where a value cancels to near zero
         # (the parameters start of order one; rounding errors scale with that).
@@ -544,6 +559,197 @@ def _spec(**changes: Any) -> dict:
 @example(case={"specs": [_spec(), _spec(shape=(4, 4))], "opt": "radam", "state": "other-shape", "steps": 1, "seed": 2})
 def test_fuzz_fused_and_foreach_agree(case: dict) -> None:
     check_fuzz_case(case)
+
+
+@example(case={"specs": [_spec(), _spec(shape=(3, 5), layout="transposed")], "opt": "plus", "state": "fresh", "steps": 3, "seed": 3})
+@example(case={"specs": [_spec(dtype=torch.float64), _spec()], "opt": "plus", "state": "z-strided", "steps": 3, "seed": 4})
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=fuzz_cases().map(lambda c: dict(c, opt="plus")))
+def test_fuzz_polyak_sums_on_the_kernel_and_foreach_agree(case: dict) -> None:
+    """ScheduleFree+, whose global sums the kernel takes too, on every layout the fuzz builds."""
+    check_fuzz_case(case)
+
+
+# ------------------------------------------------------------- bucket sums
+SUM_SIZES = [0, 1, 7, 8, 9, 100, 16_385, 40_000, 70_001]
+
+
+@st.composite
+def sums_cases(draw: Any) -> dict:
+    return dict(
+        sizes=draw(st.lists(st.sampled_from(SUM_SIZES), min_size=1, max_size=5)),
+        offsets=draw(st.lists(st.integers(0, 7), min_size=3, max_size=3)),
+        dtype=draw(st.sampled_from([torch.float32, torch.float64])),
+        gap=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def _sums_bucket(case: dict) -> tuple[list[torch.Tensor], ...]:
+    """g, z, y: dense tensors of the case's sizes, each a view at an offset into its own buffer (any alignment)."""
+    gen = torch.Generator().manual_seed(case["seed"])
+    lists = []
+    for offset in case["offsets"]:
+        lists.append([torch.randn(n + offset, generator=gen, dtype=case["dtype"])[offset:] for n in case["sizes"]])
+    return tuple(lists)
+
+
+def _plus_group() -> dict:
+    return {"sf_beta1": 0.9, "sf_beta1_max": 0.965, "sf_beta1_anneal_steps": 0, "k": 0}
+
+
+def check_sums_case(case: dict) -> None:
+    """The kernel's sums against float64 arithmetic and against the direction's torch path."""
+    from sfoptim.directions.adamc_plus import AdamCPlusDirection
+    from sfoptim.directions.base import Bucket, BucketSum
+
+    g, z, y = _sums_bucket(case)
+    wanted = (BucketSum.GRAD_L1, BucketSum.GRAD_Z_MINUS_Y) if case["gap"] else (BucketSum.GRAD_L1,)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        got = _fused_cpu.sums(g, z, y, wanted)
+        torch.set_num_threads(1)
+        single = _fused_cpu.sums(g, z, y, wanted)
+    finally:
+        torch.set_num_threads(saved)
+    assert got is not None and set(got) == set(wanted)
+    assert got == single, "the sums depend on the thread count"
+    terms = {
+        BucketSum.GRAD_L1: [t.double().abs() for t in g],
+        BucketSum.GRAD_Z_MINUS_Y: [a.double() * (b.double() - c.double()) for a, b, c in zip(g, z, y)],
+    }
+    for which in wanted:
+        exact = sum(float(t.sum()) for t in terms[which])
+        scale = sum(float(t.abs().sum()) for t in terms[which]) + 1e-300
+        # Both dtypes are accumulated in float64 from exact products.
+        assert abs(got[which] - exact) <= 1e-12 * scale, f"{which.name}: {got[which]!r} vs {exact!r}"
+    if case["gap"]:
+        direction, group = AdamCPlusDirection(), _plus_group()
+        torch_path = direction.reduce(group, Bucket(y, g, z, {}), 0.9)
+        fused = direction.reduce_sums(group, 0.9, {s: torch.tensor(v, dtype=torch.float64) for s, v in got.items()})
+        tol = 1e-12 if case["dtype"] == torch.float64 else 2e-5
+        for name, value in torch_path.items():
+            scale = float(sum(t.abs().sum() for t in terms[BucketSum.GRAD_Z_MINUS_Y if name == "ip_term" else BucketSum.GRAD_L1]))
+            assert abs(float(fused[name]) - float(value)) <= tol * scale + 1e-300, name
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=sums_cases())
+@example(case={"sizes": [70_001, 70_001], "offsets": [1, 3, 5], "dtype": torch.float32, "gap": True, "seed": 0})
+@example(case={"sizes": [0, 9], "offsets": [0, 0, 0], "dtype": torch.float64, "gap": True, "seed": 1})
+def test_fuzz_kernel_sums_agree_with_float64_and_the_torch_path(case: dict) -> None:
+    if not _fused_cpu.available():
+        pytest.skip("no C compiler")
+    check_sums_case(case)
+
+
+def _sums_lists(dtype: torch.dtype = torch.float32) -> list[list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(2)
+    return [[torch.randn(n, generator=gen, dtype=dtype) for n in (6, 20)] for _ in range(3)]
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        pytest.param(lambda ls: ls[1].__setitem__(1, ls[1][1].double()), id="one-z-float64"),
+        pytest.param(lambda ls: ls[2].__setitem__(0, torch.zeros(12)[::2]), id="strided-y"),
+        pytest.param(lambda ls: ls[0].__setitem__(1, torch.zeros(40)[::2]), id="strided-g"),
+        pytest.param(lambda ls: ls.__setitem__(0, [t.bfloat16() for t in ls[0]]), id="bfloat16-g"),
+        pytest.param(lambda ls: ls[1].__setitem__(0, ls[0][0]), id="z-is-g"),
+    ],
+)
+def test_kernel_sums_refuse_layouts_they_cannot_read(corrupt: Any):
+    """Refused (None, nothing read by C), so the caller's torch path gives the sums."""
+    from sfoptim.directions.base import BucketSum
+
+    if not _fused_cpu.available():
+        pytest.skip("no C compiler")
+    lists = _sums_lists()
+    assert _fused_cpu.sums(*lists, tuple(BucketSum)) is not None
+    corrupt(lists)
+    assert _fused_cpu.sums(*lists, tuple(BucketSum)) is None
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(21), torch.zeros(4, 5), torch.zeros(3)])
+def test_kernel_sums_refuse_a_tensor_of_another_size_before_c(bad: torch.Tensor):
+    from sfoptim.directions.base import BucketSum
+
+    lists = _sums_lists()
+    lists[2][1] = bad
+    with pytest.raises(RuntimeError, match="shape"):
+        _fused_cpu.sums(*lists, tuple(BucketSum))
+
+
+def _polyak_sums_of_third_step(**kw: Any) -> tuple[tuple[float, float], tuple[float, float], tuple[float, float]]:
+    """(grad_l1, ip_term) the third step of ScheduleFree+ used, and those of the kernel's and torch's paths.
+
+    The third, since the first step's averaging coefficient 1 leaves ``y = z``
+    and the second step's inner product 0.
+    """
+    from sfoptim.directions.base import Bucket
+
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (3000, 17, 70_001)]
+    opt = sfoptim.AdamCScheduleFreePlus(params, **kw)
+    for s in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        if s == 2:
+            group, direction = opt.param_groups[0], opt.direction
+            bucket = Bucket([p.detach() for p in params], [p.grad for p in params], [opt.state[p]["z"] for p in params], {})
+            beta = opt.y_beta(group)
+            raw = _fused_cpu.sums(bucket.grads, bucket.z, bucket.params, direction.bucket_sums)
+            assert raw is not None
+            fused = direction.reduce_sums(group, beta, {k: torch.tensor(v, dtype=torch.float64) for k, v in raw.items()})
+            torch_path = direction.reduce(group, bucket, beta)
+        opt.step(loss=3.0)
+    group = opt.param_groups[0]
+    used = (group["grad_l1_ema"] / math.sqrt(math.pi / 2), group["ip_term"])
+    as_floats = lambda d: (float(d["grad_l1"]), float(d["ip_term"]))  # noqa: E731
+    return used, as_floats(fused), as_floats(torch_path)
+
+
+@pytest.mark.parametrize(
+    "kw, on_kernel",
+    [
+        ({}, True),
+        ({"fused": True}, True),
+        ({"fused": False}, False),
+        ({"foreach": False}, False),
+        ({"fused": False, "foreach": True}, False),
+    ],
+)
+def test_polyak_sums_come_from_the_kernel_exactly_where_the_update_does(kw: dict, on_kernel: bool):
+    """The kernel's sums where the bucket takes the kernel; elsewhere the torch path's, unchanged."""
+    if not _fused_cpu.available():
+        pytest.skip("no C compiler")
+    used, fused, torch_path = _polyak_sums_of_third_step(polyak_beta=0.0, **kw)
+    assert fused[0] != torch_path[0] and fused[1] != torch_path[1], "sums that agree to the bit cannot tell the paths apart"
+    expected = fused if on_kernel else torch_path
+    assert used[1] == expected[1]
+    assert math.isclose(used[0], expected[0], rel_tol=1e-15)
+
+
+def test_polyak_sums_with_decay_at_z_keep_the_torch_path():
+    """A group that decays at z runs foreach, and so do its sums."""
+    if not _fused_cpu.available():
+        pytest.skip("no C compiler")
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (3000, 17, 70_001)]
+    opt = sfoptim.AdamCScheduleFreePlus([{"params": params, "decay_at": "z"}], weight_decay=20.0)
+    from sfoptim.directions.base import Bucket
+
+    for s in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        if s == 2:
+            group, direction = opt.param_groups[0], opt.direction
+            bucket = Bucket([p.detach() for p in params], [p.grad for p in params], [opt.state[p]["z"] for p in params], {})
+            expected = float(direction.reduce(group, bucket, opt.y_beta(group))["ip_term"])
+            assert expected != 0.0
+        opt.step(loss=3.0)
+    assert opt.param_groups[0]["ip_term"] == expected
 
 
 # ----------------------------------------------------------- AddressSanitizer
@@ -583,6 +789,9 @@ torch.set_num_threads(2)
 for make in (t._same_parameter_twice, t._overlapping_views):
     assert torch.equal(t._aliased_run(make, None, None), t._aliased_run(make, False, True))
 settings(max_examples=150, deadline=None, database=None)(given(case=t.fuzz_cases())(t.check_fuzz_case))()
+plus = t.fuzz_cases().map(lambda c: dict(c, opt="plus"))
+settings(max_examples=60, deadline=None, database=None)(given(case=plus)(t.check_fuzz_case))()
+settings(max_examples=100, deadline=None, database=None)(given(case=t.sums_cases())(t.check_sums_case))()
 p = torch.nn.Parameter(torch.randn(100_003)); opt = __import__("sfoptim").AdamWScheduleFree([p])
 for _ in range(3):
     p.grad = torch.ones_like(p); opt.step()

@@ -4,7 +4,7 @@
  * Plain C on purpose (no torch headers): gcc builds it in well under a second
  * on first use, see sfoptim/backends/cpu_kernel.py. That module also defines
  * the direction kinds (SF_SGD, SF_ADAM, SF_SGD_V) and the slot of every scalar
- * (SF_LR, SF_CKP1, ...) on the command line, from the one declaration in
+ * (SF_LR, SF_CKP1, ...) and bucket sum (SF_SUM_GRAD_L1, ...) on the command line, from the one declaration in
  * sfoptim/directions/base.py, so nothing here restates them. Every entry point takes arrays of
  * data pointers and element counts for a whole bucket of tensors, so one call
  * from Python updates every tensor of a (device, dtype) bucket, and the work is
@@ -15,6 +15,12 @@
  * Arithmetic is in the tensor's own precision, as torch's float32 ops are, and
  * lerp follows torch's two-sided formula so the kernel agrees with the foreach
  * path to rounding.
+ *
+ * Entry points: sf_step_<T> (the schedule-free step of one kernel family),
+ * sf_wrap_before_<T> / sf_wrap_after_<T> (the wrapper's bookkeeping) and
+ * sf_sums_<T> (the bucket sums of a direction's global reductions, taken
+ * before the step in a pass of their own, since the step size depends on
+ * their totals over all buckets).
  */
 #include <math.h>
 #include <stdint.h>
@@ -28,7 +34,8 @@
  * saves (a fork/join is microseconds idle, far more on a loaded machine). */
 #define SF_MIN_PER_THREAD 32768
 
-#if !defined(SF_SGD) || !defined(SF_ADAM) || !defined(SF_SGD_V) || !defined(SF_LR) || !defined(SF_BC1)
+#if !defined(SF_SGD) || !defined(SF_ADAM) || !defined(SF_SGD_V) || !defined(SF_LR) || !defined(SF_BC1) || \
+    !defined(SF_SUM_GRAD_L1) || !defined(SF_SUM_GRAD_Z_MINUS_Y)
 #error "build through sfoptim.backends.cpu_kernel, which defines the kinds and scalar slots"
 #endif
 
@@ -222,5 +229,82 @@ SF_STEP_ENTRY(double)
 SF_WRAP_ENTRIES(float)
 SF_WRAP_ENTRIES(double)
 
+/*
+ * Bucket sums for a direction's global reductions, one pass over g, z and y:
+ *   out[SF_SUM_GRAD_L1] = sum |g|,   out[SF_SUM_GRAD_Z_MINUS_Y] = sum g*(z - y)
+ * in double whatever T is. With gap == 0 only the first is taken and z, y are
+ * not read (they may be null).
+ *
+ * The order of every addition is fixed by the data alone: within a chunk
+ * SF_LANES running sums take every SF_LANES-th element (the tail goes to lane
+ * 0) and are added in lane order; each chunk writes its partials to its own
+ * slot, and the slots are added in chunk order after the parallel loop. Chunk
+ * boundaries do not depend on the thread count, so the result is the same
+ * bit for bit for any number of threads and any schedule.
+ */
+#define SF_LANES 8
+
+#define SF_SUMS_ENTRY(T)                                                                 \
+    int sf_sums_##T(int64_t n, T **g, T **z, T **y, const int64_t *sizes, int gap,       \
+                    double *out, int nthreads) {                                         \
+        int64_t count = 0;                                                               \
+        sf_chunk *chunks = make_chunks(n, sizes, &count, &nthreads);                     \
+        if (!chunks) return -1;                                                          \
+        double *part = (double *)malloc((size_t)(count > 0 ? count : 1) * 2 * sizeof(double)); \
+        if (!part) {                                                                     \
+            free(chunks);                                                                \
+            return -1;                                                                   \
+        }                                                                                \
+        _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)") \
+        for (int64_t k = 0; k < count; k++) {                                           \
+            const int64_t idx = chunks[k].idx, o = chunks[k].start, len = chunks[k].len; \
+            const T *restrict gg = g[idx] + o;                                           \
+            double l1[SF_LANES] = {0}, ip[SF_LANES] = {0};                               \
+            int64_t i = 0;                                                               \
+            if (gap) {                                                                   \
+                const T *restrict zz = z[idx] + o, *restrict yy = y[idx] + o;            \
+                for (; i + SF_LANES <= len; i += SF_LANES) {                             \
+                    _Pragma("omp simd")                                                  \
+                    for (int j = 0; j < SF_LANES; j++) {                                 \
+                        const double gj = (double)gg[i + j];                             \
+                        l1[j] += fabs(gj);                                               \
+                        ip[j] += gj * ((double)zz[i + j] - (double)yy[i + j]);           \
+                    }                                                                    \
+                }                                                                        \
+                for (; i < len; i++) {                                                   \
+                    const double gi = (double)gg[i];                                     \
+                    l1[0] += fabs(gi);                                                   \
+                    ip[0] += gi * ((double)zz[i] - (double)yy[i]);                       \
+                }                                                                        \
+            } else {                                                                     \
+                for (; i + SF_LANES <= len; i += SF_LANES) {                             \
+                    _Pragma("omp simd")                                                  \
+                    for (int j = 0; j < SF_LANES; j++) l1[j] += fabs((double)gg[i + j]); \
+                }                                                                        \
+                for (; i < len; i++) l1[0] += fabs((double)gg[i]);                       \
+            }                                                                            \
+            double a = 0.0, b = 0.0;                                                     \
+            for (int j = 0; j < SF_LANES; j++) {                                         \
+                a += l1[j];                                                              \
+                b += ip[j];                                                              \
+            }                                                                            \
+            part[2 * k] = a;                                                             \
+            part[2 * k + 1] = b;                                                         \
+        }                                                                                \
+        double a = 0.0, b = 0.0;                                                         \
+        for (int64_t k = 0; k < count; k++) {                                           \
+            a += part[2 * k];                                                            \
+            b += part[2 * k + 1];                                                        \
+        }                                                                                \
+        out[SF_SUM_GRAD_L1] = a;                                                         \
+        out[SF_SUM_GRAD_Z_MINUS_Y] = b;                                                  \
+        free(part);                                                                      \
+        free(chunks);                                                                    \
+        return 0;                                                                        \
+    }
+
+SF_SUMS_ENTRY(float)
+SF_SUMS_ENTRY(double)
+
 /* Lets the loader check that the library it found is the one it built. */
-int sf_abi_version(void) { return 1; }
+int sf_abi_version(void) { return 2; }

@@ -6,6 +6,12 @@ element: the same seven passes as ``torch.optim.AdamW(fused=True)`` and no
 parameter-sized temporary. Scalars (step-dependent lr, ``c``, bias
 corrections) are plain arguments, so nothing is rebuilt when they change.
 
+A direction whose global reductions are generic bucket sums
+(:class:`~sfoptim.directions.base.BucketSum`: ScheduleFree+'s
+:math:`\sum |g|` and :math:`\sum \langle g, z - y\rangle`) gets them from
+:func:`sums`, one more read of ``g``, ``z`` and ``y`` in a single call per
+bucket, accumulated in float64 and independent of the thread count.
+
 Build contract: the source is compiled on first use with the system C compiler
 (``$SFOPTIM_CC``, else ``$CC``, else ``gcc``) into a per-user cache directory
 (``$SFOPTIM_CACHE_DIR``, else ``$XDG_CACHE_HOME/sfoptim``, else
@@ -18,10 +24,12 @@ private file of the user's own whose bytes match that hash, checked before
 is loaded once. Without a working compiler (or with ``SFOPTIM_DISABLE_FUSED=1``)
 the loader warns once and every call returns False, so the engine falls back to
 foreach.
-The direction kinds and the scalar slots are passed to the compiler as
-definitions generated from :class:`sfoptim.directions.base.Kind` and
-:data:`~sfoptim.directions.base.KERNEL_SCALARS`, so the C source restates
-neither.
+The direction kinds, the scalar slots and the bucket sums' output slots are
+passed to the compiler as definitions generated from
+:class:`sfoptim.directions.base.Kind`,
+:data:`~sfoptim.directions.base.KERNEL_SCALARS` and
+:class:`~sfoptim.directions.base.BucketSum`, so the C source restates none of
+them.
 
 OpenMP: the library is linked against ``libgomp.so.1``, the soname of the
 runtime that the PyTorch wheel ships and has already loaded, so the dynamic
@@ -45,15 +53,15 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..directions.base import KERNEL_SCALARS, KIND_SLOTS, Kind
+from ..directions.base import KERNEL_SCALARS, KIND_SLOTS, BucketSum, Kind
 from . import kernel_cache
 
-__all__ = ["available", "step", "wrap_before", "wrap_after"]
+__all__ = ["available", "step", "sums", "wrap_before", "wrap_after"]
 
 _SOURCE = Path(__file__).with_name("cpu_kernel.c")
 _DEFINES = tuple(f"-DSF_{kind.name}={kind.value}" for kind in Kind) + tuple(
     f"-DSF_{name.upper()}={slot}" for slot, name in enumerate(KERNEL_SCALARS)
-)
+) + tuple(f"-DSF_SUM_{s.name}={s.value}" for s in BucketSum)
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared", "-std=c11", *_DEFINES)
 _LIBS = ("-lm",)
 _DTYPES = {torch.float32: "float", torch.float64: "double"}
@@ -68,6 +76,9 @@ load_count = 0
 
 
 _Scalars = ctypes.c_double * len(KERNEL_SCALARS)
+_Sums = ctypes.c_double * len(BucketSum)
+#: The version ``sf_abi_version`` of this source returns; a cached library that says otherwise is not used.
+_ABI_VERSION = 2
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -81,6 +92,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     for t in _DTYPES.values():
         fn = getattr(lib, f"sf_step_{t}")
         fn.argtypes = [i64, ptrs, ptrs, ptrs, ptrs, ptrs, ptrs, ctypes.POINTER(ctypes.c_double), cint, cint]
+        fn.restype = cint
+        fn = getattr(lib, f"sf_sums_{t}")
+        fn.argtypes = [i64, ptrs, ptrs, ptrs, ptrs, cint, ctypes.POINTER(ctypes.c_double), cint]
         fn.restype = cint
         for name in ("sf_wrap_before", "sf_wrap_after"):
             fn = getattr(lib, f"{name}_{t}")
@@ -105,7 +119,7 @@ def _load() -> ctypes.CDLL | None:
             if loaded.built:
                 build_count += 1
             lib = loaded.lib
-            if lib.sf_abi_version() != 1:
+            if lib.sf_abi_version() != _ABI_VERSION:
                 raise RuntimeError("stale kernel library in the cache")
             _declare(lib)
         except Exception as exc:  # any failure means: use foreach, say so once
@@ -316,6 +330,44 @@ def step(
     if rc != 0:
         raise MemoryError("sfoptim fused kernel: out of memory for its work list")
     return True
+
+
+def sums(grads: list[Tensor], zs: list[Tensor], ys: list[Tensor], wanted: Sequence[BucketSum]) -> dict[BucketSum, float] | None:
+    r"""The bucket sums ``wanted`` in one pass over the bucket; None if the kernel cannot take it.
+
+    :math:`\sum |g|` (``GRAD_L1``) and :math:`\sum g\,(z - y)`
+    (``GRAD_Z_MINUS_Y``) over every element of every tensor, accumulated in
+    float64 in an order that depends only on the sizes (not on the thread
+    count), so repeated calls agree bit for bit. Without ``GRAD_Z_MINUS_Y``
+    only the gradients are read (and checked). Every tensor passes the same
+    checks as for :func:`step`; nothing is written. Refusals are silent: the
+    caller's torch path gives the sums instead.
+    """
+    gap = BucketSum.GRAD_Z_MINUS_Y in wanted
+    if not grads:
+        return {s: 0.0 for s in wanted}
+    call = _inspect([grads, zs, ys] if gap else [grads])
+    if isinstance(call, str):
+        return None
+    lib = _load()
+    if lib is None:
+        return None
+    out = _Sums()
+    fn = getattr(lib, f"sf_sums_{_DTYPES[call.dtype]}")
+    lists = 3 if gap else 1
+    rc = fn(
+        call.n,
+        call.array(0),
+        call.array(1) if gap else None,
+        call.array(2) if gap else None,
+        call.array(lists),
+        int(gap),
+        out,
+        torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise MemoryError("sfoptim fused kernel: out of memory for its work list")
+    return {s: out[s] for s in wanted}
 
 
 def _wrap_call(name: str, a: list[Tensor], b: list[Tensor], s1: float, s2: float, explicit: bool) -> bool:

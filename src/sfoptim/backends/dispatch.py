@@ -15,7 +15,11 @@ Policy, per bucket (tensors of one device and dtype):
   kernel, which decays at ``y`` only.
 * what no kernel took: ``foreach=False`` one tensor at a time, else foreach.
 
-The same policy covers the wrapper's bookkeeping around its base optimizer.
+The same policy covers the wrapper's bookkeeping around its base optimizer,
+and a direction's bucket sums (:attr:`Direction.bucket_sums`): where the
+bucket may take the C kernel they come from :func:`.cpu_kernel.sums` in one
+pass, else (and where that refuses the tensors) from the direction's own
+``reduce``.
 Under ``torch.compile`` the same choice is made (:func:`_kernel_call` serves
 both), but the update is split: :func:`prepare_traced` packs the scalars into
 a tensor outside the graph and :func:`traced_update` is the graph (the C
@@ -35,7 +39,7 @@ from torch import Tensor
 from ..directions.base import KERNEL_SCALARS, Bucket, Direction, Kind
 from . import compiled, cpu_kernel, foreach
 
-__all__ = ["KernelCall", "TracedCall", "prepare_traced", "step", "traced_update", "wrap_after", "wrap_before"]
+__all__ = ["KernelCall", "TracedCall", "prepare_traced", "reduce", "step", "traced_update", "wrap_after", "wrap_before"]
 
 _no_kernel_warned: set[str] = set()
 _SCALAR_DEFAULTS = {name: (1.0 if name in ("bc1", "bc2") else 0.0) for name in KERNEL_SCALARS}
@@ -89,6 +93,34 @@ def step(
         ):
             return
     _foreach(direction, group, step_index, bucket, reduced, foreach_flag, args)
+
+
+def reduce(
+    direction: Direction,
+    group: dict,
+    bucket: Bucket,
+    beta: float,
+    *,
+    decay_at_z: bool,
+    fused: bool | None,
+    foreach_flag: bool | None,
+) -> dict[str, Tensor]:
+    """This bucket's contributions to the direction's reductions, on the backend its update will take.
+
+    ``decay_at_z`` is whether the group's decay is taken at ``z`` and nonzero
+    (such a bucket never takes a kernel).
+    """
+    wanted = direction.bucket_sums
+    if (
+        wanted
+        and not decay_at_z
+        and _kernel_allowed(fused, foreach_flag)
+        and bucket.params[0].device.type == "cpu"
+    ):
+        sums = cpu_kernel.sums(bucket.grads, bucket.z, bucket.params, wanted)
+        if sums is not None:
+            return direction.reduce_sums(group, beta, {s: torch.tensor(v, dtype=torch.float64) for s, v in sums.items()})
+    return direction.reduce(group, bucket, beta)
 
 
 def _foreach(

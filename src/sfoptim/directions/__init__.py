@@ -4,6 +4,6 @@ Each algorithm module holds its :class:`~.base.Direction` and the thin public
 classes that declare it (constructor and validation only).
 """
 
-from .base import Bucket, DelegatedDirection, Direction, KernelSpec, Kind
+from .base import Bucket, BucketSum, DelegatedDirection, Direction, KernelSpec, Kind
 
-__all__ = ["Bucket", "DelegatedDirection", "Direction", "KernelSpec", "Kind"]
+__all__ = ["Bucket", "BucketSum", "DelegatedDirection", "Direction", "KernelSpec", "Kind"]

@@ -33,6 +33,9 @@ learning rate :math:`\gamma_t`). It declares:
   for sharded parameters, ranks) and passed to ``lr``, ``foreach`` and
   ``kernel`` as ``reduced``. A sum over one group only uses the name
   :func:`group_reduction` gives.
+* ``bucket_sums`` and ``reduce_sums(...)`` (optional): the same
+  contributions as ``reduce``, computed from generic sums over a bucket
+  (:class:`BucketSum`) that the CPU kernel takes in one pass over memory.
 * ``commit(group, step, reduced)``: per-group scalar state the direction
   keeps in the group (Prodigy's ``d``), written once the group's step is done.
 * ``needs_full_param``: the direction must see whole matrices (an
@@ -64,6 +67,7 @@ __all__ = [
     "KERNEL_SCALARS",
     "KIND_SLOTS",
     "Bucket",
+    "BucketSum",
     "DelegatedDirection",
     "Direction",
     "KernelSpec",
@@ -115,6 +119,23 @@ KIND_SLOTS: dict[Kind, tuple[int, int]] = {Kind.SGD: (0, 0), Kind.ADAM: (1, 2), 
 #: ``lr``, ``ckp1``, ``beta`` and ``wd``; a :class:`KernelSpec` the others
 #: (unset ones are 0, except the bias corrections, which are 1).
 KERNEL_SCALARS: tuple[str, ...] = ("lr", "ckp1", "beta", "wd", "beta2", "bc2", "eps", "mu", "bc1")
+
+
+class BucketSum(enum.IntEnum):
+    r"""Sums over every element of a bucket that a backend can take in one fused pass.
+
+    A direction whose reductions are built from these declares them in
+    :attr:`Direction.bucket_sums`; the CPU kernel then computes all of them in
+    one read of the tensors, accumulating in float64 in an order fixed by the
+    data (not by the thread count). The values are also the slots of the C
+    entry's output (``SF_SUM_<NAME>``, defined at build time).
+
+    * ``GRAD_L1``: :math:`\sum |g|`.
+    * ``GRAD_Z_MINUS_Y``: :math:`\sum g\,(z - y)`, i.e. :math:`\langle g, z - y\rangle`.
+    """
+
+    GRAD_L1 = 0
+    GRAD_Z_MINUS_Y = 1
 
 
 class KernelSpec(NamedTuple):
@@ -170,6 +191,11 @@ class Direction:
     varying_beta: ClassVar[bool] = False
     #: The base optimizer moves ``z`` itself (:class:`DelegatedDirection`).
     delegates_move: ClassVar[bool] = False
+    #: Generic bucket sums from which :meth:`reduce_sums` gives what
+    #: :meth:`reduce` gives. Where a bucket may take the CPU kernel, the engine
+    #: computes them there in one pass and calls :meth:`reduce_sums`;
+    #: elsewhere (other devices, sharded or non-contiguous tensors, ``fused=False``) it calls :meth:`reduce`.
+    bucket_sums: ClassVar[tuple[BucketSum, ...]] = ()
 
     def beta(self, group: dict, step: int) -> float:
         r"""The interpolation weight :math:`\beta \in (0, 1]` of the 1-based ``step``."""
@@ -219,6 +245,13 @@ class Direction:
         one group.
         """
         return {}
+
+    def reduce_sums(self, group: dict, beta: float, sums: Mapping[BucketSum, Tensor]) -> dict[str, Tensor]:
+        """:meth:`reduce`'s contributions from the bucket's :attr:`bucket_sums` (0-d float64 tensors).
+
+        Must agree with :meth:`reduce` on the same bucket to rounding.
+        """
+        raise NotImplementedError
 
     def commit(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> None:
         """Records per-group scalar state after the group's 1-based ``step`` (default: none).

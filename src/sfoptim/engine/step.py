@@ -94,10 +94,11 @@ def _check_whole(opt: ScheduleFreeOptimizer, gi: int, group: dict, active: list[
             )
 
 
-def reduce(plans: list[GroupStep]) -> Mapping[str, Tensor]:
+def reduce(opt: ScheduleFreeOptimizer, plans: list[GroupStep]) -> Mapping[str, Tensor]:
     """Phase 3: the global sums the directions asked for (empty when none did).
 
-    Partial sums of plain tensors are added locally (under DDP they are the
+    Each bucket's partial sums come from the backend its update will take
+    (:func:`.dispatch.reduce`). Partial sums of plain tensors are added locally (under DDP they are the
     same on every rank, the gradients being averaged already). Those of
     sharded parameters (DTensor, FSDP2) stay partial over their mesh until
     they are summed, and are then resolved by one collective per name.
@@ -107,9 +108,15 @@ def reduce(plans: list[GroupStep]) -> Mapping[str, Tensor]:
     local: dict[str, Tensor] = {}
     sharded: dict[str, Tensor] = {}
     for p in plans:
+        group = p.group
+        flags = dict(
+            decay_at_z=_decay_at_z(opt, group) and group[opt.group_key("weight_decay")] != 0,
+            fused=opt.option(group, "fused"),
+            foreach_flag=opt.option(group, "foreach"),
+        )
         for bucket in p.buckets:
             target = sharded if type(bucket.params[0]) is not Tensor and hasattr(bucket.params[0], "placements") else local
-            for name, value in p.direction.reduce(p.group, bucket, p.beta_prev).items():
+            for name, value in dispatch.reduce(p.direction, group, bucket, p.beta_prev, **flags).items():
                 target[name] = target[name] + value if name in target else value
     for name, value in sharded.items():
         full = value.full_tensor()  # type: ignore[attr-defined]
@@ -179,7 +186,7 @@ def prepare_traced(opt: ScheduleFreeOptimizer) -> tuple[list[dispatch.TracedCall
     for p in plans:
         if p.active:
             p.buckets = opt._buckets(p.group, p.active, p.direction.state_buffers(p.group))
-    reduced = reduce(plans)
+    reduced = reduce(opt, plans)
     key = opt.group_key
     calls: list[dispatch.TracedCall] = []
     synced: list[GroupStep] = []
@@ -220,7 +227,7 @@ def _update(opt: ScheduleFreeOptimizer, plans: list[GroupStep]) -> None:
             delegated.append(p)
         elif p.active:
             p.buckets = opt._buckets(p.group, p.active, p.direction.state_buffers(p.group))
-    reduced = reduce(plans)
+    reduced = reduce(opt, plans)
     if delegated:
         _delegated_move(opt, delegated, reduced)
     key = opt.group_key
