@@ -1,9 +1,9 @@
 r"""The fused CPU backend: one C kernel call per bucket, one pass over memory.
 
-The kernel (``cpu_kernel.c``) reads ``y``, ``g``, ``z`` (and ``v``, plus
-``m`` with inner momentum) once and writes ``y``, ``z``, ``v`` once per
-element: the same seven passes as ``torch.optim.AdamW(fused=True)`` and no
-parameter-sized temporary. Scalars (step-dependent lr, ``c``, bias
+The kernel (``cpu_kernel.c``) reads ``y``, ``g``, ``z`` and ``v`` once and
+writes ``y``, ``z``, ``v`` once per element: for schedule-free AdamW the same
+seven passes as ``torch.optim.AdamW(fused=True)``, and no parameter-sized
+temporary (with inner momentum, ``m`` adds a read and a write). Scalars (step-dependent lr, ``c``, bias
 corrections) are plain arguments, so nothing is rebuilt when they change.
 
 A direction whose global reductions are generic bucket sums
