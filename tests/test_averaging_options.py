@@ -8,6 +8,7 @@ that stores ``x``, ``y`` and ``z`` and writes the schedule out by hand.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -20,6 +21,20 @@ LR, BETA, DECAY = 0.1, 0.8, 0.01
 def grad_at(y: torch.Tensor, step: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(step)
     return 0.5 * y + torch.randn(y.shape, generator=g, dtype=torch.float64)
+
+
+def assert_x_follows(
+    opt: torch.optim.Optimizer, p: torch.nn.Parameter, expected: list[torch.Tensor], lr_at: Callable[[int], float] | None = None
+) -> None:
+    """Steps ``opt`` once per entry of ``expected`` and checks ``x`` (eval mode) after each step."""
+    for t in range(1, len(expected) + 1):
+        if lr_at is not None:
+            opt.param_groups[0]["lr"] = lr_at(t)
+        p.grad = grad_at(p.detach(), t)
+        opt.step()
+        opt.eval()
+        assert torch.allclose(p.detach(), expected[t - 1], rtol=1e-12, atol=1e-12), f"step {t}"
+        opt.train()
 
 
 def by_hand(y0: torch.Tensor, steps: int, decoupling_c: float | None, c_warmup: int) -> list[torch.Tensor]:
@@ -51,12 +66,7 @@ def test_sgd_follows_the_schedule_written_by_hand(decoupling_c, c_warmup) -> Non
         group["decoupling_c"] = decoupling_c
     opt = sfoptim.SGDScheduleFree([group], lr=LR, momentum=BETA, weight_decay=DECAY)
     expected = by_hand(y0, 20, decoupling_c, c_warmup)
-    for t in range(1, 21):
-        p.grad = grad_at(p.detach(), t)
-        opt.step()
-        opt.eval()
-        assert torch.allclose(p.detach(), expected[t - 1], rtol=1e-12, atol=1e-12), f"step {t}"
-        opt.train()
+    assert_x_follows(opt, p, expected)
 
 
 def test_neutral_decoupling_c_leaves_adamw_bit_identical() -> None:
@@ -138,13 +148,7 @@ def test_weight_decay_options_follow_the_loop_written_by_hand(kind, decay_at, ad
     expected = decayed_by_hand(kind, y0, decay_at, adamc)
     # The option must matter on this run: the default decay gives other numbers.
     assert not torch.allclose(expected[-1], decayed_by_hand(kind, y0, "y", False)[-1], rtol=1e-6, atol=1e-6)
-    for t in range(1, STEPS + 1):
-        opt.param_groups[0]["lr"] = lr_at(t)
-        p.grad = grad_at(p.detach(), t)
-        opt.step()
-        opt.eval()
-        assert torch.allclose(p.detach(), expected[t - 1], rtol=1e-12, atol=1e-12), f"step {t}"
-        opt.train()
+    assert_x_follows(opt, p, expected, lr_at)
 
 
 def test_fused_true_with_decay_at_z_warns_that_it_runs_foreach() -> None:
