@@ -51,11 +51,11 @@ def test_lm_smoke(tmp_path):
 
 
 def test_lm_refuses_a_method_it_cannot_run(tmp_path, monkeypatch):
-    import sfoptim
+    import sys
 
-    monkeypatch.delattr(sfoptim, "MuonScheduleFree", raising=False)
-    with pytest.raises(SystemExit, match="MuonScheduleFree"):
-        _load("lm_stdlib").main(["--methods", "muon-sf", "--out", str(tmp_path)])
+    monkeypatch.setitem(sys.modules, "prodigyplus", None)  # as if the package were not installed
+    with pytest.raises(SystemExit, match="prodigy-plus-schedule-free"):
+        _load("lm_stdlib").main(["--methods", "prodigyplus", "--out", str(tmp_path)])
 
 
 def test_lm_wsd_branches_equal_separate_runs():

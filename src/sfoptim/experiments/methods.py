@@ -5,11 +5,10 @@ A :class:`Method` is one entry of a task's method table (``sfoptim demo``,
 hyperparameter configuration, the configurations tried (the tuning budget), and
 whether the run is told its stopping time (a decay schedule, tuned separately
 for every stopping time) or not (one run, evaluated at every stopping time).
-Adding an optimizer to a comparison is adding one entry.
-
-Optimizers that a given sfoptim may not have yet are looked up by name when the
-run is built (:func:`sfoptim_class`), so a table can name them and a command can
-refuse them with a clear message before any training.
+Adding an optimizer to a comparison is adding one entry.  An entry whose
+optimizer comes from a package that is not installed says so
+(:meth:`Method.available`), so a command can refuse it with a clear message
+before any training.
 """
 
 from __future__ import annotations
@@ -25,8 +24,7 @@ from torch import nn
 import sfoptim
 
 __all__ = [
-    "Method", "MethodUnavailable", "ParamSplitOptimizer", "grid", "hidden_matrices", "muon_adamw", "sfoptim_class",
-    "step_with_loss",
+    "Method", "MethodUnavailable", "ParamSplitOptimizer", "grid", "hidden_matrices", "muon_adamw", "step_with_loss",
 ]
 
 Config = dict[str, Any]
@@ -34,14 +32,6 @@ Config = dict[str, Any]
 
 class MethodUnavailable(LookupError):
     """The method needs an optimizer that the installed packages do not provide."""
-
-
-def sfoptim_class(name: str) -> type:
-    """``sfoptim.<name>``, looked up now; :class:`MethodUnavailable` when this sfoptim lacks it."""
-    cls = getattr(sfoptim, name, None)
-    if cls is None:
-        raise MethodUnavailable(f"sfoptim {sfoptim.__version__} has no {name}")
-    return cls
 
 
 def grid(**axes: Sequence[Any]) -> tuple[Config, ...]:
@@ -186,17 +176,17 @@ def untuned_schedule_free_methods(hidden: Callable[[str, nn.Module], bool] | Non
     schedule-free Muon orthogonalizes (as for the Muon baseline); without it
     Muon's own split of ``model.named_parameters()`` applies.
     """
-    def sfoptim_method(name: str, label: str, cls: str, needs_loss: bool = False, **kwargs: Any) -> Method:
-        return Method(name, label, lambda model, _: sfoptim_class(cls)(model.parameters(), **kwargs),
-                      schedule_free=True, needs_loss=needs_loss, requires=lambda: sfoptim_class(cls))
+    def sfoptim_method(name: str, label: str, cls: type, needs_loss: bool = False, **kwargs: Any) -> Method:
+        return Method(name, label, lambda model, _: cls(model.parameters(), **kwargs),
+                      schedule_free=True, needs_loss=needs_loss)
 
     return [
-        sfoptim_method("sf-plus", "ScheduleFree+", "AdamCScheduleFreePlus", needs_loss=True, lr=1.0),
+        sfoptim_method("sf-plus", "ScheduleFree+", sfoptim.AdamCScheduleFreePlus, needs_loss=True, lr=1.0),
         Method("muon-sf", "SF Muon",
-               lambda model, _: sfoptim_class("MuonScheduleFree")(
+               lambda model, _: sfoptim.MuonScheduleFree(
                    hidden_matrices(model, hidden) if hidden is not None else model.named_parameters()),
-               schedule_free=True, requires=lambda: sfoptim_class("MuonScheduleFree")),
-        sfoptim_method("prodigy-sf", "SF Prodigy", "ProdigyScheduleFree", lr=1.0),
+               schedule_free=True),
+        sfoptim_method("prodigy-sf", "SF Prodigy", sfoptim.ProdigyScheduleFree, lr=1.0),
         Method("prodigyplus", "prodigyplus", lambda model, _: _prodigyplus()(model.parameters()),
                schedule_free=True, requires=_prodigyplus),
     ]
