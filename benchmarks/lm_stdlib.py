@@ -20,7 +20,13 @@ Methods (--methods; default: every one whose optimizer is installed):
   prodigyplus   prodigy-plus-schedule-free's ProdigyPlusScheduleFree, defaults
   sf-plus       sfoptim.AdamCScheduleFreePlus (ScheduleFree+), defaults (lr 1.0)
   muon-sf       sfoptim.MuonScheduleFree, defaults
+  muon-sf-adamw-lr
+                sfoptim.MuonScheduleFree, the lr of its AdamW part (embeddings,
+                head, norms, biases) chosen once over --sf-lr, the rest defaults
   prodigy-sf    sfoptim.ProdigyScheduleFree, defaults (lr 1.0)
+  prodigy-sf-lr-weighted
+                sfoptim.ProdigyScheduleFree averaging with weights lr_max**2
+                (r=0, weight_lr_power=2, as schedule-free AdamW), nothing tuned
 
 The text is read from the running interpreter's standard library (the directory
 of ``os.__file__``); nothing is downloaded or shipped.  Every batch is new data
@@ -130,6 +136,16 @@ def _steps_per_config(m, a, horizons):
     return sum(horizons)
 
 
+def _on_edge(grid, i):
+    """Whether configuration ``i`` sits at either end of an axis of three or more learning rates."""
+    for key in grid[i]:
+        if key == "lr" or key.endswith("_lr"):
+            values = sorted({c[key] for c in grid})
+            if len(values) >= 3 and grid[i][key] in (values[0], values[-1]):
+                return True
+    return False
+
+
 def _config(c):
     return ", ".join(f"{k} {v:g}" for k, v in c.items()) or "defaults"
 
@@ -199,9 +215,8 @@ def main(argv=None):
         row: dict = {"steps": h, "tokens": h * a.batch * a.ctx}
         for m in methods:
             i = chosen[m.name][h]
-            lrs = sorted({c["lr"] for c in m.grid}) if m.grid[0] else []
             row[m.name] = {"config": m.grid[i], "loss": ms([res[m.name][i][s][h] for s in seeds]),
-                           "edge": len(lrs) >= 3 and m.grid[i]["lr"] in (lrs[0], lrs[-1]),
+                           "edge": _on_edge(m.grid, i),
                            "grid": [mean_loss(m.name, j, [h]) for j in range(len(m.grid))]}
         if REFERENCE in row:
             for m in methods:
@@ -231,7 +246,7 @@ def main(argv=None):
         lines += ["", "Ratio to AdamW + cosine tuned for each stopping time (below 1: lower loss):", ""]
         lines += md(["method"] + [str(r["steps"]) for r in rows],
                     [[m.label] + [f"{r[m.name]['ratio']:.3f}" for r in rows] for m in methods if m.name != REFERENCE])
-    lines += ["", "Tuning budget, configuration chosen by held-out loss (* = lr on the grid's edge), wall time:", ""]
+    lines += ["", "Tuning budget, configuration chosen by held-out loss (* = a learning rate on the grid's edge), wall time:", ""]
     body = []
     for m in methods:
         picks = [_config(r[m.name]["config"]) + ("*" if r[m.name]["edge"] else "") for r in rows]
