@@ -161,6 +161,13 @@ class ProdigyScheduleFree(ScheduleFreeOptimizer):
     :math:`d` per coordinate; without warmup, :math:`d` can grow by orders of
     magnitude within the first few steps and those steps are then large.
 
+    Averaging: the defaults weight step :math:`t` by :math:`t^{0.75}` and not
+    by the step size (``r=0.75``, ``weight_lr_power=0``), as the submission
+    does, so the first steps, taken while ``d`` is still tiny, count in ``x``
+    like any other. On short runs, weights :math:`d_{max}^2` (``r=0``,
+    ``weight_lr_power=2``, as schedule-free AdamW) did better on the
+    language-model benchmark of ``docs/results.md``.
+
     Args:
         params: parameters or parameter groups.
         lr: multiplier of the estimated step size (default 1.0).
