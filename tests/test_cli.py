@@ -78,15 +78,15 @@ def test_unknown_method_is_refused_before_training(tmp_path, capsys, no_training
     assert "argument --methods" in err and "'adamw-sine'" in err and "adamw-cosine" in err
 
 
-def test_method_missing_from_sfoptim_is_refused_before_training(tmp_path, capsys, monkeypatch, no_training):
-    # The entry looks its optimizer up when the command runs; without it the
-    # command says which class is missing instead of failing mid-run.
-    monkeypatch.delattr(sfoptim, "AdamCScheduleFreePlus", raising=False)
+def test_method_whose_package_is_missing_is_refused_before_training(tmp_path, capsys, monkeypatch, no_training):
+    # Without the optimizer's package the command says which package is
+    # missing instead of failing mid-run.
+    monkeypatch.setitem(sys.modules, "prodigyplus", None)  # as if it were not installed
     with pytest.raises(SystemExit) as exc:
-        demo.main(["--methods", "sf-plus", "--out", str(tmp_path)])
+        demo.main(["--methods", "prodigyplus", "--out", str(tmp_path)])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "argument --methods" in err and "AdamCScheduleFreePlus" in err
+    assert "argument --methods" in err and "prodigy-plus-schedule-free" in err
 
 
 def test_out_folder_is_created_and_left_clean(tmp_path, no_training):
