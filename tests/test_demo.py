@@ -110,23 +110,22 @@ class _LossTakingSGD(torch.optim.SGD):
         pass
 
 
-def test_method_needing_the_loss_is_looked_up_late_and_gets_it(monkeypatch):
-    import sfoptim
+def test_method_needing_the_loss_gets_it_every_step():
     from sfoptim import demo
-
-    made = []
-
-    def build(params, **kwargs):
-        made.append(_LossTakingSGD(params, **kwargs))
-        return made[-1]
+    from sfoptim.experiments.methods import Method
 
     torch.set_num_threads(1)
     cfg = demo.DemoConfig(steps=12, num_samples=600, hidden=16)
     task = demo.load_task(cfg.num_samples)
-    # The table names the class; it is found when a run builds its optimizer.
-    method = demo.demo_methods(cfg)["sf-plus"]
-    monkeypatch.setattr(sfoptim, "AdamCScheduleFreePlus", build, raising=False)
-    assert method.available() is None and method.needs_loss
+    # The demo's ScheduleFree+ entry is such a method; a recording optimizer stands in for it.
+    assert demo.demo_methods(cfg)["sf-plus"].needs_loss
+    made = []
+
+    def build(model, config):
+        made.append(_LossTakingSGD(model.parameters()))
+        return made[-1]
+
+    method = Method("loss-taking", "loss-taking SGD", build, schedule_free=True, needs_loss=True)
     demo.train_method(task, cfg, 0, method, {}, 12, [12])
     losses = made[0].losses
     assert len(losses) == 12 and all(math.isfinite(x) and x > 0 for x in losses)
