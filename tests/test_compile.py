@@ -117,3 +117,47 @@ def test_cpu_kernel_is_an_operator_in_the_graph() -> None:
     model(torch.randn(2, 4)).sum().backward()
     torch.compile(lambda: opt.step(), backend=backend)()
     assert any(t.startswith("sfoptim.cpu_kernel_step") for t in seen), seen
+
+
+def _run_with_closure(make, compiled: bool) -> tuple[list[torch.Tensor], list[int], set[str]]:
+    """``opt.step(closure)`` under ``torch.compile``; returns the parameters, the graph count after each
+    step and the distinct reasons for graph breaks."""
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 3)
+    opt = make(model.parameters())
+    xs, ys = torch.randn(16, 6), torch.randn(16, 3)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(xs), ys)
+        loss.backward()
+        return loss
+
+    def step() -> None:
+        opt.step(closure)
+
+    fn = torch.compile(step) if compiled else step
+    graphs = []
+    for _ in range(STEPS):
+        fn()
+        graphs.append(counters["stats"]["unique_graphs"])
+    if hasattr(opt, "eval"):
+        opt.eval()
+    reasons = {reason.split("\n")[0] for reason in counters["graph_break"]}
+    return [p.detach().clone() for p in model.parameters()], graphs, reasons
+
+
+@pytest.mark.parametrize("cls", [sfoptim.AdamWScheduleFree, sfoptim.AdamWScheduleFreeClosure])
+def test_step_with_a_closure_settles_and_breaks_only_where_torch_adamw_does(cls) -> None:
+    # The closure's zero_grad and backward leave the graph in any optimizer;
+    # the schedule-free step must add no break of its own, and its warmup
+    # must not keep compiling new graphs.
+    _, _, torch_reasons = _run_with_closure(lambda p: torch.optim.AdamW(p, lr=0.01), compiled=True)
+    eager, _, _ = _run_with_closure(lambda p: cls(p, lr=0.01, warmup_steps=10), compiled=False)
+    compiled, graphs, reasons = _run_with_closure(lambda p: cls(p, lr=0.01, warmup_steps=10), compiled=True)
+    assert graphs[-1] == graphs[SETTLED - 1], f"new graphs after step {SETTLED}: {graphs}"
+    assert reasons <= torch_reasons, reasons - torch_reasons
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
