@@ -145,7 +145,8 @@ def _run_with_closure(make, compiled: bool) -> tuple[list[torch.Tensor], list[in
         graphs.append(counters["stats"]["unique_graphs"])
     if hasattr(opt, "eval"):
         opt.eval()
-    reasons = {reason.split("\n")[0] for reason in counters["graph_break"]}
+    # A reason's first two lines name the break and the function that caused it.
+    reasons = {"\n".join(reason.split("\n")[:2]) for reason in counters["graph_break"]}
     return [p.detach().clone() for p in model.parameters()], graphs, reasons
 
 
