@@ -95,7 +95,7 @@ def test_one_run_keeps_one_config_and_schedules_are_tuned_per_stopping_time():
 class _LossTakingSGD(torch.optim.SGD):
     """A real optimizer whose step needs the loss (as ScheduleFree+'s does); it records what it gets."""
 
-    def __init__(self, params, lr=1.0):
+    def __init__(self, params):
         super().__init__(params, lr=0.01)
         self.losses = []
 
