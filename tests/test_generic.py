@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 from registry import F64, OPTIMIZERS, OptimizerInfo
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import sfoptim
 
@@ -118,6 +119,40 @@ def test_state_dict_round_trip_resumes_bit_identically(info: OptimizerInfo, save
     resumed_opt.eval()
     for p, q in zip(params, resumed):
         assert torch.equal(p, q)
+
+
+# ---------------------------------------------------------------- step hooks
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids)
+def test_step_hooks_run_once_per_step_whichever_classes_exist(info: OptimizerInfo) -> None:
+    """Per-optimizer and global step hooks run once per step, in torch's order.
+
+    ``torch.optim`` wraps the ``step`` of each class with the hooks when the
+    class is first constructed; a form whose ``step`` went through a parent
+    class's ``step`` would run them twice once both classes exist. Building
+    every registered class first makes that the case whatever ran before.
+    """
+    for other in OPTIMIZERS:
+        other.make(make_params())
+    params = make_params()
+    opt = info.make(params)
+    calls: list[str] = []
+
+    def record(name: str) -> Any:
+        return lambda o, args, kwargs: calls.append(name) if o is opt else None
+
+    handles = [
+        opt.register_step_pre_hook(record("pre")),
+        opt.register_step_post_hook(record("post")),
+        register_optimizer_step_pre_hook(record("global pre")),
+        register_optimizer_step_post_hook(record("global post")),
+    ]
+    try:
+        for step in range(2):
+            take_step(info, opt, params, step)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == ["global pre", "pre", "post", "global post"] * 2
 
 
 # --------------------------------------------------------------------- modes

@@ -322,6 +322,15 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             ModeError: in eval mode (call :meth:`train` first).
             RuntimeError: for a sparse gradient; nothing has changed then.
         """
+        return self._run_step(closure)
+
+    def _run_step(self, closure: Callable[[], Any] | None) -> Any:
+        """The step without ``torch.optim``'s step hooks.
+
+        ``torch.optim.Optimizer`` wraps the ``step`` of each class it constructs
+        with the hooks, so a form's ``step`` calls this, never a parent class's
+        ``step``: the hooks then run once per step whichever classes exist.
+        """
         self._enter_step(closure)
         try:
             loss = _evaluate(closure)
@@ -552,7 +561,7 @@ class ClosureForm:
         ``backward()``; its return value is returned. If it raises, the
         parameters are moved back to ``x`` before the error propagates.
         """
-        return super().step(closure)  # type: ignore[misc]
+        return self._run_step(closure)  # type: ignore[attr-defined]
 
     def _enter_step(self, closure: Callable[[], Any] | None) -> None:
         if closure is None:
