@@ -121,6 +121,41 @@ def test_state_dict_round_trip_resumes_bit_identically(info: OptimizerInfo, save
         assert torch.equal(p, q)
 
 
+def assert_same(loaded: Any, saved: Any, where: str = "state_dict") -> None:
+    """Deep equality of two state dicts: same keys, same types, tensors equal in dtype, shape and value."""
+    assert type(loaded) is type(saved), f"{where}: {type(loaded).__name__} != {type(saved).__name__}"
+    if isinstance(saved, dict):
+        assert loaded.keys() == saved.keys(), f"{where}: keys {sorted(map(str, loaded))} != {sorted(map(str, saved))}"
+        for key in saved:
+            assert_same(loaded[key], saved[key], f"{where}[{key!r}]")
+    elif isinstance(saved, (list, tuple)):
+        assert len(loaded) == len(saved), f"{where}: length {len(loaded)} != {len(saved)}"
+        for i, (a, b) in enumerate(zip(loaded, saved)):
+            assert_same(a, b, f"{where}[{i}]")
+    elif torch.is_tensor(saved):
+        assert loaded.dtype == saved.dtype and torch.equal(loaded, saved), f"{where}: tensors differ"
+    else:
+        assert loaded == saved, f"{where}: {loaded!r} != {saved!r}"
+
+
+@pytest.mark.parametrize("save_in_eval", [False, True], ids=["saved_in_train", "saved_in_eval"])
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids)
+def test_state_dict_after_a_load_is_the_loaded_state_dict(info: OptimizerInfo, save_in_eval: bool) -> None:
+    """``state_dict()`` after ``load_state_dict(sd)`` equals ``sd``: save, load, save gives the same dict."""
+    params = make_params()
+    opt = info.make(params)
+    for step in range(3):
+        take_step(info, opt, params, step)
+    if save_in_eval:
+        with quiet():
+            opt.eval()
+    saved = copy.deepcopy(opt.state_dict())
+    resumed = info.make(make_params(seed=7))
+    for _ in range(2):  # a second load into the same optimizer too
+        resumed.load_state_dict(copy.deepcopy(saved))
+        assert_same(resumed.state_dict(), saved)
+
+
 # ---------------------------------------------------------------- step hooks
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=ids)
 def test_step_hooks_run_once_per_step_whichever_classes_exist(info: OptimizerInfo) -> None:

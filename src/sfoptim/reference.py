@@ -154,11 +154,14 @@ class _XYZ(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Checkpoints of the published classes lack our extra hyperparameters
-        # (inner_momentum): they take their defaults.
+        # (inner_momentum): they take their defaults. torch adds
+        # ``differentiable`` to ``defaults``, an option these classes do not
+        # have: it stays out of the groups, so a loaded state dict saves as it was.
         super().__setstate__(state)
         for group in self.param_groups:
             for key, value in self.defaults.items():
-                group.setdefault(key, value)
+                if key != "differentiable":
+                    group.setdefault(key, value)
 
     @property
     def train_mode(self) -> bool:
