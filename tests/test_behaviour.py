@@ -416,3 +416,36 @@ def test_wrapper_shares_param_groups_with_base() -> None:
     opt.add_param_group({"params": [extra], "lr": 0.3})
     assert base.param_groups is opt.param_groups and len(base.param_groups) == 2
     assert base.param_groups[1]["sf_momentum"] == 0.9 and base.param_groups[1]["momentum"] == 0
+
+
+# ---------------------------------------------------- names a user can act on
+OPTIMIZER_CLASSES = [
+    getattr(sfoptim, n) for n in sfoptim.__all__
+    if isinstance(getattr(sfoptim, n), type) and issubclass(getattr(sfoptim, n), torch.optim.Optimizer)
+    and n != "ScheduleFreeOptimizer"
+]  # fmt: skip
+
+
+def test_only_classes_the_published_package_has_point_to_it() -> None:
+    from sfoptim.engine.state_checks import PUBLISHED_CLASSES
+
+    schedulefree = pytest.importorskip("schedulefree")
+    published = {n for n in dir(schedulefree) if isinstance(getattr(schedulefree, n), type)}
+    assert published == PUBLISHED_CLASSES
+    for cls in OPTIMIZER_CLASSES:
+        if cls.__name__ not in published:
+            doc = cls.__doc__ or ""
+            assert "published package" not in doc and "same name" not in doc, cls.__name__
+
+
+@pytest.mark.parametrize("cls", [sfoptim.ProdigyScheduleFree, sfoptim.MuonScheduleFree])
+def test_fused_true_without_a_kernel_names_the_optimizer_class(cls: type) -> None:
+    from sfoptim.backends import dispatch
+
+    dispatch._no_kernel_warned.discard(cls.__name__)
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    opt = cls([p], fused=True)
+    p.grad = torch.ones(4, 3)
+    with pytest.warns(RuntimeWarning, match=f"{cls.__name__} has no fused kernel") as caught:
+        opt.step()
+    assert not any("Direction" in str(w.message) for w in caught)

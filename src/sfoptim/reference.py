@@ -27,9 +27,12 @@ In train mode the parameters hold ``y``; :meth:`eval` copies ``x`` into them
 and :meth:`train` copies ``y`` back. The optimizers start in train mode.
 Stepping in eval mode raises :class:`sfoptim.ModeError`. Gradients are read,
 never written. Complex parameters are optimized as pairs of reals. The
-constructors take the arguments of the published ``schedulefree`` reference
-classes in the same order; ``foreach`` is accepted for compatibility and has
-no effect (the step is a plain loop over tensors).
+SGD, AdamW, RAdam and wrapper forms take the arguments of the published
+``schedulefree`` classes in the same order; ``foreach`` is accepted for
+compatibility and has no effect (the step is a plain loop over tensors). The
+Prodigy, Muon and ScheduleFree+ forms take the arguments of sfoptim's classes
+less the backend and precision options (ScheduleFree+: those of its authors'
+class).
 
 These forms are oracles for tests and a readable starting point for research
 code; the helpers of :mod:`sfoptim.modes` accept only the fast optimizers.

@@ -49,20 +49,27 @@ from .step import real
 __all__ = ["ClosureForm", "ModeError", "ScheduleFreeOptimizer", "with_backend_args"]
 
 
-#: Docstring entries of the backend and precision arguments that SGD, AdamW and
-#: RAdam share; each class inserts them where its docstring says ``{backend_args}``.
-BACKEND_ARGS_DOC = """foreach: ``True``/``None`` updates all tensors of a device and dtype
+#: Docstring entries of the backend and precision arguments that the
+#: optimizers share; each class inserts them where its docstring says
+#: ``{backend_args}`` (``{backend_args_no_kernel}`` for a class without a
+#: fused kernel). Classes that the published package has too also get the
+#: sentence on its argument order.
+_FOREACH_DOC = """foreach: ``True``/``None`` updates all tensors of a device and dtype
             together; ``False`` one at a time (less temporary memory). The
-            default is ``None`` (the published package's is ``True``): it
-            leaves the choice to ``fused``. Arguments the published package
-            does not have come after all of its own, so its positional calls
-            mean the same here.
-        fused: ``None`` (default) uses the fused one-pass CPU kernel wherever
+            default is ``None``: it leaves the choice to ``fused``."""
+_PUBLISHED_ORDER_DOC = """
+            The published package's default is ``True``. Arguments the
+            published package does not have come after all of its own, so
+            its positional calls mean the same here."""
+_FUSED_DOC = """fused: ``None`` (default) uses the fused one-pass CPU kernel wherever
             it runs (CPU, float32/float64, contiguous) and ``foreach`` elsewhere;
             ``True`` also uses a ``torch.compile``-d one-pass kernel on GPUs,
             and warns once where no fused kernel can run; ``False`` never
-            uses them.
-        state_dtype: keep a master copy of narrower parameters and all their
+            uses them."""
+_NO_KERNEL_DOC = """fused: accepted for a uniform interface; this optimizer has no fused
+            kernel, so every value runs the foreach implementation (``True``
+            warns once)."""
+_PRECISION_DOC = """state_dtype: keep a master copy of narrower parameters and all their
             state in this dtype (e.g. ``torch.float32`` for bfloat16 weights;
             see :mod:`sfoptim.precision`). Default None: the parameter's dtype.
         stochastic_rounding: round the master into the parameter stochastically
@@ -70,9 +77,11 @@ BACKEND_ARGS_DOC = """foreach: ``True``/``None`` updates all tensors of a device
 
 
 def with_backend_args(cls: type) -> type:
-    """Class decorator: fills ``{backend_args}`` in the class docstring."""
+    """Class decorator: fills ``{backend_args}`` (or ``{backend_args_no_kernel}``) in the class docstring."""
     if cls.__doc__:
-        cls.__doc__ = cls.__doc__.replace("{backend_args}", BACKEND_ARGS_DOC)
+        foreach = _FOREACH_DOC + (_PUBLISHED_ORDER_DOC if cls.__name__ in state_checks.PUBLISHED_CLASSES else "")
+        for key, fused in (("{backend_args}", _FUSED_DOC), ("{backend_args_no_kernel}", _NO_KERNEL_DOC)):
+            cls.__doc__ = cls.__doc__.replace(key, f"{foreach}\n        {fused}\n        {_PRECISION_DOC}")
     return cls
 
 
@@ -503,7 +512,8 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
                 group.setdefault(self.group_key(name), value)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loads a state dict saved by this class (or by ``schedulefree``'s class of the same name).
+        """Loads a state dict saved by this class (or, for the classes the published
+        ``schedulefree`` package has too, by its class of the same name).
 
         Raises ValueError, before anything changes, for a checkpoint of another
         optimizer class, or whose state does not fit the parameters (a buffer

@@ -31,8 +31,15 @@ from .. import precision
 if TYPE_CHECKING:
     from .optimizer import ScheduleFreeOptimizer
 
-__all__ = ["check_load", "settle_load"]
+__all__ = ["PUBLISHED_CLASSES", "check_load", "settle_load"]
 
+#: The classes that the published ``schedulefree`` package (1.4.1) has too,
+#: under the same names: their checkpoints load into sfoptim's.
+PUBLISHED_CLASSES = frozenset({
+    "SGDScheduleFree", "SGDScheduleFreeClosure", "SGDScheduleFreeReference",
+    "AdamWScheduleFree", "AdamWScheduleFreeClosure", "AdamWScheduleFreePaper", "AdamWScheduleFreeReference",
+    "RAdamScheduleFree", "RAdamScheduleFreeClosure", "ScheduleFreeWrapper", "ScheduleFreeWrapperReference",
+})  # fmt: skip
 #: Options that sfoptim added to the published classes: a checkpoint that lacks
 #: them was saved by ``schedulefree`` and gets the constructed values.
 _ADDED_OPTIONS = ("state_dtype", "stochastic_rounding", "inner_momentum")
@@ -121,8 +128,8 @@ def _check_class(opt: ScheduleFreeOptimizer, saved_groups: list[dict]) -> None:
         by = " or ".join(savers[:3]) if savers else "another optimizer"
         raise ValueError(
             f"Invalid state_dict: it was saved by {by}, not by {cls}: its param_groups[{gi}] has no "
-            f"{', '.join(repr(k) for k in sorted(missing))}. Load a checkpoint saved by {cls} "
-            "(or by schedulefree's class of the same name)."
+            f"{', '.join(repr(k) for k in sorted(missing))}. Load a checkpoint saved by {cls}"
+            + (" (or by schedulefree's class of the same name)." if cls in PUBLISHED_CLASSES else ".")
         )
 
 
