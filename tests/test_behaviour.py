@@ -449,3 +449,37 @@ def test_fused_true_without_a_kernel_names_the_optimizer_class(cls: type) -> Non
     with pytest.warns(RuntimeWarning, match=f"{cls.__name__} has no fused kernel") as caught:
         opt.step()
     assert not any("Direction" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize(
+    "cls", [sfoptim.AdamWScheduleFree, sfoptim.MuonScheduleFree, sfoptim.ProdigyScheduleFreeClosure, sfoptim.SGDScheduleFreeReference]
+)
+def test_a_spent_parameter_generator_is_explained(cls: type) -> None:
+    model = make_model()
+    params = model.parameters()
+    sfoptim.AdamWScheduleFree(params)  # consumes the generator
+    with pytest.raises(ValueError, match=r"parameter iterable is empty.*generator like model\.parameters\(\) can be consumed only once"):
+        cls(params)
+
+
+def test_a_checkpoint_of_another_class_or_layout_is_explained_and_changes_nothing() -> None:
+    model = make_model()
+    adamw = sfoptim.AdamWScheduleFree(model.parameters(), lr=0.01)
+    train_steps(model, adamw, make_batches(2))
+    saved = adamw.state_dict()
+    n = len(list(model.parameters()))
+
+    muon = sfoptim.MuonScheduleFree(model.named_parameters())
+    train_steps(model, muon, make_batches(1))
+    before = copy.deepcopy(muon.state_dict())
+    with pytest.raises(ValueError, match=rf"it holds 1 parameter group of {n} parameters, but this MuonScheduleFree has 2 parameter groups") as caught:
+        muon.load_state_dict(saved)
+    assert "saved by AdamWScheduleFree" in str(caught.value)
+    after = muon.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert all(torch.equal(after["state"][i][k], v) for i, s in before["state"].items() for k, v in s.items())
+
+    regrouped = sfoptim.AdamWScheduleFree(two_groups(model))
+    with pytest.raises(ValueError, match=r"same parameters in the same groups") as caught:
+        regrouped.load_state_dict(saved)
+    assert f"1 parameter group of {n} parameters" in str(caught.value) and "2 parameter groups" in str(caught.value)

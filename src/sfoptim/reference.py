@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _validation
 from .engine import ModeError
 
 __all__ = [
@@ -139,6 +140,9 @@ def _real(t: Tensor) -> Tensor:
 # ------------------------------------------------------------------ modes
 class _XYZ(torch.optim.Optimizer):
     """Storage of ``x``, ``y``, ``z`` per parameter and the train/eval switch."""
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        super().__init__(_validation.param_list(params, type(self).__name__), defaults)
 
     def _validate(self, group: dict) -> None:
         raise NotImplementedError

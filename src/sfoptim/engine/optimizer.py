@@ -149,7 +149,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             defaults.setdefault(self.group_key(name), value)
         for name, value in self._schedule_defaults().items():
             defaults.setdefault(name, value)
-        super().__init__(params, defaults)
+        super().__init__(_validation.param_list(params, type(self).__name__), defaults)
 
     # ------------------------------------------------------------ group keys
     @classmethod
@@ -524,10 +524,9 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         a wide master copy (``state_dtype``) keep all their state wide.
         """
         previous = [dict(g) for g in self.param_groups]
-        matched = state_checks.check_load(self, state_dict)
+        state_checks.check_load(self, state_dict)
         super().load_state_dict(state_dict)
-        if matched:
-            state_checks.settle_load(self, state_dict, previous)
+        state_checks.settle_load(self, state_dict, previous)
 
 
 def _evaluate(closure: Callable[[], Any] | None) -> Any:
