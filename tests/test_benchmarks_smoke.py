@@ -114,7 +114,7 @@ def test_digits_convnet_evaluates_schedule_free_runs_with_batchnorm_statistics_a
     from sfoptim.experiments import compare, digits_convnet
 
     cfg = digits_convnet.DigitsConfig(steps=12, seeds=(0,), width=4)
-    data = digits_convnet.TASK.load(400)
+    data = digits_convnet.TASK.load(800)
     method = digits_convnet.methods(cfg)["sf-adamw"]
     seen = {}
 
