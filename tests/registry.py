@@ -47,6 +47,8 @@ class OptimizerInfo:
         tolerance: relative agreement with the reference in float64.
         invalid: ``(argument, value)`` pairs that must raise ValueError naming the argument.
         needs_loss: the step takes the loss (ScheduleFree+'s Polyak step size).
+        starts_in_eval: the class starts in eval mode, as the authors' class it
+            follows does; ``make`` calls ``train()`` so every check starts alike.
     """
 
     name: str
@@ -63,10 +65,12 @@ class OptimizerInfo:
     invalid: tuple[tuple[str, Any], ...] = ()
     #: ``step()`` needs the loss (``step(loss=...)``, or a closure that returns it).
     needs_loss: bool = False
+    starts_in_eval: bool = False
 
     def make(self, params: list[torch.Tensor], **overrides: Any) -> Any:
         first = self.base(params) if self.base is not None else params
-        return self.cls(first, **{**self.kwargs, **overrides})
+        opt = self.cls(first, **{**self.kwargs, **overrides})
+        return opt.train() if self.starts_in_eval else opt
 
     def make_reference(self, params: list[torch.Tensor], **overrides: Any) -> Any:
         assert self.reference is not None
@@ -190,7 +194,7 @@ OPTIMIZERS: list[OptimizerInfo] = [
     # ScheduleFree+ (the step takes the loss), against our reference form.
     OptimizerInfo("adamc_plus", sfoptim.AdamCScheduleFreePlus, PLUS_KW, sfoptim.AdamCScheduleFreePlusReference, flags=FAST, invalid=PLUS_INVALID, needs_loss=True),
     OptimizerInfo("adamc_plus_closure", sfoptim.AdamCScheduleFreePlusClosure, PLUS_KW, sfoptim.AdamCScheduleFreePlusReference, closure=True, flags=FAST, needs_loss=True),
-    OptimizerInfo("adamc_plus_paper", sfoptim.AdamCScheduleFreePlusPaper, PLUS_KW, sfoptim.AdamCScheduleFreePlusReference, flags=FAST, needs_loss=True),
+    OptimizerInfo("adamc_plus_paper", sfoptim.AdamCScheduleFreePlusPaper, PLUS_KW, sfoptim.AdamCScheduleFreePlusReference, flags=FAST, needs_loss=True, starts_in_eval=True),
     # Our reference forms, against the published package (RAdam against its fast form: it has no reference).
     OptimizerInfo("sgd_reference", sfoptim.SGDScheduleFreeReference, SGD_KW, _published("SGDScheduleFreeReference"), tolerance=1e-12, invalid=SGD_INVALID),
     OptimizerInfo("adamw_reference", sfoptim.AdamWScheduleFreeReference, {**ADAMW_KW, "decay_at_z": True}, _published("AdamWScheduleFreeReference"), tolerance=1e-12, invalid=ADAMW_INVALID),
