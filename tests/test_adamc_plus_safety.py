@@ -203,6 +203,20 @@ def test_a_step_without_any_gradient_is_an_empty_step(cls) -> None:
     assert all(not torch.equal(a, b) for a, b in zip(before, params))
 
 
+def test_an_empty_step_follows_the_reference_form() -> None:
+    """With a gradient-norm EMA (``polyak_beta=0.9``) the empty step keeps the estimate in both forms."""
+    runs = []
+    for cls in (PAPER, sfoptim.AdamCScheduleFreePlusReference):
+        params, opt = make(cls, polyak_beta=0.9, sf_beta1_anneal_steps=4)
+        for s in range(5):
+            grads(params, s)
+            if s == 2:
+                opt.zero_grad()
+            opt.step(loss=loss_at(s))
+        runs.append([p.detach().clone() for p in params])
+    assert max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(*runs)) <= 1e-12
+
+
 # ------------------------------------------------------------ accumulate_loss
 def accumulated_run(parts, cls=PLUS, **kw):
     params, opt = make(cls, **kw)

@@ -845,7 +845,8 @@ class AdamCScheduleFreePlusReference(_XYZ):
     :math:`t \le` ``c_warmup`` (``weight_sum`` does not grow then); afterwards
     :math:`c_t = w_t/\sum w` with :math:`w_t = t^r \gamma_{\max}^p`, where
     :math:`\gamma_{\max}` starts at :math:`\epsilon`. If every gradient is zero
-    the step size is 0. A parameter without a gradient keeps ``x`` and ``z``
+    the step size is 0; if no parameter has a gradient it is 0 too and
+    :math:`e` is kept. A parameter without a gradient keeps ``x`` and ``z``
     and its ``y`` is rebuilt with :math:`\beta_t` (the authors' code leaves its
     ``y`` as built with an earlier :math:`\beta` while annealing).
 
@@ -927,9 +928,12 @@ class AdamCScheduleFreePlusReference(_XYZ):
                 l1 += g.abs().sum().item()
                 ip += beta * (g * (_real(state["z"]) - _real(state["x"]))).sum().item()
         rho = first["polyak_beta"]
-        ema = rho * first["grad_l1_ema"] + (1 - rho) * l1 * math.sqrt(math.pi / 2)
-        ema /= 1 - rho ** (first["k"] + 1)
-        polyak = max(0.0, f + ip) / ema if ema > 0 else 0.0
+        if any(active):
+            ema = rho * first["grad_l1_ema"] + (1 - rho) * l1 * math.sqrt(math.pi / 2)
+            ema /= 1 - rho ** (first["k"] + 1)
+            polyak = max(0.0, f + ip) / ema if ema > 0 else 0.0
+        else:  # no gradient anywhere: an empty step, the estimate of |g| kept
+            ema, polyak = first["grad_l1_ema"], 0.0
         for group, params in zip(self.param_groups, active):
             t = group["k"] + 1
             beta, (beta1, beta2), eps = _annealed_beta(group, t), group["betas"], group["eps"]
