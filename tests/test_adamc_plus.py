@@ -9,6 +9,7 @@ and fused backends.
 from __future__ import annotations
 
 import copy
+import inspect
 import random
 
 import pytest
@@ -35,6 +36,14 @@ def problem(dtype: torch.dtype, seed: int):
         return sum(((a @ p.reshape(p.shape[0], -1)).reshape(b.shape) - b).pow(2).mean() for p, (a, b) in zip(params, data)) + 0.1
 
     return init, loss_fn
+
+
+#: The production class's guard rails at their defaults; the reference form
+#: runs with them too (``guards=True``) when it is compared with that class.
+PRODUCTION_GUARDS = {
+    name: inspect.signature(sfoptim.AdamCScheduleFreePlus).parameters[name].default
+    for name in ("warmup_steps", "lr_cap", "growth_limit", "loss_beta", "f_star", "estimate_f_star")
+}
 
 
 def build(cls, params, groups_split, kw, group2, **extra):
@@ -97,7 +106,8 @@ def test_fast_forms_follow_the_reference(kw, group2, frozen, split, seed, cls_ba
         ours = [t.clone().requires_grad_() for t in init]
         theirs = [t.clone().requires_grad_() for t in init]
         opt = build(cls, ours, split, kw, group2, **backend).train()
-        ref = build(sfoptim.AdamCScheduleFreePlusReference, theirs, split, kw, group2)
+        guards = {} if cls is sfoptim.AdamCScheduleFreePlusPaper else {"guards": True, **PRODUCTION_GUARDS}
+        ref = build(sfoptim.AdamCScheduleFreePlusReference, theirs, split, kw, group2, **guards)
         closure_form = cls is sfoptim.AdamCScheduleFreePlusClosure
 
         def grads(params, step):

@@ -17,6 +17,8 @@ import torch
 import sfoptim
 
 PLUS, PAPER, CLOSURE = sfoptim.AdamCScheduleFreePlus, sfoptim.AdamCScheduleFreePlusPaper, sfoptim.AdamCScheduleFreePlusClosure
+#: The production class without the guard rails that bound the step size (its cap would hide an overflow).
+UNCAPPED = {"lr_cap": None, "growth_limit": None}
 
 
 def make(cls=PLUS, dtype=torch.float64, **kw):
@@ -106,7 +108,7 @@ def test_strict_forms_refuse_a_nonfinite_gradient_naming_the_parameter(cls, kw) 
 @pytest.mark.parametrize("loss", [1e160, 1e200, 1e300])
 def test_a_huge_finite_loss_is_refused_whole_before_any_group_changes(loss: float) -> None:
     """The Polyak step size overflows the averaging weights: skipped (refused), every group as it was."""
-    for cls, kw in ((PLUS, {}), (PAPER, {})):
+    for cls, kw in ((PLUS, UNCAPPED), (PAPER, {})):
         params, opt = make(cls, **kw)
         for s in range(3):
             grads(params, s)
@@ -141,7 +143,7 @@ def test_a_step_refused_for_the_last_group_leaves_the_first_group_untouched() ->
 
 
 def test_a_step_size_beyond_float32_is_refused_for_float32_parameters() -> None:
-    params, opt = make(dtype=torch.float32)
+    params, opt = make(dtype=torch.float32, **UNCAPPED)
     grads(params, 0)
     before = frozen(opt, params)
     with pytest.warns(RuntimeWarning, match="step size"):
@@ -170,11 +172,11 @@ def test_skip_counts_round_trip_through_state_dict_and_are_not_shared() -> None:
         opt.step(loss=1.0)
         saved = opt.state_dict()
         opt.step(loss=1.0)  # a second skip must not reach into the saved dict
-    assert saved["param_groups"][0]["guard_counts"] == {"skipped": 1}
-    assert opt.param_groups[0]["guard_counts"] == {"skipped": 2}
+    assert saved["param_groups"][0]["guard_counts"] == {"skipped": 1, "cap": 0, "growth": 0}
+    assert opt.param_groups[0]["guard_counts"]["skipped"] == 2
     other_params, other = make()
     other.load_state_dict(saved)
-    assert [g["guard_counts"] for g in other.param_groups] == [{"skipped": 1}, {"skipped": 1}]
+    assert [g["guard_counts"]["skipped"] for g in other.param_groups] == [1, 1]
 
 
 @pytest.mark.parametrize("cls", [PLUS, PAPER, CLOSURE])

@@ -120,6 +120,11 @@ class _GroupPlan(NamedTuple):
     ema_corrected: float
     ip: float
     loss: float
+    #: The production class's guard state (None for the paper form).
+    loss_ema: float | None = None
+    polyak: float | None = None
+    counts: dict[str, int] | None = None
+    f_star: float | None = None
 
 
 class AdamCPlusDirection(Direction):
@@ -258,19 +263,19 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
     _refuses: bool = False
     #: Store the gradient-norm EMA bias-corrected, so that the next step
     #: corrects it again (the authors' code does; the paper form keeps it).
-    _ema_stored_corrected: bool = True
+    _ema_stored_corrected: bool = False
 
     def __init__(
         self,
         params: Iterable[Any],
         lr: float | Tensor = 1.0,
-        betas: tuple[float, float] = (0.9, 0.95),
+        betas: tuple[float, float] = (0.0, 0.95),
         sf_beta1: float = 0.9,
         eps: float = 1e-8,
         weight_decay: float = 0,
         r: float = 0,
         polyak_beta: float = 0,
-        c_warmup: int = 0,
+        c_warmup: int | None = None,
         sf_beta1_anneal_steps: int = 0,
         sf_beta1_max: float = 0.965,
         weight_lr_power: float = 2,
@@ -280,6 +285,12 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
         stochastic_rounding: bool = False,
         average_loss: bool = True,
         skip_nonfinite: bool = True,
+        warmup_steps: int = 20,
+        lr_cap: float | None = 0.05,
+        growth_limit: float | None = 2**0.25,
+        loss_beta: float = 0,
+        f_star: float = 0.0,
+        estimate_f_star: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -297,7 +308,16 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
             fused=fused,
             state_dtype=state_dtype,
             stochastic_rounding=stochastic_rounding,
+            warmup_steps=warmup_steps,
+            lr_cap=lr_cap,
+            growth_limit=growth_limit,
+            loss_beta=loss_beta,
+            f_star=f_star,
+            estimate_f_star=estimate_f_star,
+            f_star_estimate=f_star,
             grad_l1_ema=0.0,
+            loss_ema=0.0,
+            polyak_max=0.0,
             function_value=0.0,
             ip_term=0.0,
         )
@@ -311,9 +331,10 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
         self._pending_loss: Tensor | float | None = None
         self._plan: dict[int, _GroupPlan] | None = None
         self._step_loss = 0.0
+        self._step_clip = 1.0
         self._direction = self._bound_direction()
         if not self._refuses:
-            defaults["guard_counts"] = {"skipped": 0}
+            defaults["guard_counts"] = dict.fromkeys(_GUARDS, 0)
         super().__init__(params, defaults)
 
     def _bound_direction(self) -> AdamCPlusDirection:
@@ -330,6 +351,7 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
         self._pending_loss = None
         self._plan = None
         self._step_loss = 0.0
+        self._step_clip = 1.0
         self._direction = self._bound_direction()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -343,6 +365,8 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
             group["guard_counts"] = dict(group["guard_counts"])
 
     def _validate_group(self, group: dict) -> None:
+        if group.get("c_warmup", 0) is None:  # tied to the warmup of the step size
+            group["c_warmup"] = _check_steps("warmup_steps", group.get("warmup_steps", 0))
         super()._validate_group(group)
         if group.get("adamc"):
             # Its decay is already scaled by the step size; the engine's option would scale it twice.
@@ -361,10 +385,22 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
         for name in ("sf_beta1", "sf_beta1_max"):
             _validation.check_in_range(name, group[name], 0.0, 1.0, low_open=True, high_open=annealing)
         _check_steps("c_warmup", group["c_warmup"])
+        if "warmup_steps" in group:  # the production class's guard rails
+            _check_steps("warmup_steps", group["warmup_steps"])
+            if group["lr_cap"] is not None:
+                _validation.check_in_range("lr_cap", group["lr_cap"], 0.0, math.inf, low_open=True, high_open=True)
+            if group["growth_limit"] is not None:
+                _validation.check_in_range("growth_limit", group["growth_limit"], 1.0, math.inf, low_open=False, high_open=True)
+            _validation.check_in_range("loss_beta", group["loss_beta"], 0.0, 1.0, low_open=False, high_open=True)
+            _validation.check_in_range("f_star", group["f_star"], -math.inf, math.inf, low_open=True, high_open=True)
+            if not isinstance(group["estimate_f_star"], bool):
+                raise ValueError(f"Invalid estimate_f_star: {group['estimate_f_star']!r} (expected True or False)")
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None, *, loss: float | Tensor | None = None) -> Any:
+    def step(
+        self, closure: Callable[[], Any] | None = None, *, loss: float | Tensor | None = None, clip_coef: float | Tensor = 1.0
+    ) -> Any:
         """One step with the gradients in ``p.grad`` and the loss at the current ``y``.
 
         The loss is ``loss`` if given, else the value ``closure`` returns (the
@@ -372,6 +408,9 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
         :meth:`accumulate_loss` since the last step; the closure's value is
         returned. When no parameter has a gradient the step is empty: the
         step size is 0 and only the step count and averaging weights advance.
+        ``clip_coef`` is the factor gradient clipping multiplied the gradients
+        by (``min(1, max_norm / total_norm)``): the Polyak sums are divided by
+        it, so that the step size is the unclipped gradients' (1: no clipping).
 
         A loss, gradient sum or step size that is not finite (or too large
         for the parameters' dtype) skips the step: parameters and state stay
@@ -400,6 +439,10 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
                 )
             value = _evaluate(closure)
             f = self._global_loss(loss if loss is not None else value)
+            coef = float(clip_coef)
+            if not 0.0 < coef <= 1.0:
+                raise ValueError(f"Invalid clip_coef: {clip_coef!r} (must be in (0, 1])")
+            self._step_clip = coef
             try:
                 if not math.isfinite(f):
                     raise _Refused("loss", f"Invalid loss: {f!r} (the Polyak step size needs a finite loss)")
@@ -435,9 +478,7 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
                 raise ValueError(str(refused)) from None
             raise FloatingPointError(str(refused)) from None
         for group in self.param_groups:
-            counts = dict(group.get("guard_counts", {}))
-            counts["skipped"] = counts.get("skipped", 0) + 1
-            group["guard_counts"] = counts
+            group["guard_counts"] = _counted(group.get("guard_counts", {}), "skipped")
         warnings.warn(
             f"{type(self).__name__} skipped a step: its {refused.kind} was not finite; parameters and state are "
             "unchanged (param_groups[i]['guard_counts']['skipped'] counts such steps). The first: " + str(refused),
@@ -451,8 +492,8 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
             return self._plan
         f = self._step_loss
         empty = "grad_l1" not in reduced  # no parameter has a gradient
-        l1 = 0.0 if empty else float(reduced["grad_l1"])
-        ip = 0.0 if empty else float(reduced["ip_term"])
+        l1 = 0.0 if empty else float(reduced["grad_l1"]) / self._step_clip
+        ip = 0.0 if empty else float(reduced["ip_term"]) / self._step_clip
         if not (math.isfinite(l1) and math.isfinite(ip)):
             raise _Refused("gradient", self._nonfinite_sums_message(l1, ip))
         plan = {id(group): self._group_plan(group, f, l1, ip, empty) for group in self.param_groups}
@@ -462,17 +503,51 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
     def _group_plan(self, group: dict, f: float, l1: float, ip: float, empty: bool) -> _GroupPlan:
         step = group[self.group_key("k")] + 1
         rho = group["polyak_beta"]
+        guarded = "warmup_steps" in group
+        counts = group.get("guard_counts")
+        loss_ema = group.get("loss_ema", 0.0)
+        polyak_max = group.get("polyak_max", 0.0)
+        f_star = group.get("f_star_estimate", 0.0)
+        h = 0.0
         if empty:
             ema = corrected = group["grad_l1_ema"]
             polyak = 0.0
         else:
             ema = rho * group["grad_l1_ema"] + (1 - rho) * l1 * _SQRT_HALF_PI
             corrected = ema / (1 - rho**step)
-            polyak = max(0.0, f + ip) / corrected if corrected > 0 else 0.0
+            h = f + ip
+            if guarded:
+                beta_f = group["loss_beta"]
+                loss_ema = beta_f * loss_ema + (1 - beta_f) * f
+                h = loss_ema / (1 - beta_f**step) + ip
+                if not group["estimate_f_star"]:
+                    f_star = group["f_star"]
+                elif h < f_star:  # the loss went below the estimate: start again from half the gap
+                    f_star = max(group["f_star"], h / 2)
+            polyak = max(0.0, h - f_star) / corrected if corrected > 0 else 0.0
+            limit = group.get("growth_limit")
+            if limit is not None and polyak_max > 0 and polyak > limit * polyak_max:
+                polyak = limit * polyak_max
+                counts = _counted(counts, "growth")
+            polyak_max = max(polyak_max, polyak)
         lr = max(float(group["lr"]), group["eps"]) * polyak
+        if guarded and not empty:
+            warmup = group["warmup_steps"]
+            if step < warmup:
+                lr *= step / warmup
+            cap = group["lr_cap"]
+            if cap is not None and lr > cap:
+                lr = float(cap)
+                counts = _counted(counts, "cap")
+            if group["estimate_f_star"]:
+                # MoMo's online lower bound: the model's value after the step taken.
+                taken = lr / max(float(group["lr"]), group["eps"])
+                f_star = max(group["f_star"], h - 0.5 * taken * corrected)
         self._check_step_size(group, lr, f)
         stored = corrected if self._ema_stored_corrected else ema
-        return _GroupPlan(lr, stored, corrected, ip, f)
+        if not guarded:
+            return _GroupPlan(lr, stored, corrected, ip, f)
+        return _GroupPlan(lr, stored, corrected, ip, f, loss_ema, polyak_max, counts, f_star)
 
     def _check_step_size(self, group: dict, lr: float, f: float) -> None:
         """Refuses a step size that is not finite, or whose averaging or decay overflows."""
@@ -513,6 +588,11 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
         group["grad_l1_ema"] = plan.ema
         group["ip_term"] = plan.ip
         group["function_value"] = plan.loss
+        if plan.counts is not None:
+            group["loss_ema"] = plan.loss_ema
+            group["polyak_max"] = plan.polyak
+            group["guard_counts"] = plan.counts
+            group["f_star_estimate"] = plan.f_star
 
     # ------------------------------------------------------------ the loss
     def accumulate_loss(self, loss: float | Tensor) -> None:
@@ -577,6 +657,17 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
             dist.all_reduce(buf, op=dist.ReduceOp.SUM)
             return buf.item() / dist.get_world_size()
         return float(value)
+
+
+#: The guard rails whose binding is counted in ``param_groups[i]["guard_counts"]``.
+_GUARDS = ("skipped", "cap", "growth")
+
+
+def _counted(counts: Mapping[str, int] | None, guard: str) -> dict[str, int]:
+    """A copy of ``counts`` with ``guard`` counted once more (the group's dict is replaced, never changed)."""
+    out = dict(counts or {})
+    out[guard] = out.get(guard, 0) + 1
+    return out
 
 
 #: The largest finite value of the narrowest floating dtype (float16); a step
