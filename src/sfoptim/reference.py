@@ -878,7 +878,7 @@ class AdamCScheduleFreePlusReference(_XYZ):
         f_star: float = 0.0,
         estimate_f_star: bool = False,
     ) -> None:
-        defaults = dict(
+        defaults: dict[str, Any] = dict(
             lr=lr, betas=betas, sf_beta1=sf_beta1, eps=eps, weight_decay=weight_decay, r=r,
             polyak_beta=polyak_beta, c_warmup=c_warmup, sf_beta1_anneal_steps=sf_beta1_anneal_steps,
             sf_beta1_max=sf_beta1_max, weight_lr_power=weight_lr_power, train_mode=True,

@@ -705,11 +705,13 @@ class AdamCScheduleFreePlusClosure(ClosureForm, AdamCScheduleFreePlus):
     """
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None, *, loss: float | Tensor | None = None) -> Any:
+    def step(
+        self, closure: Callable[[], Any] | None = None, *, loss: float | Tensor | None = None, clip_coef: float | Tensor = 1.0
+    ) -> Any:
         """Evaluates ``closure`` at ``y`` and steps with its loss (or ``loss``, if given)."""
         if closure is None:
             raise TypeError(f"{type(self).__name__}.step() needs a closure that computes the loss and gradients")
-        return AdamCScheduleFreePlus.step(self, closure, loss=loss)
+        return AdamCScheduleFreePlus.step(self, closure, loss=loss, clip_coef=clip_coef)
 
 
 @with_backend_args
