@@ -44,7 +44,8 @@ def run(cls, losses, dtype=torch.float64, **kw):
     return params, opt, lrs
 
 
-LOSSES = [3.0 / (1 + 0.2 * t) for t in range(16)]
+#: Falling, with a jump up every third step (so an active growth limit would bind).
+LOSSES = [3.0 / (1 + 0.2 * t) * (2.0 if t % 3 == 2 else 1.0) for t in range(16)]
 
 
 @pytest.mark.parametrize("backend", [{"fused": False}, {"fused": True}, {"foreach": False, "fused": False}])
