@@ -480,6 +480,9 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
                 step size is not finite; nothing has changed.
             ModeError: in eval mode (call :meth:`train` first).
         """
+        coef = _validation._as_float("clip_coef", clip_coef)
+        if not 0.0 < coef <= 1.0:
+            raise ValueError(f"Invalid clip_coef: {clip_coef!r} (must be in (0, 1])")
         if loss is None and closure is None and self._pending_loss is not None:
             loss = self._pending_loss
         self._enter_step(closure)
@@ -492,9 +495,6 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
                 )
             value = _evaluate(closure)
             f = self._global_loss(loss if loss is not None else value)
-            coef = float(clip_coef)
-            if not 0.0 < coef <= 1.0:
-                raise ValueError(f"Invalid clip_coef: {clip_coef!r} (must be in (0, 1])")
             self._step_clip = coef
             try:
                 if not math.isfinite(f):
