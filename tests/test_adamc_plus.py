@@ -9,6 +9,7 @@ and fused backends.
 from __future__ import annotations
 
 import copy
+import inspect
 import random
 
 import pytest
@@ -35,6 +36,14 @@ def problem(dtype: torch.dtype, seed: int):
         return sum(((a @ p.reshape(p.shape[0], -1)).reshape(b.shape) - b).pow(2).mean() for p, (a, b) in zip(params, data)) + 0.1
 
     return init, loss_fn
+
+
+#: The production class's guard rails at their defaults; the reference form
+#: runs with them too (``guards=True``) when it is compared with that class.
+PRODUCTION_GUARDS = {
+    name: inspect.signature(sfoptim.AdamCScheduleFreePlus).parameters[name].default
+    for name in ("warmup_steps", "lr_cap", "growth_limit", "loss_beta", "f_star", "estimate_f_star")
+}
 
 
 def build(cls, params, groups_split, kw, group2, **extra):
@@ -96,8 +105,9 @@ def test_fast_forms_follow_the_reference(kw, group2, frozen, split, seed, cls_ba
         init, loss_fn = problem(dtype, seed)
         ours = [t.clone().requires_grad_() for t in init]
         theirs = [t.clone().requires_grad_() for t in init]
-        opt = build(cls, ours, split, kw, group2, **backend)
-        ref = build(sfoptim.AdamCScheduleFreePlusReference, theirs, split, kw, group2)
+        opt = build(cls, ours, split, kw, group2, **backend).train()
+        guards = {} if cls is sfoptim.AdamCScheduleFreePlusPaper else {"guards": True, **PRODUCTION_GUARDS}
+        ref = build(sfoptim.AdamCScheduleFreePlusReference, theirs, split, kw, group2, **guards)
         closure_form = cls is sfoptim.AdamCScheduleFreePlusClosure
 
         def grads(params, step):
@@ -212,7 +222,7 @@ def test_polyak_inner_product_keeps_its_digits_when_z_and_y_are_close(rows: int)
     """
     g = torch.Generator().manual_seed(0)
     p = torch.nn.Parameter(torch.randn(rows, 1000, generator=g))
-    opt = sfoptim.AdamCScheduleFreePlusPaper([p], fused=False)
+    opt = sfoptim.AdamCScheduleFreePlusPaper([p], fused=False).train()
     for _ in range(5):
         p.grad = torch.randn(p.shape, generator=g)
         opt.step_func(1.0)
@@ -228,7 +238,7 @@ def test_polyak_inner_product_keeps_its_digits_when_z_and_y_are_close(rows: int)
 
 def one_param_opt(cls=sfoptim.AdamCScheduleFreePlus, **kw):
     p = torch.nn.Parameter(torch.randn(3, 2, dtype=torch.float64))
-    opt = cls([p], weight_decay=1.0, **kw)
+    opt = cls([p], weight_decay=1.0, **kw).train()
     for _ in range(3):
         p.grad = torch.randn_like(p)
         opt.step(loss=2.0)
@@ -236,8 +246,11 @@ def one_param_opt(cls=sfoptim.AdamCScheduleFreePlus, **kw):
     return p, opt
 
 
-def test_step_without_a_loss_says_how_to_pass_one() -> None:
-    p, opt = one_param_opt()
+@pytest.mark.parametrize(
+    "cls, kw", [(sfoptim.AdamCScheduleFreePlus, {"skip_nonfinite": False}), (sfoptim.AdamCScheduleFreePlusPaper, {})]
+)
+def test_step_without_a_loss_says_how_to_pass_one(cls, kw) -> None:
+    p, opt = one_param_opt(cls, **kw)
     before, state = p.detach().clone(), copy.deepcopy(opt.state_dict())
     with pytest.raises(TypeError, match=r"loss="):
         opt.step()

@@ -855,7 +855,8 @@ class AdamCScheduleFreePlusReference(_XYZ):
     :math:`t \le` ``c_warmup`` (``weight_sum`` does not grow then); afterwards
     :math:`c_t = w_t/\sum w` with :math:`w_t = t^r \gamma_{\max}^p`, where
     :math:`\gamma_{\max}` starts at :math:`\epsilon`. If every gradient is zero
-    the step size is 0. A parameter without a gradient keeps ``x`` and ``z``
+    the step size is 0; if no parameter has a gradient it is 0 too and
+    :math:`e` is kept. A parameter without a gradient keeps ``x`` and ``z``
     and its ``y`` is rebuilt with :math:`\beta_t` (the authors' code leaves its
     ``y`` as built with an earlier :math:`\beta` while annealing).
 
@@ -878,13 +879,26 @@ class AdamCScheduleFreePlusReference(_XYZ):
         sf_beta1_anneal_steps: int = 0,
         sf_beta1_max: float = 0.965,
         weight_lr_power: float = 2,
+        *,
+        guards: bool = False,
+        warmup_steps: int = 0,
+        lr_cap: float | None = None,
+        growth_limit: float | None = None,
+        loss_beta: float = 0,
+        f_star: float = 0.0,
+        estimate_f_star: bool = False,
     ) -> None:
-        defaults = dict(
+        defaults: dict[str, Any] = dict(
             lr=lr, betas=betas, sf_beta1=sf_beta1, eps=eps, weight_decay=weight_decay, r=r,
             polyak_beta=polyak_beta, c_warmup=c_warmup, sf_beta1_anneal_steps=sf_beta1_anneal_steps,
             sf_beta1_max=sf_beta1_max, weight_lr_power=weight_lr_power, train_mode=True,
             k=0, weight_sum=0.0, scheduled_lr=0.0, grad_l1_ema=0.0,
         )
+        if guards:
+            defaults.update(
+                warmup_steps=warmup_steps, lr_cap=lr_cap, growth_limit=growth_limit, loss_beta=loss_beta,
+                f_star=f_star, estimate_f_star=estimate_f_star, loss_ema=0.0, polyak_max=0.0, f_star_estimate=f_star,
+            )  # fmt: skip
         super().__init__(params, defaults)
         for group in self.param_groups:
             group.setdefault("lr_max", group["eps"])
@@ -894,6 +908,8 @@ class AdamCScheduleFreePlusReference(_XYZ):
         self.param_groups[-1].setdefault("lr_max", self.param_groups[-1]["eps"])
 
     def _validate(self, group: dict) -> None:
+        if group["c_warmup"] is None:
+            group["c_warmup"] = group.get("warmup_steps", 0)
         _check_common(group, "weight_decay")
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -908,6 +924,52 @@ class AdamCScheduleFreePlusReference(_XYZ):
                    "in (0, 1)" if annealing else "in (0, 1]")  # fmt: skip
         for name in ("c_warmup", "sf_beta1_anneal_steps"):
             _check(name, group[name], lambda v: v >= 0 and v == int(v), "a whole number >= 0")
+        if "loss_beta" in group:
+            _check("warmup_steps", group["warmup_steps"], lambda v: v >= 0 and v == int(v), "a whole number >= 0")
+            if group["lr_cap"] is not None:
+                _check("lr_cap", group["lr_cap"], lambda v: 0 < v < math.inf, "> 0 and finite")
+            if group["growth_limit"] is not None:
+                _check("growth_limit", group["growth_limit"], lambda v: 1 <= v < math.inf, ">= 1 and finite")
+            _check("loss_beta", group["loss_beta"], lambda v: 0 <= v < 1, "in [0, 1)")
+            _check("f_star", group["f_star"], math.isfinite, "finite")
+            if not isinstance(group["estimate_f_star"], bool):
+                raise ValueError(f"Invalid estimate_f_star: {group['estimate_f_star']!r} (expected True or False)")
+
+    def _polyak(self, group: dict, t: int, f: float, l1: float, ip: float, any_gradient: bool) -> float:
+        """The step size over ``max(lr, eps)``; records the group's estimates.
+
+        Without ``guards`` (the authors' rule) the estimates of the first group
+        are used and stored, bias-corrected, in every group. With ``guards``
+        each group keeps its own, bias-corrected once at use.
+        """
+        guarded = "loss_beta" in group
+        rho = group["polyak_beta"]
+        if not any_gradient:  # no gradient anywhere: an empty step, the estimates kept
+            return 0.0
+        ema = rho * group["grad_l1_ema"] + (1 - rho) * l1 * math.sqrt(math.pi / 2)
+        corrected = ema / (1 - rho**t)
+        if not guarded:
+            for g in self.param_groups:
+                g["grad_l1_ema"] = corrected
+            return max(0.0, f + ip) / corrected if corrected > 0 else 0.0
+        group["grad_l1_ema"] = ema
+        group["loss_ema"] = group["loss_beta"] * group["loss_ema"] + (1 - group["loss_beta"]) * f
+        h = group["loss_ema"] / (1 - group["loss_beta"] ** t) + ip
+        low = group["f_star"]
+        if group["estimate_f_star"]:
+            low = group["f_star_estimate"] if h >= group["f_star_estimate"] else max(group["f_star"], h / 2)
+        eta = max(0.0, h - low) / corrected if corrected > 0 else 0.0
+        if group["growth_limit"] is not None and group["polyak_max"] > 0:
+            eta = min(eta, group["growth_limit"] * group["polyak_max"])
+        group["polyak_max"] = max(group["polyak_max"], eta)
+        if t < group["warmup_steps"]:
+            eta *= t / group["warmup_steps"]
+        multiplier = max(float(group["lr"]), group["eps"])
+        if group["lr_cap"] is not None:
+            eta = min(eta, group["lr_cap"] / multiplier)
+        if group["estimate_f_star"]:
+            group["f_star_estimate"] = max(group["f_star"], h - 0.5 * eta * corrected)
+        return eta
 
     @torch.no_grad()
     def step_func(self, function_value: float | Tensor | None = None) -> Any:
@@ -936,15 +998,13 @@ class AdamCScheduleFreePlusReference(_XYZ):
                 g = _real(p.grad)
                 l1 += g.abs().sum().item()
                 ip += beta * (g * (_real(state["z"]) - _real(state["x"]))).sum().item()
-        rho = first["polyak_beta"]
-        ema = rho * first["grad_l1_ema"] + (1 - rho) * l1 * math.sqrt(math.pi / 2)
-        ema /= 1 - rho ** (first["k"] + 1)
-        polyak = max(0.0, f + ip) / ema if ema > 0 else 0.0
+        stepped = any(active)
+        shared = None if "loss_beta" in first else self._polyak(first, first["k"] + 1, f, l1, ip, stepped)
         for group, params in zip(self.param_groups, active):
             t = group["k"] + 1
             beta, (beta1, beta2), eps = _annealed_beta(group, t), group["betas"], group["eps"]
-            lr = max(float(group["lr"]), eps) * polyak
-            group["grad_l1_ema"] = ema
+            eta = shared if shared is not None else self._polyak(group, t, f, l1, ip, stepped)
+            lr = max(float(group["lr"]), eps) * eta
             group["scheduled_lr"] = lr
             group["lr_max"] = max(group["lr_max"], lr)
             if t <= group["c_warmup"]:
