@@ -240,3 +240,74 @@ def test_auto_newton_schulz_dtype_is_float32_on_cpu():
     assert not all(torch.equal(a, b) for a, b in zip(runs["auto"], runs[torch.bfloat16]))
     with pytest.raises(ValueError, match="ns_dtype"):
         sfoptim.MuonScheduleFree([nn.Parameter(torch.zeros(3, 3))], ns_dtype="fast")
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize("normuon", [False, True], ids=["muon", "normuon"])
+def test_a_matrix_without_elements_is_stepped(normuon):
+    """nn.Linear(3, 0) (and a 0-column matrix) step as a no-op; the other parameters move as without them."""
+    torch.manual_seed(0)
+    full = [nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(3)), nn.Parameter(torch.empty(0, 3)),
+            nn.Parameter(torch.empty(0)), nn.Parameter(torch.empty(3, 0))]  # fmt: skip
+    alone = [nn.Parameter(p.detach().clone()) for p in full[:2]]
+    kw = dict(lr=0.02, weight_decay=0.1, normuon=normuon)
+    opt, ref = sfoptim.MuonScheduleFree(full, **kw), sfoptim.MuonScheduleFree(alone, **kw)
+    for step in range(3):
+        for p, g in zip(full, fixed_grads([tuple(p.shape) for p in full], step, F32)):
+            p.grad = g
+        for p, q in zip(alone, full):
+            p.grad = q.grad.clone()
+        opt.step()
+        ref.step()
+    assert all(torch.equal(p, q) for p, q in zip(full, alone))
+    assert opt.state[full[2]]["z"].shape == (0, 3)
+    opt.eval()
+    assert full[4].shape == (3, 0)
+    reference = sfoptim.MuonScheduleFreeReference([nn.Parameter(p.detach().clone()) for p in full], **kw)
+    for p in reference.param_groups[0]["params"] + reference.param_groups[1]["params"]:
+        p.grad = torch.ones_like(p)
+    reference.step()
+
+
+def test_a_step_that_raises_leaves_every_buffer_as_it_was(monkeypatch):
+    """A failure while orthogonalizing the second matrix: momentum, NorMuon's v, z and the parameters unchanged."""
+    import sfoptim.directions.muon as muon_module
+
+    shapes = [(6, 4), (4, 5)]
+    ps = [nn.Parameter(t) for t in fixed_grads(shapes, -1, F32)]
+    again = [nn.Parameter(t.detach().clone()) for t in ps]
+    kw = dict(lr=0.02, normuon=True, weight_decay=0.1)
+    opt, clean = sfoptim.MuonScheduleFree(ps, **kw), sfoptim.MuonScheduleFree(again, **kw)
+
+    def feed(step):
+        for p, q, g in zip(ps, again, fixed_grads(shapes, step, F32)):
+            p.grad, q.grad = g.clone(), g.clone()
+
+    feed(0)
+    opt.step()
+    clean.step()
+    feed(1)
+    before = [{k: v.clone() for k, v in opt.state[p].items()} for p in ps]
+    params_before = [p.detach().clone() for p in ps]
+    real = muon_module.newton_schulz
+    calls = []
+
+    def fails_on_the_second_matrix(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (injected)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(muon_module, "newton_schulz", fails_on_the_second_matrix)
+    for _ in range(2):  # a retry fails the same way and changes nothing either
+        calls.clear()
+        with pytest.raises(RuntimeError, match="injected"):
+            opt.step()
+        for p, state, p0 in zip(ps, before, params_before):
+            assert torch.equal(p, p0)
+            assert state.keys() == opt.state[p].keys()
+            assert all(torch.equal(opt.state[p][k], v) for k, v in state.items()), "state changed by a failed step"
+    monkeypatch.setattr(muon_module, "newton_schulz", real)
+    opt.step()
+    clean.step()
+    assert all(torch.equal(p, q) for p, q in zip(ps, again))

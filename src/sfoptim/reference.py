@@ -769,6 +769,8 @@ class MuonScheduleFreeReference(_XYZ):
             buf = state["momentum_buffer"]
             buf.copy_(mu * buf + (1 - mu) * grad)
             u = (1 - mu) * grad + mu * buf if group["nesterov"] else buf
+        if grad.numel() == 0:  # a matrix without elements: nothing to orthogonalize
+            return torch.zeros_like(grad)
         g = u.reshape(grad.shape[0], -1)
         o = _orthogonalize(g, group)
         if group["normuon"]:

@@ -158,8 +158,14 @@ def _shard_like(full: Tensor, like: Tensor) -> Tensor:
 
 
 def _orthogonalized(group: dict, whole: Tensor, v: Tensor | None) -> Tensor:
-    """The direction of one whole matrix (module docstring); updates NorMuon's ``v`` in place."""
-    matrix = whole.reshape(whole.shape[0], -1)
+    """The direction of one whole matrix (module docstring); updates NorMuon's ``v`` in place.
+
+    A matrix without elements (``nn.Linear(4, 0)``) has the empty direction
+    and leaves ``v`` as it is.
+    """
+    if whole.numel() == 0:
+        return torch.zeros_like(whole)
+    matrix = whole.reshape(whole.shape[0], math.prod(whole.shape[1:]))
     o = newton_schulz(
         matrix, group["ns_coefficients"], group["ns_steps"], group["ns_eps"], resolve_ns_dtype(group["ns_dtype"], matrix.device)
     ).to(whole.dtype)
@@ -282,7 +288,7 @@ def _orthogonalize_split(group: dict, shards: list[Any], vs: list[Tensor] | None
     results = {}
     for j in mine:
         whole = torch.cat(parts[j]).view(shapes[j])
-        results[j] = _orthogonalized(group, whole, None if vs is None else vs[j]).reshape(shapes[j][0], -1)
+        results[j] = _orthogonalized(group, whole, None if vs is None else vs[j]).reshape(shapes[j][0], row_numel[j])
 
     # Exchange 2: every rank's rows of the results, and NorMuon's whole v, back from the owners.
     v_numel = [0 if vs is None else vs[j].numel() for j in range(n_mat)]
@@ -336,17 +342,28 @@ class MuonDirection(Direction):
         return Size((shape[0], 1)) if name == "normuon_v" else shape
 
     def foreach(self, group: dict, step: int, bucket: Bucket, reduced: Mapping[str, Tensor]) -> tuple[list[Tensor], bool]:
+        """The directions of the bucket's matrices.
+
+        The new momentum and NorMuon's ``v`` are formed beside the old ones and
+        written into the state only once every direction has been computed, so
+        a step that raises (a failed collective, memory) leaves them as they were.
+        """
         mu = group["momentum"]
-        updates: list[Tensor] = bucket.grads
-        if mu > 0:
-            buf = bucket.buffers["momentum_buffer"]
-            torch._foreach_lerp_(buf, bucket.grads, 1 - mu)
-            updates = list(torch._foreach_lerp(bucket.grads, buf, mu)) if group["nesterov"] else buf
+        grads = bucket.grads
+        updates: list[Tensor] = grads
+        buf = bucket.buffers.get("momentum_buffer") if mu > 0 else None
+        if buf is not None:
+            moved = list(torch._foreach_lerp(buf, grads, 1 - mu))
+            # With Nesterov only the mix is kept: the momentum is formed again in place at the end (same bits).
+            updates = list(torch._foreach_lerp(grads, moved, mu)) if group["nesterov"] else moved
+            del moved
         vs = bucket.buffers.get("normuon_v")
+        new_vs = None if vs is None else [v.clone() for v in vs]
         split = _splittable(updates, vs) if any(type(u) is not Tensor for u in updates) else []
         shared: dict[int, Tensor] = {}
         if split:
-            directions = _orthogonalize_split(group, [updates[i] for i in split], None if vs is None else [vs[i] for i in split])
+            split_vs = None if new_vs is None else [new_vs[i] for i in split]
+            directions = _orthogonalize_split(group, [updates[i] for i in split], split_vs)
             shared = dict(zip(split, directions))
         out = []
         for i, u in enumerate(updates):
@@ -355,14 +372,18 @@ class MuonDirection(Direction):
                 continue
             sharded = type(u) is not Tensor and hasattr(u, "full_tensor")
             whole = u.full_tensor() if sharded else u  # type: ignore[attr-defined]
-            v = None if vs is None else vs[i]
+            v = None if new_vs is None else new_vs[i]
             # A single-column matrix's v has the parameter's shape, so it is sharded like the parameter.
             v_sharded = v is not None and type(v) is not Tensor and hasattr(v, "full_tensor")
             v_whole = v.full_tensor() if v_sharded else v  # type: ignore[union-attr]
             d = _orthogonalized(group, whole, v_whole)
             if v_sharded:
-                v.copy_(_shard_like(v_whole, v))  # type: ignore[union-attr, arg-type]
+                new_vs[i] = _shard_like(v_whole, v)  # type: ignore[index, arg-type]
             out.append(_shard_like(d, u) if sharded else d)
+        if buf is not None:
+            torch._foreach_lerp_(buf, grads, 1 - mu)
+        for v, new_v in zip(vs or (), new_vs or ()):
+            v.copy_(new_v)
         return out, True
 
 
