@@ -311,3 +311,21 @@ def test_a_step_that_raises_leaves_every_buffer_as_it_was(monkeypatch):
     opt.step()
     clean.step()
     assert all(torch.equal(p, q) for p, q in zip(ps, again))
+
+
+@pytest.mark.parametrize("scale", [1e5, 1e6, 1e-6], ids=["norm_over_65504", "entries_over_65504", "tiny"])
+def test_float16_newton_schulz_normalizes_before_the_cast(scale):
+    """The momentum is normalized in its own dtype first: huge or tiny gradients give float32's step, not 0 or NaN."""
+    shapes = [(8, 6), (6, 8)]
+    runs = {}
+    for ns_dtype in (torch.float16, F32):
+        ps = [nn.Parameter(torch.zeros(s)) for s in shapes]
+        opt = sfoptim.MuonScheduleFree(ps, lr=0.01, ns_dtype=ns_dtype)
+        for step in range(2):
+            for p, g in zip(ps, fixed_grads(shapes, step, F32)):
+                p.grad = g * scale
+            opt.step()
+        runs[ns_dtype] = [opt.state[p]["z"] for p in ps]
+    for half, single in zip(runs[torch.float16], runs[F32]):
+        assert torch.isfinite(half).all() and single.norm() > 0
+        assert rel(half, single) < 1e-2

@@ -633,15 +633,16 @@ def _orthogonalize(m: Tensor, group: dict) -> Tensor:
     r"""Newton-Schulz: :math:`X \leftarrow aX + (bA + cA^2)X`, :math:`A = XX^\top`, from :math:`m/\lVert m\rVert_F`.
 
     Wide orientation (rows <= columns) so that :math:`A` is the small Gram
-    matrix; computed in ``ns_dtype`` (None: ``m``'s own), returned in ``m``'s.
+    matrix; normalized in ``m``'s dtype, then iterated in ``ns_dtype`` (None:
+    ``m``'s own), returned in ``m``'s.
     """
     a, b, c = group["ns_coefficients"]
     wide = m.shape[0] <= m.shape[1]
     ns_dtype = group["ns_dtype"]
     if ns_dtype == "auto":  # bfloat16 matrix products are slow on CPUs
         ns_dtype = torch.float32 if m.device.type == "cpu" else torch.bfloat16
-    x = (m if wide else m.T).to(m.dtype if ns_dtype is None else ns_dtype)
-    x = x / x.norm().clamp(min=group["ns_eps"])
+    x = m if wide else m.T
+    x = (x / x.norm().clamp(min=group["ns_eps"])).to(m.dtype if ns_dtype is None else ns_dtype)
     for _ in range(group["ns_steps"]):
         gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x

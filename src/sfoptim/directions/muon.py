@@ -117,19 +117,32 @@ def newton_schulz(
     :math:`A = XX^\top`, from :math:`X_0 = g / \max(\lVert g\rVert_F, \epsilon)`,
     on :math:`g^\top` when ``g`` has more rows than columns, with the same
     operations as ``torch.optim.Muon`` (which computes in bfloat16). ``dtype``
-    None computes in ``g``'s dtype. ``g`` is not changed.
+    None computes in ``g``'s dtype. Into a dtype of narrower exponent range
+    than ``g``'s (float16 from float32), ``g`` is normalized before the cast,
+    so that large or tiny entries neither overflow nor vanish. ``g`` is not changed.
     """
     a, b, c = coefficients
-    x = g.to(g.dtype if dtype is None else dtype)
+    target = g.dtype if dtype is None else dtype
     tall = g.size(0) > g.size(1)
-    if tall:
-        x = x.T
-    x = x / x.norm().clamp(min=eps)
+    if _narrower_range(target, g.dtype):
+        x = (g / g.norm().clamp(min=eps)).to(target)
+        if tall:
+            x = x.T
+    else:
+        x = g.to(target)
+        if tall:
+            x = x.T
+        x = x / x.norm().clamp(min=eps)
     for _ in range(steps):
         gram = x @ x.T
         poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
         x = torch.addmm(x, poly, x, beta=a)
     return x.T if tall else x
+
+
+def _narrower_range(dtype: torch.dtype, than: torch.dtype) -> bool:
+    """Whether ``dtype`` has fewer exponent bits than ``than`` (bfloat16 has float32's)."""
+    return math.frexp(torch.finfo(dtype).max)[1] < math.frexp(torch.finfo(than).max)[1]
 
 
 def adjusted_lr_ratio(adjust_lr_fn: str | None, rows: int, cols: int) -> float:
