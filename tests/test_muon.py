@@ -112,6 +112,62 @@ def test_split_by_shape_and_name():
     assert [len(g["params"]) for g in ref.param_groups] == [2, 6]
 
 
+class Gpt(nn.Module):
+    """Embeddings and a head under names the split must not need: ``tok``, ``pos``, ``fc``."""
+
+    def __init__(self, tied: bool = False) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(11, 6)
+        self.pos = nn.Parameter(torch.zeros(5, 6))
+        self.attn = nn.ModuleDict({"qkv": nn.Linear(6, 18), "output": nn.ModuleDict({"dense": nn.Linear(6, 6)})})
+        self.fc = nn.Linear(6, 11, bias=False)
+        if tied:
+            self.fc.weight = self.tok.weight
+
+
+def _split(opt) -> dict[bool, list[str]]:
+    return {g["use_muon"]: g["param_names"] for g in opt.param_groups}
+
+
+def test_split_by_module_type_when_the_model_is_given(caplog):
+    """Given the model: nn.Embedding by type, a learned pos by name, the last Linear named fc as the head."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="sfoptim.directions.muon"):
+        opt = sfoptim.MuonScheduleFree(Gpt())
+    assert _split(opt)[True] == ["attn.qkv.weight", "attn.output.dense.weight"]
+    assert set(_split(opt)[False]) == {"tok.weight", "pos", "attn.qkv.bias", "attn.output.dense.bias", "fc.weight"}
+    assert len(caplog.records) == 1
+    assert "2 matrices to Muon; to AdamW: embeddings ['pos', 'tok.weight'], heads ['fc.weight']" in caplog.text
+    tied = sfoptim.MuonScheduleFree(Gpt(tied=True))
+    assert _split(tied)[True] == ["attn.qkv.weight", "attn.output.dense.weight"]
+    assert "tok.weight" in _split(tied)[False]
+    ref = sfoptim.MuonScheduleFreeReference(Gpt())
+    assert [len(g["params"]) for g in ref.param_groups] == [2, 5]
+
+
+@pytest.mark.parametrize("name", ["emb.weight", "tok_emb.weight", "pos", "transformer.wpe.weight", "pos_embed",
+                                  "encoder.embed_tokens.weight", "output.weight", "lm_head.weight", "head.fc.weight"])  # fmt: skip
+def test_named_embeddings_and_heads_go_to_adamw(name):
+    p = nn.Parameter(torch.zeros(4, 3))
+    opt = sfoptim.MuonScheduleFree([(name, p), ("blocks.0.mlp.weight", nn.Parameter(torch.zeros(3, 3)))])
+    assert _split(opt) == {True: ["blocks.0.mlp.weight"], False: [name]}
+
+
+def test_bare_parameters_warn_that_the_split_is_a_guess():
+    model = Gpt()
+    with pytest.warns(UserWarning, match="5 matrices without names go to Muon") as caught:
+        opt = sfoptim.MuonScheduleFree(p for p in model.parameters() if p.ndim == 2)
+    assert caught[0].filename == __file__, "the warning points at the caller"
+    assert len(opt.param_groups) == 1 and len(opt.param_groups[0]["params"]) == 5
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sfoptim.MuonScheduleFree(model)
+        sfoptim.MuonScheduleFree([{"params": [model.tok.weight], "use_muon": True}, {"params": [model.attn.qkv.bias], "use_muon": False}])
+
+
 def test_explicit_use_muon_groups_are_kept():
     model = TinyLM()
     opt = sfoptim.MuonScheduleFree([

@@ -3,9 +3,10 @@ r"""Reference forms: ``x``, ``y`` and ``z`` stored explicitly, written like the 
 These classes are the specification that the fast optimizers are tested
 against, so they share nothing with them: each is a plain
 :class:`torch.optim.Optimizer` with its own schedule, its own hyperparameter
-checks and its own step. The only thing imported from the engine is the
-exception type :class:`sfoptim.ModeError`, so that callers catch one error
-whichever form they use. They use more memory (three parameter-sized copies)
+checks and its own step. The only things imported are the exception type
+:class:`sfoptim.ModeError`, so that callers catch one error whichever form
+they use, and schedule-free Muon's choice of the parameters it
+orthogonalizes (a policy, not an equation). They use more memory (three parameter-sized copies)
 and are slower; every line of a step is one equation of Defazio et al. (2024),
 Algorithm 1, for step :math:`t = 1, 2, \dots`:
 
@@ -42,8 +43,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from .directions.muon import module_roles, param_role
 from .engine import ModeError
 
 __all__ = [
@@ -676,7 +678,7 @@ class MuonScheduleFreeReference(_XYZ):
 
     def __init__(
         self,
-        params: Iterable[Any],
+        params: Iterable[Any] | nn.Module,
         lr: float | Tensor = 0.02,
         beta: float = 0.9,
         momentum: float = 0.95,
@@ -706,6 +708,9 @@ class MuonScheduleFreeReference(_XYZ):
             normuon_beta2=normuon_beta2, beta_horizon=beta_horizon, beta_power=beta_power, adamw_lr=adamw_lr,
             adamw_beta2=adamw_beta2, adamw_eps=adamw_eps, use_muon=None, train_mode=True, **_SCHEDULE_STATE,
         )  # fmt: skip
+        if isinstance(params, nn.Module):
+            self._module_roles = module_roles(params)
+            params = list(params.named_parameters())
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -721,14 +726,9 @@ class MuonScheduleFreeReference(_XYZ):
             names = param_group.get("param_names") or [None] * len(named)
             named = list(zip(names, named))
         rest = {k: v for k, v in param_group.items() if k not in ("params", "param_names")}
-        skip = ("embed", "wte", "wpe", "lm_head", "head", "output", "classifier")
-
-        def matrix(name: str | None, p: Tensor) -> bool:
-            parts = [] if name is None else name.replace(".", "_").split("_")
-            return p.ndim >= 2 and not p.is_complex() and not any(w.startswith(s) and (s == "embed" or w == s) for w in parts for s in skip)
-
-        muon = [(n, p) for n, p in named if matrix(n, p)]
-        other = [(n, p) for n, p in named if not matrix(n, p)]
+        roles = getattr(self, "_module_roles", None)
+        muon = [(n, p) for n, p in named if param_role(p, n, roles) == "muon"]
+        other = [(n, p) for n, p in named if param_role(p, n, roles) != "muon"]
         for use_muon, members in ((True, muon), (False, other)):
             if members or (use_muon and not other):
                 group = dict(rest, use_muon=use_muon, params=[p for _, p in members])

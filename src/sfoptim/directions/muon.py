@@ -44,14 +44,18 @@ with :math:`\beta_s = \beta` for :math:`s \le T_0` and
 
 from __future__ import annotations
 
+import logging
 import math
-import re
+import os
+import sys
+import warnings
 from collections.abc import Iterable, Mapping
+from types import FrameType
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Size, Tensor
+from torch import Size, Tensor, nn
 
 from .. import _validation
 from ..engine import ScheduleFreeOptimizer, with_backend_args
@@ -65,8 +69,11 @@ __all__ = [
     "adjusted_lr_ratio",
     "assign_owners",
     "is_muon_param",
+    "module_roles",
+    "name_role",
     "newton_schulz",
     "orthogonalization_cost",
+    "param_role",
 ]
 
 #: Newton-Schulz coefficients, steps and epsilon of ``torch.optim.Muon``.
@@ -74,25 +81,96 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
 NS_EPS = 1e-7
 _NORMUON_EPS = 1e-10
+_log = logging.getLogger(__name__)
 
-#: Parameter names (from ``model.named_parameters()``) that are embeddings or
-#: output heads: matrices that Muon should not orthogonalize.
-EMBEDDING_OR_HEAD = re.compile(
-    r"(^|[._])(embed\w*|embedding\w*|wte|wpe|tok_embeddings|lm_head|head|output|classifier)([._]|$)"
-)
+#: Words of a parameter's name (its dotted parts split at ``_``) that mark an
+#: embedding, besides every word starting with ``emb``.
+EMBEDDING_WORDS = frozenset({"wte", "wpe", "pos", "position", "positional"})
+#: Module names that mark an output head anywhere on the parameter's path
+#: (``output`` only as the module that owns the parameter: ``attention.output.dense`` is no head).
+HEAD_NAMES = frozenset({"lm_head", "head", "classifier"})
+#: Further names that mark the last ``nn.Linear`` of a model as its head.
+LAST_LINEAR_HEAD_NAMES = frozenset({"output", "out", "fc", "fc_out", "logits", "decoder", "readout", "proj_out"})
+
+
+def name_role(name: str) -> str | None:
+    """``"embedding"``, ``"head"`` or None: what a parameter's name alone says it is.
+
+    An embedding: a word of the name (its dotted parts split at ``_``) starts
+    with ``emb`` or is one of :data:`EMBEDDING_WORDS` (``tok_emb.weight``,
+    ``transformer.wpe.weight``, a learned ``pos``). A head: a module on its
+    path is one of :data:`HEAD_NAMES`, or the module owning it is ``output``.
+    """
+    parts = name.split(".")
+    if any(w.startswith("emb") or w in EMBEDDING_WORDS for part in parts for w in part.split("_")):
+        return "embedding"
+    owners = parts[:-1] if len(parts) > 1 else parts
+    if any(part in HEAD_NAMES for part in owners) or owners[-1] == "output":
+        return "head"
+    return None
+
+
+def module_roles(model: nn.Module) -> dict[int, str]:
+    """The parameters a model's module types mark as embedding or head, by ``id``.
+
+    Every weight of an ``nn.Embedding`` or ``nn.EmbeddingBag`` (an output
+    layer tied to one shares that weight), and the weight of the model's last
+    ``nn.Linear`` when its name marks a head (:func:`name_role`, or one of
+    :data:`LAST_LINEAR_HEAD_NAMES` such as ResNet's ``fc``).
+    """
+    roles: dict[int, str] = {}
+    linears = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            roles[id(module.weight)] = "embedding"
+        elif isinstance(module, nn.Linear):
+            linears.append((name, module))
+    if linears:
+        name, last = linears[-1]
+        if id(last.weight) not in roles and (
+            name.rsplit(".", 1)[-1] in LAST_LINEAR_HEAD_NAMES or name_role(f"{name}.weight") == "head"
+        ):
+            roles[id(last.weight)] = "head"
+    return roles
+
+
+def param_role(p: Tensor, name: str | None = None, roles: Mapping[int, str] | None = None) -> str:
+    """Where the automatic split sends ``p``: ``"muon"``, or ``"embedding"``, ``"head"``, ``"other"`` (AdamW).
+
+    ``"other"``: not a real matrix (``ndim < 2`` or complex). Embeddings and
+    heads are told by module type (``roles`` from :func:`module_roles`, when
+    the model itself is given) and by ``name`` (:func:`name_role`, when the
+    parameters carry names); a matrix neither tells apart goes to Muon.
+    """
+    if p.ndim < 2 or p.is_complex():
+        return "other"
+    role = (roles or {}).get(id(p)) or (name_role(name) if name is not None else None)
+    return role or "muon"
 
 
 def is_muon_param(p: Tensor, name: str | None = None) -> bool:
-    """The automatic split: a matrix (``ndim >= 2``) that is not an embedding or head.
+    """Whether the automatic split orthogonalizes ``p`` (:func:`param_role` without a model)."""
+    return param_role(p, name) == "muon"
 
-    Embeddings and heads are told by ``name`` (see :data:`EMBEDDING_OR_HEAD`)
-    when the parameters were passed with names (``model.named_parameters()``);
-    without names every parameter with ``ndim >= 2`` is orthogonalized.
-    Complex parameters never are.
-    """
-    if p.ndim < 2 or p.is_complex():
-        return False
-    return name is None or EMBEDDING_OR_HEAD.search(name) is None
+
+def _split_summary(names: list[str | None], roles: list[str]) -> str:
+    """One line saying which parameters went where (names, or positions when there are none)."""
+    label = [n if n is not None else f"#{i}" for i, n in enumerate(names)]
+    listed = {r: [label[i] for i, x in enumerate(roles) if x == r] for r in ("muon", "embedding", "head", "other")}
+    return (
+        f"MuonScheduleFree: {len(listed['muon'])} matrices to Muon; to AdamW: embeddings {listed['embedding']}, "
+        f"heads {listed['head']}, {len(listed['other'])} other parameters (ndim < 2)"
+    )
+
+
+def _outside_caller() -> int:
+    """The ``stacklevel`` of the first frame outside sfoptim and ``torch.optim`` (the user's call)."""
+    inside = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.optim.__file__))
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def resolve_ns_dtype(ns_dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype | None:
@@ -436,17 +514,23 @@ class MuonScheduleFree(ScheduleFreeOptimizer):
 
     See :mod:`sfoptim.directions.muon` for the math. Each parameter group is
     either a Muon group or an AdamW group (``use_muon`` in the group). A group
-    without ``use_muon`` is split in two when it is added: the parameters
-    :func:`is_muon_param` accepts (``ndim >= 2``, and not an embedding or
-    output head where the parameters carry names: pass
-    ``model.named_parameters()``) form a Muon group with learning rate
-    ``lr``; the others an AdamW group with learning rate ``adamw_lr``. Set
+    without ``use_muon`` is split in two when it is added
+    (:func:`param_role`): the real matrices (``ndim >= 2``) that are neither
+    an embedding nor an output head form a Muon group with learning rate
+    ``lr``; the others an AdamW group with learning rate ``adamw_lr``.
+    Embeddings and heads are told by module type when the model itself is
+    passed (``nn.Embedding`` weights, the last ``nn.Linear`` named as a head)
+    and by name when the parameters carry names
+    (``model.named_parameters()``); bare parameters leave only the shape, so
+    every matrix goes to Muon and a ``UserWarning`` says so. One log record
+    (logger ``sfoptim.directions.muon``, level INFO) names the split. Set
     ``use_muon=True`` or ``False`` in a group to choose yourself; an AdamW
     group without its own ``lr`` takes ``adamw_lr``. Convolution kernels are
     orthogonalized as ``shape[0] x (the rest)`` matrices.
 
     Args:
-        params: parameters, named parameters or parameter groups.
+        params: the model (``nn.Module``), parameters, named parameters or
+            parameter groups.
         lr: learning rate of the Muon groups (default 0.02).
         beta: interpolation weight :math:`\beta \in (0, 1]` (default 0.9).
         momentum: Muon's momentum :math:`\mu \in [0, 1)` (default 0.95;
@@ -521,7 +605,7 @@ class MuonScheduleFree(ScheduleFreeOptimizer):
 
     def __init__(
         self,
-        params: Iterable[Any],
+        params: Iterable[Any] | nn.Module,
         lr: float | Tensor = 0.02,
         beta: float = 0.9,
         momentum: float = 0.95,
@@ -556,6 +640,9 @@ class MuonScheduleFree(ScheduleFreeOptimizer):
             adamw_beta2=adamw_beta2, adamw_eps=adamw_eps, use_muon=None, foreach=foreach, fused=fused,
             state_dtype=state_dtype, stochastic_rounding=stochastic_rounding,
         )  # fmt: skip
+        if isinstance(params, nn.Module):
+            self._module_roles = module_roles(params)
+            params = list(params.named_parameters())
         super().__init__(params, defaults)
 
     def direction_for(self, group: dict) -> Direction:
@@ -577,9 +664,20 @@ class MuonScheduleFree(ScheduleFreeOptimizer):
         names = param_group.get("param_names")
         if params and isinstance(params[0], tuple):
             names, params = [n for n, _ in params], [p for _, p in params]
+        module_roles = getattr(self, "_module_roles", None)
+        roles = [param_role(p, names[i] if names else None, module_roles) for i, p in enumerate(params)]
         parts: dict[bool, list[int]] = {True: [], False: []}
-        for i, p in enumerate(params):
-            parts[is_muon_param(p, names[i] if names else None)].append(i)
+        for i, role in enumerate(roles):
+            parts[role == "muon"].append(i)
+        if not names and parts[True]:
+            warnings.warn(
+                f"MuonScheduleFree: {len(parts[True])} matrices without names go to Muon, embeddings and output "
+                "heads among them if any; pass the model itself or model.named_parameters() to keep those with "
+                "AdamW, or set use_muon in the param groups",
+                UserWarning,
+                stacklevel=_outside_caller(),
+            )
+        _log.info(_split_summary(list(names) if names else [None] * len(params), roles))
         rest = {k: v for k, v in param_group.items() if k not in ("params", "param_names")}
         for muon in (True, False):
             if not parts[muon] and (parts[not muon] or not muon):
