@@ -280,11 +280,15 @@ def test_docs_examples_run(tmp_path, monkeypatch):
     assert not namespace["muon"].train_mode and not namespace["adamw"].train_mode
 
 
-def test_auto_newton_schulz_dtype_is_float32_on_cpu():
-    """The default ("auto") computes Newton-Schulz in float32 on CPU, where bfloat16 products are slow."""
+def test_auto_newton_schulz_dtype_follows_this_machines_hardware():
+    """The default ("auto") steps exactly as the dtype this CPU multiplies natively: bfloat16 or float32."""
+    from sfoptim.directions.muon import has_native_bf16
+
+    native = torch.bfloat16 if has_native_bf16(torch.device("cpu")) else F32
+    other = F32 if native is torch.bfloat16 else torch.bfloat16
     shapes = [(12, 7), (5,)]
     runs = {}
-    for ns_dtype in ("auto", F32, torch.bfloat16):
+    for ns_dtype in ("auto", native, other):
         ps = [nn.Parameter(t) for t in fixed_grads(shapes, -1, F32)]
         opt = sfoptim.MuonScheduleFree(ps, lr=0.01, ns_dtype=ns_dtype)
         for step in range(3):
@@ -292,10 +296,42 @@ def test_auto_newton_schulz_dtype_is_float32_on_cpu():
                 p.grad = g
             opt.step()
         runs[ns_dtype] = [p.detach().clone() for p in ps]
-    assert all(torch.equal(a, b) for a, b in zip(runs["auto"], runs[F32]))
-    assert not all(torch.equal(a, b) for a, b in zip(runs["auto"], runs[torch.bfloat16]))
+    assert all(torch.equal(a, b) for a, b in zip(runs["auto"], runs[native]))
+    assert not all(torch.equal(a, b) for a, b in zip(runs["auto"], runs[other]))
     with pytest.raises(ValueError, match="ns_dtype"):
         sfoptim.MuonScheduleFree([nn.Parameter(torch.zeros(3, 3))], ns_dtype="fast")
+
+
+@pytest.mark.parametrize(
+    ("capabilities", "expected"),
+    [
+        ({"avx2": True, "avx512_bf16": True, "amx_bf16": False}, torch.bfloat16),
+        ({"avx512_bf16": False, "amx_bf16": True}, torch.bfloat16),
+        ({"neon": True, "bf16": True}, torch.bfloat16),
+        ({"avx2": True, "avx512_f": True, "avx512_bf16": False, "amx_bf16": False}, F32),
+        ({"neon": True}, F32),
+        ({}, F32),
+    ],
+    ids=["avx512_bf16", "amx_bf16", "arm_bf16", "avx512_without_bf16", "arm_without_bf16", "nothing_reported"],
+)
+def test_auto_decides_from_the_cpus_capabilities(monkeypatch, capabilities, expected):
+    from sfoptim.directions.muon import resolve_ns_dtype
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    assert resolve_ns_dtype("auto", torch.device("cpu")) is expected
+    assert resolve_ns_dtype(torch.float16, torch.device("cpu")) is torch.float16
+    assert resolve_ns_dtype(None, torch.device("cpu")) is None
+
+
+def test_auto_on_other_devices(monkeypatch):
+    from sfoptim.directions.muon import resolve_ns_dtype
+
+    monkeypatch.delattr(torch.cpu, "get_capabilities")  # a torch that cannot tell
+    assert resolve_ns_dtype("auto", torch.device("cpu")) is F32
+    assert resolve_ns_dtype("auto", torch.device("meta")) is F32
+    assert resolve_ns_dtype("auto", torch.device("mps")) is F32
+    if not torch.cuda.is_available():
+        assert resolve_ns_dtype("auto", torch.device("cuda")) is F32
 
 
 # ---------------------------------------------------------------- bad input

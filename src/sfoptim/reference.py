@@ -5,8 +5,9 @@ against, so they share nothing with them: each is a plain
 :class:`torch.optim.Optimizer` with its own schedule, its own hyperparameter
 checks and its own step. The only things imported are the exception type
 :class:`sfoptim.ModeError`, so that callers catch one error whichever form
-they use, and schedule-free Muon's choice of the parameters it
-orthogonalizes (a policy, not an equation). They use more memory (three parameter-sized copies)
+they use, and two choices of schedule-free Muon that are policies, not
+equations: which parameters it orthogonalizes, and the dtype ``"auto"``
+stands for on the hardware at hand. They use more memory (three parameter-sized copies)
 and are slower; every line of a step is one equation of Defazio et al. (2024),
 Algorithm 1, for step :math:`t = 1, 2, \dots`:
 
@@ -45,7 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .directions.muon import module_roles, param_role
+from .directions.muon import module_roles, param_role, resolve_ns_dtype
 from .engine import ModeError
 
 __all__ = [
@@ -640,9 +641,7 @@ def _orthogonalize(m: Tensor, group: dict) -> Tensor:
     """
     a, b, c = group["ns_coefficients"]
     wide = m.shape[0] <= m.shape[1]
-    ns_dtype = group["ns_dtype"]
-    if ns_dtype == "auto":  # bfloat16 matrix products are slow on CPUs
-        ns_dtype = torch.float32 if m.device.type == "cpu" else torch.bfloat16
+    ns_dtype = resolve_ns_dtype(group["ns_dtype"], m.device)
     x = m if wide else m.T
     x = (x / x.norm().clamp(min=group["ns_eps"])).to(m.dtype if ns_dtype is None else ns_dtype)
     for _ in range(group["ns_steps"]):

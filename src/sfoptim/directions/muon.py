@@ -68,6 +68,7 @@ __all__ = [
     "MuonScheduleFree",
     "adjusted_lr_ratio",
     "assign_owners",
+    "has_native_bf16",
     "is_muon_param",
     "module_roles",
     "name_role",
@@ -173,15 +174,44 @@ def _outside_caller() -> int:
     return level
 
 
-def resolve_ns_dtype(ns_dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype | None:
-    """The dtype Newton-Schulz runs in: ``"auto"`` is bfloat16 on accelerators, float32 on CPU.
+#: Entries of ``torch.cpu.get_capabilities()`` that report bfloat16 arithmetic
+#: in hardware: x86's AVX512-BF16 and AMX-BF16, ARM's BF16 and SVE-BF16.
+BF16_CPU_CAPABILITIES = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
 
-    ``torch.optim.Muon`` always uses bfloat16, which accelerators multiply at
-    full speed; CPUs without bfloat16 matrix units do not (a 256 x 256
-    iteration is about 30 times slower than in float32 on a common x86 CPU).
+
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices in hardware (not emulated).
+
+    CPU: one of :data:`BF16_CPU_CAPABILITIES` is set in
+    ``torch.cpu.get_capabilities()`` (False for a torch without it); CUDA:
+    ``torch.cuda.is_bf16_supported(including_emulation=False)`` for that
+    device (compute capability 8.0 and up, or ROCm); any other device: False.
+    """
+    if device.type == "cpu":
+        capabilities = getattr(torch.cpu, "get_capabilities", None)
+        if capabilities is None:
+            return False
+        found = capabilities()
+        return any(bool(found.get(name, False)) for name in BF16_CPU_CAPABILITIES)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False
+        with torch.cuda.device(device):
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+    return False
+
+
+def resolve_ns_dtype(ns_dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype | None:
+    """The dtype Newton-Schulz runs in: ``"auto"`` is bfloat16 where the hardware has it, else float32.
+
+    ``torch.optim.Muon`` always uses bfloat16. Where bfloat16 is emulated (a
+    CPU without AVX512-BF16/AMX or ARM BF16, a GPU before compute capability
+    8.0) its products are many times slower than float32's, so ``"auto"``
+    takes float32 there (:func:`has_native_bf16`); other devices (MPS, XPU)
+    get float32 as well.
     """
     if ns_dtype == "auto":
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
+        return torch.bfloat16 if has_native_bf16(device) else torch.float32
     return ns_dtype  # type: ignore[return-value]
 
 
@@ -546,8 +576,12 @@ class MuonScheduleFree(ScheduleFreeOptimizer):
         ns_steps: Newton-Schulz iterations (default 5).
         ns_eps: floor of the norm the input is divided by (default 1e-7).
         ns_dtype: dtype of the Newton-Schulz iterations: ``"auto"`` (default)
-            is bfloat16 on accelerators, as torch, and float32 on CPU, where
-            bfloat16 matrix products are slow; None: the parameter's dtype.
+            is bfloat16, as ``torch.optim.Muon`` always uses, where the
+            hardware multiplies it natively (:func:`has_native_bf16`: a CPU
+            with AVX512-BF16, AMX or ARM BF16, a CUDA GPU of compute
+            capability 8.0 or more), and float32 elsewhere (emulated bfloat16
+            is many times slower), where the steps differ slightly from
+            torch's; None: the parameter's dtype.
         adjust_lr_fn: ``None``/``"original"`` or ``"match_rms_adamw"`` (as torch).
         normuon: NorMuon's per-row normalization (default False).
         normuon_beta2: its second-moment decay in [0, 1) (default 0.95).
