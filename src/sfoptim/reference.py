@@ -426,13 +426,15 @@ class ProdigyScheduleFreeReference(_XYZ):
 
         n_t &= \rho\, n_{t-1} + a_t \textstyle\sum_p \langle g_p,\, x_{0,p} - z_p \rangle,
             \qquad s_p \leftarrow \rho\, s_p + a_t g_p,
-            \qquad d' = \max(d,\; c_d\, n_t / \textstyle\sum_p \|s_p\|_1) \\
+            \qquad d' = \max(d,\; \min(g d,\; c_d\, n_t / \textstyle\sum_p \|s_p\|_1)) \\
         v_p &\leftarrow \beta_2 v_p + (1-\beta_2)\, d^2 g_p^2, \qquad
         z_p \leftarrow z_p - d\gamma_t \bigl(d' g_p / (\sqrt{v_p} + d'\epsilon) + \lambda y_p\bigr) \\
         x_p &\leftarrow (1 - c_t)\, x_p + c_t z_p, \qquad
         c_t = \frac{w_t}{\sum_{i \le t} w_i}, \qquad w_t = t^r (\max_{i \le t} d_i\gamma_i)^{p},
         \qquad y_p = (1-\beta) z_p + \beta x_p
 
+    with :math:`g` = ``d_growth`` (no limit when None) and :math:`(r, p)` =
+    (0, 2) for ``averaging="lr"``, (0.75, 0) for ``"algoperf"`` unless given.
     The sums run over all parameters, or over each group alone with
     ``split_groups=True``. While :math:`\sum_p \|s_p\|_1 = 0` neither :math:`d`
     nor :math:`n` changes.
@@ -442,26 +444,35 @@ class ProdigyScheduleFreeReference(_XYZ):
         self,
         params: Iterable[Any],
         lr: float | Tensor = 1.0,
-        betas: tuple[float, float] = (0.9, 0.9955),
+        betas: tuple[float, float] = (0.9, 0.99),
         eps: float = 1e-8,
         weight_decay: float = 0,
         warmup_steps: int = 0,
-        r: float = 0.75,
-        weight_lr_power: float = 0.0,
+        averaging: str = "lr",
+        r: float | None = None,
+        weight_lr_power: float | None = None,
         d0: float = 1e-6,
         d_coef: float = 1.0,
+        d_growth: float | None = 2**0.25,
         split_groups: bool = False,
     ) -> None:
         defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps, r=r,
-            weight_lr_power=weight_lr_power, d0=d0, d_coef=d_coef, split_groups=split_groups,
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps, averaging=averaging,
+            r=r, weight_lr_power=weight_lr_power, d0=d0, d_coef=d_coef, d_growth=d_growth, split_groups=split_groups,
             train_mode=True, **_SCHEDULE_STATE,
         )
         super().__init__(params, defaults)
 
     def _validate(self, group: dict) -> None:
+        if group["averaging"] not in ("lr", "algoperf"):
+            raise ValueError(f"Invalid averaging: {group['averaging']!r} (expected 'algoperf' or 'lr')")
+        r, power = (0.0, 2.0) if group["averaging"] == "lr" else (0.75, 0.0)
+        group["r"] = r if group["r"] is None else group["r"]
+        group["weight_lr_power"] = power if group["weight_lr_power"] is None else group["weight_lr_power"]
         _check_common(group, "weight_decay")
         _check_adam(group)
+        if group["d_growth"] is not None:
+            _check("d_growth", group["d_growth"], lambda v: v > 1, "> 1")
         _check("d0", group["d0"], lambda v: 0 < v < math.inf, "> 0")
         _check("d_coef", group["d_coef"], lambda v: 0 < v < math.inf, "> 0")
         if not isinstance(group["split_groups"], bool):
@@ -501,7 +512,10 @@ class ProdigyScheduleFreeReference(_XYZ):
             numerator, denominator = sums.get(gi if group["split_groups"] else "shared", [0.0, 0.0])
             if denominator > 0:
                 n_new = rho * group["d_numerator"] + numerator
-                d_new = max(d, group["d_coef"] * n_new / denominator)
+                estimate = group["d_coef"] * n_new / denominator
+                if group["d_growth"] is not None:
+                    estimate = min(estimate, group["d_growth"] * d)
+                d_new = max(d, estimate)
             else:
                 n_new, d_new = group["d_numerator"], d
             c = _advance_average(group, d * gamma, t)
