@@ -38,7 +38,7 @@ def test_newton_schulz_is_torch_muons_bit_for_bit(shape):
 @pytest.mark.parametrize(
     "options",
     [dict(), dict(nesterov=False), dict(adjust_lr_fn="match_rms_adamw"), dict(momentum=0.8, weight_decay=0.1)],
-    ids=["default", "no_nesterov", "match_rms_adamw", "momentum_decay"],
+    ids=["original", "no_nesterov", "match_rms_adamw", "momentum_decay"],
 )
 def test_z_follows_torch_muon_step_for_step(options):
     """With weight decay at z, z moves exactly as torch.optim.Muon moves its parameters (bf16 Newton-Schulz)."""
@@ -46,8 +46,8 @@ def test_z_follows_torch_muon_step_for_step(options):
     start = fixed_grads(shapes, -1, F32)
     ours = [nn.Parameter(t.clone()) for t in start]
     theirs = [nn.Parameter(t.clone()) for t in start]
-    kw = {"lr": 0.03, "momentum": 0.95, "weight_decay": 0.0, **options}
-    opt = sfoptim.MuonScheduleFree(ours, decay_at="z", ns_dtype=torch.bfloat16, **kw)
+    kw = {"lr": 0.03, "momentum": 0.95, "weight_decay": 0.0, "adjust_lr_fn": None, **options}
+    opt = sfoptim.MuonScheduleFree(ours, decay_at="z", ns_dtype=torch.bfloat16, warmup_steps=0, **kw)
     muon = torch.optim.Muon(theirs, **kw)
     for step in range(10):
         for p, q, g in zip(ours, theirs, fixed_grads(shapes, step, F32)):
@@ -168,13 +168,31 @@ def test_bare_parameters_warn_that_the_split_is_a_guess():
         sfoptim.MuonScheduleFree([{"params": [model.tok.weight], "use_muon": True}, {"params": [model.attn.qkv.bias], "use_muon": False}])
 
 
+def test_one_learning_rate_serves_both_parts():
+    """Defaults: RMS-matched Muon, the AdamW part at the same lr, decay at z and a warmup; adamw_lr overrides."""
+    model = TinyLM()
+    opt = sfoptim.MuonScheduleFree(model)
+    muon, adam = opt.param_groups
+    assert muon["lr"] == adam["lr"] == 0.016
+    assert (muon["adjust_lr_fn"], muon["weight_decay"], muon["decay_at"], muon["warmup_steps"]) == ("match_rms_adamw", 0.1, "z", 20)
+    assert [g["lr"] for g in sfoptim.MuonScheduleFree(model, lr=0.005).param_groups] == [0.005, 0.005]
+    assert [g["lr"] for g in sfoptim.MuonScheduleFree(model, lr=0.005, adamw_lr=0.001).param_groups] == [0.005, 0.001]
+    explicit = sfoptim.MuonScheduleFree([{"params": [model.block.weight], "use_muon": True},
+                                         {"params": [model.block.bias], "use_muon": False}], lr=0.03)  # fmt: skip
+    assert [g["lr"] for g in explicit.param_groups] == [0.03, 0.03]
+    ref = sfoptim.MuonScheduleFreeReference(model, lr=0.005)
+    assert [g["lr"] for g in ref.param_groups] == [0.005, 0.005]
+    with pytest.raises(ValueError, match="adamw_lr"):
+        sfoptim.MuonScheduleFree(model, adamw_lr=-1.0)
+
+
 def test_explicit_use_muon_groups_are_kept():
     model = TinyLM()
     opt = sfoptim.MuonScheduleFree([
         {"params": [model.block.weight], "use_muon": True},
         {"params": [model.lm_head.weight], "use_muon": False},
         {"params": [model.embed_tokens.weight], "use_muon": False, "lr": 0.1},
-    ], adamw_lr=0.004)  # fmt: skip
+    ], lr=0.02, adamw_lr=0.004)  # fmt: skip
     assert [g["use_muon"] for g in opt.param_groups] == [True, False, False]
     assert [g["lr"] for g in opt.param_groups] == [0.02, 0.004, 0.1]
     with pytest.raises(ValueError, match="use_muon"):
@@ -187,7 +205,7 @@ def test_conv_kernel_is_orthogonalized_as_a_matrix():
     """A conv kernel's step is a multiple of an (approximately) orthogonal out x (in*k) matrix."""
     conv = nn.Conv1d(4, 3, 3)
     opt = sfoptim.MuonScheduleFree([conv.weight], lr=1.0, momentum=0.0, beta=1.0, ns_dtype=F64, ns_steps=30,
-                                   ns_coefficients=(1.5, -0.5, 0.0))  # fmt: skip
+                                   ns_coefficients=(1.5, -0.5, 0.0), adjust_lr_fn=None, warmup_steps=0, weight_decay=0.0)  # fmt: skip
     conv.weight.grad = torch.randn_like(conv.weight)
     z0 = conv.weight.detach().clone()
     opt.step()
@@ -216,7 +234,7 @@ def test_decay_at_z_and_at_y_differ():
     results = []
     for decay_at in ("z", "y"):
         p = nn.Parameter(torch.ones(4, 3, dtype=F64))
-        opt = sfoptim.MuonScheduleFree([p], weight_decay=0.5, decay_at=decay_at, ns_dtype=None)
+        opt = sfoptim.MuonScheduleFree([p], weight_decay=0.5, decay_at=decay_at, ns_dtype=None, warmup_steps=0)
         for step in range(3):
             p.grad = fixed_grads([(4, 3)], step, F64)[0]
             opt.step()

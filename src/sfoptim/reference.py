@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .directions.muon import module_roles, param_role, resolve_ns_dtype
+from .directions.muon import adamw_lr_of, module_roles, param_role, resolve_ns_dtype
 from .engine import ModeError
 
 __all__ = [
@@ -692,25 +692,25 @@ class MuonScheduleFreeReference(_XYZ):
     def __init__(
         self,
         params: Iterable[Any] | nn.Module,
-        lr: float | Tensor = 0.02,
+        lr: float | Tensor = 0.016,
         beta: float = 0.9,
         momentum: float = 0.95,
         nesterov: bool = True,
-        weight_decay: float = 0.0,
+        weight_decay: float = 0.1,
         decay_at: str = "z",
-        warmup_steps: int = 0,
+        warmup_steps: int = 20,
         r: float = 0.0,
         weight_lr_power: float = 2.0,
         ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315),
         ns_steps: int = 5,
         ns_eps: float = 1e-7,
         ns_dtype: torch.dtype | str | None = "auto",
-        adjust_lr_fn: str | None = None,
+        adjust_lr_fn: str | None = "match_rms_adamw",
         normuon: bool = False,
         normuon_beta2: float = 0.95,
         beta_horizon: int | None = None,
         beta_power: float = 1.0,
-        adamw_lr: float = 0.0025,
+        adamw_lr: float | None = None,
         adamw_beta2: float = 0.999,
         adamw_eps: float = 1e-8,
     ) -> None:
@@ -731,7 +731,7 @@ class MuonScheduleFreeReference(_XYZ):
         if param_group.get("use_muon") is not None:
             group = dict(param_group)
             if not group["use_muon"] and "lr" not in group:
-                group["lr"] = group.get("adamw_lr", self.defaults["adamw_lr"])
+                group["lr"] = adamw_lr_of(group, self.defaults)
             super().add_param_group(group)
             return
         named = list(param_group["params"])
@@ -746,7 +746,7 @@ class MuonScheduleFreeReference(_XYZ):
             if members or (use_muon and not other):
                 group = dict(rest, use_muon=use_muon, params=[p for _, p in members])
                 if not use_muon:
-                    group["lr"] = rest.get("adamw_lr", self.defaults["adamw_lr"])
+                    group["lr"] = adamw_lr_of(rest, self.defaults)
                 super().add_param_group(group)
 
     def _validate(self, group: dict) -> None:
@@ -755,7 +755,9 @@ class MuonScheduleFreeReference(_XYZ):
         _check("momentum", group["momentum"], lambda v: 0 <= v < 1, "in [0, 1)")
         _check("normuon_beta2", group["normuon_beta2"], lambda v: 0 <= v < 1, "in [0, 1)")
         _check("adamw_beta2", group["adamw_beta2"], lambda v: 0 <= v < 1, "in [0, 1)")
-        for name in ("ns_eps", "beta_power", "adamw_lr", "adamw_eps"):
+        if group["adamw_lr"] is not None:
+            _check("adamw_lr", group["adamw_lr"], lambda v: v >= 0, ">= 0")
+        for name in ("ns_eps", "beta_power", "adamw_eps"):
             _check(name, group[name], lambda v: v >= 0, ">= 0")
         if group["decay_at"] not in ("z", "y"):
             raise ValueError(f"Invalid decay_at: {group['decay_at']!r} (expected 'z' or 'y')")

@@ -66,6 +66,7 @@ __all__ = [
     "AdamWPart",
     "MuonDirection",
     "MuonScheduleFree",
+    "adamw_lr_of",
     "adjusted_lr_ratio",
     "assign_owners",
     "has_native_bf16",
@@ -260,6 +261,12 @@ def adjusted_lr_ratio(adjust_lr_fn: str | None, rows: int, cols: int) -> float:
     if adjust_lr_fn == "match_rms_adamw":
         return 0.2 * math.sqrt(max(rows, cols))
     raise ValueError(f"Invalid adjust_lr_fn: {adjust_lr_fn!r} (expected None, 'original' or 'match_rms_adamw')")
+
+
+def adamw_lr_of(group: Mapping[str, Any], defaults: Mapping[str, Any]) -> Any:
+    """The learning rate of an AdamW group that does not set ``lr``: ``adamw_lr``, or ``lr`` when that is None."""
+    adamw_lr = group.get("adamw_lr", defaults["adamw_lr"])
+    return group.get("lr", defaults["lr"]) if adamw_lr is None else adamw_lr
 
 
 def varying_beta(group: dict, step: int) -> float:
@@ -547,28 +554,28 @@ class MuonScheduleFree(ScheduleFreeOptimizer):
     without ``use_muon`` is split in two when it is added
     (:func:`param_role`): the real matrices (``ndim >= 2``) that are neither
     an embedding nor an output head form a Muon group with learning rate
-    ``lr``; the others an AdamW group with learning rate ``adamw_lr``.
-    Embeddings and heads are told by module type when the model itself is
+    ``lr``; the others an AdamW group with learning rate ``adamw_lr`` (by
+    default ``lr`` too). Embeddings and heads are told by module type when the model itself is
     passed (``nn.Embedding`` weights, the last ``nn.Linear`` named as a head)
     and by name when the parameters carry names
     (``model.named_parameters()``); bare parameters leave only the shape, so
     every matrix goes to Muon and a ``UserWarning`` says so. One log record
     (logger ``sfoptim.directions.muon``, level INFO) names the split. Set
     ``use_muon=True`` or ``False`` in a group to choose yourself; an AdamW
-    group without its own ``lr`` takes ``adamw_lr``. Convolution kernels are
+    group without its own ``lr`` takes ``adamw_lr`` (or ``lr``). Convolution kernels are
     orthogonalized as ``shape[0] x (the rest)`` matrices.
 
     Args:
         params: the model (``nn.Module``), parameters, named parameters or
             parameter groups.
-        lr: learning rate of the Muon groups (default 0.02).
+        lr: learning rate of every group, Muon's and AdamW's (default 0.016).
         beta: interpolation weight :math:`\beta \in (0, 1]` (default 0.9).
         momentum: Muon's momentum :math:`\mu \in [0, 1)` (default 0.95;
             0 keeps no buffer).
         nesterov: Nesterov-style momentum, as ``torch.optim.Muon`` (default True).
-        weight_decay: :math:`\lambda` (default 0).
+        weight_decay: :math:`\lambda` (default 0.1, as ``torch.optim.Muon``).
         decay_at: ``"z"`` (default) or ``"y"``: the point the decay is taken at.
-        warmup_steps: linear warmup length in steps (default 0).
+        warmup_steps: linear warmup length in steps (default 20).
         r: polynomial weighting power of the average (default 0).
         weight_lr_power: power of the maximal learning rate in the averaging
             weights (default 2).
@@ -582,13 +589,15 @@ class MuonScheduleFree(ScheduleFreeOptimizer):
             capability 8.0 or more), and float32 elsewhere (emulated bfloat16
             is many times slower), where the steps differ slightly from
             torch's; None: the parameter's dtype.
-        adjust_lr_fn: ``None``/``"original"`` or ``"match_rms_adamw"`` (as torch).
+        adjust_lr_fn: ``"match_rms_adamw"`` (default) or ``None``/``"original"``,
+            as ``torch.optim.Muon``'s.
         normuon: NorMuon's per-row normalization (default False).
         normuon_beta2: its second-moment decay in [0, 1) (default 0.95).
         beta_horizon: :math:`T_0 \ge 1`, after which the interpolation weight
             rises towards 1 (AMUSE); None (default) keeps ``beta``.
         beta_power: :math:`\rho \ge 0` of that rise (default 1).
-        adamw_lr: learning rate of the automatic AdamW groups (default 0.0025).
+        adamw_lr: learning rate of the AdamW groups that set none (default
+            None: ``lr``).
         adamw_beta2: AdamW's second-moment decay (default 0.999).
         adamw_eps: AdamW's epsilon (default 1e-8).
         {backend_args}
@@ -613,21 +622,25 @@ class MuonScheduleFree(ScheduleFreeOptimizer):
     (several mesh dimensions, sharding along another dimension) are gathered
     whole on every rank, and every rank orthogonalizes them.
 
-    The defaults are plain Muon's (Jordan et al.: ``lr=0.02`` with the
-    original shape adjustment, no weight decay; ``torch.optim.Muon`` defaults
-    to ``lr=1e-3`` and ``weight_decay=0.1``). Schedule-free NorMuon (Apte et
-    al., 2026, "Anytime Training with Schedule-Free Spectral Optimization")
-    is ``normuon=True`` with ``adjust_lr_fn="match_rms_adamw"``, so that one
-    learning rate serves both parts (pass it as ``lr`` and ``adamw_lr``), and
-    a nonzero ``weight_decay`` at ``z``, which that paper finds essential for
-    long runs. ``adamw_lr`` deserves a look on small models: on the
-    language-model benchmark of ``docs/results.md``, raising it from 0.0025
-    to 0.016, with Muon's defaults untouched, put schedule-free Muon ahead of
-    AdamW + cosine tuned for each stopping time.
+    Defaults: one learning rate for both parts. ``"match_rms_adamw"`` scales
+    the orthogonalized update to an entry RMS of :math:`0.2\,\gamma`, about
+    that of an AdamW update, so the matrices and the AdamW part take the same
+    ``lr`` (as Moonlight and ``torch.optim.Muon`` with that option). 0.016 is
+    the rate at which schedule-free AdamW, and schedule-free Muon's AdamW part,
+    did best on the language-model benchmark of ``docs/results.md``;
+    ``torch.optim.Muon`` defaults to 1e-3 for scheduled training of large
+    models, and since the update RMS no longer shrinks with the width, wide
+    models usually want a smaller ``lr``. Weight decay 0.1 at ``z`` and a
+    20-step warmup: schedule-free spectral training (Apte et al., 2026) and
+    AMUSE (Kim et al., 2026) find both essential on long runs.
+    Plain Muon's published form (Jordan et al.) is ``lr=0.02,
+    adjust_lr_fn="original", weight_decay=0, warmup_steps=0`` with its own
+    ``adamw_lr``; schedule-free NorMuon (Apte et al.) is ``normuon=True`` on
+    top of the defaults.
 
     Example::
 
-        opt = sfoptim.MuonScheduleFree(model.named_parameters(), lr=0.02, adamw_lr=3e-3)
+        opt = sfoptim.MuonScheduleFree(model)   # the model: embeddings and head told by type
         opt.train(); model.train()
         ...
         opt.eval(); model.eval()
@@ -640,25 +653,25 @@ class MuonScheduleFree(ScheduleFreeOptimizer):
     def __init__(
         self,
         params: Iterable[Any] | nn.Module,
-        lr: float | Tensor = 0.02,
+        lr: float | Tensor = 0.016,
         beta: float = 0.9,
         momentum: float = 0.95,
         nesterov: bool = True,
-        weight_decay: float = 0.0,
+        weight_decay: float = 0.1,
         decay_at: str = "z",
-        warmup_steps: int = 0,
+        warmup_steps: int = 20,
         r: float = 0.0,
         weight_lr_power: float = 2.0,
         ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
         ns_steps: int = NS_STEPS,
         ns_eps: float = NS_EPS,
         ns_dtype: torch.dtype | str | None = "auto",
-        adjust_lr_fn: str | None = None,
+        adjust_lr_fn: str | None = "match_rms_adamw",
         normuon: bool = False,
         normuon_beta2: float = 0.95,
         beta_horizon: int | None = None,
         beta_power: float = 1.0,
-        adamw_lr: float = 0.0025,
+        adamw_lr: float | None = None,
         adamw_beta2: float = 0.999,
         adamw_eps: float = 1e-8,
         foreach: bool | None = None,
@@ -690,7 +703,7 @@ class MuonScheduleFree(ScheduleFreeOptimizer):
                 raise ValueError(f"Invalid use_muon: {use_muon!r} (expected True, False or None)")
             group = dict(param_group)
             if not use_muon and "lr" not in group:
-                group["lr"] = group.get("adamw_lr", self.defaults["adamw_lr"])
+                group["lr"] = adamw_lr_of(group, self.defaults)
             super().add_param_group(group)
             return
         params = param_group["params"]
@@ -720,7 +733,7 @@ class MuonScheduleFree(ScheduleFreeOptimizer):
             if names:
                 group["param_names"] = [names[i] for i in parts[muon]]
             if not muon:
-                group["lr"] = rest.get("adamw_lr", self.defaults["adamw_lr"])
+                group["lr"] = adamw_lr_of(rest, self.defaults)
             super().add_param_group(group)
 
     def _validate_group(self, group: dict) -> None:
@@ -752,7 +765,8 @@ class MuonScheduleFree(ScheduleFreeOptimizer):
         if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1):
             raise ValueError(f"Invalid beta_horizon: {horizon!r} (expected None or a whole number of steps >= 1)")
         _validation.check_nonnegative("beta_power", group["beta_power"])
-        _validation.check_nonnegative("adamw_lr", group["adamw_lr"])
+        if group["adamw_lr"] is not None:
+            _validation.check_nonnegative("adamw_lr", group["adamw_lr"])
         _validation.check_in_range("adamw_beta2", group["adamw_beta2"], 0.0, 1.0, low_open=False, high_open=True)
         _validation.check_nonnegative("adamw_eps", group["adamw_eps"])
         if group["use_muon"]:
