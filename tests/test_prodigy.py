@@ -97,8 +97,8 @@ def _d_trajectory(steps: int = 30, **kwargs) -> list[float]:
 def test_d_grows_by_at_most_d_growth_per_step() -> None:
     ds = _d_trajectory()
     ratios = [b / a for a, b in zip(ds, ds[1:])]
-    assert max(ratios) <= 2**0.25 * (1 + 1e-12)
-    assert ratios.count(pytest.approx(2**0.25, rel=1e-12)) >= 10, "the limit binds while d climbs from d0"
+    assert max(ratios) <= 2**0.5 * (1 + 1e-12)
+    assert ratios.count(pytest.approx(2**0.5, rel=1e-12)) >= 5, "the limit binds while d climbs from d0"
     free = _d_trajectory(d_growth=None)
     assert max(b / a for a, b in zip(free, free[1:])) > 3, "without the limit d jumps"
     doubled = _d_trajectory(d_growth=2.0)
@@ -167,12 +167,13 @@ def test_invalid_buffer_dtype_is_refused() -> None:
 
 
 # ------------------------------------------------------------ distributed
+SUBMISSION = dict(ALGOPERF, betas=(0.9, 0.9955))  # the AlgoPerf submission's form
 OPTIMIZERS = {
-    "prodigy": lambda ps: sfoptim.ProdigyScheduleFree(ps, d0=1e-3, warmup_steps=3, weight_decay=0.01),
+    "prodigy": lambda ps: sfoptim.ProdigyScheduleFree(ps, d0=1e-3, warmup_steps=3, weight_decay=0.01, **SUBMISSION),
     "prodigy_split": lambda ps: sfoptim.ProdigyScheduleFree(
-        [{"params": ps[:2]}, {"params": ps[2:], "lr": 0.5}], d0=1e-3, split_groups=True
+        [{"params": ps[:2]}, {"params": ps[2:], "lr": 0.5}], d0=1e-3, split_groups=True, **SUBMISSION
     ),
-    "prodigy_closure": lambda ps: sfoptim.ProdigyScheduleFreeClosure(ps, d0=1e-3, warmup_steps=3),
+    "prodigy_closure": lambda ps: sfoptim.ProdigyScheduleFreeClosure(ps, d0=1e-3, warmup_steps=3, **SUBMISSION),
 }
 
 

@@ -453,7 +453,7 @@ class ProdigyScheduleFreeReference(_XYZ):
         weight_lr_power: float | None = None,
         d0: float = 1e-6,
         d_coef: float = 1.0,
-        d_growth: float | None = 2**0.25,
+        d_growth: float | None = 2**0.5,
         split_groups: bool = False,
     ) -> None:
         defaults = dict(

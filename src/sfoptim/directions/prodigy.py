@@ -55,8 +55,8 @@ _NUMERATOR, _DENOMINATOR = "prodigy_numerator", "prodigy_denominator"
 
 #: ``(r, weight_lr_power)`` of each ``averaging``: weights :math:`(\max d\gamma)^2`, or the AlgoPerf submission's :math:`t^{0.75}`.
 AVERAGING = {"lr": (0.0, 2.0), "algoperf": (0.75, 0.0)}
-#: The default limit on the growth of ``d`` per step (prodigy-plus-schedule-free's ``d_limiter``).
-D_GROWTH = 2**0.25
+#: The default limit on the growth of ``d`` per step (prodigy-plus-schedule-free's ``d_limiter`` is :math:`2^{1/4}`).
+D_GROWTH = 2**0.5
 
 
 class ProdigyDirection(Direction):
@@ -171,9 +171,10 @@ class ProdigyScheduleFree(ScheduleFreeOptimizer):
 
     Defaults: the average weights each step by the square of the largest
     step size so far (``averaging="lr"``), ``d`` grows by at most
-    ``d_growth`` = :math:`2^{1/4}` per step (as prodigy-plus-schedule-free's
-    ``d_limiter``: from ``d0`` = 1e-6 to 1e-3 takes 40 steps, an implicit
-    warmup), and :math:`\beta_2` = 0.99 (its sums remember about 100 steps).
+    ``d_growth`` = :math:`\sqrt 2` per step (as prodigy-plus-schedule-free's
+    ``d_limiter``, which allows :math:`2^{1/4}`: from ``d0`` = 1e-6 to 1e-3
+    takes 20 steps, a warmup of its own), and :math:`\beta_2` = 0.99 (its
+    sums remember about 100 steps).
     The AlgoPerf submission is ``averaging="algoperf"``, ``d_growth=None``,
     ``betas=(0.9, 0.9955)`` with ``warmup_steps`` 7.5 % of the run: tuned for
     runs of 10^4 to 10^5 steps. Its :math:`v` has no bias correction, so
@@ -201,8 +202,8 @@ class ProdigyScheduleFree(ScheduleFreeOptimizer):
         d0: initial estimate of ``d`` (default 1e-6); must be > 0.
         d_coef: multiplies the estimate (default 1.0); > 0.
         d_growth: the most ``d`` may grow in one step, a factor > 1 (default
-            :math:`2^{1/4}`, prodigy-plus's ``d_limiter``); None: no limit
-            (the submission).
+            :math:`\sqrt 2`; prodigy-plus's ``d_limiter``: :math:`2^{1/4}`);
+            None: no limit (the submission).
         split_groups: each parameter group estimates its own ``d`` from its own
             parameters (default False: one ``d`` over all of them). Groups that
             share ``d`` should share ``betas`` and ``d_coef``.
