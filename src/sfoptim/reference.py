@@ -426,14 +426,14 @@ class ProdigyScheduleFreeReference(_XYZ):
 
         n_t &= \rho\, n_{t-1} + a_t \textstyle\sum_p \langle g_p,\, x_{0,p} - z_p \rangle,
             \qquad s_p \leftarrow \rho\, s_p + a_t g_p,
-            \qquad d' = \max(d,\; \min(g d,\; c_d\, n_t / \textstyle\sum_p \|s_p\|_1)) \\
+            \qquad d' = \max(d,\; \min(\kappa d,\; c_d\, n_t / \textstyle\sum_p \|s_p\|_1)) \\
         v_p &\leftarrow \beta_2 v_p + (1-\beta_2)\, d^2 g_p^2, \qquad
         z_p \leftarrow z_p - d\gamma_t \bigl(d' g_p / (\sqrt{v_p} + d'\epsilon) + \lambda y_p\bigr) \\
         x_p &\leftarrow (1 - c_t)\, x_p + c_t z_p, \qquad
         c_t = \frac{w_t}{\sum_{i \le t} w_i}, \qquad w_t = t^r (\max_{i \le t} d_i\gamma_i)^{p},
         \qquad y_p = (1-\beta) z_p + \beta x_p
 
-    with :math:`g` = ``d_growth`` (no limit when None) and :math:`(r, p)` =
+    with :math:`\kappa` = ``d_growth`` (no limit when None) and :math:`(r, p)` =
     (0, 2) for ``averaging="lr"``, (0.75, 0) for ``"algoperf"`` unless given.
     The sums run over all parameters, or over each group alone with
     ``split_groups=True``. While :math:`\sum_p \|s_p\|_1 = 0` neither :math:`d`

@@ -12,12 +12,12 @@ authors' AlgoPerf submission) the estimate is taken along the base iterate
     a_t &= d^2 \gamma_t \\
     n_t &= \rho\, n_{t-1} + a_t \textstyle\sum \langle g_t,\, x_0 - z_t \rangle \\
     s_t &= \rho\, s_{t-1} + a_t\, g_t \\
-    d' &= \max\bigl(d,\; \min(g\, d,\; c_d\, n_t / \textstyle\sum |s_t|)\bigr)
+    d' &= \max\bigl(d,\; \min(\kappa\, d,\; c_d\, n_t / \textstyle\sum |s_t|)\bigr)
         \quad(\text{unchanged, with } n_t, \text{ while } \textstyle\sum |s_t| = 0) \\
     v_t &= \beta_2 v_{t-1} + (1-\beta_2)\, d^2 g_t^2 \\
     z_{t+1} &= z_t - d\gamma_t \Bigl(\frac{d'\, g_t}{\sqrt{v_t} + d'\epsilon} + \lambda y_t\Bigr)
 
-where :math:`g` = ``d_growth`` limits the growth of :math:`d` per step
+where :math:`\kappa` = ``d_growth`` limits the growth of :math:`d` per step
 (``None``: no limit, as in the submission). The sums run over every
 parameter of every group (one global :math:`d`, as in the submission), or
 over each group alone with ``split_groups=True``.
@@ -173,8 +173,8 @@ class ProdigyScheduleFree(ScheduleFreeOptimizer):
     step size so far (``averaging="lr"``), ``d`` grows by at most
     ``d_growth`` = :math:`\sqrt 2` per step (as prodigy-plus-schedule-free's
     ``d_limiter``, which allows :math:`2^{1/4}`: from ``d0`` = 1e-6 to 1e-3
-    takes 20 steps, a warmup of its own), and :math:`\beta_2` = 0.99 (its
-    sums remember about 100 steps).
+    takes 20 steps, a warmup of its own), and :math:`\beta_2` = 0.99
+    (:math:`v` averages over about 100 steps, Prodigy's sums over about 200).
     The AlgoPerf submission is ``averaging="algoperf"``, ``d_growth=None``,
     ``betas=(0.9, 0.9955)`` with ``warmup_steps`` 7.5 % of the run: tuned for
     runs of 10^4 to 10^5 steps. Its :math:`v` has no bias correction, so
