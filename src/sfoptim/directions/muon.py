@@ -15,8 +15,11 @@ where :math:`\mathrm{NS}` is ``ns_steps`` quintic Newton-Schulz iterations
 :math:`X_0 = \tilde B / \max(\lVert\tilde B\rVert_F, \epsilon)` (on the
 transpose when the matrix has more rows than columns), computed in
 ``ns_dtype``, and :math:`s` the shape adjustment of the ``A x B`` matrix:
-:math:`\sqrt{\max(1, A/B)}` (``adjust_lr_fn=None`` or ``"original"``) or
-:math:`0.2\sqrt{\max(A, B)}` (``"match_rms_adamw"``).
+:math:`0.2\sqrt{\max(A, B)}` (``adjust_lr_fn="match_rms_adamw"``, the
+default: an entry RMS of 0.2, about an AdamW update's, so that one learning
+rate serves both parts) or :math:`\sqrt{\max(1, A/B)}` (``None`` or
+``"original"``, Jordan et al.'s). A matrix without elements gets the empty
+direction.
 
 With ``normuon=True`` (NorMuon, Li et al., 2025) the orthogonalized update is
 normalized per row (neuron) by a second moment of its entries, and rescaled
