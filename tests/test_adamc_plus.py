@@ -322,32 +322,31 @@ def _train(model, opt, xb, yb) -> None:
     opt.step(loss=loss)
 
 
+DDP_KW = dict(weight_decay=20.0, polyak_beta=0.9, c_warmup=3, sf_beta1_anneal_steps=20)
+
+
 def _ddp_worker(rank: int, world: int, steps: int, result: str) -> None:
+    """Trains on this rank's half of each batch; rank 0 saves the trajectory (``y`` per step, then ``x``)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     out = {}
     for average_loss in (True, False):
-        kw = dict(weight_decay=20.0, polyak_beta=0.9, c_warmup=3, sf_beta1_anneal_steps=20, average_loss=average_loss)
         ddp = DDP(_model())
-        opt = sfoptim.AdamCScheduleFreePlus(ddp.parameters(), **kw)
-        single = _model()
-        single_opt = sfoptim.AdamCScheduleFreePlus(single.parameters(), **kw)
+        opt = sfoptim.AdamCScheduleFreePlus(ddp.parameters(), **DDP_KW, average_loss=average_loss)
         n = GLOBAL_BATCH // world
-        identical, worst = True, 0.0
+        identical, trajectory = True, []
         for step in range(steps):
             xb, yb = _batch(step)
             _train(ddp, opt, xb[rank * n : (rank + 1) * n], yb[rank * n : (rank + 1) * n])
-            _train(single, single_opt, xb, yb)
             mine = [p.detach().clone() for p in ddp.module.parameters()]
             flat = torch.cat([p.flatten() for p in mine])
             gathered = [torch.empty_like(flat) for _ in range(world)]
             dist.all_gather(gathered, flat)
             identical = identical and all(torch.equal(g, gathered[0]) for g in gathered)
-            worst = max(worst, rel_diff(mine, [p.detach() for p in single.parameters()]))
+            trajectory.append(mine)
         opt.eval()
-        single_opt.eval()
-        worst = max(worst, rel_diff([p.detach() for p in ddp.module.parameters()], [p.detach() for p in single.parameters()]))
-        out[average_loss] = {"identical": identical, "worst": worst}
+        trajectory.append([p.detach().clone() for p in ddp.module.parameters()])
+        out[average_loss] = {"identical": identical, "trajectory": trajectory}
     if rank == 0:
         torch.save(out, result)
 
@@ -355,14 +354,28 @@ def _ddp_worker(rank: int, world: int, steps: int, result: str) -> None:
 def test_ddp_replicas_stay_identical_and_match_one_process(tmp_path) -> None:
     """2 gloo ranks, 50 steps in float64: replicas bit-identical, equal to the global batch on one process.
 
+    The one-process run is made here, in a process without a process group,
+    so that it shares no collective with the run it checks (a loss summed
+    over the ranks instead of averaged would otherwise enter both alike).
     Without averaging the loss (``average_loss=False``) each rank computes its
     own step size and the replicas drift apart: that is what the averaging fixes.
     """
+    assert not (dist.is_available() and dist.is_initialized())
+    steps = 50
     result = str(tmp_path / "result.pt")
-    spawn(_ddp_worker, 2, 50, result)
+    spawn(_ddp_worker, 2, steps, result)
     out = torch.load(result)
+    single = _model()
+    single_opt = sfoptim.AdamCScheduleFreePlus(single.parameters(), **DDP_KW)
+    expected = []
+    for step in range(steps):
+        _train(single, single_opt, *_batch(step))
+        expected.append([p.detach().clone() for p in single.parameters()])
+    single_opt.eval()
+    expected.append([p.detach().clone() for p in single.parameters()])
     assert out[True]["identical"], "replicas diverged"
-    assert out[True]["worst"] <= 1e-9, f"DDP differs from one process by {out[True]['worst']:.3g}"
+    worst = max(rel_diff(mine, theirs) for mine, theirs in zip(out[True]["trajectory"], expected))
+    assert worst <= 1e-9, f"DDP differs from one process by {worst:.3g}"
     assert not out[False]["identical"]
 
 

@@ -3,11 +3,12 @@ r"""Reference forms: ``x``, ``y`` and ``z`` stored explicitly, written like the 
 These classes are the specification that the fast optimizers are tested
 against, so they share nothing with them: each is a plain
 :class:`torch.optim.Optimizer` with its own schedule, its own hyperparameter
-checks and its own step. The only things imported are the exception type
-:class:`sfoptim.ModeError`, so that callers catch one error whichever form
-they use, and two choices of schedule-free Muon that are policies, not
-equations: which parameters it orthogonalizes, and the dtype ``"auto"``
-stands for on the hardware at hand. They use more memory (three parameter-sized copies)
+checks and its own step. From the rest of sfoptim they take only the
+exception type :class:`sfoptim.ModeError` (so that callers catch one error
+whichever form they use), the check of the ``params`` argument, and two
+choices of schedule-free Muon that are policies, not equations: which
+parameters it orthogonalizes, and the dtype ``"auto"`` stands for on the
+hardware at hand. They use more memory (three parameter-sized copies)
 and are slower; every line of a step is one equation of Defazio et al. (2024),
 Algorithm 1, for step :math:`t = 1, 2, \dots`:
 
@@ -29,9 +30,12 @@ In train mode the parameters hold ``y``; :meth:`eval` copies ``x`` into them
 and :meth:`train` copies ``y`` back. The optimizers start in train mode.
 Stepping in eval mode raises :class:`sfoptim.ModeError`. Gradients are read,
 never written. Complex parameters are optimized as pairs of reals. The
-constructors take the arguments of the published ``schedulefree`` reference
-classes in the same order; ``foreach`` is accepted for compatibility and has
-no effect (the step is a plain loop over tensors).
+SGD, AdamW, RAdam and wrapper forms take the arguments of the published
+``schedulefree`` classes in the same order; ``foreach`` is accepted for
+compatibility and has no effect (the step is a plain loop over tensors). The
+Prodigy, Muon and ScheduleFree+ forms take the arguments of sfoptim's classes
+less the backend and precision options (ScheduleFree+: those of its authors'
+class).
 
 These forms are oracles for tests and a readable starting point for research
 code; the helpers of :mod:`sfoptim.modes` accept only the fast optimizers.
@@ -46,6 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import _validation
 from .directions.muon import adamw_lr_of, module_roles, param_role, resolve_ns_dtype
 from .engine import ModeError
 
@@ -140,6 +145,9 @@ def _real(t: Tensor) -> Tensor:
 class _XYZ(torch.optim.Optimizer):
     """Storage of ``x``, ``y``, ``z`` per parameter and the train/eval switch."""
 
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        super().__init__(_validation.param_list(params, type(self).__name__), defaults)
+
     def _validate(self, group: dict) -> None:
         raise NotImplementedError
 
@@ -157,11 +165,14 @@ class _XYZ(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Checkpoints of the published classes lack our extra hyperparameters
-        # (inner_momentum): they take their defaults.
+        # (inner_momentum): they take their defaults. torch adds
+        # ``differentiable`` to ``defaults``, an option these classes do not
+        # have: it stays out of the groups, so a loaded state dict saves as it was.
         super().__setstate__(state)
         for group in self.param_groups:
             for key, value in self.defaults.items():
-                group.setdefault(key, value)
+                if key != "differentiable":
+                    group.setdefault(key, value)
 
     @property
     def train_mode(self) -> bool:

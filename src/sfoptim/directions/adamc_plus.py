@@ -308,6 +308,9 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
             ValueError: the loss is not a finite number; nothing has changed.
             ModeError: in eval mode (call :meth:`train` first).
         """
+        return self._run_step(closure, loss=loss)
+
+    def _run_step(self, closure: Callable[[], Any] | None, loss: float | Tensor | None = None) -> Any:
         if loss is None and closure is None and getattr(self, "_pending_loss", None) is not None:
             loss = self._pending_loss
         self._enter_step(closure)
@@ -381,7 +384,7 @@ class AdamCScheduleFreePlusClosure(ClosureForm, AdamCScheduleFreePlus):
         """Evaluates ``closure`` at ``y`` and steps with its loss (or ``loss``, if given)."""
         if closure is None:
             raise TypeError(f"{type(self).__name__}.step() needs a closure that computes the loss and gradients")
-        return AdamCScheduleFreePlus.step(self, closure, loss=loss)
+        return self._run_step(closure, loss=loss)
 
 
 class AdamCScheduleFreePlusPaper(AdamCScheduleFreePlus):

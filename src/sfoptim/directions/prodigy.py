@@ -211,9 +211,7 @@ class ProdigyScheduleFree(ScheduleFreeOptimizer):
             (e.g. ``torch.bfloat16``, as the submission keeps them, to save
             memory); they are updated in the working dtype and rounded into it.
             Default None: the working dtype. ``z`` is never narrowed.
-        {backend_args}
-
-    Prodigy has no fused kernel: every backend runs its foreach form.
+        {backend_args_no_kernel}
 
     State per parameter: ``z``, ``exp_avg_sq``, ``s``, ``p0``. Per group:
     ``d`` (read it to see the step size) and ``d_numerator``.
