@@ -262,3 +262,25 @@ def test_mixed_dtypes_in_one_call_are_refused_with_nothing_changed(dtypes: tuple
     for lst, old in zip((y, g, z, v), before):
         for t, o in zip(lst, old):
             assert t.dtype == o.dtype and torch.equal(t, o), "a refused call modified a tensor"
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_compiled_step_on_16_bit_parameters_equals_eager(stochastic: bool) -> None:
+    """Under torch.compile the 16-bit bucket takes the kernel too (stochastic rounding eagerly): eager's bits."""
+
+    def run(compiled: bool) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(8)
+        p = torch.nn.Parameter(torch.randn(5000, generator=gen).to(torch.bfloat16))
+        opt = sfoptim.AdamWScheduleFree([p], lr=0.01, stochastic_rounding=stochastic)
+
+        def train_step() -> None:
+            opt.step()
+
+        step = torch.compile(train_step) if compiled else train_step
+        torch.manual_seed(0)
+        for _ in range(3):
+            p.grad = torch.randn(p.shape, generator=gen).to(torch.bfloat16)
+            step()
+        return torch.cat([p.detach(), opt.state[p]["z"], opt.state[p]["exp_avg_sq"]])
+
+    assert torch.equal(run(True), run(False))
