@@ -71,14 +71,15 @@ def _make(name: str, params: list[torch.nn.Parameter], **kw: Any) -> Any:
     raise AssertionError(name)
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
+STEP_CASES = dict(
     name=st.sampled_from(["sgd", "adamw", "adamw-momentum", "radam", "plus"]),
     dtype=st.sampled_from(NARROW),
     steps=st.integers(1, 7),
     seed=st.integers(0, 2**16),
 )
-def test_each_step_is_float32_foreach_rounded_once(name: str, dtype: torch.dtype, steps: int, seed: int) -> None:
+
+
+def check_step_case(name: str, dtype: torch.dtype, steps: int, seed: int) -> None:
     """Step by step from the same state: the kernel's y, z and buffers are foreach in float32, rounded.
 
     RAdam's first steps take the SGD_V family, its later ones ADAM; seven steps reach both.
@@ -118,6 +119,12 @@ def test_each_step_is_float32_foreach_rounded_once(name: str, dtype: torch.dtype
     finally:
         _fused_cpu.step = original  # type: ignore[assignment]
     assert calls and all(calls), "the kernel did not take the 16-bit bucket"
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(**STEP_CASES)
+def test_each_step_is_float32_foreach_rounded_once(name: str, dtype: torch.dtype, steps: int, seed: int) -> None:
+    check_step_case(name, dtype, steps, seed)
 
 
 @pytest.mark.parametrize("dtype", NARROW)
