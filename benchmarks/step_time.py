@@ -127,23 +127,16 @@ def contenders(args: argparse.Namespace) -> dict[str, tuple[str, Callable[[list]
     if args.foreach_too:
         out["sfoptim AdamW foreach"] = ("adam", lambda p: sfoptim.AdamWScheduleFree(p, lr=lr, weight_decay=wd, fused=False))
         out["sfoptim SGD foreach"] = ("sgd", lambda p: sfoptim.SGDScheduleFree(p, lr=lr, weight_decay=wd, fused=False))
-    try:
-        import schedulefree
 
-        out["schedulefree AdamW"] = ("adam", lambda p: _trained(schedulefree.AdamWScheduleFree(p, lr=lr, weight_decay=wd)))
-        out["schedulefree RAdam"] = ("adam", lambda p: _trained(schedulefree.RAdamScheduleFree(p, lr=lr, weight_decay=wd)))
-        out["schedulefree SGD"] = ("sgd", lambda p: _trained(schedulefree.SGDScheduleFree(p, lr=lr, weight_decay=wd)))
-    except ImportError:
-        print("skipped: schedulefree (pip install schedulefree)")
-    try:
-        from pytorch_optimizer import ScheduleFreeAdamW, ScheduleFreeRAdam, ScheduleFreeSGD
+    def wanted(peer: str) -> bool:
+        # Peers that --only leaves out are not even imported (pytorch_optimizer takes seconds).
+        return not args.only or any(s.lower() in peer.lower() for s in args.only)
 
-        out["pytorch_optimizer SF-AdamW"] = ("adam", lambda p: _trained(ScheduleFreeAdamW(p, lr=lr, weight_decay=wd)))
-        out["pytorch_optimizer SF-RAdam"] = ("adam", lambda p: _trained(ScheduleFreeRAdam(p, lr=lr, weight_decay=wd)))
-        out["pytorch_optimizer SF-SGD"] = ("sgd", lambda p: _trained(ScheduleFreeSGD(p, lr=lr, weight_decay=wd)))
-    except ImportError:
-        print("skipped: pytorch_optimizer (pip install pytorch_optimizer)")
-    if args.heavyball:
+    if wanted("schedulefree AdamW RAdam SGD"):
+        _add_schedulefree(out, lr, wd)
+    if wanted("pytorch_optimizer SF-AdamW SF-RAdam SF-SGD"):
+        _add_pytorch_optimizer(out, lr, wd)
+    if args.heavyball and wanted("heavyball SFAdamW (compiled)"):
         try:
             import heavyball
 
@@ -153,6 +146,28 @@ def contenders(args: argparse.Namespace) -> dict[str, tuple[str, Callable[[list]
     if args.only:
         out = {k: v for k, v in out.items() if any(s.lower() in k.lower() for s in args.only) or k.startswith("torch")}
     return out
+
+
+def _add_schedulefree(out: dict, lr: float, wd: float) -> None:
+    try:
+        import schedulefree
+
+        out["schedulefree AdamW"] = ("adam", lambda p: _trained(schedulefree.AdamWScheduleFree(p, lr=lr, weight_decay=wd)))
+        out["schedulefree RAdam"] = ("adam", lambda p: _trained(schedulefree.RAdamScheduleFree(p, lr=lr, weight_decay=wd)))
+        out["schedulefree SGD"] = ("sgd", lambda p: _trained(schedulefree.SGDScheduleFree(p, lr=lr, weight_decay=wd)))
+    except ImportError:
+        print("skipped: schedulefree (pip install schedulefree)")
+
+
+def _add_pytorch_optimizer(out: dict, lr: float, wd: float) -> None:
+    try:
+        from pytorch_optimizer import ScheduleFreeAdamW, ScheduleFreeRAdam, ScheduleFreeSGD
+
+        out["pytorch_optimizer SF-AdamW"] = ("adam", lambda p: _trained(ScheduleFreeAdamW(p, lr=lr, weight_decay=wd)))
+        out["pytorch_optimizer SF-RAdam"] = ("adam", lambda p: _trained(ScheduleFreeRAdam(p, lr=lr, weight_decay=wd)))
+        out["pytorch_optimizer SF-SGD"] = ("sgd", lambda p: _trained(ScheduleFreeSGD(p, lr=lr, weight_decay=wd)))
+    except ImportError:
+        print("skipped: pytorch_optimizer (pip install pytorch_optimizer)")
 
 
 class _WithLoss:

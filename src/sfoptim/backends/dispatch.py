@@ -256,7 +256,10 @@ def prepare_traced(
     device = bucket.params[0].device
     if device.type == "cpu" and _kernel_allowed(fused, foreach_flag) and _stochastic(group, bucket):
         # The traced operator rounds to nearest; stochastic rounding takes the eager kernel.
-        step(direction, group, step_index, bucket, reduced, fused=fused, foreach_flag=foreach_flag, **args)
+        step(
+            direction, group, step_index, bucket, reduced,
+            lr=lr, ckp1=ckp1, beta=beta, weight_decay=weight_decay, fused=fused, foreach_flag=foreach_flag,
+        )
         return None
     call = _kernel_call(direction, group, step_index, bucket, reduced, fused, **args)
     if call is None:
