@@ -220,16 +220,21 @@ static inline uint32_t sf_random(sf_key k, uint32_t index) { return sf_mix32(sf_
 #define SF_SR_f16(x, r) sf_f16_stochastic(x, r)
 
 /*
- * One element of the schedule-free step, written once per compute type below.
+ * One element of the schedule-free step, written once per storage format below
+ * (S stored, T computed, LD/ST the load and the round-to-nearest store).
  *   direction d = m_hat / (sqrt(v / bc2) + eps) + wd*y    (Adam; v updated first)
  *               = g + wd*y                                  (SGD, RAdam's SGD phase)
  *   y <- lerp(y, z, c) + lr*(beta*(1-c) - 1)*d;   z <- z - lr*d
  * `mode` and `has_m` are compile-time constants at every call site, so gcc
  * emits one branch-free vector loop per variant.
  */
-#define SF_STEP_BODY(T, SQRT)                                                                            \
-    static inline __attribute__((always_inline)) void sf_step_span_##T(                                 \
-        T *restrict y, const T *restrict g, T *restrict z, T *restrict v, T *restrict m, int64_t n,      \
+/* a if c else b, as a bit select for float (a float ternary may stay a branch, see sf_select). */
+#define SF_PICK_float(c, a, b) sf_from_bits(sf_select((uint32_t)(c), sf_to_bits(a), sf_to_bits(b)))
+#define SF_PICK_double(c, a, b) ((c) ? (a) : (b))
+
+#define SF_STEP_BODY(NAME, S, T, SQRT, LD, ST)                                                                            \
+    static inline __attribute__((always_inline)) void sf_step_span_##NAME(                                 \
+        S *restrict y, const S *restrict g, S *restrict z, S *restrict v, S *restrict m, int64_t n,      \
         const sf_scalars *s, const int mode, const int has_m) {                                          \
         const T c = (T)s[SF_CKP1], lr = (T)s[SF_LR], wd = (T)s[SF_WD];                                   \
         const T ystep = (T)(s[SF_LR] * (s[SF_BETA] * (1.0 - s[SF_CKP1]) - 1.0));                         \
@@ -239,18 +244,18 @@ static inline uint32_t sf_random(sf_key k, uint32_t index) { return sf_mix32(sf_
         const T omc = (T)(1.0 - s[SF_CKP1]);                                                             \
         _Pragma("omp simd")                                                                              \
         for (int64_t i = 0; i < n; i++) {                                                                \
-            const T yi = y[i], gi = g[i], zi = z[i];                                                     \
+            const T yi = LD(y[i]), gi = LD(g[i]), zi = LD(z[i]);                                                     \
             T d;                                                                                         \
             if (mode == SF_SGD) {                                                                        \
                 d = gi;                                                                                  \
             } else {                                                                                     \
-                const T vi = b2 * v[i] + omb2 * gi * gi;                                                 \
-                v[i] = vi;                                                                               \
+                const T vi = b2 * LD(v[i]) + omb2 * gi * gi;                                                 \
+                v[i] = ST(vi);                                                                               \
                 if (mode == SF_ADAM) {                                                                   \
                     T num = gi;                                                                          \
                     if (has_m) {                                                                         \
-                        const T mi = m[i] + ommu * (gi - m[i]);                                          \
-                        m[i] = mi;                                                                       \
+                        const T mo = LD(m[i]), mi = mo + ommu * (gi - mo);                                          \
+                        m[i] = ST(mi);                                                                       \
                         num = mi / bc1;                                                                  \
                     }                                                                                    \
                     d = num / (SQRT(vi / bc2) + eps);                                                    \
@@ -260,22 +265,27 @@ static inline uint32_t sf_random(sf_key k, uint32_t index) { return sf_mix32(sf_
             }                                                                                            \
             d = d + wd * yi;                                                                             \
             const T diff = zi - yi;                                                                      \
-            const T lerped = upper ? zi - diff * omc : yi + c * diff;                                    \
-            y[i] = lerped + ystep * d;                                                                   \
-            z[i] = zi - lr * d;                                                                          \
+            const T from_z = zi - diff * omc, from_y = yi + c * diff;           \
+            const T lerped = SF_PICK_##T(upper, from_z, from_y);                                    \
+            y[i] = ST(lerped + ystep * d);                                                                   \
+            z[i] = ST(zi - lr * d);                                                                          \
         }                                                                                                \
     }
 
-SF_STEP_BODY(float, sqrtf)
-SF_STEP_BODY(double, sqrt)
+SF_STEP_BODY(float, float, float, sqrtf, SF_LOAD_float, SF_NEAR_float)
+SF_STEP_BODY(double, double, double, sqrt, SF_LOAD_double, SF_NEAR_double)
+SF_STEP_BODY(bf16_near, sf_bf16, float, sqrtf, SF_LOAD_bf16, SF_NEAR_bf16)
+SF_STEP_BODY(f16_near, sf_f16, float, sqrtf, SF_LOAD_f16, SF_NEAR_f16)
 
 /*
- * 16-bit formats: each span is done in blocks that are widened into float
- * arrays on the stack, stepped by the float loop above and rounded back, one
- * simple loop per stream. Every loop vectorises on any target, and the blocks
+ * 16-bit formats. Rounding to nearest runs the element loop above directly
+ * on the 16-bit arrays (sf_step_span_<F>_near: widen on load, round on
+ * store). Stochastic rounding works in blocks that are widened into float
+ * arrays on the stack, stepped by the float loop and rounded back, one simple
+ * loop per stream, so the hashing stays out of the arithmetic loop; the blocks
  * stay in L1, so memory traffic is that of the 16-bit tensors alone. `keys`
- * and `base` (the index of element 0 in its tensor, modulo 2^32) serve
- * stochastic rounding (`sr`).
+ * and `base` (the index of element 0 in its tensor, modulo 2^32) give each
+ * element its random bits. Every loop vectorises on any target.
  */
 #define SF_BLOCK 512
 
@@ -298,6 +308,10 @@ SF_STEP_BODY(double, sqrt)
         S *restrict y, const S *restrict g, S *restrict z, S *restrict v, S *restrict m, int64_t n,      \
         const sf_scalars *s, const int mode, const int has_m, const int sr, const sf_key *keys,          \
         uint32_t base) {                                                                                 \
+        if (!sr) {                                                                                       \
+            sf_step_span_##F##_near(y, g, z, v, m, n, s, mode, has_m);                                   \
+            return;                                                                                      \
+        }                                                                                                \
         float yb[SF_BLOCK], gb[SF_BLOCK], zb[SF_BLOCK], vb[SF_BLOCK], mb[SF_BLOCK];                      \
         for (int64_t o = 0; o < n; o += SF_BLOCK) {                                                      \
             const int64_t len = n - o < SF_BLOCK ? n - o : SF_BLOCK;                                     \
