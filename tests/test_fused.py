@@ -331,13 +331,27 @@ def test_unsupported_dtype_is_refused_silently_by_default_and_warns_once_when_as
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_default_picks_the_kernel_for_16_bit_parameters(dtype):
+def test_every_kernel_class_takes_the_kernel_for_16_bit_parameters(dtype):
     calls = _count_calls(_fused_cpu, "step")
     for cls in (sfoptim.SGDScheduleFree, sfoptim.AdamWScheduleFree, sfoptim.RAdamScheduleFree):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             _one_step(cls, [torch.nn.Parameter(torch.randn(10, dtype=dtype))], fused=True)
-    assert calls.n == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = torch.nn.Parameter(torch.randn(10, dtype=dtype))
+        opt = sfoptim.AdamCScheduleFreePlus([p], fused=True)
+        p.grad = torch.randn_like(p)
+        opt.step(loss=1.0)
+    assert calls.n == 4
+    wraps = [_count_calls(_fused_cpu, name) for name in ("wrap_before", "wrap_after")]
+    p = torch.nn.Parameter(torch.randn(10, dtype=dtype))
+    wrapper = sfoptim.ScheduleFreeWrapper(torch.optim.SGD([p], lr=0.1), momentum=0.9, fused=True)
+    p.grad = torch.randn_like(p)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wrapper.step()
+    assert [c.n for c in wraps] == [1, 1]
 
 
 def test_non_contiguous_parameter_takes_foreach_and_stays_exact():
