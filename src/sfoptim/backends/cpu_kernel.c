@@ -340,7 +340,7 @@ SF_LOWP_SPAN(f16, sf_f16)
 #define sf_step_span_bf16_r sf_step_span_bf16
 #define sf_step_span_f16_r sf_step_span_f16
 
-/* One span of a chunk in the variant the call asks for, each with constant flags. */
+/* One span of a chunk in the variant the call asks for (constant family and momentum flags). */
 #define SF_SPAN(F, MODE, HAS_M, SR) sf_step_span_##F##_r(yy, gg, zz, vv, mm, len, s, MODE, HAS_M, SR, keys, (uint32_t)o)
 
 #define SF_SPAN_MODES(F, SR)                                                                             \

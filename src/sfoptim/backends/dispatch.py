@@ -94,7 +94,8 @@ def step(
         return
     if backend is not None:
         call = _kernel_call(direction, group, step_index, bucket, reduced, fused, **args)
-        rounding = {"seed": _stochastic_seed()} if backend is cpu_kernel and _stochastic(group, bucket) else {}
+        stochastic = call is not None and backend is cpu_kernel and _stochastic(group, bucket)
+        rounding = {"seed": _stochastic_seed()} if stochastic else {}
         if call is not None and backend.step(
             bucket.params, bucket.grads, bucket.z, call.slots, call.kind, call.scalars, explicit=fused is True, **rounding
         ):
