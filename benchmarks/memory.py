@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str], tuple[float, fl
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--layout", default="20M", choices=list(LAYOUTS), help="parameter shapes (default 20M)")
-    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "float64", "bfloat16"],
+    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "float64", "bfloat16", "float16"],
                         help="parameter dtypes (default: float32 bfloat16)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     args = parser.parse_args(argv)

@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str, str], float]:
                         help=f"default: {' '.join(DEFAULT_LAYOUTS)}")
     parser.add_argument("--rounds", type=int, default=30, help="timed interleaved rounds (default 30)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds after the first step (default 3)")
-    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "float64", "bfloat16"],
+    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "float64", "bfloat16", "float16"],
                         help="parameter dtypes, all timed in the same rounds (default: float32 bfloat16)")
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--no-heavyball", dest="heavyball", action="store_false",
