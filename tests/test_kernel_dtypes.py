@@ -10,6 +10,9 @@ seed gives the same bits on any thread count, and other seeds give other bits.
 from __future__ import annotations
 
 import copy
+import platform
+import shutil
+import subprocess
 import warnings
 from typing import Any
 
@@ -158,6 +161,30 @@ def test_bucket_sums_of_16_bit_tensors_are_exact_float64_sums(dtype: torch.dtype
     )
 
 
+@pytest.mark.parametrize("dtype", NARROW)
+def test_round_to_nearest_equals_torch_conversion_on_every_range(dtype: torch.dtype) -> None:
+    """The stored z is torch's own rounding of the same float32 value (NaN payloads and signs of zero aside).
+
+    SGD family with c = 0 and no decay: z <- z - lr*g, two float32 roundings
+    (the kernel is built without contraction), then one to 16 bits. The
+    magnitudes span float16's subnormals to beyond its largest value.
+    """
+    gen = torch.Generator().manual_seed(9)
+    n = 100_003
+    magnitude = torch.exp2(torch.empty(n).uniform_(-30, 20, generator=gen))
+    z = (torch.randn(n, generator=gen).sign() * magnitude).to(dtype)
+    g = (torch.randn(n, generator=gen) * magnitude).to(dtype)
+    lr = 0.3
+    expected = (z.float() - torch.tensor(lr) * g.float()).to(dtype)
+    y = torch.zeros(n, dtype=dtype)
+    assert _fused_cpu.step([y], [g], [z], [], Kind.SGD, [lr, 0.0, 0.9, 0.0, 0.999, 1.0, 1e-8, 0.0, 1.0]) is True
+    nan = expected.isnan()
+    assert torch.equal(z.isnan(), nan)
+    # Equal values (the sign of a zero may differ: the kernel's direction is g + 0*y).
+    assert torch.equal(z[~nan].float(), expected[~nan].float())
+    assert (z.float().abs() < torch.finfo(dtype).smallest_normal).any() or dtype == torch.bfloat16
+
+
 # ------------------------------------------------------------ stochastic rounding
 # The SGD family: z <- z - lr*g, computed exactly in float32 here, a value between two 16-bit neighbours.
 _SCALARS = [0.25, 0.5, 0.9, 0.0, 0.999, 1.0, 1e-8, 0.0, 1.0]  # lr, ckp1, beta, wd, beta2, bc2, eps, mu, bc1
@@ -291,3 +318,33 @@ def test_compiled_step_on_16_bit_parameters_equals_eager(stochastic: bool) -> No
         return torch.cat([p.detach(), opt.state[p]["z"], opt.state[p]["exp_avg_sq"]])
 
     assert torch.equal(run(True), run(False))
+
+
+_PORTABLE_CHECKS = """
+import ctypes, torch
+from hypothesis import given, settings
+from sfoptim.backends import cpu_kernel as _fused_cpu
+_fused_cpu._install_library_for_tests(ctypes.CDLL({lib!r}))
+import test_kernel_dtypes as d
+d.test_round_to_nearest_equals_torch_conversion_on_every_range(torch.float16)
+settings(max_examples=30, deadline=None, database=None)(given(**d.STEP_CASES)(d.check_step_case))()
+for which in ("wrap_before", "wrap_after"):
+    d.test_wrapper_bookkeeping_is_float32_rounded_once(torch.float16, which)
+d.test_stochastic_rounding_is_unbiased_and_picks_a_neighbour(torch.float16, 2.0**-20, 3 * 2.0**-24)
+d.test_stochastic_rounding_repeats_for_a_seed_on_any_thread_count_and_differs_across_seeds(torch.float16)
+print("portable float16 done")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("gcc") is None, reason="an x86-64 gcc")
+def test_portable_float16_conversions_where_the_compiler_targets_no_f16c(tmp_path: Any) -> None:
+    """The kernel built without F16C (its portable float16 conversions) passes the float16 checks."""
+    from test_kernel_safety import _assert_clean_exit, _run_python
+
+    flags = [*_fused_cpu._FLAGS, "-mno-f16c"]
+    macros = subprocess.run(["gcc", *flags, "-dM", "-E", "-x", "c", "/dev/null"], capture_output=True, text=True).stdout
+    assert "__F16C__" not in macros
+    lib = tmp_path / "portable.so"
+    subprocess.run(["gcc", *flags, str(_fused_cpu._SOURCE), "-o", str(lib), "-lm"], check=True, capture_output=True, timeout=300)
+    _assert_clean_exit(_run_python(_PORTABLE_CHECKS.format(lib=str(lib))), "portable float16 done")
