@@ -76,8 +76,12 @@ def step(
     decay_at_z: bool = False,
     fused: bool | None,
     foreach_flag: bool | None,
+    owner: str = "this optimizer",
 ) -> None:
-    """Applies one schedule-free step to ``bucket`` on the backend the policy picks."""
+    """Applies one schedule-free step to ``bucket`` on the backend the policy picks.
+
+    ``owner`` names the optimizer class in the warning about a missing kernel.
+    """
     args = dict(lr=lr, ckp1=ckp1, beta=beta, weight_decay=weight_decay)
     backend = kernel_backend(bucket.params[0].device.type, fused) if _kernel_allowed(fused, foreach_flag) else None
     if decay_at_z and weight_decay != 0:
@@ -93,7 +97,7 @@ def step(
         _foreach(direction, group, step_index, bucket, reduced, foreach_flag, dict(args, decay_at_z=True))
         return
     if backend is not None:
-        call = _kernel_call(direction, group, step_index, bucket, reduced, fused, **args)
+        call = _kernel_call(direction, group, step_index, bucket, reduced, fused, owner, **args)
         stochastic = call is not None and backend is cpu_kernel and _stochastic(group, bucket)
         rounding = {"seed": _stochastic_seed()} if stochastic else {}
         if call is not None and backend.step(
@@ -174,6 +178,7 @@ def _kernel_call(
     bucket: Bucket,
     reduced: Mapping[str, Tensor],
     fused: bool | None,
+    owner: str,
     *,
     lr: float,
     ckp1: float,
@@ -183,11 +188,11 @@ def _kernel_call(
     """The direction's kernel description filled in for this step; None (and a warning with ``fused=True``) without one."""
     spec = direction.kernel(group, step_index, reduced)
     if spec is None:
-        name = type(direction).__name__
-        if fused and name not in _no_kernel_warned:
-            _no_kernel_warned.add(name)
+        if fused and owner not in _no_kernel_warned:
+            _no_kernel_warned.add(owner)
             warnings.warn(
-                f"sfoptim: fused=True, but {name} has no fused kernel; using the foreach implementation.",
+                f"sfoptim: fused=True, but {owner} has no fused kernel for some of its parameter groups; "
+                "they use the foreach implementation.",
                 RuntimeWarning,
                 stacklevel=5,
             )
@@ -237,6 +242,7 @@ def prepare_traced(
     decay_at_z: bool = False,
     fused: bool | None,
     foreach_flag: bool | None,
+    owner: str = "this optimizer",
 ) -> TracedCall | None:
     """The update of ``bucket`` for a compiled step, or None after doing it here eagerly.
 
@@ -260,9 +266,10 @@ def prepare_traced(
         step(
             direction, group, step_index, bucket, reduced,
             lr=lr, ckp1=ckp1, beta=beta, weight_decay=weight_decay, fused=fused, foreach_flag=foreach_flag,
+            owner=owner,
         )
         return None
-    call = _kernel_call(direction, group, step_index, bucket, reduced, fused, **args)
+    call = _kernel_call(direction, group, step_index, bucket, reduced, fused, owner, **args)
     if call is None:
         _foreach(direction, group, step_index, bucket, reduced, foreach_flag, args)
         return None

@@ -89,7 +89,7 @@ def _check_whole(opt: ScheduleFreeOptimizer, gi: int, group: dict, active: list[
         if any(getattr(pl, "dim", None) is not None for pl in getattr(p, "placements", ())):
             i = next(j for j, q in enumerate(group["params"]) if q is p)
             raise NotImplementedError(
-                f"{type(direction).__name__} needs whole matrices, but {opt._param_label(gi, i, p)} is sharded "
+                f"{type(opt).__name__} needs whole matrices, but {opt._param_label(gi, i, p)} is sharded "
                 "(FSDP2); gathering shards for it is not supported yet."
             )
 
@@ -201,7 +201,7 @@ def prepare_traced(opt: ScheduleFreeOptimizer) -> tuple[list[dispatch.TracedCall
             call = dispatch.prepare_traced(
                 direction, group, p.step, bucket, reduced,
                 lr=sched.lr, ckp1=ckp1, beta=beta, weight_decay=decay, decay_at_z=_decay_at_z(opt, group),
-                fused=fused, foreach_flag=foreach_flag,
+                fused=fused, foreach_flag=foreach_flag, owner=type(opt).__name__,
             )  # fmt: skip
             if call is not None:
                 calls.append(call)
@@ -245,7 +245,7 @@ def _update(opt: ScheduleFreeOptimizer, plans: list[GroupStep]) -> None:
                 dispatch.step(
                     direction, group, p.step, bucket, reduced,
                     lr=sched.lr, ckp1=ckp1, beta=beta, weight_decay=decay, decay_at_z=at_z,
-                    fused=fused, foreach_flag=foreach_flag,
+                    fused=fused, foreach_flag=foreach_flag, owner=type(opt).__name__,
                 )  # fmt: skip
             opt._sync_params(group, p.active)
         _rebuild_inactive(opt, p)
