@@ -16,7 +16,8 @@ Each task is trained with AdamWScheduleFree in four settings:
 
 * ``float32``: parameters and state in float32 (the reference);
 * ``bf16``: model (parameters, activations) and optimizer state in bfloat16,
-  no option (what the published package does with a bf16 model);
+  no option, on the foreach path (``fused=False``: arithmetic in bfloat16,
+  what the published package does with a bf16 model);
 * ``bf16+state32``: bf16 model, ``state_dtype=torch.float32`` (float32 master
   copy, ``z`` and second moment);
 * ``bf16+state32+sr``: the same plus ``stochastic_rounding=True``.
@@ -46,7 +47,7 @@ from sfoptim.experiments import char_lm, mnist1d_mlp
 
 CONFIGS = {
     "float32": (torch.float32, {}),
-    "bf16": (torch.bfloat16, {}),
+    "bf16": (torch.bfloat16, {"fused": False}),
     "bf16+state32": (torch.bfloat16, {"state_dtype": torch.float32}),
     "bf16+state32+sr": (torch.bfloat16, {"state_dtype": torch.float32, "stochastic_rounding": True}),
 }

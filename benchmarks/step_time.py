@@ -6,7 +6,9 @@ one set of fixed gradients, re-attached before every step outside the timing
 contender writes into a gradient). Each round steps every contender once, in a
 rotating order, so slow drifts (frequency changes, a background task) reach
 all of them alike; the table reports the median step time of each contender
-divided by the median of its baseline measured in the same rounds:
+divided by the median of its baseline measured in the same rounds, on
+parameters of the same dtype (``--dtype``: float32 and bfloat16 by default,
+every dtype's contenders interleaved in the same rounds):
 
 * Adam-like contenders against ``torch.optim.AdamW(fused=True)`` (ScheduleFree+
   among them, stepped with a fixed loss: its global sums over ``g``, ``y`` and
@@ -34,9 +36,15 @@ time includes compiling the kernel (use ``--warm-cache`` to skip that).
 Peers (``schedulefree``, ``pytorch_optimizer``, ``heavyball``) are optional:
 a missing one is listed as skipped.
 
+Layouts: ``8x2M`` (8 tensors of 2M), ``400x40K`` (400 of 40K), ``20M`` (4
+matrices 512x8192, one 256x12288 and 13 vectors of 8192: 20.0M parameters in
+18 tensors), ``gpt`` (a GPT-like model, see ``--gpt-width``), ``tiny`` (for
+smoke runs only).
+
 Examples::
 
-    python benchmarks/step_time.py                      # CPU, 2 threads, all layouts
+    python benchmarks/step_time.py                      # CPU, 2 threads, float32 and bfloat16, all layouts
+    python benchmarks/step_time.py --layouts 20M --dtype bfloat16 --no-heavyball
     python benchmarks/step_time.py --layouts 400x40K --rounds 30 --no-heavyball
     python benchmarks/step_time.py --device cuda        # on a GPU machine (adds peak-memory table)
     python benchmarks/step_time.py --layouts gpt --muon --only Muon --device cuda
@@ -64,7 +72,10 @@ import torch
 LAYOUTS: dict[str, list[tuple[int, ...]]] = {
     "8x2M": [(2_000_000,)] * 8,
     "400x40K": [(40_000,)] * 400,
+    "20M": [(512, 8192)] * 4 + [(256, 12288)] + [(8192,)] * 13,
 }
+#: Layouts run by default (``tiny`` is for smoke runs).
+DEFAULT_LAYOUTS = ["8x2M", "400x40K", "20M", "gpt"]
 
 
 def _gpt_like(d: int = 768) -> list[tuple[int, ...]]:
@@ -79,6 +90,7 @@ def _gpt_like(d: int = 768) -> list[tuple[int, ...]]:
 
 
 LAYOUTS["gpt"] = _gpt_like()
+LAYOUTS["tiny"] = [(64, 32), (100,), (7,)]
 
 
 def _sync(device: torch.device) -> None:
@@ -100,6 +112,7 @@ def contenders(args: argparse.Namespace) -> dict[str, tuple[str, Callable[[list]
     out["sfoptim RAdam"] = ("adam", lambda p: sfoptim.RAdamScheduleFree(p, lr=lr, weight_decay=wd))
     out["sfoptim SGD"] = ("sgd", lambda p: sfoptim.SGDScheduleFree(p, lr=lr, weight_decay=wd))
     out["sfoptim ScheduleFree+"] = ("adam", lambda p: _WithLoss(sfoptim.AdamCScheduleFreePlus(p, weight_decay=wd)))
+    out["sfoptim Prodigy"] = ("adam", lambda p: sfoptim.ProdigyScheduleFree(p, weight_decay=wd))
     if args.device.startswith("cuda"):
         out["sfoptim AdamW fused=True"] = ("adam", lambda p: sfoptim.AdamWScheduleFree(p, lr=lr, weight_decay=wd, fused=True))
         out["sfoptim RAdam fused=True"] = ("adam", lambda p: sfoptim.RAdamScheduleFree(p, lr=lr, weight_decay=wd, fused=True))
@@ -114,23 +127,16 @@ def contenders(args: argparse.Namespace) -> dict[str, tuple[str, Callable[[list]
     if args.foreach_too:
         out["sfoptim AdamW foreach"] = ("adam", lambda p: sfoptim.AdamWScheduleFree(p, lr=lr, weight_decay=wd, fused=False))
         out["sfoptim SGD foreach"] = ("sgd", lambda p: sfoptim.SGDScheduleFree(p, lr=lr, weight_decay=wd, fused=False))
-    try:
-        import schedulefree
 
-        out["schedulefree AdamW"] = ("adam", lambda p: _trained(schedulefree.AdamWScheduleFree(p, lr=lr, weight_decay=wd)))
-        out["schedulefree RAdam"] = ("adam", lambda p: _trained(schedulefree.RAdamScheduleFree(p, lr=lr, weight_decay=wd)))
-        out["schedulefree SGD"] = ("sgd", lambda p: _trained(schedulefree.SGDScheduleFree(p, lr=lr, weight_decay=wd)))
-    except ImportError:
-        print("skipped: schedulefree (pip install schedulefree)")
-    try:
-        from pytorch_optimizer import ScheduleFreeAdamW, ScheduleFreeRAdam, ScheduleFreeSGD
+    def wanted(peer: str) -> bool:
+        # Peers that --only leaves out are not even imported (pytorch_optimizer takes seconds).
+        return not args.only or any(s.lower() in peer.lower() for s in args.only)
 
-        out["pytorch_optimizer SF-AdamW"] = ("adam", lambda p: _trained(ScheduleFreeAdamW(p, lr=lr, weight_decay=wd)))
-        out["pytorch_optimizer SF-RAdam"] = ("adam", lambda p: _trained(ScheduleFreeRAdam(p, lr=lr, weight_decay=wd)))
-        out["pytorch_optimizer SF-SGD"] = ("sgd", lambda p: _trained(ScheduleFreeSGD(p, lr=lr, weight_decay=wd)))
-    except ImportError:
-        print("skipped: pytorch_optimizer (pip install pytorch_optimizer)")
-    if args.heavyball:
+    if wanted("schedulefree AdamW RAdam SGD"):
+        _add_schedulefree(out, lr, wd)
+    if wanted("pytorch_optimizer SF-AdamW SF-RAdam SF-SGD"):
+        _add_pytorch_optimizer(out, lr, wd)
+    if args.heavyball and wanted("heavyball SFAdamW (compiled)"):
         try:
             import heavyball
 
@@ -140,6 +146,28 @@ def contenders(args: argparse.Namespace) -> dict[str, tuple[str, Callable[[list]
     if args.only:
         out = {k: v for k, v in out.items() if any(s.lower() in k.lower() for s in args.only) or k.startswith("torch")}
     return out
+
+
+def _add_schedulefree(out: dict, lr: float, wd: float) -> None:
+    try:
+        import schedulefree
+
+        out["schedulefree AdamW"] = ("adam", lambda p: _trained(schedulefree.AdamWScheduleFree(p, lr=lr, weight_decay=wd)))
+        out["schedulefree RAdam"] = ("adam", lambda p: _trained(schedulefree.RAdamScheduleFree(p, lr=lr, weight_decay=wd)))
+        out["schedulefree SGD"] = ("sgd", lambda p: _trained(schedulefree.SGDScheduleFree(p, lr=lr, weight_decay=wd)))
+    except ImportError:
+        print("skipped: schedulefree (pip install schedulefree)")
+
+
+def _add_pytorch_optimizer(out: dict, lr: float, wd: float) -> None:
+    try:
+        from pytorch_optimizer import ScheduleFreeAdamW, ScheduleFreeRAdam, ScheduleFreeSGD
+
+        out["pytorch_optimizer SF-AdamW"] = ("adam", lambda p: _trained(ScheduleFreeAdamW(p, lr=lr, weight_decay=wd)))
+        out["pytorch_optimizer SF-RAdam"] = ("adam", lambda p: _trained(ScheduleFreeRAdam(p, lr=lr, weight_decay=wd)))
+        out["pytorch_optimizer SF-SGD"] = ("sgd", lambda p: _trained(ScheduleFreeSGD(p, lr=lr, weight_decay=wd)))
+    except ImportError:
+        print("skipped: pytorch_optimizer (pip install pytorch_optimizer)")
 
 
 class _WithLoss:
@@ -177,86 +205,101 @@ def _trained(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
 
 def run_layout(name: str, args: argparse.Namespace, device: torch.device) -> list[tuple]:
-    shapes = LAYOUTS[name]
-    dtype = getattr(torch, args.dtype)
-    gen = torch.Generator().manual_seed(0)
-    init = [torch.randn(s, generator=gen, dtype=dtype).to(device) for s in shapes]
-    grads = [torch.randn(s, generator=gen, dtype=dtype).mul_(1e-2).to(device) for s in shapes]
-    table = contenders(args)
-    opts: dict[str, torch.optim.Optimizer] = {}
-    owned: dict[str, list[torch.nn.Parameter]] = {}
-    first: dict[str, float] = {}
-    for cname, (_, factory) in table.items():
-        params = [torch.nn.Parameter(t.clone()) for t in init]
-        for p, g in zip(params, grads):
-            p.grad = g
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                opt = factory(params)
-                _sync(device)
-                t0 = time.perf_counter()
-                opt.step()
-                _sync(device)
-                first[cname] = time.perf_counter() - t0
-        except Exception as exc:  # a peer that does not run here is reported, not fatal
-            print(f"skipped on {name}: {cname} ({type(exc).__name__}: {str(exc)[:120]})")
-            continue
-        opts[cname] = opt
-        owned[cname] = params
+    """One interleaved run of every contender on every dtype of ``args.dtype``.
 
-    def regrad(cname: str) -> None:
+    Rows: (contender, dtype, group, median ms, ratio to the group's baseline of
+    the same dtype, first step s, peak extra CUDA MiB).
+    """
+    shapes = LAYOUTS[name]
+    gen = torch.Generator().manual_seed(0)
+    init32 = [torch.randn(s, generator=gen) for s in shapes]
+    grads32 = [torch.randn(s, generator=gen).mul_(1e-2) for s in shapes]
+    table = contenders(args)
+    opts: dict[tuple[str, str], torch.optim.Optimizer] = {}
+    owned: dict[tuple[str, str], list[torch.nn.Parameter]] = {}
+    grads: dict[str, list[torch.Tensor]] = {}
+    first: dict[tuple[str, str], float] = {}
+    for dname in args.dtype:
+        dtype = getattr(torch, dname)
+        init = [t.to(device=device, dtype=dtype) for t in init32]
+        grads[dname] = [t.to(device=device, dtype=dtype) for t in grads32]
+        for cname, (_, factory) in table.items():
+            key = (cname, dname)
+            params = [torch.nn.Parameter(t.clone()) for t in init]
+            for p, g in zip(params, grads[dname]):
+                p.grad = g
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    opt = factory(params)
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    opt.step()
+                    _sync(device)
+                    first[key] = time.perf_counter() - t0
+            except Exception as exc:  # a peer that does not run here is reported, not fatal
+                print(f"skipped on {name} {dname}: {cname} ({type(exc).__name__}: {str(exc)[:120]})")
+                continue
+            opts[key] = opt
+            owned[key] = params
+        del init
+
+    def regrad(key: tuple[str, str]) -> None:
         # Some peers (heavyball) consume p.grad and set it to None; give every
         # contender its gradients back before each step, outside the timing.
-        for p, g in zip(owned[cname], grads):
+        for p, g in zip(owned[key], grads[key[1]]):
             p.grad = g
 
-    times: dict[str, list[float]] = {k: [] for k in opts}
-    extra: dict[str, float] = {k: 0.0 for k in opts}
-    names = list(opts)
+    times: dict[tuple[str, str], list[float]] = {k: [] for k in opts}
+    extra: dict[tuple[str, str], float] = {k: 0.0 for k in opts}
+    keys = list(opts)
     for _ in range(args.warmup):
-        for cname in names:
-            regrad(cname)
-            opts[cname].step()
+        for key in keys:
+            regrad(key)
+            opts[key].step()
     for r in range(args.rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for cname in order:
-            regrad(cname)
+        order = keys[r % len(keys):] + keys[: r % len(keys)]
+        for key in order:
+            regrad(key)
             _sync(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
                 before = torch.cuda.memory_allocated(device)
             t0 = time.perf_counter()
-            opts[cname].step()
+            opts[key].step()
             _sync(device)
-            times[cname].append(time.perf_counter() - t0)
+            times[key].append(time.perf_counter() - t0)
             if device.type == "cuda":
                 # Temporaries the step allocated beyond the live state, in MiB.
                 peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
-                extra[cname] = max(extra[cname], peak)
+                extra[key] = max(extra[key], peak)
     med = {k: statistics.median(v) for k, v in times.items()}
-    base = {"adam": med.get("torch AdamW fused"), "muon": med.get("torch Muon + AdamW")}
-    sgd_bases = [med[k] for k in ("torch SGD-m fused", "torch SGD-m foreach") if k in med]
-    base["sgd"] = min(sgd_bases) if sgd_bases else None
     rows = []
-    for cname in names:
+    for key in keys:
+        cname, dname = key
+        base = {"adam": med.get(("torch AdamW fused", dname)), "muon": med.get(("torch Muon + AdamW", dname))}
+        sgd_bases = [med[k] for k in (("torch SGD-m fused", dname), ("torch SGD-m foreach", dname)) if k in med]
+        base["sgd"] = min(sgd_bases) if sgd_bases else None
         group = table[cname][0]
-        ratio = med[cname] / base[group] if base[group] else float("nan")
-        rows.append((cname, group, med[cname] * 1e3, ratio, first[cname], extra[cname]))
+        ratio = med[key] / base[group] if base[group] else float("nan")
+        rows.append((cname, dname, group, med[key] * 1e3, ratio, first[key], extra[key]))
     del opts
     gc.collect()
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[tuple[str, str, str], float]:
+    """Runs the benchmark and prints its tables; returns the ratios by (layout, contender, dtype)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for every contender (default 2)")
-    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    parser.add_argument("--layouts", nargs="+", default=DEFAULT_LAYOUTS, choices=list(LAYOUTS),
+                        help=f"default: {' '.join(DEFAULT_LAYOUTS)}")
     parser.add_argument("--rounds", type=int, default=30, help="timed interleaved rounds (default 30)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds after the first step (default 3)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "float64", "bfloat16", "float16"],
+                        help="parameter dtypes, all timed in the same rounds (default: float32 bfloat16)")
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--no-heavyball", dest="heavyball", action="store_false",
                         help="skip heavyball (its torch.compile first step takes minutes on CPU)")
@@ -274,36 +317,30 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["SFOPTIM_CACHE_DIR"] = tempfile.mkdtemp(prefix="sfoptim-bench-")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, dtype {args.dtype}, "
-          f"rounds {args.rounds} (median), python {sys.version.split()[0]}")
+    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
+          f"dtypes {' '.join(args.dtype)}, rounds {args.rounds} (median), python {sys.version.split()[0]}")
     results = {name: run_layout(name, args, device) for name in args.layouts}
-    cnames = list(dict.fromkeys(c for rows in results.values() for c, *_ in rows))
-    lookup = {(lay, c): row for lay, rows in results.items() for row in rows for c in [row[0]]}
+    cnames = list(dict.fromkeys(row[0] for rows in results.values() for row in rows))
+    lookup = {(lay, row[0], row[1]): row for lay, rows in results.items() for row in rows}
+    columns = [(lay, d) for lay in args.layouts for d in args.dtype]
     width = max(len(c) for c in cnames) + 2
-    print("\nratio of median step time to baseline (adam: torch AdamW fused; sgd: fastest torch SGD-momentum"
-          + ("; muon: torch Muon + AdamW)" if args.muon else ")"))
-    print("".ljust(width) + "".join(f"{lay:>22}" for lay in args.layouts))
-    for c in cnames:
-        cells = []
-        for lay in args.layouts:
-            row = lookup.get((lay, c))
-            cells.append(f"{row[3]:6.2f}x ({row[2]:7.1f} ms)".rjust(22) if row else "-".rjust(22))
-        print(c.ljust(width) + "".join(cells))
-    print("\nfirst step (s), including state allocation and any compilation")
-    print("".ljust(width) + "".join(f"{lay:>22}" for lay in args.layouts))
-    for c in cnames:
-        cells = [f"{lookup[(lay, c)][4]:.3f}".rjust(22) if (lay, c) in lookup else "-".rjust(22) for lay in args.layouts]
-        print(c.ljust(width) + "".join(cells))
-    if device.type == "cuda":
-        print("\npeak extra CUDA memory during a step (MiB; parameter size of the layout for scale)")
-        print("".ljust(width) + "".join(f"{lay:>22}" for lay in args.layouts))
-        sizes = {lay: sum(torch.Size(s).numel() for s in LAYOUTS[lay]) * torch.finfo(getattr(torch, args.dtype)).bits / 8 / 2**20
-                 for lay in args.layouts}
-        print("(parameters)".ljust(width) + "".join(f"{sizes[lay]:.1f}".rjust(22) for lay in args.layouts))
-        for c in cnames:
-            cells = [f"{lookup[(lay, c)][5]:.1f}".rjust(22) if (lay, c) in lookup else "-".rjust(22) for lay in args.layouts]
-            print(c.ljust(width) + "".join(cells))
+    header = "".ljust(width) + "".join(f"{lay + ' ' + d:>24}" for lay, d in columns)
 
+    def table(cell: Callable[[tuple], str]) -> None:
+        print(header)
+        for c in cnames:
+            print(c.ljust(width) + "".join((cell(lookup[(lay, c, d)]) if (lay, c, d) in lookup else "-").rjust(24)
+                                            for lay, d in columns))
+
+    print("\nratio of median step time to baseline on parameters of the same dtype (adam: torch AdamW fused; "
+          "sgd: fastest torch SGD-momentum" + ("; muon: torch Muon + AdamW)" if args.muon else ")"))
+    table(lambda row: f"{row[4]:6.2f}x ({row[3]:7.1f} ms)")
+    print("\nfirst step (s), including state allocation and any compilation")
+    table(lambda row: f"{row[5]:.3f}")
+    if device.type == "cuda":
+        print("\npeak extra CUDA memory during a step (MiB)")
+        table(lambda row: f"{row[6]:.1f}")
+    return {key: row[4] for key, row in lookup.items()}
 
 if __name__ == "__main__":
     main()

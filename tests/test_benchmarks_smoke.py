@@ -135,3 +135,27 @@ def test_digits_convnet_evaluates_schedule_free_runs_with_batchnorm_statistics_a
 
     recalibrate_batchnorm(model, (xtr[i] for i in order.flip(0)), num_batches=20)
     torch.testing.assert_close(bn.running_mean, saved)
+
+
+def test_step_time_smoke(capsys):
+    # --warm-cache: the kernel already loaded in this process is reused (no private rebuild).
+    ratios = _load("step_time").main(["--layouts", "tiny", "--rounds", "2", "--warmup", "0", "--no-heavyball",
+                                      "--warm-cache", "--dtype", "float32", "bfloat16", "--only", "sfoptim"])
+    names = {"sfoptim AdamW", "sfoptim RAdam", "sfoptim SGD", "sfoptim ScheduleFree+", "sfoptim Prodigy"}
+    for dtype in ("float32", "bfloat16"):
+        assert ratios[("tiny", "torch AdamW fused", dtype)] == 1.0
+        assert all(ratios[("tiny", n, dtype)] > 0 for n in names)
+    out = capsys.readouterr().out
+    assert "tiny float32" in out and "tiny bfloat16" in out
+
+
+def test_memory_smoke(capsys):
+    results = _load("memory").main(["--layout", "tiny", "--dtype", "float32", "bfloat16"])
+    # State bytes per parameter: z and v in the parameter's dtype for schedule-free AdamW, as torch AdamW's two moments.
+    assert results[("sfoptim AdamW", "float32")][0] == 8.0 and results[("sfoptim AdamW", "bfloat16")][0] == 4.0
+    assert results[("sfoptim SGD", "float32")][0] == 4.0
+    # A float32 master, z and v for bfloat16 weights.
+    assert results[("sfoptim AdamW state_dtype=float32", "bfloat16")][0] == 12.0
+    assert abs(results[("torch AdamW", "float32")][0] - 8.0) < 0.1  # plus its step counters
+    assert all(peak >= 0 for _, peak in results.values())
+    assert "optimizer state" in capsys.readouterr().out

@@ -310,16 +310,48 @@ def test_fused_and_foreach_together_are_refused():
         sfoptim.AdamWScheduleFree([torch.nn.Parameter(torch.randn(3))], fused=True, foreach=True)
 
 
-def test_unsupported_dtype_falls_back_silently_by_default_and_warns_once_when_asked():
+def test_unsupported_dtype_is_refused_silently_by_default_and_warns_once_when_asked():
+    from sfoptim.directions import Kind
+
+    def lists():
+        return [[torch.ones(10, dtype=torch.float8_e4m3fn)] for _ in range(3)]
+
+    scalars = [0.1, 0.5, 0.9, 0.0, 0.999, 1.0, 1e-8, 0.0, 1.0]
+    ys, gs, zs = lists()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _one_step(sfoptim.AdamWScheduleFree, [torch.nn.Parameter(torch.randn(10, dtype=torch.bfloat16))])
+        assert _fused_cpu.step(ys, gs, zs, [], Kind.SGD, scalars) is False
+    assert all(torch.equal(t.float(), torch.ones(10)) for t in ys + zs), "a refused call changed a tensor"
     _fused_cpu._warned.discard("dtype")
-    with pytest.warns(RuntimeWarning, match="fused=True does not support dtypes"):
-        opt = _one_step(sfoptim.AdamWScheduleFree, [torch.nn.Parameter(torch.randn(10, dtype=torch.bfloat16))], fused=True)
+    with pytest.warns(RuntimeWarning, match="fused=True does not support dtypes other than float64, float32, bfloat16"):
+        assert _fused_cpu.step(ys, gs, zs, [], Kind.SGD, scalars, explicit=True) is False
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        opt.step()
+        assert _fused_cpu.step(ys, gs, zs, [], Kind.SGD, scalars, explicit=True) is False
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_kernel_class_takes_the_kernel_for_16_bit_parameters(dtype):
+    calls = _count_calls(_fused_cpu, "step")
+    for cls in (sfoptim.SGDScheduleFree, sfoptim.AdamWScheduleFree, sfoptim.RAdamScheduleFree):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _one_step(cls, [torch.nn.Parameter(torch.randn(10, dtype=dtype))], fused=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = torch.nn.Parameter(torch.randn(10, dtype=dtype))
+        opt = sfoptim.AdamCScheduleFreePlus([p], fused=True)
+        p.grad = torch.randn_like(p)
+        opt.step(loss=1.0)
+    assert calls.n == 4
+    wraps = [_count_calls(_fused_cpu, name) for name in ("wrap_before", "wrap_after")]
+    p = torch.nn.Parameter(torch.randn(10, dtype=dtype))
+    wrapper = sfoptim.ScheduleFreeWrapper(torch.optim.SGD([p], lr=0.1), momentum=0.9, fused=True)
+    p.grad = torch.randn_like(p)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wrapper.step()
+    assert [c.n for c in wraps] == [1, 1]
 
 
 def test_non_contiguous_parameter_takes_foreach_and_stays_exact():

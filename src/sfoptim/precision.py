@@ -21,8 +21,11 @@ implied average ``x``) where it was. Two group options fix that:
 ``stochastic_rounding`` (bool)
     The write of the master into the narrower parameter rounds up or down at
     random, with probability proportional to the distance, so the weights the
-    model computes with equal the master in expectation. Only has an effect
-    together with ``state_dtype``.
+    model computes with equal the master in expectation. Without
+    ``state_dtype``, bfloat16 and float16 parameters keep ``y``, ``z`` and
+    their buffers in 16 bits; the fused CPU kernel computes their update in
+    float32 and, with this option, rounds every stored value stochastically
+    (the foreach path, and the kernel without it, round to nearest).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 /*
  * Fused schedule-free kernels for CPU: one pass over memory per step.
  *
- * Plain C on purpose (no torch headers): gcc builds it in well under a second
- * on first use, see sfoptim/backends/cpu_kernel.py. That module also defines
+ * Plain C on purpose (no torch headers): gcc builds it in a few seconds on
+ * first use, see sfoptim/backends/cpu_kernel.py. That module also defines
  * the direction kinds (SF_SGD, SF_ADAM, SF_SGD_V) and the slot of every scalar
  * (SF_LR, SF_CKP1, ...) and bucket sum (SF_SUM_GRAD_L1, ...) on the command line, from the one declaration in
  * sfoptim/directions/base.py, so nothing here restates them. Every entry point takes arrays of
@@ -12,20 +12,32 @@
  * threads busy as well as a few large ones.
  *
  * All tensors are dense and contiguous; complex ones arrive as real views.
- * Arithmetic is in the tensor's own precision, as torch's float32 ops are, and
- * lerp follows torch's two-sided formula so the kernel agrees with the foreach
- * path to rounding.
+ * Storage formats: float64 (computed in double), float32, bfloat16 and
+ * float16 (all three computed in float). A 16-bit element is widened to float
+ * exactly when it is read and rounded once when it is written: to nearest
+ * (ties to even), or stochastically (see "Rounding" below). lerp follows
+ * torch's two-sided formula so the kernel agrees with the foreach path to
+ * rounding (for 16-bit tensors: with the foreach path run in float32 and
+ * rounded once).
  *
- * Entry points: sf_step_<T> (the schedule-free step of one kernel family),
- * sf_wrap_before_<T> / sf_wrap_after_<T> (the wrapper's bookkeeping) and
- * sf_sums_<T> (the bucket sums of a direction's global reductions, taken
+ * Entry points, for <T> in float, double, bfloat16, float16: sf_step_<T> (the
+ * schedule-free step of one kernel family), sf_wrap_before_<T> /
+ * sf_wrap_after_<T> (the wrapper's bookkeeping) and sf_sums_<T> (the bucket sums of a direction's global reductions, taken
  * before the step in a pass of their own, since the step size depends on
  * their totals over all buckets).
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <omp.h>
+#if defined(__F16C__) && defined(__AVX__)
+#include <immintrin.h>
+/* float16 <-> float32 in hardware (vcvtph2ps / vcvtps2ph), 8 at a time. */
+#define SF_F16C 1
+#else
+#define SF_F16C 0
+#endif
 
 /* 16K elements: large enough to amortise the scheduling, small enough that
  * 400 tensors of 40K give dozens of chunks per thread. */
@@ -79,84 +91,339 @@ static sf_chunk *make_chunks(int64_t n, const int64_t *sizes, int64_t *count, in
 }
 
 /*
- * One element of the schedule-free step, written once per precision below.
+ * Storage formats. bfloat16 is the top half of a float32; float16 has 5
+ * exponent and 10 mantissa bits. Conversions are integer operations and
+ * selects (no lookup, no branch, no instruction set beyond the baseline), so
+ * the element loops vectorise on any x86-64 or arm64 CPU; where the compiler
+ * targets F16C, float16 is widened and rounded to nearest by its instructions
+ * instead (same results, NaN payloads aside).
+ */
+typedef uint16_t sf_bf16;
+typedef uint16_t sf_f16;
+
+static inline float sf_from_bits(uint32_t u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint32_t sf_to_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+/* a if c else b, for c in {0, 1}: an integer select that vectorises on every
+ * target (a ternary on floats may be kept as a branch, since a float compare
+ * can trap). */
+static inline uint32_t sf_select(uint32_t c, uint32_t a, uint32_t b) {
+    const uint32_t mask = 0u - c;
+    return (a & mask) | (b & ~mask);
+}
+
+static inline float sf_bf16_load(sf_bf16 h) { return sf_from_bits((uint32_t)h << 16); }
+
+/* Round to nearest, ties to even; NaN becomes the quiet NaN 0x7fc0 (as torch rounds). */
+static inline sf_bf16 sf_bf16_nearest(float f) {
+    const uint32_t u = sf_to_bits(f);
+    const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (sf_bf16)sf_select((u & 0x7fffffffu) > 0x7f800000u, 0x7fc0u, r);
+}
+
+/* Stochastic: add 16 uniform random bits below the kept ones and truncate the
+ * magnitude, which rounds up with probability equal to the distance to the
+ * lower neighbour in units of the gap. Infinities and NaN round to nearest. */
+static inline sf_bf16 sf_bf16_stochastic(float f, uint32_t rnd) {
+    const uint32_t u = sf_to_bits(f);
+    const uint32_t r = (u + (rnd >> 16)) >> 16;
+    return (sf_bf16)sf_select((u & 0x7f800000u) == 0x7f800000u, sf_bf16_nearest(f), r);
+}
+
+static inline float sf_f16_load(sf_f16 h) {
+    const uint32_t em = (uint32_t)(h & 0x7fffu) << 13, sign = (uint32_t)(h & 0x8000u) << 16;
+    const uint32_t e = em & 0x0f800000u;
+    const uint32_t normal = em + (112u << 23);  /* rebias 15 -> 127 */
+    const uint32_t special = em + (224u << 23); /* exponent 31 -> 255: inf, NaN */
+    /* subnormal (and zero): em as a float with exponent 113, minus 2^-14, is exactly m * 2^-24 */
+    const uint32_t sub = sf_to_bits(sf_from_bits(em + (113u << 23)) - sf_from_bits(113u << 23));
+    return sf_from_bits(sf_select(e == 0x0f800000u, special, sf_select(e == 0, sub, normal)) | sign);
+}
+
+/* Round to nearest, ties to even; overflow gives inf, NaN the quiet NaN 0x7e00. */
+static inline sf_f16 sf_f16_nearest(float f) {
+    const uint32_t u = sf_to_bits(f), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    const uint32_t big = sf_select(a > 0x7f800000u, 0x7e00u, 0x7c00u);
+    /* Below 2^-14 the result is subnormal: adding 0.5 lets the float adder
+     * round to a multiple of 2^-24, in the low bits of the sum. */
+    const uint32_t sub = sf_to_bits(sf_from_bits(a) + 0.5f) - (126u << 23);
+    const uint32_t norm = (a - (112u << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13;
+    return (sf_f16)(sf_select(a >= (143u << 23), big, sf_select(a < (113u << 23), sub, norm)) | sign);
+}
+
+/* Stochastic: in the normal range 13 random bits below the kept ones, as for
+ * bfloat16; in the subnormal range (a fixed gap of 2^-24) the fraction of the
+ * gap, to 24 bits, against 24 random bits. Values that round to nearest to
+ * inf or NaN do so. */
+static inline sf_f16 sf_f16_stochastic(float f, uint32_t rnd) {
+    const uint32_t u = sf_to_bits(f), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    const uint32_t subnormal = a < (113u << 23);
+    const float q = sf_from_bits(sf_select(subnormal, a, 0u)) * 16777216.0f; /* |f| / 2^-24 < 1024, exact */
+    const int32_t whole = (int32_t)q;
+    const int32_t frac = (int32_t)((q - (float)whole) * 16777216.0f);
+    const uint32_t sub = (uint32_t)whole + ((uint32_t)frac > (rnd >> 8));
+    const uint32_t norm = (a - (112u << 23) + (rnd & 0x1fffu)) >> 13;
+    return (sf_f16)sf_select(a >= (143u << 23), sf_f16_nearest(f), sf_select(subnormal, sub, norm) | sign);
+}
+
+/*
+ * Rounding. Stochastic rounding draws one 32-bit number per written element
+ * from a counter-based hash of (seed, stream, tensor, element index): the
+ * caller passes a fresh seed per step, every written stream (y, z, v, m) has
+ * its own numbers, and since an element's number depends on nothing else,
+ * the result is the same for any thread count and any chunking.
+ */
+enum { SF_STREAM_Y, SF_STREAM_Z, SF_STREAM_V, SF_STREAM_M, SF_STREAMS };
+
+typedef struct {
+    uint32_t a, b;
+} sf_key;
+
+static inline uint64_t sf_splitmix64(uint64_t x) {
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+/* The key of a stream of one tensor, for the 2^32 elements from start & ~(2^32-1). */
+static inline sf_key sf_key_for(uint64_t seed, int stream, int64_t tensor, int64_t start) {
+    const uint64_t h = sf_splitmix64(seed ^ sf_splitmix64(((uint64_t)tensor << 2 | (uint64_t)stream) ^
+                                                          sf_splitmix64((uint64_t)start >> 32)));
+    sf_key k = {(uint32_t)h, (uint32_t)(h >> 32)};
+    return k;
+}
+
+static inline uint32_t sf_mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x21f0aaadu;
+    x ^= x >> 15;
+    x *= 0x735a2d97u;
+    x ^= x >> 15;
+    return x;
+}
+
+static inline uint32_t sf_random(sf_key k, uint32_t index) { return sf_mix32(sf_mix32(index ^ k.a) + k.b); }
+
+/* Loads and stores of each format; the stochastic store of float and double is the plain one. */
+#define SF_LOAD_float(x) (x)
+#define SF_LOAD_double(x) (x)
+#define SF_LOAD_bf16(x) sf_bf16_load(x)
+#define SF_LOAD_f16(x) sf_f16_load(x)
+#define SF_NEAR_float(x) (x)
+#define SF_NEAR_double(x) (x)
+#define SF_NEAR_bf16(x) sf_bf16_nearest(x)
+#define SF_NEAR_f16(x) sf_f16_nearest(x)
+#define SF_SR_float(x, r) (x)
+#define SF_SR_double(x, r) (x)
+#define SF_SR_bf16(x, r) sf_bf16_stochastic(x, r)
+#define SF_SR_f16(x, r) sf_f16_stochastic(x, r)
+
+/*
+ * One element of the schedule-free step, written once per storage format below
+ * (S stored, T computed, LD/ST the load and the round-to-nearest store).
  *   direction d = m_hat / (sqrt(v / bc2) + eps) + wd*y    (Adam; v updated first)
  *               = g + wd*y                                  (SGD, RAdam's SGD phase)
  *   y <- lerp(y, z, c) + lr*(beta*(1-c) - 1)*d;   z <- z - lr*d
  * `mode` and `has_m` are compile-time constants at every call site, so gcc
  * emits one branch-free vector loop per variant.
  */
-#define SF_STEP_BODY(T, SQRT)                                                           \
-    static inline __attribute__((always_inline)) void sf_step_span_##T(                 \
-        T *restrict y, const T *restrict g, T *restrict z, T *restrict v, T *restrict m, \
-        int64_t n, const sf_scalars *s, const int mode, const int has_m) {              \
-        const T c = (T)s[SF_CKP1], lr = (T)s[SF_LR], wd = (T)s[SF_WD];                           \
-        const T ystep = (T)(s[SF_LR] * (s[SF_BETA] * (1.0 - s[SF_CKP1]) - 1.0));                 \
-        const T b2 = (T)s[SF_BETA2], omb2 = (T)(1.0 - s[SF_BETA2]), bc2 = (T)s[SF_BC2];          \
-        const T eps = (T)s[SF_EPS], mu = (T)s[SF_MU], ommu = (T)(1.0 - s[SF_MU]), bc1 = (T)s[SF_BC1]; \
-        const int upper = s[SF_CKP1] >= 0.5;                                                \
-        const T omc = (T)(1.0 - s[SF_CKP1]);                                                \
-        _Pragma("omp simd")                                                              \
-        for (int64_t i = 0; i < n; i++) {                                                \
-            const T yi = y[i], gi = g[i], zi = z[i];                                     \
-            T d;                                                                         \
-            if (mode == SF_SGD) {                                                        \
-                d = gi;                                                                  \
-            } else {                                                                     \
-                const T vi = b2 * v[i] + omb2 * gi * gi;                                 \
-                v[i] = vi;                                                               \
-                if (mode == SF_ADAM) {                                                   \
-                    T num = gi;                                                          \
-                    if (has_m) {                                                         \
-                        const T mi = m[i] + ommu * (gi - m[i]);                          \
-                        m[i] = mi;                                                       \
-                        num = mi / bc1;                                                  \
-                    }                                                                    \
-                    d = num / (SQRT(vi / bc2) + eps);                                    \
-                } else {                                                                 \
-                    d = gi;                                                              \
-                }                                                                        \
-            }                                                                            \
-            d = d + wd * yi;                                                             \
-            const T diff = zi - yi;                                                      \
-            const T lerped = upper ? zi - diff * omc : yi + c * diff;                    \
-            y[i] = lerped + ystep * d;                                                   \
-            z[i] = zi - lr * d;                                                          \
-        }                                                                                \
-        (void)mu;                                                                        \
+/* a if c else b, as a bit select for float (a float ternary may stay a branch, see sf_select). */
+#define SF_PICK_float(c, a, b) sf_from_bits(sf_select((uint32_t)(c), sf_to_bits(a), sf_to_bits(b)))
+#define SF_PICK_double(c, a, b) ((c) ? (a) : (b))
+
+#define SF_STEP_BODY(NAME, S, T, SQRT, LD, ST)                                                                            \
+    static inline __attribute__((always_inline)) void sf_step_span_##NAME(                                 \
+        S *restrict y, const S *restrict g, S *restrict z, S *restrict v, S *restrict m, int64_t n,      \
+        const sf_scalars *s, const int mode, const int has_m) {                                          \
+        const T c = (T)s[SF_CKP1], lr = (T)s[SF_LR], wd = (T)s[SF_WD];                                   \
+        const T ystep = (T)(s[SF_LR] * (s[SF_BETA] * (1.0 - s[SF_CKP1]) - 1.0));                         \
+        const T b2 = (T)s[SF_BETA2], omb2 = (T)(1.0 - s[SF_BETA2]), bc2 = (T)s[SF_BC2];                  \
+        const T eps = (T)s[SF_EPS], ommu = (T)(1.0 - s[SF_MU]), bc1 = (T)s[SF_BC1];                      \
+        const int upper = s[SF_CKP1] >= 0.5;                                                             \
+        const T omc = (T)(1.0 - s[SF_CKP1]);                                                             \
+        _Pragma("omp simd")                                                                              \
+        for (int64_t i = 0; i < n; i++) {                                                                \
+            const T yi = LD(y[i]), gi = LD(g[i]), zi = LD(z[i]);                                                     \
+            T d;                                                                                         \
+            if (mode == SF_SGD) {                                                                        \
+                d = gi;                                                                                  \
+            } else {                                                                                     \
+                const T vi = b2 * LD(v[i]) + omb2 * gi * gi;                                                 \
+                v[i] = ST(vi);                                                                               \
+                if (mode == SF_ADAM) {                                                                   \
+                    T num = gi;                                                                          \
+                    if (has_m) {                                                                         \
+                        const T mo = LD(m[i]), mi = mo + ommu * (gi - mo);                                          \
+                        m[i] = ST(mi);                                                                       \
+                        num = mi / bc1;                                                                  \
+                    }                                                                                    \
+                    d = num / (SQRT(vi / bc2) + eps);                                                    \
+                } else {                                                                                 \
+                    d = gi;                                                                              \
+                }                                                                                        \
+            }                                                                                            \
+            d = d + wd * yi;                                                                             \
+            const T diff = zi - yi;                                                                      \
+            const T from_z = zi - diff * omc, from_y = yi + c * diff;           \
+            const T lerped = SF_PICK_##T(upper, from_z, from_y);                                    \
+            y[i] = ST(lerped + ystep * d);                                                                   \
+            z[i] = ST(zi - lr * d);                                                                          \
+        }                                                                                                \
     }
 
-SF_STEP_BODY(float, sqrtf)
-SF_STEP_BODY(double, sqrt)
+SF_STEP_BODY(float, float, float, sqrtf, SF_LOAD_float, SF_NEAR_float)
+SF_STEP_BODY(double, double, double, sqrt, SF_LOAD_double, SF_NEAR_double)
+SF_STEP_BODY(bf16_near, sf_bf16, float, sqrtf, SF_LOAD_bf16, SF_NEAR_bf16)
+SF_STEP_BODY(f16_near, sf_f16, float, sqrtf, SF_LOAD_f16, SF_NEAR_f16)
 
-#define SF_STEP_ENTRY(T)                                                                 \
-    int sf_step_##T(int64_t n, T **y, T **g, T **z, T **v, T **m, const int64_t *sizes, \
-                    const sf_scalars *s, int mode, int nthreads) {                      \
-        int64_t count = 0;                                                               \
-        sf_chunk *chunks = make_chunks(n, sizes, &count, &nthreads);                                \
-        if (!chunks) return -1;                                                          \
-        const int has_m = m != 0;                                                        \
+/*
+ * 16-bit formats. Rounding to nearest runs the element loop above directly
+ * on the 16-bit arrays (sf_step_span_<F>_near: widen on load, round on
+ * store). Stochastic rounding works in blocks that are widened into float
+ * arrays on the stack, stepped by the float loop and rounded back, one simple
+ * loop per stream, so the hashing stays out of the arithmetic loop; the blocks
+ * stay in L1, so memory traffic is that of the 16-bit tensors alone. `keys`
+ * and `base` (the index of element 0 in its tensor, modulo 2^32) give each
+ * element its random bits. Every loop vectorises on any target.
+ */
+#define SF_BLOCK 512
+
+/* Conversions in hardware where the compiler targets it (float16 with F16C):
+ * they take the leading multiple of 8 elements of a block, the portable loop
+ * the rest, and round to nearest in blocks rather than in the element loop. */
+#define SF_WIDEN_HW_bf16(out, in, n) ((int64_t)0)
+#define SF_NARROW_HW_bf16(out, in, n) ((int64_t)0)
+#define SF_NEAR_INLINE_bf16 1
+#if SF_F16C
+static inline int64_t sf_widen_hw_f16(float *restrict out, const sf_f16 *restrict in, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(in + i))));
+    return i;
+}
+static inline int64_t sf_narrow_hw_f16(sf_f16 *restrict out, const float *restrict in, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(out + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    return i;
+}
+#define SF_WIDEN_HW_f16(out, in, n) sf_widen_hw_f16(out, in, n)
+#define SF_NARROW_HW_f16(out, in, n) sf_narrow_hw_f16(out, in, n)
+#define SF_NEAR_INLINE_f16 0
+#else
+#define SF_WIDEN_HW_f16(out, in, n) ((int64_t)0)
+#define SF_NARROW_HW_f16(out, in, n) ((int64_t)0)
+#define SF_NEAR_INLINE_f16 1
+#endif
+
+#define SF_LOWP_SPAN(F, S)                                                                               \
+    static __attribute__((noinline)) void sf_widen_##F(float *restrict out, const S *restrict in, int64_t n) { \
+        const int64_t done = SF_WIDEN_HW_##F(out, in, n);                                                \
+        _Pragma("omp simd")                                                                              \
+        for (int64_t i = done; i < n; i++) out[i] = SF_LOAD_##F(in[i]);                                  \
+    }                                                                                                    \
+    static __attribute__((noinline)) void sf_narrow_##F(S *restrict out, const float *restrict in, int64_t n, int sr, \
+                                     sf_key key, uint32_t base) {                                        \
+        if (sr) {                                                                                        \
+            _Pragma("omp simd")                                                                          \
+            for (int64_t i = 0; i < n; i++) out[i] = SF_SR_##F(in[i], sf_random(key, base + (uint32_t)i)); \
+        } else {                                                                                         \
+            const int64_t done = SF_NARROW_HW_##F(out, in, n);                                           \
+            _Pragma("omp simd")                                                                          \
+            for (int64_t i = done; i < n; i++) out[i] = SF_NEAR_##F(in[i]);                              \
+        }                                                                                                \
+    }                                                                                                    \
+    static inline __attribute__((always_inline)) void sf_step_span_##F(                                 \
+        S *restrict y, const S *restrict g, S *restrict z, S *restrict v, S *restrict m, int64_t n,      \
+        const sf_scalars *s, const int mode, const int has_m, const int sr, const sf_key *keys,          \
+        uint32_t base) {                                                                                 \
+        if (!sr && SF_NEAR_INLINE_##F) {                                                                 \
+            sf_step_span_##F##_near(y, g, z, v, m, n, s, mode, has_m);                                   \
+            return;                                                                                      \
+        }                                                                                                \
+        float yb[SF_BLOCK], gb[SF_BLOCK], zb[SF_BLOCK], vb[SF_BLOCK], mb[SF_BLOCK];                      \
+        for (int64_t o = 0; o < n; o += SF_BLOCK) {                                                      \
+            const int64_t len = n - o < SF_BLOCK ? n - o : SF_BLOCK;                                     \
+            const uint32_t at = base + (uint32_t)o;                                                      \
+            sf_widen_##F(yb, y + o, len);                                                                \
+            sf_widen_##F(gb, g + o, len);                                                                \
+            sf_widen_##F(zb, z + o, len);                                                                \
+            if (mode != SF_SGD) sf_widen_##F(vb, v + o, len);                                            \
+            if (has_m) sf_widen_##F(mb, m + o, len);                                                     \
+            sf_step_span_float(yb, gb, zb, vb, mb, len, s, mode, has_m);                                 \
+            sf_narrow_##F(y + o, yb, len, sr, keys[SF_STREAM_Y], at);                                    \
+            sf_narrow_##F(z + o, zb, len, sr, keys[SF_STREAM_Z], at);                                    \
+            if (mode != SF_SGD) sf_narrow_##F(v + o, vb, len, sr, keys[SF_STREAM_V], at);                \
+            if (has_m) sf_narrow_##F(m + o, mb, len, sr, keys[SF_STREAM_M], at);                         \
+        }                                                                                                \
+    }
+
+SF_LOWP_SPAN(bf16, sf_bf16)
+SF_LOWP_SPAN(f16, sf_f16)
+
+/* float and double spans take (and ignore) the rounding arguments. */
+#define sf_step_span_float_r(y, g, z, v, m, n, s, mode, has_m, sr, keys, base) \
+    sf_step_span_float(y, g, z, v, m, n, s, mode, has_m)
+#define sf_step_span_double_r(y, g, z, v, m, n, s, mode, has_m, sr, keys, base) \
+    sf_step_span_double(y, g, z, v, m, n, s, mode, has_m)
+#define sf_step_span_bf16_r sf_step_span_bf16
+#define sf_step_span_f16_r sf_step_span_f16
+
+/* One span of a chunk in the variant the call asks for (constant family and momentum flags). */
+#define SF_SPAN(F, MODE, HAS_M, SR) sf_step_span_##F##_r(yy, gg, zz, vv, mm, len, s, MODE, HAS_M, SR, keys, (uint32_t)o)
+
+#define SF_SPAN_MODES(F, SR)                                                                             \
+    do {                                                                                                 \
+        if (mode == SF_SGD) {                                                                            \
+            SF_SPAN(F, SF_SGD, 0, SR);                                                                   \
+        } else if (mode == SF_SGD_V) {                                                                   \
+            SF_SPAN(F, SF_SGD_V, 0, SR);                                                                 \
+        } else if (has_m) {                                                                              \
+            SF_SPAN(F, SF_ADAM, 1, SR);                                                                  \
+        } else {                                                                                         \
+            SF_SPAN(F, SF_ADAM, 0, SR);                                                                  \
+        }                                                                                                \
+    } while (0)
+
+/* sf_step_<name>: `stochastic` (with `seed`) selects stochastic rounding of
+ * every written element; float and double ignore both. */
+#define SF_STEP_ENTRY(NAME, F, S)                                                                        \
+    int sf_step_##NAME(int64_t n, S **y, S **g, S **z, S **v, S **m, const int64_t *sizes,              \
+                       const sf_scalars *s, int mode, int stochastic, uint64_t seed, int nthreads) {     \
+        int64_t count = 0;                                                                               \
+        sf_chunk *chunks = make_chunks(n, sizes, &count, &nthreads);                                     \
+        if (!chunks) return -1;                                                                          \
+        const int has_m = m != 0;                                                                        \
         _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)")              \
-        for (int64_t k = 0; k < count; k++) {                                           \
-            const int64_t i = chunks[k].idx, o = chunks[k].start, len = chunks[k].len;   \
-            T *yy = y[i] + o, *zz = z[i] + o;                                            \
-            const T *gg = g[i] + o;                                                      \
-            if (mode == SF_SGD) {                                                        \
-                sf_step_span_##T(yy, gg, zz, 0, 0, len, s, SF_SGD, 0);                   \
-            } else if (mode == SF_SGD_V) {                                               \
-                sf_step_span_##T(yy, gg, zz, v[i] + o, 0, len, s, SF_SGD_V, 0);          \
-            } else if (has_m) {                                                          \
-                sf_step_span_##T(yy, gg, zz, v[i] + o, m[i] + o, len, s, SF_ADAM, 1);    \
-            } else {                                                                     \
-                sf_step_span_##T(yy, gg, zz, v[i] + o, 0, len, s, SF_ADAM, 0);           \
-            }                                                                            \
-        }                                                                                \
-        free(chunks);                                                                    \
-        return 0;                                                                        \
+        for (int64_t k = 0; k < count; k++) {                                                            \
+            const int64_t i = chunks[k].idx, o = chunks[k].start, len = chunks[k].len;                   \
+            S *yy = y[i] + o, *zz = z[i] + o;                                                            \
+            const S *gg = g[i] + o;                                                                      \
+            S *vv = mode == SF_SGD ? 0 : v[i] + o, *mm = has_m ? m[i] + o : 0;                           \
+            sf_key keys[SF_STREAMS] = {{0, 0}};                                                          \
+            (void)keys;                                                                                  \
+            if (stochastic)                                                                              \
+                for (int st = 0; st < SF_STREAMS; st++) keys[st] = sf_key_for(seed, st, i, o);           \
+            SF_SPAN_MODES(F, stochastic);                                                                \
+        }                                                                                                \
+        free(chunks);                                                                                    \
+        return 0;                                                                                        \
     }
 
-SF_STEP_ENTRY(float)
-SF_STEP_ENTRY(double)
+SF_STEP_ENTRY(float, float, float)
+SF_STEP_ENTRY(double, double, double)
+SF_STEP_ENTRY(bfloat16, bf16, sf_bf16)
+SF_STEP_ENTRY(float16, f16, sf_f16)
 
 /*
  * The wrapper's bookkeeping around its base optimizer, one pass each.
@@ -166,74 +433,88 @@ SF_STEP_ENTRY(double)
  * after:  x <- lerp(x, z, c); x <- lerp(x, z, 1-beta), i.e. the new average and
  *         then the new y, in the parameter.
  * Both lerps are written out in torch's two-sided form, with the weight's side
- * chosen once per call.
+ * chosen once per call. 16-bit formats are computed in float and rounded to
+ * nearest.
  */
-#define SF_LERP(T, a, b, w, upper) ((upper) ? (b) - ((b) - (a)) * ((T)1 - (w)) : (a) + (w) * ((b) - (a)))
+static inline float sf_lerp_float(float a, float b, float w, int upper) {
+    const float from_b = b - (b - a) * (1.0f - w), from_a = a + w * (b - a);
+    return upper ? from_b : from_a;
+}
 
-#define SF_WRAP_ENTRIES(T)                                                               \
-    int sf_wrap_before_##T(int64_t n, T **y, T **z, const int64_t *sizes, double a,     \
-                           double beta, int nthreads) {                                 \
-        int64_t count = 0;                                                               \
-        sf_chunk *chunks = make_chunks(n, sizes, &count, &nthreads);                                \
-        if (!chunks) return -1;                                                          \
-        const T ta = (T)a, shrink = (T)(1.0 - a * (1.0 - beta)), w = (T)(1.0 - 1.0 / beta); \
-        const int decay = a != 0.0, upper = (1.0 - 1.0 / beta) >= 0.5;                   \
+static inline double sf_lerp_double(double a, double b, double w, int upper) {
+    const double from_b = b - (b - a) * (1.0 - w), from_a = a + w * (b - a);
+    return upper ? from_b : from_a;
+}
+
+#define SF_LERP(C, a, b, w, upper) sf_lerp_##C(a, b, w, upper)
+
+#define SF_WRAP_ENTRIES(NAME, F, S, C)                                                                   \
+    int sf_wrap_before_##NAME(int64_t n, S **y, S **z, const int64_t *sizes, double a, double beta,     \
+                              int nthreads) {                                                            \
+        int64_t count = 0;                                                                               \
+        sf_chunk *chunks = make_chunks(n, sizes, &count, &nthreads);                                     \
+        if (!chunks) return -1;                                                                          \
+        const C ta = (C)a, shrink = (C)(1.0 - a * (1.0 - beta)), w = (C)(1.0 - 1.0 / beta);              \
+        const int decay = a != 0.0, upper = (1.0 - 1.0 / beta) >= 0.5;                                  \
         _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)")              \
-        for (int64_t k = 0; k < count; k++) {                                           \
-            T *restrict yy = y[chunks[k].idx] + chunks[k].start;                         \
-            T *restrict zz = z[chunks[k].idx] + chunks[k].start;                         \
-            const int64_t len = chunks[k].len;                                           \
-            if (decay) {                                                                 \
-                _Pragma("omp simd")                                                      \
-                for (int64_t i = 0; i < len; i++) {                                      \
-                    const T yi = yy[i];                                                  \
-                    const T zi = zz[i] - ta * yi;                                        \
-                    const T ys = yi * shrink;                                            \
-                    zz[i] = zi;                                                          \
-                    yy[i] = SF_LERP(T, ys, zi, w, upper);                                \
-                }                                                                        \
-            } else {                                                                     \
-                _Pragma("omp simd")                                                      \
-                for (int64_t i = 0; i < len; i++) {                                      \
-                    const T yi = yy[i], zi = zz[i];                                      \
-                    yy[i] = SF_LERP(T, yi, zi, w, upper);                                \
-                }                                                                        \
-            }                                                                            \
-        }                                                                                \
-        free(chunks);                                                                    \
-        return 0;                                                                        \
-    }                                                                                    \
-    int sf_wrap_after_##T(int64_t n, T **x, T **z, const int64_t *sizes, double c,      \
-                          double beta, int nthreads) {                                  \
-        int64_t count = 0;                                                               \
-        sf_chunk *chunks = make_chunks(n, sizes, &count, &nthreads);                                \
-        if (!chunks) return -1;                                                          \
-        const T tc = (T)c, w = (T)(1.0 - beta);                                          \
-        const int upper1 = c >= 0.5, upper2 = (1.0 - beta) >= 0.5;                       \
+        for (int64_t k = 0; k < count; k++) {                                                            \
+            S *restrict yy = y[chunks[k].idx] + chunks[k].start;                                         \
+            S *restrict zz = z[chunks[k].idx] + chunks[k].start;                                         \
+            const int64_t len = chunks[k].len;                                                           \
+            if (decay) {                                                                                 \
+                _Pragma("omp simd")                                                                      \
+                for (int64_t i = 0; i < len; i++) {                                                      \
+                    const C yi = SF_LOAD_##F(yy[i]);                                                     \
+                    const C zi = SF_LOAD_##F(zz[i]) - ta * yi;                                           \
+                    const C ys = yi * shrink;                                                            \
+                    zz[i] = SF_NEAR_##F(zi);                                                             \
+                    yy[i] = SF_NEAR_##F(SF_LERP(C, ys, zi, w, upper));                                   \
+                }                                                                                        \
+            } else {                                                                                     \
+                _Pragma("omp simd")                                                                      \
+                for (int64_t i = 0; i < len; i++) {                                                      \
+                    const C yi = SF_LOAD_##F(yy[i]), zi = SF_LOAD_##F(zz[i]);                            \
+                    yy[i] = SF_NEAR_##F(SF_LERP(C, yi, zi, w, upper));                                   \
+                }                                                                                        \
+            }                                                                                            \
+        }                                                                                                \
+        free(chunks);                                                                                    \
+        return 0;                                                                                        \
+    }                                                                                                    \
+    int sf_wrap_after_##NAME(int64_t n, S **x, S **z, const int64_t *sizes, double c, double beta,      \
+                             int nthreads) {                                                             \
+        int64_t count = 0;                                                                               \
+        sf_chunk *chunks = make_chunks(n, sizes, &count, &nthreads);                                     \
+        if (!chunks) return -1;                                                                          \
+        const C tc = (C)c, w = (C)(1.0 - beta);                                                          \
+        const int upper1 = c >= 0.5, upper2 = (1.0 - beta) >= 0.5;                                       \
         _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)")              \
-        for (int64_t k = 0; k < count; k++) {                                           \
-            T *restrict xx = x[chunks[k].idx] + chunks[k].start;                         \
-            const T *restrict zz = z[chunks[k].idx] + chunks[k].start;                   \
-            const int64_t len = chunks[k].len;                                           \
-            _Pragma("omp simd")                                                          \
-            for (int64_t i = 0; i < len; i++) {                                          \
-                const T zi = zz[i];                                                      \
-                const T xa = SF_LERP(T, xx[i], zi, tc, upper1);                          \
-                xx[i] = SF_LERP(T, xa, zi, w, upper2);                                   \
-            }                                                                            \
-        }                                                                                \
-        free(chunks);                                                                    \
-        return 0;                                                                        \
+        for (int64_t k = 0; k < count; k++) {                                                            \
+            S *restrict xx = x[chunks[k].idx] + chunks[k].start;                                         \
+            const S *restrict zz = z[chunks[k].idx] + chunks[k].start;                                   \
+            const int64_t len = chunks[k].len;                                                           \
+            _Pragma("omp simd")                                                                          \
+            for (int64_t i = 0; i < len; i++) {                                                          \
+                const C zi = SF_LOAD_##F(zz[i]);                                                         \
+                const C xa = SF_LERP(C, SF_LOAD_##F(xx[i]), zi, tc, upper1);                             \
+                xx[i] = SF_NEAR_##F(SF_LERP(C, xa, zi, w, upper2));                                      \
+            }                                                                                            \
+        }                                                                                                \
+        free(chunks);                                                                                    \
+        return 0;                                                                                        \
     }
 
-SF_WRAP_ENTRIES(float)
-SF_WRAP_ENTRIES(double)
+SF_WRAP_ENTRIES(float, float, float, float)
+SF_WRAP_ENTRIES(double, double, double, double)
+SF_WRAP_ENTRIES(bfloat16, bf16, sf_bf16, float)
+SF_WRAP_ENTRIES(float16, f16, sf_f16, float)
 
 /*
  * Bucket sums for a direction's global reductions, one pass over g, z and y:
  *   out[SF_SUM_GRAD_L1] = sum |g|,   out[SF_SUM_GRAD_Z_MINUS_Y] = sum g*(z - y)
- * in double whatever T is. With gap == 0 only the first is taken and z, y are
- * not read (they may be null).
+ * in double whatever the storage format is (every element widens exactly).
+ * With gap == 0 only the first is taken and z, y are not read (they may be
+ * null).
  *
  * The order of every addition is fixed by the data alone: within a chunk
  * SF_LANES running sums take every SF_LANES-th element (the tail goes to lane
@@ -243,68 +524,71 @@ SF_WRAP_ENTRIES(double)
  * bit for bit for any number of threads and any schedule.
  */
 #define SF_LANES 8
+#define SF_WIDE(F, x) ((double)SF_LOAD_##F(x))
 
-#define SF_SUMS_ENTRY(T)                                                                 \
-    int sf_sums_##T(int64_t n, T **g, T **z, T **y, const int64_t *sizes, int gap,       \
-                    double *out, int nthreads) {                                         \
-        int64_t count = 0;                                                               \
-        sf_chunk *chunks = make_chunks(n, sizes, &count, &nthreads);                     \
-        if (!chunks) return -1;                                                          \
-        double *part = (double *)malloc((size_t)(count > 0 ? count : 1) * 2 * sizeof(double)); \
-        if (!part) {                                                                     \
-            free(chunks);                                                                \
-            return -1;                                                                   \
-        }                                                                                \
-        _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)") \
-        for (int64_t k = 0; k < count; k++) {                                           \
-            const int64_t idx = chunks[k].idx, o = chunks[k].start, len = chunks[k].len; \
-            const T *restrict gg = g[idx] + o;                                           \
-            double l1[SF_LANES] = {0}, ip[SF_LANES] = {0};                               \
-            int64_t i = 0;                                                               \
-            if (gap) {                                                                   \
-                const T *restrict zz = z[idx] + o, *restrict yy = y[idx] + o;            \
-                for (; i + SF_LANES <= len; i += SF_LANES) {                             \
-                    _Pragma("omp simd")                                                  \
-                    for (int j = 0; j < SF_LANES; j++) {                                 \
-                        const double gj = (double)gg[i + j];                             \
-                        l1[j] += fabs(gj);                                               \
-                        ip[j] += gj * ((double)zz[i + j] - (double)yy[i + j]);           \
-                    }                                                                    \
-                }                                                                        \
-                for (; i < len; i++) {                                                   \
-                    const double gi = (double)gg[i];                                     \
-                    l1[0] += fabs(gi);                                                   \
-                    ip[0] += gi * ((double)zz[i] - (double)yy[i]);                       \
-                }                                                                        \
-            } else {                                                                     \
-                for (; i + SF_LANES <= len; i += SF_LANES) {                             \
-                    _Pragma("omp simd")                                                  \
-                    for (int j = 0; j < SF_LANES; j++) l1[j] += fabs((double)gg[i + j]); \
-                }                                                                        \
-                for (; i < len; i++) l1[0] += fabs((double)gg[i]);                       \
-            }                                                                            \
-            double a = 0.0, b = 0.0;                                                     \
-            for (int j = 0; j < SF_LANES; j++) {                                         \
-                a += l1[j];                                                              \
-                b += ip[j];                                                              \
-            }                                                                            \
-            part[2 * k] = a;                                                             \
-            part[2 * k + 1] = b;                                                         \
-        }                                                                                \
-        double a = 0.0, b = 0.0;                                                         \
-        for (int64_t k = 0; k < count; k++) {                                           \
-            a += part[2 * k];                                                            \
-            b += part[2 * k + 1];                                                        \
-        }                                                                                \
-        out[SF_SUM_GRAD_L1] = a;                                                         \
-        out[SF_SUM_GRAD_Z_MINUS_Y] = b;                                                  \
-        free(part);                                                                      \
-        free(chunks);                                                                    \
-        return 0;                                                                        \
+#define SF_SUMS_ENTRY(NAME, F, S)                                                                        \
+    int sf_sums_##NAME(int64_t n, S **g, S **z, S **y, const int64_t *sizes, int gap, double *out,      \
+                       int nthreads) {                                                                   \
+        int64_t count = 0;                                                                               \
+        sf_chunk *chunks = make_chunks(n, sizes, &count, &nthreads);                                     \
+        if (!chunks) return -1;                                                                          \
+        double *part = (double *)malloc((size_t)(count > 0 ? count : 1) * 2 * sizeof(double));           \
+        if (!part) {                                                                                     \
+            free(chunks);                                                                                \
+            return -1;                                                                                   \
+        }                                                                                                \
+        _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)")              \
+        for (int64_t k = 0; k < count; k++) {                                                            \
+            const int64_t idx = chunks[k].idx, o = chunks[k].start, len = chunks[k].len;                 \
+            const S *restrict gg = g[idx] + o;                                                           \
+            double l1[SF_LANES] = {0}, ip[SF_LANES] = {0};                                               \
+            int64_t i = 0;                                                                               \
+            if (gap) {                                                                                   \
+                const S *restrict zz = z[idx] + o, *restrict yy = y[idx] + o;                            \
+                for (; i + SF_LANES <= len; i += SF_LANES) {                                             \
+                    _Pragma("omp simd")                                                                  \
+                    for (int j = 0; j < SF_LANES; j++) {                                                 \
+                        const double gj = SF_WIDE(F, gg[i + j]);                                         \
+                        l1[j] += fabs(gj);                                                               \
+                        ip[j] += gj * (SF_WIDE(F, zz[i + j]) - SF_WIDE(F, yy[i + j]));                   \
+                    }                                                                                    \
+                }                                                                                        \
+                for (; i < len; i++) {                                                                   \
+                    const double gi = SF_WIDE(F, gg[i]);                                                 \
+                    l1[0] += fabs(gi);                                                                   \
+                    ip[0] += gi * (SF_WIDE(F, zz[i]) - SF_WIDE(F, yy[i]));                               \
+                }                                                                                        \
+            } else {                                                                                     \
+                for (; i + SF_LANES <= len; i += SF_LANES) {                                             \
+                    _Pragma("omp simd")                                                                  \
+                    for (int j = 0; j < SF_LANES; j++) l1[j] += fabs(SF_WIDE(F, gg[i + j]));             \
+                }                                                                                        \
+                for (; i < len; i++) l1[0] += fabs(SF_WIDE(F, gg[i]));                                   \
+            }                                                                                            \
+            double a = 0.0, b = 0.0;                                                                     \
+            for (int j = 0; j < SF_LANES; j++) {                                                         \
+                a += l1[j];                                                                              \
+                b += ip[j];                                                                              \
+            }                                                                                            \
+            part[2 * k] = a;                                                                             \
+            part[2 * k + 1] = b;                                                                         \
+        }                                                                                                \
+        double a = 0.0, b = 0.0;                                                                         \
+        for (int64_t k = 0; k < count; k++) {                                                            \
+            a += part[2 * k];                                                                            \
+            b += part[2 * k + 1];                                                                        \
+        }                                                                                                \
+        out[SF_SUM_GRAD_L1] = a;                                                                         \
+        out[SF_SUM_GRAD_Z_MINUS_Y] = b;                                                                  \
+        free(part);                                                                                      \
+        free(chunks);                                                                                    \
+        return 0;                                                                                        \
     }
 
-SF_SUMS_ENTRY(float)
-SF_SUMS_ENTRY(double)
+SF_SUMS_ENTRY(float, float, float)
+SF_SUMS_ENTRY(double, double, double)
+SF_SUMS_ENTRY(bfloat16, bf16, sf_bf16)
+SF_SUMS_ENTRY(float16, f16, sf_f16)
 
 /* Lets the loader check that the library it found is the one it built. */
-int sf_abi_version(void) { return 2; }
+int sf_abi_version(void) { return 3; }

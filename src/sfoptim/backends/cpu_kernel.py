@@ -6,6 +6,15 @@ seven passes as ``torch.optim.AdamW(fused=True)``, and no parameter-sized
 temporary (with inner momentum, ``m`` adds a read and a write). Scalars (step-dependent lr, ``c``, bias
 corrections) are plain arguments, so nothing is rebuilt when they change.
 
+Dtypes: every tensor of a call has the same dtype, one of float64 (computed in
+float64), float32, bfloat16 and float16 (computed in float32). A 16-bit
+element is widened exactly when it is read and rounded once when it is
+written: to nearest, ties to even, or, when :func:`step` is given a ``seed``,
+stochastically (up or down with probability proportional to the distance, so
+the stored value equals the computed one in expectation). The random bits are
+a hash of the seed, the tensor's position in the call and the element's index,
+so the result does not depend on the thread count.
+
 A direction whose global reductions are generic bucket sums
 (:class:`~sfoptim.directions.base.BucketSum`: ScheduleFree+'s
 :math:`\sum |g|` and :math:`\sum \langle g, z - y\rangle`) gets them from
@@ -56,7 +65,7 @@ from torch import Tensor
 from ..directions.base import KERNEL_SCALARS, KIND_SLOTS, BucketSum, Kind
 from . import kernel_cache
 
-__all__ = ["available", "step", "sums", "wrap_before", "wrap_after"]
+__all__ = ["NARROW", "available", "step", "sums", "wrap_before", "wrap_after"]
 
 _SOURCE = Path(__file__).with_name("cpu_kernel.c")
 _DEFINES = tuple(f"-DSF_{kind.name}={kind.value}" for kind in Kind) + tuple(
@@ -64,7 +73,9 @@ _DEFINES = tuple(f"-DSF_{kind.name}={kind.value}" for kind in Kind) + tuple(
 ) + tuple(f"-DSF_SUM_{s.name}={s.value}" for s in BucketSum)
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared", "-std=c11", *_DEFINES)
 _LIBS = ("-lm",)
-_DTYPES = {torch.float32: "float", torch.float64: "double"}
+_DTYPES = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+#: Dtypes whose stores round (a ``seed`` makes the rounding stochastic).
+NARROW = frozenset({torch.bfloat16, torch.float16})
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -78,7 +89,7 @@ load_count = 0
 _Scalars = ctypes.c_double * len(KERNEL_SCALARS)
 _Sums = ctypes.c_double * len(BucketSum)
 #: The version ``sf_abi_version`` of this source returns; a cached library that says otherwise is not used.
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -91,7 +102,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     i64, ptrs, dbl, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
     for t in _DTYPES.values():
         fn = getattr(lib, f"sf_step_{t}")
-        fn.argtypes = [i64, ptrs, ptrs, ptrs, ptrs, ptrs, ptrs, ctypes.POINTER(ctypes.c_double), cint, cint]
+        fn.argtypes = [i64, ptrs, ptrs, ptrs, ptrs, ptrs, ptrs, ctypes.POINTER(ctypes.c_double), cint, cint, ctypes.c_uint64, cint]
         fn.restype = cint
         fn = getattr(lib, f"sf_sums_{t}")
         fn.argtypes = [i64, ptrs, ptrs, ptrs, ptrs, cint, ctypes.POINTER(ctypes.c_double), cint]
@@ -273,7 +284,7 @@ def _refuse(reason: str, explicit: bool) -> bool:
     if explicit:
         what = {
             "cpu": "tensors that are not on the CPU (no fused GPU kernel yet)",
-            "dtype": "dtypes other than float32/float64",
+            "dtype": "dtypes other than float64, float32, bfloat16 and float16",
             "layout": "non-contiguous tensors, tensor subclasses such as DTensor, or mixed dtypes",
             "alias": "parameters or state that share memory (a parameter listed twice, overlapping views)",
         }[reason]
@@ -289,6 +300,7 @@ def step(
     kind: Kind,
     scalars: Sequence[float],
     explicit: bool = False,
+    seed: int | None = None,
 ) -> bool:
     r"""One fused schedule-free step over a bucket; False if it cannot run here.
 
@@ -301,6 +313,12 @@ def step(
     :math:`y \leftarrow \operatorname{lerp}(y, z, c) + \gamma(\beta(1-c)-1)d`,
     :math:`z \leftarrow z - \gamma d`. ``grads`` are only read. When False is
     returned nothing has been modified.
+
+    All tensors share one dtype (see the module docstring); bfloat16 and
+    float16 are computed in float32 and every written element is rounded to
+    nearest, or stochastically with ``seed`` (an integer, drawn afresh for
+    every step: the same seed and tensors give the same result). float32 and
+    float64 ignore ``seed``.
     """
     if not ys:
         return True
@@ -325,6 +343,8 @@ def step(
         call.array(lists),
         _Scalars(*scalars),
         int(kind),
+        int(seed is not None and call.dtype in NARROW),
+        (seed or 0) & 0xFFFF_FFFF_FFFF_FFFF,
         torch.get_num_threads(),
     )
     if rc != 0:
@@ -389,6 +409,7 @@ def wrap_before(ys: list[Tensor], zs: list[Tensor], lr_decay: float, beta: float
     r"""The wrapper's pre-step in one pass: ``z -= a y``; ``y *= 1 - a(1-\beta)``; ``y = lerp(y, z, 1-1/\beta)``.
 
     ``a`` is ``lr * weight_decay_at_y``. Afterwards ``ys`` hold ``x``. False if it cannot run here.
+    16-bit tensors are computed in float32 and rounded to nearest, as by :func:`step` without a seed.
     """
     return _wrap_call("sf_wrap_before", ys, zs, lr_decay, beta, explicit)
 

@@ -13,6 +13,12 @@ Policy, per bucket (tensors of one device and dtype):
   direction type.
 * weight decay at ``z`` (``decay_at="z"`` with a nonzero decay): never a
   kernel, which decays at ``y`` only.
+* bfloat16 and float16 buckets (parameters kept in 16 bits, without
+  ``state_dtype``): the C kernel computes in float32 and rounds every stored
+  element once, to nearest, or stochastically with the group's
+  ``stochastic_rounding`` (a seed drawn from torch's default generator per
+  bucket and step, so ``torch.manual_seed`` makes it repeatable). Under
+  ``torch.compile`` such a stochastic bucket is updated eagerly.
 * what no kernel took: ``foreach=False`` one tensor at a time, else foreach.
 
 The same policy covers the wrapper's bookkeeping around its base optimizer,
@@ -92,11 +98,23 @@ def step(
         return
     if backend is not None:
         call = _kernel_call(direction, group, step_index, bucket, reduced, fused, owner, **args)
+        stochastic = call is not None and backend is cpu_kernel and _stochastic(group, bucket)
+        rounding = {"seed": _stochastic_seed()} if stochastic else {}
         if call is not None and backend.step(
-            bucket.params, bucket.grads, bucket.z, call.slots, call.kind, call.scalars, explicit=fused is True
+            bucket.params, bucket.grads, bucket.z, call.slots, call.kind, call.scalars, explicit=fused is True, **rounding
         ):
             return
     _foreach(direction, group, step_index, bucket, reduced, foreach_flag, args)
+
+
+def _stochastic(group: dict, bucket: Bucket) -> bool:
+    """Whether the kernel rounds this bucket's stores stochastically (16-bit tensors, ``stochastic_rounding``)."""
+    return bool(group.get("stochastic_rounding")) and bucket.params[0].dtype in cpu_kernel.NARROW
+
+
+def _stochastic_seed() -> int:
+    """A fresh 64-bit seed for one kernel call, from torch's default generator."""
+    return int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64).item())
 
 
 def reduce(
@@ -242,11 +260,19 @@ def prepare_traced(
         # The kernels (and their traced math) decay at y only: this bucket runs eagerly on foreach.
         _foreach(direction, group, step_index, bucket, reduced, foreach_flag, dict(args, decay_at_z=True))
         return None
+    device = bucket.params[0].device
+    if device.type == "cpu" and _kernel_allowed(fused, foreach_flag) and _stochastic(group, bucket):
+        # The traced operator rounds to nearest; stochastic rounding takes the eager kernel.
+        step(
+            direction, group, step_index, bucket, reduced,
+            lr=lr, ckp1=ckp1, beta=beta, weight_decay=weight_decay, fused=fused, foreach_flag=foreach_flag,
+            owner=owner,
+        )
+        return None
     call = _kernel_call(direction, group, step_index, bucket, reduced, fused, owner, **args)
     if call is None:
         _foreach(direction, group, step_index, bucket, reduced, foreach_flag, args)
         return None
-    device = bucket.params[0].device
     scalars = torch.tensor([float(v) for v in call.scalars], dtype=torch.float64)
     if device.type != "cpu":
         scalars = scalars.to(device)

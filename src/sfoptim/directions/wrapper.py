@@ -65,7 +65,7 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
             weights (default 2).
         r: polynomial weighting power of the average (default 0).
         fused: keyword-only. The wrapper's own ``x``/``y`` bookkeeping in one
-            pass per tensor (CPU, float32/float64): ``None`` (default) wherever
+            pass per tensor (CPU, float64/float32/bfloat16/float16): ``None`` (default) wherever
             it runs, ``True`` warns once where it cannot, ``False`` never. The
             base optimizer's step is its own (pass ``fused=True`` to it if it
             has one).

@@ -62,7 +62,7 @@ _PUBLISHED_ORDER_DOC = """
             published package does not have come after all of its own, so
             its positional calls mean the same here."""
 _FUSED_DOC = """fused: ``None`` (default) uses the fused one-pass CPU kernel wherever
-            it runs (CPU, float32/float64, contiguous) and ``foreach`` elsewhere;
+            it runs (CPU, float64/float32/bfloat16/float16, contiguous) and ``foreach`` elsewhere;
             ``True`` also uses a ``torch.compile``-d one-pass kernel on GPUs,
             and warns once where no fused kernel can run; ``False`` never
             uses them."""
@@ -72,8 +72,11 @@ _NO_KERNEL_DOC = """fused: accepted for a uniform interface; this optimizer has 
 _PRECISION_DOC = """state_dtype: keep a master copy of narrower parameters and all their
             state in this dtype (e.g. ``torch.float32`` for bfloat16 weights;
             see :mod:`sfoptim.precision`). Default None: the parameter's dtype.
-        stochastic_rounding: round the master into the parameter stochastically
-            (only with ``state_dtype``; default False)."""
+        stochastic_rounding: round stochastically where a float32 result is
+            stored in 16 bits: the master into the parameter (with
+            ``state_dtype``), and, on the fused CPU kernel, ``y``, ``z`` and the
+            buffers of 16-bit parameters kept without ``state_dtype``
+            (default False)."""
 
 
 def with_backend_args(cls: type) -> type:
