@@ -36,8 +36,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ..directions.base import KERNEL_SCALARS, Bucket, Direction, Kind
 from . import compiled, cpu_kernel, foreach
+from .abi import KERNEL_SCALARS, Bucket, Kind
+
+#: A direction (:class:`sfoptim.directions.base.Direction`); backends call its hooks only.
+Direction = Any
 
 __all__ = ["KernelCall", "TracedCall", "prepare_traced", "reduce", "step", "traced_update", "wrap_after", "wrap_before"]
 

@@ -56,12 +56,13 @@ stateless: hyperparameters live in the param group, tensors in the state.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import torch
 from torch import Size, Tensor
+
+from ..backends.abi import KERNEL_SCALARS, KIND_SLOTS, Bucket, BucketSum, KernelSpec, Kind
 
 __all__ = [
     "KERNEL_SCALARS",
@@ -75,83 +76,6 @@ __all__ = [
     "group_reduction",
     "warmup_lr",
 ]
-
-
-class Bucket(NamedTuple):
-    """Tensors of one device and dtype that one backend call updates together.
-
-    ``params`` hold ``y`` (or its wide master), ``grads`` the gradients at
-    ``y`` (never to be written), ``z`` the base iterates, ``buffers`` the
-    direction's own state by the names it declared.
-    """
-
-    params: list[Tensor]
-    grads: list[Tensor]
-    z: list[Tensor]
-    buffers: dict[str, list[Tensor]]
-
-
-class Kind(enum.IntEnum):
-    r"""The direction families the one-pass kernels implement.
-
-    This enum is the single declaration: the C source receives the values as
-    preprocessor definitions (see :mod:`sfoptim.backends.cpu_kernel`) and the
-    compiled backend branches on them.
-
-    * ``SGD``: :math:`d = g`.
-    * ``ADAM``: :math:`v \leftarrow \beta_2 v + (1-\beta_2) g^2`,
-      :math:`d = \hat m / (\sqrt{v / bc_2} + \epsilon)` with :math:`\hat m = g`,
-      or with a second slot :math:`m \leftarrow \operatorname{lerp}(m, g, 1-\mu)`,
-      :math:`\hat m = m / bc_1`.
-    * ``SGD_V``: :math:`d = g` while :math:`v` is updated as for ``ADAM``
-      (RAdam's phase before the rectifier exists).
-    """
-
-    SGD = 0
-    ADAM = 1
-    SGD_V = 2
-
-
-#: The buffer slots each family reads and writes, as (fewest, most).
-KIND_SLOTS: dict[Kind, tuple[int, int]] = {Kind.SGD: (0, 0), Kind.ADAM: (1, 2), Kind.SGD_V: (1, 1)}
-
-#: The scalars every kernel call receives, in slot order. The engine fills
-#: ``lr``, ``ckp1``, ``beta`` and ``wd``; a :class:`KernelSpec` the others
-#: (unset ones are 0, except the bias corrections, which are 1).
-KERNEL_SCALARS: tuple[str, ...] = ("lr", "ckp1", "beta", "wd", "beta2", "bc2", "eps", "mu", "bc1")
-
-
-class BucketSum(enum.IntEnum):
-    r"""Sums over every element of a bucket that a backend can take in one fused pass.
-
-    A direction whose reductions are built from these declares them in
-    :attr:`Direction.bucket_sums`; the CPU kernel then computes all of them in
-    one read of the tensors, accumulating in float64 in an order fixed by the
-    data (not by the thread count). The values are also the slots of the C
-    entry's output (``SF_SUM_<NAME>``, defined at build time).
-
-    * ``GRAD_L1``: :math:`\sum |g|`.
-    * ``GRAD_Z_MINUS_Y``: :math:`\sum g\,(z - y)`, i.e. :math:`\langle g, z - y\rangle`.
-    """
-
-    GRAD_L1 = 0
-    GRAD_Z_MINUS_Y = 1
-
-
-class KernelSpec(NamedTuple):
-    """A direction's description of its one-pass kernel for one step.
-
-    Attributes:
-        kind: the kernel family.
-        buffers: the direction's state buffers that fill the kernel's slots, in
-            order: the second moment ``v``, then the first moment ``m`` (a
-            family that needs fewer slots gets a shorter tuple).
-        scalars: values of the family's entries of :data:`KERNEL_SCALARS`.
-    """
-
-    kind: Kind
-    buffers: tuple[str, ...] = ()
-    scalars: Mapping[str, float] = {}
 
 
 def warmup_lr(group: dict, step: int) -> float:
