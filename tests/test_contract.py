@@ -204,7 +204,7 @@ def test_plain_closure_and_wrapper_forms_share_one_step(monkeypatch: pytest.Monk
 
     calls: list[str] = []
     original = skeleton.update
-    monkeypatch.setattr(skeleton, "update", lambda opt: (calls.append(type(opt).__name__), original(opt))[1])
+    monkeypatch.setattr(skeleton, "update", lambda plan: (calls.append(type(plan.__self__).__name__), original(plan))[1])
     p = nn.Parameter(torch.randn(3))
 
     def closure() -> Tensor:

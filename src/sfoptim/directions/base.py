@@ -204,28 +204,26 @@ class Direction:
 class DelegatedDirection(Direction):
     """A direction computed by another optimizer that moves ``z`` itself.
 
-    The engine still owns ``x``, ``y``, weight decay at ``y`` and the schedule;
-    around one :meth:`move` of all groups it calls the engine's bookkeeping
-    that leaves ``z`` in the parameters before, and the new ``y`` after. The
-    learning rate is read after the move, since the base optimizer may change
-    it while stepping (D-Adaptation's ``d``).
+    The engine still owns the schedule; around the base optimizer's step the
+    direction keeps ``x`` and ``y``: :meth:`move` runs once per step for all
+    its groups (before any group's update), :meth:`finish` once per group
+    with the step's averaging coefficient. The learning rate is read after
+    the move, since the base optimizer may change it while stepping
+    (D-Adaptation's ``d``).
     """
 
     delegates_move = True
 
-    def move(self, optimizer: Any) -> None:
-        """Moves ``z`` (held in ``optimizer``'s parameters) with the gradients at ``y``."""
+    def move(self, plans: list[Any], reduced: Mapping[str, Tensor]) -> None:
+        """Moves ``z`` of the active parameters of ``plans`` (:class:`sfoptim.engine.step.GroupStep`).
+
+        If it raises, parameters and state must be as they were.
+        """
         raise NotImplementedError
 
-    def decay_lr(self, group: dict) -> float:
-        """The learning rate that scales weight decay at ``y``, read before :meth:`move`.
-
-        The group's own ``lr``: the step size of the base optimizer's ``z``
-        update is its business, so a D-Adaptation ``d`` (which only weights
-        the average) does not scale the decay, as in the published wrapper.
-        """
-        return float(group["lr"])
+    def finish(self, plan: Any, ckp1: float) -> None:
+        """After :meth:`move`: the new ``y`` and ``z`` of one group, averaged with coefficient ``ckp1``."""
+        raise NotImplementedError
 
     def foreach(self, group: dict, step: int, bucket: Bucket, reduced: Mapping[str, Tensor]) -> Any:
         raise TypeError(f"{type(self).__name__} moves z through its base optimizer; it has no foreach direction")
-

@@ -40,11 +40,11 @@ import torch
 from torch import Tensor
 
 from .. import _validation, precision
-from ..directions.base import Bucket, Direction
+from ..backends.abi import Bucket
+from ..directions.base import Direction
 from . import state_checks
 from . import step as _step
-from .schedule import AveragingStep, averaging_step
-from .step import real
+from .step import GroupStep, real
 
 __all__ = ["ClosureForm", "ModeError", "ScheduleFreeOptimizer", "with_backend_args"]
 
@@ -281,13 +281,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         """Writes the wide master copies (``state_dtype``) into their narrow parameters."""
         if self.option(group, "state_dtype") is None:
             return
-        ps, ms = [], []
-        for p in params:
-            state = self.state.get(p)
-            if state and "master" in state:
-                ps.append(p.data)
-                ms.append(state["master"])
-        precision.write_params(ps, ms, bool(self.option(group, "stochastic_rounding")))
+        precision.write_params(*self._masters(params), bool(self.option(group, "stochastic_rounding")))
 
     @torch.no_grad()
     def eval_params(self) -> list[Tensor]:
@@ -339,13 +333,75 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         """Puts the parameters where the form keeps them between steps (plain form: ``y``)."""
 
     def _update(self) -> None:
-        _step.update(self)
+        _step.update(self._plan)
+
+    def _plan(self) -> list[GroupStep]:
+        """The step of every group as :func:`sfoptim.engine.step.update` consumes it.
+
+        Every group's gradients are checked (dense, of the parameter's shape)
+        before any state is created, so a bad gradient in the last group leaves
+        every group untouched.
+        """
+        key = self.group_key
+        k = key("k")
+        plans = []
+        for gi, group in enumerate(self.param_groups):
+            direction = self.direction_for(group)
+            active = self._active_params(gi, group)
+            if direction.needs_full_param and not direction.gathers_shards:
+                self._check_whole(gi, group, active, direction)
+            step = group[k] + 1
+            beta = direction.beta(group, step)
+            plan = GroupStep(group, direction, step, self.y_beta(group) if direction.varying_beta else beta, beta, key)
+            plan.active = active
+            plans.append(plan)
+        for p in plans:
+            group = p.group
+            p.fused, p.foreach = self.option(group, "fused"), self.option(group, "foreach")
+            if p.direction.delegates_move:
+                p.states = [self.state[q] for q in p.active]
+                continue
+            if p.active:
+                p.buckets = self._buckets(group, p.active, p.direction.state_buffers(group))
+            wide = self.option(group, "state_dtype") is not None
+            if wide:
+                p.masters = self._masters(p.active)
+                p.stochastic = bool(self.option(group, "stochastic_rounding"))
+            if p.beta != p.beta_prev:
+                stepped = {id(q) for q in p.active}
+                rest = [q for q in group["params"] if id(q) not in stepped and "z" in self.state.get(q, ())]
+                ys = [real(work(q, self.state[q])) for q in rest]
+                zs = [real(self.state[q]["z"]) for q in rest]
+                p.inactive = (ys, zs, *self._masters(rest)) if wide else (ys, zs, [], [])
+        return plans
+
+    def _masters(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """The parameters of ``params`` that have a wide master copy, and those copies."""
+        ps, ms = [], []
+        for p in params:
+            state = self.state.get(p)
+            if state and "master" in state:
+                ps.append(p.data)
+                ms.append(state["master"])
+        return ps, ms
+
+    def _check_whole(self, gi: int, group: dict, active: list[Tensor], direction: Direction) -> None:
+        for p in active:
+            if any(getattr(pl, "dim", None) is not None for pl in getattr(p, "placements", ())):
+                i = next(j for j, q in enumerate(group["params"]) if q is p)
+                raise NotImplementedError(
+                    f"{type(direction).__name__} needs whole matrices, but {self._param_label(gi, i, p)} is sharded "
+                    "(FSDP2); gathering shards for it is not supported yet."
+                )
 
     def _param_label(self, group_index: int, param_index: int, p: Tensor) -> str:
-        group = self.param_groups[group_index]
-        names = group.get("param_names")
-        name = f" '{names[param_index]}'" if names else ""
-        return f"param_groups[{group_index}]['params'][{param_index}]{name} (shape {tuple(p.shape)})"
+        return state_checks.param_label(self.param_groups, group_index, param_index, p)
+
+    def _load_target(self) -> state_checks.Target:
+        """This optimizer as the state-dict checks see it."""
+        return state_checks.Target(
+            self, self.group_key, self._key_prefix, frozenset(self._schedule_defaults()), self.direction_for
+        )
 
     def _active_params(self, group_index: int, group: dict) -> list[Tensor]:
         params = group["params"]
@@ -373,28 +429,6 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
                     f"{tuple(p.grad.shape)}, which does not match the parameter."
                 )
         raise AssertionError("unreachable: a gradient failed a check that no parameter fails")
-
-    def _schedule(self, group: dict, lr: float) -> AveragingStep:
-        """The averaging scalars of the group's next step, taken with learning rate ``lr``."""
-        key = self.group_key
-        return averaging_step(
-            group[key("k")] + 1,
-            lr,
-            group[key("lr_max")],
-            group[key("weight_sum")],
-            group[key("r")],
-            group[key("weight_lr_power")],
-            c_warmup=group.get(key("c_warmup"), 0),
-        )
-
-    def _commit(self, group: dict, sched: AveragingStep, beta: float | None = None) -> None:
-        key = self.group_key
-        group[key("k")] = sched.step
-        group[key("lr_max")] = sched.lr_max
-        group[key("weight_sum")] = sched.weight_sum
-        group[key("scheduled_lr")] = sched.lr
-        if beta is not None and self.direction_for(group).varying_beta:
-            group[key("y_beta")] = beta
 
     def _init_state(self, group: dict, p: Tensor, names: tuple[str, ...]) -> dict:
         state = self.state[p]
@@ -505,10 +539,11 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         a wide master copy (``state_dtype``) keep all their state wide.
         """
         previous = [dict(g) for g in self.param_groups]
-        matched = state_checks.check_load(self, state_dict)
+        target = self._load_target()
+        matched = state_checks.check_load(target, state_dict)
         super().load_state_dict(state_dict)
         if matched:
-            state_checks.settle_load(self, state_dict, previous)
+            state_checks.settle_load(target, state_dict, previous)
 
 
 def _evaluate(closure: Callable[[], Any] | None) -> Any:
