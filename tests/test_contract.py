@@ -36,7 +36,7 @@ class GlobalNormSGD(Direction):
     def beta(self, group: dict, step: int) -> float:
         return group["momentum"]
 
-    def reduce(self, group: dict, bucket: Bucket, beta: float) -> dict[str, Tensor]:
+    def reduce(self, group: dict, step: int, bucket: Bucket, beta: float) -> dict[str, Tensor]:
         return {"grad_sq": torch.stack([(g * g).sum() for g in bucket.grads]).sum()}
 
     def foreach(self, group: dict, step: int, bucket: Bucket, reduced: Mapping[str, Tensor]) -> tuple[list[Tensor], bool]:

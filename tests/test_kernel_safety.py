@@ -626,8 +626,8 @@ def check_sums_case(case: dict) -> None:
         assert abs(got[which] - exact) <= 1e-12 * scale, f"{which.name}: {got[which]!r} vs {exact!r}"
     if case["gap"]:
         direction, group = AdamCPlusDirection(), _plus_group()
-        torch_path = direction.reduce(group, Bucket(y, g, z, {}), 0.9)
-        fused = direction.reduce_sums(group, 0.9, {s: torch.tensor(v, dtype=torch.float64) for s, v in got.items()})
+        torch_path = direction.reduce(group, group["k"] + 1, Bucket(y, g, z, {}), 0.9)
+        fused = direction.reduce_sums(group, group["k"] + 1, 0.9, {s: torch.tensor(v, dtype=torch.float64) for s, v in got.items()})
         tol = 1e-12 if case["dtype"] == torch.float64 else 2e-5
         for name, value in torch_path.items():
             scale = float(sum(t.abs().sum() for t in terms[BucketSum.GRAD_Z_MINUS_Y if name == "ip_term" else BucketSum.GRAD_L1]))
@@ -703,8 +703,9 @@ def _polyak_sums_of_third_step(
             beta = opt.y_beta(group)
             raw = _fused_cpu.sums(bucket.grads, bucket.z, bucket.params, direction.bucket_sums)
             assert raw is not None
-            fused = direction.reduce_sums(group, beta, {k: torch.tensor(v, dtype=torch.float64) for k, v in raw.items()})
-            torch_path = direction.reduce(group, bucket, beta)
+            step = group["k"] + 1
+            fused = direction.reduce_sums(group, step, beta, {k: torch.tensor(v, dtype=torch.float64) for k, v in raw.items()})
+            torch_path = direction.reduce(group, step, bucket, beta)
         opt.step(loss=3.0)
     group = opt.param_groups[0]
     used = (group["grad_l1_ema"] / math.sqrt(math.pi / 2), group["ip_term"])

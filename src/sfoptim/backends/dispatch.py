@@ -170,8 +170,10 @@ def reduce(
     ):
         sums = cpu_kernel.sums(bucket.grads, bucket.z, bucket.params, wanted)
         if sums is not None:
-            return direction.reduce_sums(group, beta, {s: torch.tensor(v, dtype=torch.float64) for s, v in sums.items()})
-    return direction.reduce(group, bucket, beta)
+            return direction.reduce_sums(
+                group, step_index, beta, {s: torch.tensor(v, dtype=torch.float64) for s, v in sums.items()}
+            )
+    return direction.reduce(group, step_index, bucket, beta)
 
 
 def _foreach(u: BucketStep) -> None:

@@ -119,20 +119,20 @@ class AdamCPlusDirection(Direction):
 
     bucket_sums = (BucketSum.GRAD_L1, BucketSum.GRAD_Z_MINUS_Y)
 
-    def reduce(self, group: dict, bucket: Bucket, beta: float) -> dict[str, Tensor]:
+    def reduce(self, group: dict, step: int, bucket: Bucket, beta: float) -> dict[str, Tensor]:
         r""":math:`\sum \|g\|_1` and :math:`\beta_t \sum \langle g, z - x\rangle` over the bucket, with torch operations."""
         grads = bucket.grads
         l1 = torch.stack(torch._foreach_norm(grads, 1)).sum(dtype=torch.float64)
         ip = torch.stack([_inner_gap(g, z, y) for g, z, y in zip(grads, bucket.z, bucket.params)]).sum(dtype=torch.float64)
-        return self.reduce_sums(group, beta, {BucketSum.GRAD_L1: l1, BucketSum.GRAD_Z_MINUS_Y: ip})
+        return self.reduce_sums(group, step, beta, {BucketSum.GRAD_L1: l1, BucketSum.GRAD_Z_MINUS_Y: ip})
 
-    def reduce_sums(self, group: dict, beta: float, sums: Mapping[BucketSum, Tensor]) -> dict[str, Tensor]:
+    def reduce_sums(self, group: dict, step: int, beta: float, sums: Mapping[BucketSum, Tensor]) -> dict[str, Tensor]:
         r"""The reductions from :math:`\sum |g|` and :math:`\sum \langle g, z - y\rangle`.
 
         With ``y`` built with ``beta``, :math:`z - x = (z - y)/\beta`, so
         :math:`\beta_t \langle g, z - x\rangle = (\beta_t/\beta) \langle g, z - y\rangle`.
         """
-        beta_now = self.beta(group, group["k"] + 1)
+        beta_now = self.beta(group, step)
         return {"grad_l1": sums[BucketSum.GRAD_L1], "ip_term": sums[BucketSum.GRAD_Z_MINUS_Y] * (beta_now / beta)}
 
     def lr(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> float:

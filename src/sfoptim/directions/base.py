@@ -160,8 +160,8 @@ class Direction:
         """State buffer ``name`` at creation, shaped like the working copy ``like`` (default: zeros)."""
         return torch.zeros_like(like, dtype=self.buffer_dtype(group, name, like.dtype), memory_format=torch.preserve_format)
 
-    def reduce(self, group: dict, bucket: Bucket, beta: float) -> dict[str, Tensor]:
-        """This bucket's contributions (0-d tensors) to each name in :attr:`reductions`.
+    def reduce(self, group: dict, step: int, bucket: Bucket, beta: float) -> dict[str, Tensor]:
+        """This bucket's contributions (0-d tensors) to each name in :attr:`reductions` for the 1-based ``step``.
 
         Called before the update with ``y`` in ``bucket.params``; ``beta`` is
         the weight ``y`` was built with, so ``x = lerp(y, z, 1 - 1/beta)``.
@@ -170,7 +170,7 @@ class Direction:
         """
         return {}
 
-    def reduce_sums(self, group: dict, beta: float, sums: Mapping[BucketSum, Tensor]) -> dict[str, Tensor]:
+    def reduce_sums(self, group: dict, step: int, beta: float, sums: Mapping[BucketSum, Tensor]) -> dict[str, Tensor]:
         """:meth:`reduce`'s contributions from the bucket's :attr:`bucket_sums` (0-d float64 tensors).
 
         Must agree with :meth:`reduce` on the same bucket to rounding.

@@ -86,9 +86,7 @@ class ProdigyDirection(Direction):
         d = float(group["d"])
         return d * d * warmup_lr(group, step)
 
-    def reduce(self, group: dict, bucket: Bucket, beta: float) -> dict[str, Tensor]:
-        # reduce() receives no step index: the one about to be taken follows the steps taken.
-        step = int(group[ProdigyScheduleFree.group_key("k")]) + 1
+    def reduce(self, group: dict, step: int, bucket: Bucket, beta: float) -> dict[str, Tensor]:
         scale = self._accumulator_scale(group, step)
         rho = math.sqrt(group["betas"][1])
         dots, l1s = [], []
