@@ -135,21 +135,21 @@ class AdamCPlusDirection(Direction):
         beta_now = self.beta(group, step)
         return {"grad_l1": sums[BucketSum.GRAD_L1], "ip_term": sums[BucketSum.GRAD_Z_MINUS_Y] * (beta_now / beta)}
 
-    def lr(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> float:
-        """The Polyak step size times ``max(lr, eps)``; advances the group's ``grad_l1_ema``.
-
-        Zero when every gradient is zero (the rule has no scale then).
-        """
+    def _estimate(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> tuple[float, float]:
+        """The step's gradient-norm estimate (bias-corrected EMA) and inner-product term (changes nothing)."""
         rho = group["polyak_beta"]
-        l1, ip = float(reduced["grad_l1"]), float(reduced["ip_term"])
-        ema = rho * group["grad_l1_ema"] + (1 - rho) * l1 * _SQRT_HALF_PI
-        ema /= 1 - rho**step
+        ema = rho * group["grad_l1_ema"] + (1 - rho) * float(reduced["grad_l1"]) * _SQRT_HALF_PI
+        return ema / (1 - rho**step), float(reduced["ip_term"])
+
+    def lr(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> float:
+        """The Polyak step size times ``max(lr, eps)``; zero when every gradient is zero (the rule has no scale then)."""
+        ema, ip = self._estimate(group, step, reduced)
         polyak = max(0.0, group["function_value"] + ip) / ema if ema > 0 else 0.0
-        # Written here because this hook runs once per group and step, after
-        # every check that can refuse the step.
-        group["grad_l1_ema"] = ema
-        group["ip_term"] = ip
         return max(float(group["lr"]), group["eps"]) * polyak
+
+    def commit(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> None:
+        """Keeps the step's ``grad_l1_ema`` and ``ip_term`` in the group."""
+        group["grad_l1_ema"], group["ip_term"] = self._estimate(group, step, reduced)
 
     def weight_decay_at_y(self, group: dict, lr: float, weight_decay: float) -> float:
         return weight_decay * lr
