@@ -1,57 +1,21 @@
 r"""The direction contract: what one base optimizer contributes to schedule-free training.
 
-The engine (:mod:`sfoptim.engine`) owns everything schedule-free: the modes,
-``z``, the averaging schedule, weight decay at ``y``, the update of ``y`` and
-``z``, and picking a backend. A :class:`Direction` owns only the base
-optimizer's part of
+The engine owns everything schedule-free (modes, ``z``, the averaging, weight
+decay, the update of ``y`` and ``z``, the backend). A :class:`Direction` owns
+the base optimizer's :math:`d_t` in :math:`z_{t+1} = z_t - \gamma_t (d_t + \lambda y_t)`,
+the state it needs for it, and the step's :math:`\beta_t` and :math:`\gamma_t`.
 
-.. math::
-
-    z_{t+1} = z_t - \gamma_t\,(d_t + \lambda y_t)
-
-namely :math:`d_t`, the state it needs for it, and the scalars that
-parameterize the step (the interpolation weight :math:`\beta_t` and the
-learning rate :math:`\gamma_t`). It declares:
-
-* ``state_buffers(group)``: names of the parameter-sized buffers it keeps in
-  ``optimizer.state[p]`` besides the engine's ``z`` (and ``master``). The
-  engine creates them (``init_buffer``: zeros unless the direction says
-  otherwise, in ``buffer_dtype``) and hands them over by name in
-  :class:`Bucket`; it never spells one itself.
-* ``foreach(...)``: the direction for a :class:`Bucket` of tensors of one
-  device and dtype, with ``torch._foreach_*`` ops (the reference backend,
-  which every other backend must equal).
-* ``kernel(...)`` (optional): a :class:`KernelSpec` naming one of the
-  one-pass kernel families (:class:`Kind`) with its scalars and the buffers
-  that fill its slots. A direction without one runs foreach everywhere; with
-  ``fused=True`` the engine says so once.
-* ``beta(group, step)`` and ``lr(group, step, reduced)``: per-step schedule
-  hooks. :math:`\beta` may change with the step; the engine records the one
-  ``y`` was built with and recovers ``x`` with it.
-* ``reductions`` and ``reduce(...)``: global scalars over all parameters of
-  all groups, computed before the update (summed over groups, buckets and,
-  for sharded parameters, ranks) and passed to ``lr``, ``foreach`` and
-  ``kernel`` as ``reduced``. A sum over one group only uses the name
-  :func:`group_reduction` gives.
-* ``bucket_sums`` and ``reduce_sums(...)`` (optional): the same
-  contributions as ``reduce``, computed from generic sums over a bucket
-  (:class:`BucketSum`) that the CPU kernel takes in one pass over memory.
-* ``commit(group, step, reduced)``: per-group scalar state the direction
-  keeps in the group (Prodigy's ``d``), written once the group's step is done.
-* ``needs_full_param``: the direction must see whole matrices (an
-  orthogonalization), not shards or flattened views. With
-  ``gathers_shards`` it receives sharded (FSDP2) tensors and gathers the
-  whole matrices itself.
-* ``buffer_shape(...)``: a state buffer of another shape than its parameter
-  (NorMuon's per-row second moment).
-* ``weight_decay_at_y(...)``: how much of the group's weight decay the
-  engine applies at ``y`` (a direction that decays ``z`` itself returns 0).
-* ``delegates_move``: the base optimizer moves ``z`` itself (the wrapper);
-  see :class:`DelegatedDirection`.
-
-An optimizer may use a different direction per parameter group
-(:meth:`sfoptim.engine.ScheduleFreeOptimizer.direction_for`). Directions are
-stateless: hyperparameters live in the param group, tensors in the state.
+Required: :meth:`~Direction.beta` and :meth:`~Direction.foreach`. Optional:
+state (:meth:`~Direction.state_buffers`, :meth:`~Direction.new_buffer`), the
+learning rate (:meth:`~Direction.lr`, pure), global sums
+(:attr:`~Direction.reductions`, :meth:`~Direction.reduce`, and from the
+kernel's one-pass sums :meth:`~Direction.reduce_sums`), per-group scalar state
+(:meth:`~Direction.commit`), a one-pass kernel (:meth:`~Direction.kernel`, a
+:class:`~sfoptim.backends.abi.KernelSpec`), the decay at ``y``
+(:meth:`~Direction.weight_decay_at_y`) and the flags below. A base optimizer
+that moves ``z`` itself is a :class:`DelegatedDirection`. ``docs/design.md``
+draws the layers and gives a complete example. Directions are stateless:
+hyperparameters live in the param group, tensors in the optimizer's state.
 """
 
 from __future__ import annotations
@@ -60,7 +24,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
-from torch import Size, Tensor
+from torch import Tensor
 
 from ..backends.abi import KERNEL_SCALARS, KIND_SLOTS, Bucket, BucketSum, KernelSpec, Kind
 
@@ -133,10 +97,6 @@ class Direction:
         """Names of the parameter-sized state buffers besides ``z`` (zeros at creation)."""
         return ()
 
-    def buffer_shape(self, group: dict, name: str, shape: Size) -> Size:
-        """The shape of state buffer ``name`` for a parameter of ``shape`` (default: the same)."""
-        return shape
-
     def weight_decay_at_y(self, group: dict, lr: float, weight_decay: float) -> float:
         r"""The decay :math:`\lambda` the engine adds to the direction as :math:`\lambda y` this step.
 
@@ -148,17 +108,14 @@ class Direction:
         """
         return weight_decay
 
-    def buffer_dtype(self, group: dict, name: str, dtype: torch.dtype) -> torch.dtype:
-        """The dtype of state buffer ``name`` for a working copy of ``dtype`` (default: the same).
+    def new_buffer(self, group: dict, name: str, like: Tensor) -> Tensor:
+        """State buffer ``name`` at creation, for a parameter whose working copy is ``like`` (default: zeros like it).
 
-        The engine creates the buffer in it and keeps it there when a
-        checkpoint is loaded; ``foreach`` then receives it as it is.
+        Its shape and dtype are also what a checkpoint's buffer must have: the
+        engine creates one on the meta device to check a load against it, and
+        keeps a loaded buffer in its dtype.
         """
-        return dtype
-
-    def init_buffer(self, group: dict, name: str, like: Tensor) -> Tensor:
-        """State buffer ``name`` at creation, shaped like the working copy ``like`` (default: zeros)."""
-        return torch.zeros_like(like, dtype=self.buffer_dtype(group, name, like.dtype), memory_format=torch.preserve_format)
+        return torch.zeros_like(like, memory_format=torch.preserve_format)
 
     def reduce(self, group: dict, step: int, bucket: Bucket, beta: float) -> dict[str, Tensor]:
         """This bucket's contributions (0-d tensors) to each name in :attr:`reductions` for the 1-based ``step``.

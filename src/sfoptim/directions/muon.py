@@ -332,8 +332,12 @@ class MuonDirection(Direction):
         names: tuple[str, ...] = ("momentum_buffer",) if group["momentum"] > 0 else ()
         return (*names, "normuon_v") if group["normuon"] else names
 
-    def buffer_shape(self, group: dict, name: str, shape: Size) -> Size:
-        return Size((shape[0], 1)) if name == "normuon_v" else shape
+    def new_buffer(self, group: dict, name: str, like: Tensor) -> Tensor:
+        rows = Size((like.shape[0], 1))
+        if name != "normuon_v" or like.shape == rows:
+            return super().new_buffer(group, name, like)
+        # One number per row, whole on every rank, also for a shard.
+        return torch.zeros(rows, dtype=like.dtype, device=like.device)
 
     def foreach(self, group: dict, step: int, bucket: Bucket, reduced: Mapping[str, Tensor]) -> tuple[list[Tensor], bool]:
         mu = group["momentum"]

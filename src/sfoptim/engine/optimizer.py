@@ -442,13 +442,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             direction = self.direction_for(group)
             for name in names:
                 if name not in state:
-                    shape = direction.buffer_shape(group, name, p.shape)
-                    if shape == p.shape:
-                        state[name] = direction.init_buffer(group, name, src)
-                    else:
-                        # A smaller buffer (per row) is whole on every rank, also for a shard.
-                        dtype = direction.buffer_dtype(group, name, src.dtype)
-                        state[name] = torch.zeros(shape, dtype=dtype, device=src.device)
+                    state[name] = direction.new_buffer(group, name, src)
         return state
 
     def _buckets(self, group: dict, active: list[Tensor], names: tuple[str, ...]) -> list[Bucket]:

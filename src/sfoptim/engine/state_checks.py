@@ -166,6 +166,11 @@ def _expected_group(t: Target, saved: dict, current: dict) -> dict:
     return group
 
 
+def _new_buffer(direction: Any, group: dict, name: str, p: Tensor, dtype: torch.dtype) -> Tensor:
+    """The direction's buffer ``name`` for ``p`` with a working copy of ``dtype``, on the meta device (no memory)."""
+    return direction.new_buffer(group, name, torch.empty(p.shape, dtype=dtype, device="meta"))
+
+
 def _check_tensor(label: str, key: Any, value: Tensor, p: Tensor, shape: Any = None) -> None:
     where = f"state {key!r} of {label}"
     if value.shape != (p.shape if shape is None else shape):
@@ -213,7 +218,7 @@ def check_load(t: Target, state_dict: dict) -> bool:
                 if key in sized:
                     if not isinstance(value, Tensor):
                         raise ValueError(f"Invalid state_dict: state {key!r} of {label} is not a tensor")
-                    shape = direction.buffer_shape(expected, key, p.shape) if key in own else None
+                    shape = _new_buffer(direction, expected, key, p, p.dtype).shape if key in own else None
                     _check_tensor(label, key, value, p, shape)
     return True
 
@@ -239,6 +244,6 @@ def settle_load(t: Target, state_dict: dict, previous_groups: list[dict]) -> Non
                 work = p.dtype
             for key in sized & state.keys():
                 value = state[key]
-                want = direction.buffer_dtype(group, key, work) if key in own else work
+                want = _new_buffer(direction, group, key, p, work).dtype if key in own else work
                 if isinstance(value, Tensor) and value.dtype != want:
                     state[key] = value.to(dtype=want)
