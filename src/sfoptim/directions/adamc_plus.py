@@ -288,11 +288,10 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
         _validation.check_in_range("betas[1]", beta2, 0.0, 1.0, low_open=False, high_open=True)
         _validation.check_nonnegative("eps", group["eps"])
         _validation.check_in_range("polyak_beta", group["polyak_beta"], 0.0, 1.0, low_open=False, high_open=True)
-        annealing = _check_steps("sf_beta1_anneal_steps", group["sf_beta1_anneal_steps"]) > 0
+        annealing = _validation.check_steps("sf_beta1_anneal_steps", group["sf_beta1_anneal_steps"]) > 0
         # Annealing is linear in log(1 - beta), which needs beta < 1.
         for name in ("sf_beta1", "sf_beta1_max"):
             _validation.check_in_range(name, group[name], 0.0, 1.0, low_open=True, high_open=annealing)
-        _check_steps("c_warmup", group["c_warmup"])
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, loss: float | Tensor | None = None) -> Any:
@@ -362,12 +361,6 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
         if not math.isfinite(value):
             raise ValueError(f"Invalid loss: {value!r} (the Polyak step size needs a finite loss)")
         return value
-
-
-def _check_steps(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != int(value):
-        raise ValueError(f"Invalid {name}: {value!r} (must be a whole number of steps >= 0)")
-    return int(value)
 
 
 class AdamCScheduleFreePlusClosure(ClosureForm, AdamCScheduleFreePlus):

@@ -449,8 +449,8 @@ class MuonScheduleFree(ScheduleFreeOptimizer):
         adjusted_lr_ratio(group["adjust_lr_fn"], 1, 1)
         _validation.check_in_range("normuon_beta2", group["normuon_beta2"], 0.0, 1.0, low_open=False, high_open=True)
         horizon = group["beta_horizon"]
-        if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1):
-            raise ValueError(f"Invalid beta_horizon: {horizon!r} (expected None or a whole number of steps >= 1)")
+        if horizon is not None:
+            _validation.check_steps("beta_horizon", horizon, 1)
         _validation.check_nonnegative("beta_power", group["beta_power"])
         _validation.check_nonnegative("adamw_lr", group["adamw_lr"])
         _validation.check_in_range("adamw_beta2", group["adamw_beta2"], 0.0, 1.0, low_open=False, high_open=True)

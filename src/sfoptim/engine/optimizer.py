@@ -189,9 +189,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         if group.get(self.group_key("decoupling_c")) is not None:
             _validation.check_in_range("decoupling_c", group[self.group_key("decoupling_c")], 0.0, math.inf, low_open=True, high_open=True)
         if self.group_key("c_warmup") in group:
-            c_warmup = group[self.group_key("c_warmup")]
-            if isinstance(c_warmup, bool) or not isinstance(c_warmup, (int, float)) or c_warmup < 0 or c_warmup != int(c_warmup):
-                raise ValueError(f"Invalid c_warmup: {c_warmup!r} (must be a whole number of steps >= 0)")
+            _validation.check_steps("c_warmup", group[self.group_key("c_warmup")])
         # Weight-decay options (the default: decay at y, no AdamC correction).
         decay_at = group.get(self.group_key("decay_at"), "y")
         if decay_at not in ("y", "z"):
@@ -556,12 +554,8 @@ class ClosureForm:
     The step itself is the engine's: only where the parameters rest differs.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        for group in self.param_groups:  # type: ignore[attr-defined]
-            group[self.group_key("train_mode")] = False  # type: ignore[attr-defined]
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # Also during construction: every group starts with its parameters at x.
         super().add_param_group(param_group)  # type: ignore[misc]
         self.param_groups[-1][self.group_key("train_mode")] = False  # type: ignore[attr-defined]
 
