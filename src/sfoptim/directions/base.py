@@ -77,8 +77,6 @@ class Direction:
     #: The interpolation weight depends on the step: the engine records the
     #: one each ``y`` was built with (costs one group key).
     varying_beta: ClassVar[bool] = False
-    #: The base optimizer moves ``z`` itself (:class:`DelegatedDirection`).
-    delegates_move: ClassVar[bool] = False
     #: Generic bucket sums from which :meth:`reduce_sums` gives what
     #: :meth:`reduce` gives. Where a bucket may take the CPU kernel, the engine
     #: computes them there in one pass and calls :meth:`reduce_sums`;
@@ -168,8 +166,6 @@ class DelegatedDirection(Direction):
     the move, since the base optimizer may change it while stepping
     (D-Adaptation's ``d``).
     """
-
-    delegates_move = True
 
     def move(self, plans: list[Any], reduced: Mapping[str, Tensor]) -> None:
         """Moves ``z`` of the active parameters of ``plans`` (:class:`sfoptim.engine.step.GroupStep`).

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from .. import _validation, precision
 from ..backends.abi import Bucket
-from ..directions.base import Direction
+from ..directions.base import DelegatedDirection, Direction
 from . import state_checks
 from . import step as _step
 from .step import GroupStep, real
@@ -172,10 +172,6 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
     def direction_for(self, group: dict) -> Direction:
         """The base direction of ``group`` (override to choose one per group)."""
         return self.direction
-
-    def _state_buffers(self, group: dict) -> tuple[str, ...]:
-        """Names of the group's state buffers besides ``z`` and ``master`` (its direction's)."""
-        return self.direction_for(group).state_buffers(group)
 
     def _validate_group(self, group: dict) -> None:
         if self.option(group, "fused") and self.option(group, "foreach"):
@@ -356,7 +352,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         for p in plans:
             group = p.group
             p.fused, p.foreach = self.option(group, "fused"), self.option(group, "foreach")
-            if p.direction.delegates_move:
+            if isinstance(p.direction, DelegatedDirection):
                 p.states = [self.state[q] for q in p.active]
                 continue
             if p.active:

@@ -29,7 +29,7 @@ from torch import Tensor
 from .. import precision
 from ..backends import dispatch
 from ..backends.abi import Bucket
-from ..directions.base import Direction
+from ..directions.base import DelegatedDirection, Direction
 from .schedule import AveragingStep, averaging_step, decay_coefficient, interpolation_step, refined_coefficient
 
 _dynamo_callback: Callable[[], object] | None
@@ -145,14 +145,14 @@ def _run(plans: list[GroupStep], calls: list[dispatch.TracedCall] | None) -> Non
     packed updates, once every check that can refuse the step has run).
     """
     reduced = reduce(plans)
-    movers = {id(p.direction): p.direction for p in plans if p.direction.delegates_move}
+    movers = {id(p.direction): p.direction for p in plans if isinstance(p.direction, DelegatedDirection)}
     for mover in movers.values():
-        mover.move([p for p in plans if p.direction is mover], reduced)  # type: ignore[attr-defined]
+        mover.move([p for p in plans if p.direction is mover], reduced)
     for p in plans:
         group, direction = p.group, p.direction
         sched = _schedule(p, direction.lr(group, p.step, reduced))
-        if direction.delegates_move:
-            direction.finish(p, sched.ckp1)  # type: ignore[attr-defined]
+        if isinstance(direction, DelegatedDirection):
+            direction.finish(p, sched.ckp1)
         elif p.buckets:
             ckp1, beta = interpolation_step(sched.ckp1, p.beta_prev, p.beta)
             decay = decay_coefficient(
