@@ -14,12 +14,12 @@ nothing from sfoptim.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
-from typing import NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple, Protocol
 
 from torch import Tensor
 
-__all__ = ["ABI_VERSION", "KERNEL_SCALARS", "KIND_SLOTS", "Bucket", "BucketSum", "KernelSpec", "Kind"]
+__all__ = ["ABI_VERSION", "KERNEL_SCALARS", "KIND_SLOTS", "Bucket", "BucketSum", "DirectionHooks", "KernelSpec", "Kind"]
 
 #: The version of the C kernel's entry points (``sf_abi_version``); a cached
 #: library that reports another is not used.
@@ -95,6 +95,21 @@ class KernelSpec(NamedTuple):
     kind: Kind
     buffers: tuple[str, ...] = ()
     scalars: Mapping[str, float] = {}
+
+
+class DirectionHooks(Protocol):
+    """What the backends call on a direction (:class:`sfoptim.directions.base.Direction` has them all)."""
+
+    @property
+    def bucket_sums(self) -> Sequence[BucketSum]: ...
+
+    def foreach(self, group: dict, step: int, bucket: Bucket, reduced: Mapping[str, Tensor]) -> tuple[list[Tensor], bool]: ...
+
+    def kernel(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> KernelSpec | None: ...
+
+    def reduce(self, group: dict, step: int, bucket: Bucket, beta: float) -> dict[str, Tensor]: ...
+
+    def reduce_sums(self, group: dict, step: int, beta: float, sums: Mapping[BucketSum, Tensor]) -> dict[str, Tensor]: ...
 
 
 def build_defines() -> tuple[str, ...]:

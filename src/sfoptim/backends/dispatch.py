@@ -39,9 +39,7 @@ from torch import Tensor
 
 from . import compiled, cpu_kernel, foreach
 from .abi import KERNEL_SCALARS, Bucket, Kind
-
-#: A direction (:class:`sfoptim.directions.base.Direction`); backends call its hooks only.
-Direction = Any
+from .abi import DirectionHooks as Direction
 
 __all__ = ["BucketStep", "KernelCall", "TracedCall", "prepare", "reduce", "run", "traced", "traced_update", "wrap_after", "wrap_before"]
 

@@ -9,15 +9,12 @@ backend is the same code called with one tensor per list.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from .abi import Bucket
-
-#: A direction (:class:`sfoptim.directions.base.Direction`); backends call its hooks only.
-Direction = Any
+from .abi import DirectionHooks as Direction
 
 __all__ = ["interpolate_and_step", "step", "split", "wrap_after", "wrap_before"]
 
