@@ -20,13 +20,13 @@ Methods (--methods; default: every one whose optimizer is installed):
   prodigyplus   prodigy-plus-schedule-free's ProdigyPlusScheduleFree, defaults
   sf-plus       sfoptim.AdamCScheduleFreePlus (ScheduleFree+), defaults (lr 1.0)
   muon-sf       sfoptim.MuonScheduleFree, defaults
-  muon-sf-adamw-lr
-                sfoptim.MuonScheduleFree, the lr of its AdamW part (embeddings,
-                head, norms, biases) chosen once over --sf-lr, the rest defaults
+  muon-sf-rising-beta
+                sfoptim.MuonScheduleFree with AMUSE's interpolation weight rising
+                after step 200 (beta_horizon=200), the rest defaults
   prodigy-sf    sfoptim.ProdigyScheduleFree, defaults (lr 1.0)
-  prodigy-sf-lr-weighted
-                sfoptim.ProdigyScheduleFree averaging with weights lr_max**2
-                (r=0, weight_lr_power=2, as schedule-free AdamW), nothing tuned
+  prodigy-sf-algoperf
+                sfoptim.ProdigyScheduleFree in the AlgoPerf submission's form
+                (averaging="algoperf", betas=(0.9, 0.9955), d_growth=None)
 
 The text is read from the running interpreter's standard library (the directory
 of ``os.__file__``); nothing is downloaded or shipped.  Every batch is new data

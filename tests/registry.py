@@ -49,6 +49,8 @@ class OptimizerInfo:
         tolerance: relative agreement with the reference in float64.
         invalid: ``(argument, value)`` pairs that must raise ValueError naming the argument.
         needs_loss: the step takes the loss (ScheduleFree+'s Polyak step size).
+        starts_in_eval: the class starts in eval mode, as the authors' class it
+            follows does; ``make`` calls ``train()`` so every check starts alike.
         fused_kernel: its direction has a one-pass kernel (the C kernel on CPU), so ``fused=True`` changes the backend.
         distributed: run by the DDP and FSDP2 tests against a single process.
         compile: run by the ``torch.compile`` tests.
@@ -68,6 +70,7 @@ class OptimizerInfo:
     invalid: tuple[tuple[str, Any], ...] = ()
     #: ``step()`` needs the loss (``step(loss=...)``, or a closure that returns it).
     needs_loss: bool = False
+    starts_in_eval: bool = False
     fused_kernel: bool = False
     distributed: bool = False
     compile: bool = False
@@ -84,7 +87,8 @@ class OptimizerInfo:
 
     def make(self, params: list[torch.Tensor], **overrides: Any) -> Any:
         first = self.base(params) if self.base is not None else params
-        return self.cls(first, **{**self.kwargs, **overrides})
+        opt = self.cls(first, **{**self.kwargs, **overrides})
+        return opt.train() if self.starts_in_eval else opt
 
     def make_reference(self, params: list[torch.Tensor], **overrides: Any) -> Any:
         assert self.reference is not None
@@ -146,6 +150,10 @@ PRODIGY_KW = dict(d0=1e-3, betas=(0.9, 0.99), warmup_steps=3, weight_decay=0.01)
 PRODIGY_SPLIT_KW = dict(d0=1e-4, split_groups=True, r=0.0, weight_lr_power=1.0, d_coef=0.5)
 WRAPPER_KW = dict(momentum=0.8, weight_decay_at_y=0.01, r=1.0)
 PLUS_KW = dict(weight_decay=2.0, polyak_beta=0.9, c_warmup=3, sf_beta1_anneal_steps=10, r=1.0, betas=(0.8, 0.99))
+#: The production class with every guard rail set (the cap and the estimate of f* bind on the generic problem).
+PLUS_GUARDED_KW = dict(
+    PLUS_KW, warmup_steps=4, lr_cap=0.05, growth_limit=1.1, loss_beta=0.5, f_star=0.1, estimate_f_star=True
+)  # fmt: skip
 PLUS_INVALID = (
     *COMMON_INVALID,
     ("betas", (1.0, 0.95)),
@@ -158,6 +166,13 @@ PLUS_INVALID = (
     ("c_warmup", -1),
     ("c_warmup", 2.5),
     ("sf_beta1_anneal_steps", -3),
+    ("warmup_steps", -1),
+    ("warmup_steps", 2.5),
+    ("lr_cap", 0.0),
+    ("growth_limit", 0.5),
+    ("loss_beta", 1.0),
+    ("f_star", float("nan")),
+    ("estimate_f_star", "yes"),
 )
 
 # Newton-Schulz in the parameters' dtype, so that float64 runs are exact against the reference.
@@ -206,9 +221,9 @@ OPTIMIZERS: list[OptimizerInfo] = [
     OptimizerInfo("wrapper_adam", sfoptim.ScheduleFreeWrapper, WRAPPER_KW, sfoptim.ScheduleFreeWrapperReference, base=_adam, flags=frozenset({"fused"}), distributed=True, compile=True, fused_kernel=True),
     OptimizerInfo("wrapper_rmsprop", sfoptim.ScheduleFreeWrapper, WRAPPER_KW, sfoptim.ScheduleFreeWrapperReference, base=_rmsprop, flags=frozenset({"fused"}), fused_kernel=True),
     # ScheduleFree+ (the step takes the loss), against our reference form.
-    OptimizerInfo("adamc_plus", sfoptim.AdamCScheduleFreePlus, PLUS_KW, sfoptim.AdamCScheduleFreePlusReference, flags=FAST, invalid=PLUS_INVALID, needs_loss=True, fused_kernel=True),
-    OptimizerInfo("adamc_plus_closure", sfoptim.AdamCScheduleFreePlusClosure, PLUS_KW, sfoptim.AdamCScheduleFreePlusReference, closure=True, flags=FAST, needs_loss=True, fused_kernel=True),
-    OptimizerInfo("adamc_plus_paper", sfoptim.AdamCScheduleFreePlusPaper, PLUS_KW, sfoptim.AdamCScheduleFreePlusReference, flags=FAST, needs_loss=True, fused_kernel=True),
+    OptimizerInfo("adamc_plus", sfoptim.AdamCScheduleFreePlus, PLUS_GUARDED_KW, sfoptim.AdamCScheduleFreePlusReference, reference_kwargs={**PLUS_GUARDED_KW, "guards": True}, flags=FAST, invalid=PLUS_INVALID, needs_loss=True, fused_kernel=True),
+    OptimizerInfo("adamc_plus_closure", sfoptim.AdamCScheduleFreePlusClosure, PLUS_GUARDED_KW, sfoptim.AdamCScheduleFreePlusReference, reference_kwargs={**PLUS_GUARDED_KW, "guards": True}, closure=True, flags=FAST, needs_loss=True, fused_kernel=True),
+    OptimizerInfo("adamc_plus_paper", sfoptim.AdamCScheduleFreePlusPaper, PLUS_KW, sfoptim.AdamCScheduleFreePlusReference, flags=FAST, needs_loss=True, starts_in_eval=True, fused_kernel=True),
     # Our reference forms, against the published package (RAdam against its fast form: it has no reference).
     OptimizerInfo("sgd_reference", sfoptim.SGDScheduleFreeReference, SGD_KW, _published("SGDScheduleFreeReference"), tolerance=1e-12, invalid=SGD_INVALID),
     OptimizerInfo("adamw_reference", sfoptim.AdamWScheduleFreeReference, {**ADAMW_KW, "decay_at_z": True}, _published("AdamWScheduleFreeReference"), tolerance=1e-12, invalid=ADAMW_INVALID, distributed=True),

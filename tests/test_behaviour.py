@@ -408,3 +408,70 @@ def test_wrapper_shares_param_groups_with_base() -> None:
     opt.add_param_group({"params": [extra], "lr": 0.3})
     assert base.param_groups is opt.param_groups and len(base.param_groups) == 2
     assert base.param_groups[1]["sf_momentum"] == 0.9 and base.param_groups[1]["momentum"] == 0
+
+
+# ---------------------------------------------------- names a user can act on
+OPTIMIZER_CLASSES = [
+    getattr(sfoptim, n) for n in sfoptim.__all__
+    if isinstance(getattr(sfoptim, n), type) and issubclass(getattr(sfoptim, n), torch.optim.Optimizer)
+    and n != "ScheduleFreeOptimizer"
+]  # fmt: skip
+
+
+def test_only_classes_the_published_package_has_point_to_it() -> None:
+    from sfoptim.engine.state_checks import PUBLISHED_CLASSES
+
+    schedulefree = pytest.importorskip("schedulefree")
+    published = {n for n in dir(schedulefree) if isinstance(getattr(schedulefree, n), type)}
+    assert published == PUBLISHED_CLASSES
+    for cls in OPTIMIZER_CLASSES:
+        if cls.__name__ not in published:
+            doc = cls.__doc__ or ""
+            assert "published package" not in doc and "same name" not in doc, cls.__name__
+
+
+@pytest.mark.parametrize("cls", [sfoptim.ProdigyScheduleFree, sfoptim.MuonScheduleFree])
+def test_fused_true_without_a_kernel_names_the_optimizer_class(cls: type) -> None:
+    from sfoptim.backends import dispatch
+
+    dispatch._no_kernel_warned.discard(cls.__name__)
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    opt = cls([p], fused=True)
+    p.grad = torch.ones(4, 3)
+    with pytest.warns(RuntimeWarning, match=f"{cls.__name__} has no fused kernel") as caught:
+        opt.step()
+    assert not any("Direction" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize(
+    "cls", [sfoptim.AdamWScheduleFree, sfoptim.MuonScheduleFree, sfoptim.ProdigyScheduleFreeClosure, sfoptim.SGDScheduleFreeReference]
+)
+def test_a_spent_parameter_generator_is_explained(cls: type) -> None:
+    model = make_model()
+    params = model.parameters()
+    sfoptim.AdamWScheduleFree(params)  # consumes the generator
+    with pytest.raises(ValueError, match=r"parameter iterable is empty.*generator like model\.parameters\(\) can be consumed only once"):
+        cls(params)
+
+
+def test_a_checkpoint_of_another_class_or_layout_is_explained_and_changes_nothing() -> None:
+    model = make_model()
+    adamw = sfoptim.AdamWScheduleFree(model.parameters(), lr=0.01)
+    train_steps(model, adamw, make_batches(2))
+    saved = adamw.state_dict()
+    n = len(list(model.parameters()))
+
+    muon = sfoptim.MuonScheduleFree(model.named_parameters())
+    train_steps(model, muon, make_batches(1))
+    before = copy.deepcopy(muon.state_dict())
+    with pytest.raises(ValueError, match=rf"it holds 1 parameter group of {n} parameters, but this MuonScheduleFree has 2 parameter groups") as caught:
+        muon.load_state_dict(saved)
+    assert "saved by AdamWScheduleFree" in str(caught.value)
+    after = muon.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert all(torch.equal(after["state"][i][k], v) for i, s in before["state"].items() for k, v in s.items())
+
+    regrouped = sfoptim.AdamWScheduleFree(two_groups(model))
+    with pytest.raises(ValueError, match=r"same parameters in the same groups") as caught:
+        regrouped.load_state_dict(saved)
+    assert f"1 parameter group of {n} parameters" in str(caught.value) and "2 parameter groups" in str(caught.value)

@@ -1,6 +1,7 @@
 """Tiny-size smoke runs of the benchmark scripts: they start, finish and write
 their tables.  The measured runs live in docs/results.md, not here."""
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -92,3 +93,45 @@ def test_precision_smoke(tmp_path):
         assert got[0]["ratio"] == 1.0
         assert all(r["loss"] > 0 and r["ratio"] > 0 for r in got)
     assert "vs float32" in (tmp_path / "results.md").read_text()
+
+
+def test_digits_convnet_smoke(tmp_path):
+    pytest.importorskip("sklearn")
+    methods = ["sf-adamw", "adamw-cosine", "muon-sf"]
+    _load("convnet_digits").main(["--steps", "16", "--seeds", "1", "--lrs", "0.004", "--weight-decays", "0.1",
+                                  "--methods", *methods, "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert [r["steps"] for r in result["rows"]] == [2, 4, 8, 16]
+    assert list(result["methods"]) == methods
+    assert all(0.0 <= r[m]["acc"][0] <= 1.0 for r in result["rows"] for m in methods)
+    assert "Tuning budget" in (tmp_path / "results.md").read_text()
+
+
+def test_digits_convnet_evaluates_schedule_free_runs_with_batchnorm_statistics_at_x():
+    pytest.importorskip("sklearn")
+    import torch
+
+    from sfoptim.experiments import compare, digits_convnet
+
+    cfg = digits_convnet.DigitsConfig(steps=12, seeds=(0,), width=4)
+    data = digits_convnet.TASK.load(800)
+    method = digits_convnet.methods(cfg)["sf-adamw"]
+    seen = {}
+
+    def build(model, config):
+        seen["model"], seen["opt"] = model, method.build(model, config)
+        return seen["opt"]
+
+    recording = dataclasses.replace(method, build=build)
+    compare.train_method(digits_convnet.TASK, data, cfg, 0, recording, {"lr": 0.01, "weight_decay": 0.0}, 12, [12])
+    model, opt = seen["model"], seen["opt"]
+    # The run left the model at y; the statistics it was evaluated with are those of x on training batches.
+    opt.eval()
+    bn = model.bn3
+    saved = bn.running_mean.clone()
+    xtr = data[0]
+    order = compare.batch_order(len(xtr), 12, cfg.batch_size, 0)
+    from sfoptim import recalibrate_batchnorm
+
+    recalibrate_batchnorm(model, (xtr[i] for i in order.flip(0)), num_batches=20)
+    torch.testing.assert_close(bn.running_mean, saved)

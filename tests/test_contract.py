@@ -181,12 +181,12 @@ def test_each_group_may_have_its_own_direction() -> None:
 
 
 def test_fused_true_without_a_kernel_warns_once_and_runs_foreach() -> None:
-    dispatch._no_kernel_warned.discard("GlobalNormSGD")
+    dispatch._no_kernel_warned.discard("PerGroup")
     p = nn.Parameter(torch.randn(8))
     q = nn.Parameter(p.detach().clone())
     fused = PerGroup([{"params": [p], "direction": "norm"}], fused=True)
     plain = PerGroup([{"params": [q], "direction": "norm"}], fused=False)
-    with pytest.warns(RuntimeWarning, match="GlobalNormSGD has no fused kernel"):
+    with pytest.warns(RuntimeWarning, match="PerGroup has no fused kernel"):
         p.grad = torch.ones(8)
         fused.step()
     with warnings.catch_warnings():

@@ -36,6 +36,8 @@ def test_demo_quick_writes_finite_results(tmp_path):
     assert "training" not in proc.stderr and "\r" not in proc.stderr, proc.stderr[-500:]
     wide = [line for line in proc.stdout.splitlines() if len(line) > 100]
     assert not wide, wide
+    assert "±" not in proc.stdout  # one seed: no spread to show
+    assert proc.stdout.splitlines()[-1].startswith("took ") and "s wall from start-up to the files written" in proc.stdout
 
     result = json.loads((out / "results.json").read_text())
     rows = result["rows"]
@@ -161,3 +163,64 @@ def test_schedules_warm_up_and_end_at_zero():
         assert schedule_factor(kind, 99, 100, 10) == pytest.approx(0.0)
         vals = [schedule_factor(kind, s, 100, 10) for s in range(9, 100)]
         assert all(x >= y for x, y in zip(vals, vals[1:]))
+
+
+def _result(seeds, plus_losses):
+    """A demo result of two one-run methods and a tuned schedule, with ScheduleFree+'s loss curve given."""
+    steps, hs = [10, 20, 40, 80], [10, 20, 40, 80]
+    curves = {
+        "sf-adamw": {"steps": steps, "loss": [[2.0, 1.0, 0.5, 0.25]] * len(seeds), "acc": [[0.3, 0.5, 0.6, 0.7]] * len(seeds)},
+        "plus": {"steps": steps, "loss": [plus_losses] * len(seeds), "acc": [[0.2, 0.1, 0.1, 0.1]] * len(seeds)},
+    }
+    methods = {
+        "sf-adamw": {"label": "SF AdamW", "tuning": "2 configs", "schedule": None},
+        "plus": {"label": "ScheduleFree+", "tuning": "defaults", "schedule": None},
+        "adamw-cosine": {"label": "AdamW + cosine", "tuning": "2 configs", "schedule": "cosine"},
+    }
+    rows = []
+    for j, h in enumerate(hs):
+        row = {"steps": h}
+        for name in ("sf-adamw", "plus"):
+            row[name] = {"loss": (curves[name]["loss"][0][j], 0.01), "acc": (curves[name]["acc"][0][j], 0.01),
+                         "config": {}, "on_grid_edge": []}
+        row["adamw-cosine"] = {"loss": (1.5 - 0.3 * j, 0.01), "acc": (0.3 + 0.1 * j, 0.01), "config": {"lr": 0.01},
+                               "on_grid_edge": []}
+        rows.append(row)
+    return {"config": {"seeds": list(seeds)}, "methods": methods, "rows": rows, "curves": curves}
+
+
+@pytest.mark.parametrize("seeds", [(0,), (0, 1)], ids=["one_seed", "two_seeds"])
+def test_tables_show_a_spread_only_over_several_seeds(seeds):
+    from sfoptim.demo import format_table
+
+    for markdown in (False, True):
+        table = format_table(_result(seeds, [2.0, 1.5, 1.2, 1.0]), markdown=markdown)
+        assert ("±" in table) == (len(seeds) > 1), table
+        assert ("1 seed" in table) == (len(seeds) == 1), table
+
+
+def test_plot_keeps_the_legend_off_the_panels_and_a_diverging_run_off_the_loss_scale():
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sfoptim.demo import frontier_figure
+
+    fig = frontier_figure(_result((0,), [2.3, 160.0, 3.0, 6.0e4]))
+    try:
+        ax_acc, ax_loss = fig.axes
+        assert ax_acc.get_legend() is None and ax_loss.get_legend() is None and len(fig.legends) == 1
+        labels = [t.get_text() for t in fig.legends[0].get_texts()]
+        assert "ScheduleFree+, one run (diverges)" in labels and "SF AdamW, one run" in labels
+        low, high = ax_loss.get_ylim()
+        assert 0.1 <= low <= 0.25 and 2.0 <= high <= 10.0, (low, high)  # the range of the runs that converge
+        assert any("ScheduleFree+ diverges" in t.get_text() for t in ax_loss.texts)
+    finally:
+        plt.close(fig)
+    fig = frontier_figure(_result((0,), [2.0, 1.5, 1.2, 1.0]))
+    try:
+        assert not any("diverges" in t.get_text() for t in fig.legends[0].get_texts())
+    finally:
+        plt.close(fig)

@@ -51,6 +51,17 @@ def test_smallest_training_loop_example():
     assert len(mse) == 2 and mse[-1] < 0.4  # the target's variance is ~0.45
 
 
+def test_readme_training_loop_runs_and_learns():
+    """The first ```python block of the README, the loop a new user copies, as it stands."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    proc = subprocess.run([sys.executable, "-c", "import torch; torch.manual_seed(0)\n" + block],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [float(line.split("loss")[1]) for line in proc.stdout.splitlines()]
+    assert len(losses) == 5 and losses[-1] < 0.5 * losses[0], proc.stdout
+
+
 # FSDP2 and its DCP checkpoints are covered in-process by tests/test_distributed.py;
 # running the example end to end costs 40 s, so it is in the slow set.
 @pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])

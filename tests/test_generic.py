@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 from registry import F64, OPTIMIZERS, OptimizerInfo
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import sfoptim
 
@@ -118,6 +119,75 @@ def test_state_dict_round_trip_resumes_bit_identically(info: OptimizerInfo, save
     resumed_opt.eval()
     for p, q in zip(params, resumed):
         assert torch.equal(p, q)
+
+
+def assert_same(loaded: Any, saved: Any, where: str = "state_dict") -> None:
+    """Deep equality of two state dicts: same keys, same types, tensors equal in dtype, shape and value."""
+    assert type(loaded) is type(saved), f"{where}: {type(loaded).__name__} != {type(saved).__name__}"
+    if isinstance(saved, dict):
+        assert loaded.keys() == saved.keys(), f"{where}: keys {sorted(map(str, loaded))} != {sorted(map(str, saved))}"
+        for key in saved:
+            assert_same(loaded[key], saved[key], f"{where}[{key!r}]")
+    elif isinstance(saved, (list, tuple)):
+        assert len(loaded) == len(saved), f"{where}: length {len(loaded)} != {len(saved)}"
+        for i, (a, b) in enumerate(zip(loaded, saved)):
+            assert_same(a, b, f"{where}[{i}]")
+    elif torch.is_tensor(saved):
+        assert loaded.dtype == saved.dtype and torch.equal(loaded, saved), f"{where}: tensors differ"
+    else:
+        assert loaded == saved, f"{where}: {loaded!r} != {saved!r}"
+
+
+@pytest.mark.parametrize("save_in_eval", [False, True], ids=["saved_in_train", "saved_in_eval"])
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids)
+def test_state_dict_after_a_load_is_the_loaded_state_dict(info: OptimizerInfo, save_in_eval: bool) -> None:
+    """``state_dict()`` after ``load_state_dict(sd)`` equals ``sd``: save, load, save gives the same dict."""
+    params = make_params()
+    opt = info.make(params)
+    for step in range(3):
+        take_step(info, opt, params, step)
+    if save_in_eval:
+        with quiet():
+            opt.eval()
+    saved = copy.deepcopy(opt.state_dict())
+    resumed = info.make(make_params(seed=7))
+    for _ in range(2):  # a second load into the same optimizer too
+        resumed.load_state_dict(copy.deepcopy(saved))
+        assert_same(resumed.state_dict(), saved)
+
+
+# ---------------------------------------------------------------- step hooks
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids)
+def test_step_hooks_run_once_per_step_whichever_classes_exist(info: OptimizerInfo) -> None:
+    """Per-optimizer and global step hooks run once per step, in torch's order.
+
+    ``torch.optim`` wraps the ``step`` of each class with the hooks when the
+    class is first constructed; a form whose ``step`` went through a parent
+    class's ``step`` would run them twice once both classes exist. Building
+    every registered class first makes that the case whatever ran before.
+    """
+    for other in OPTIMIZERS:
+        other.make(make_params())
+    params = make_params()
+    opt = info.make(params)
+    calls: list[str] = []
+
+    def record(name: str) -> Any:
+        return lambda o, args, kwargs: calls.append(name) if o is opt else None
+
+    handles = [
+        opt.register_step_pre_hook(record("pre")),
+        opt.register_step_post_hook(record("post")),
+        register_optimizer_step_pre_hook(record("global pre")),
+        register_optimizer_step_post_hook(record("global post")),
+    ]
+    try:
+        for step in range(2):
+            take_step(info, opt, params, step)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == ["global pre", "pre", "post", "global post"] * 2
 
 
 # --------------------------------------------------------------------- modes

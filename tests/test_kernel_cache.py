@@ -422,3 +422,36 @@ def test_concurrent_first_builds_share_one_library(tmp_path, monkeypatch):
     (lib,) = cache.glob("*.so")
     assert _is_verified_build(lib)
     assert [p.name for p in cache.iterdir() if p.name.startswith("tmp")] == []
+
+
+def test_an_edited_kernel_source_gets_its_own_cache_entry(tmp_path, monkeypatch):
+    """The cache key covers the C source: a library built from other source bytes is never reused.
+
+    A copy with the same bytes finds the cached library; a copy with one
+    comment added is built anew under another key (an upgrade that changes the
+    kernel must not load the previous version's library from the cache).
+    """
+    from sfoptim.backends import kernel_cache as _kernel_cache
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SFOPTIM_CACHE_DIR", str(cache))
+    source = _fused_cpu._SOURCE.read_bytes()
+    same, edited = tmp_path / "same" / "cpu_kernel.c", tmp_path / "edited" / "cpu_kernel.c"
+    for path, text in ((same, source), (edited, source + b"/* edited */\n")):
+        path.parent.mkdir()
+        path.write_bytes(text)
+
+    def load(path: Path) -> tuple[bool, str]:
+        loaded = _kernel_cache.load(path, _fused_cpu._FLAGS, _fused_cpu._LIBS)
+        assert loaded.lib.sf_abi_version() == ABI_VERSION
+        return loaded.built, Path(loaded.path).name
+
+    built, original = load(_fused_cpu._SOURCE)
+    assert built
+    assert load(same) == (False, original)
+    built, changed = load(edited)
+    assert built, "a library built from other source bytes was taken from the cache"
+    key_of = lambda name: name.removeprefix("sfoptim_fused_").split("_")[0]  # noqa: E731
+    assert key_of(changed) != key_of(original)
+    assert load(edited) == (False, changed)
+    assert sorted(p.name for p in cache.glob("*.so")) == sorted([original, changed])

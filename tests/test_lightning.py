@@ -141,6 +141,22 @@ def test_validation_checkpoints_and_resume(tmp_path):
     assert trainer2.callback_metrics["val_loss"].item() == pytest.approx(val_loss, rel=1e-4)
 
 
+def test_module_holds_x_after_fit_without_validation(tmp_path):
+    """No validation run ends the fit here, so only the end-of-fit switch can leave the module at x."""
+    train_loader, _ = loaders()
+    pl.seed_everything(0)
+    module = Regressor()
+    trainer = make_trainer(tmp_path, 2, [ScheduleFreeCallback()])
+    trainer.fit(module, train_loader)
+    opt = trainer.optimizers[0]
+    x = opt.eval_params()
+    assert not opt.train_mode
+    for p, x_p in zip(module.parameters(), x):
+        assert torch.equal(p, x_p)
+    opt.train()  # y, where training left the parameters, is elsewhere
+    assert any(not torch.equal(p, x_p) for p, x_p in zip(module.parameters(), x))
+
+
 def test_without_the_callback_validation_sees_y(tmp_path):
     """The failure the callback prevents: without it, validation runs at y."""
     train_loader, val_loader = loaders()

@@ -38,7 +38,7 @@ def test_newton_schulz_is_torch_muons_bit_for_bit(shape):
 @pytest.mark.parametrize(
     "options",
     [dict(), dict(nesterov=False), dict(adjust_lr_fn="match_rms_adamw"), dict(momentum=0.8, weight_decay=0.1)],
-    ids=["default", "no_nesterov", "match_rms_adamw", "momentum_decay"],
+    ids=["original", "no_nesterov", "match_rms_adamw", "momentum_decay"],
 )
 def test_z_follows_torch_muon_step_for_step(options):
     """With weight decay at z, z moves exactly as torch.optim.Muon moves its parameters (bf16 Newton-Schulz)."""
@@ -46,8 +46,8 @@ def test_z_follows_torch_muon_step_for_step(options):
     start = fixed_grads(shapes, -1, F32)
     ours = [nn.Parameter(t.clone()) for t in start]
     theirs = [nn.Parameter(t.clone()) for t in start]
-    kw = {"lr": 0.03, "momentum": 0.95, "weight_decay": 0.0, **options}
-    opt = sfoptim.MuonScheduleFree(ours, decay_at="z", ns_dtype=torch.bfloat16, **kw)
+    kw = {"lr": 0.03, "momentum": 0.95, "weight_decay": 0.0, "adjust_lr_fn": None, **options}
+    opt = sfoptim.MuonScheduleFree(ours, decay_at="z", ns_dtype=torch.bfloat16, warmup_steps=0, **kw)
     muon = torch.optim.Muon(theirs, **kw)
     for step in range(10):
         for p, q, g in zip(ours, theirs, fixed_grads(shapes, step, F32)):
@@ -112,13 +112,87 @@ def test_split_by_shape_and_name():
     assert [len(g["params"]) for g in ref.param_groups] == [2, 6]
 
 
+class Gpt(nn.Module):
+    """Embeddings and a head under names the split must not need: ``tok``, ``pos``, ``fc``."""
+
+    def __init__(self, tied: bool = False) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(11, 6)
+        self.pos = nn.Parameter(torch.zeros(5, 6))
+        self.attn = nn.ModuleDict({"qkv": nn.Linear(6, 18), "output": nn.ModuleDict({"dense": nn.Linear(6, 6)})})
+        self.fc = nn.Linear(6, 11, bias=False)
+        if tied:
+            self.fc.weight = self.tok.weight
+
+
+def _split(opt) -> dict[bool, list[str]]:
+    return {g["use_muon"]: g["param_names"] for g in opt.param_groups}
+
+
+def test_split_by_module_type_when_the_model_is_given(caplog):
+    """Given the model: nn.Embedding by type, a learned pos by name, the last Linear named fc as the head."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="sfoptim.directions.muon"):
+        opt = sfoptim.MuonScheduleFree(Gpt())
+    assert _split(opt)[True] == ["attn.qkv.weight", "attn.output.dense.weight"]
+    assert set(_split(opt)[False]) == {"tok.weight", "pos", "attn.qkv.bias", "attn.output.dense.bias", "fc.weight"}
+    assert len(caplog.records) == 1
+    assert "2 matrices to Muon; to AdamW: embeddings ['pos', 'tok.weight'], heads ['fc.weight']" in caplog.text
+    tied = sfoptim.MuonScheduleFree(Gpt(tied=True))
+    assert _split(tied)[True] == ["attn.qkv.weight", "attn.output.dense.weight"]
+    assert "tok.weight" in _split(tied)[False]
+    ref = sfoptim.MuonScheduleFreeReference(Gpt())
+    assert [len(g["params"]) for g in ref.param_groups] == [2, 5]
+
+
+@pytest.mark.parametrize("name", ["emb.weight", "tok_emb.weight", "pos", "transformer.wpe.weight", "pos_embed",
+                                  "encoder.embed_tokens.weight", "output.weight", "lm_head.weight", "head.fc.weight"])  # fmt: skip
+def test_named_embeddings_and_heads_go_to_adamw(name):
+    p = nn.Parameter(torch.zeros(4, 3))
+    opt = sfoptim.MuonScheduleFree([(name, p), ("blocks.0.mlp.weight", nn.Parameter(torch.zeros(3, 3)))])
+    assert _split(opt) == {True: ["blocks.0.mlp.weight"], False: [name]}
+
+
+def test_bare_parameters_warn_that_the_split_is_a_guess():
+    model = Gpt()
+    with pytest.warns(UserWarning, match="5 matrices without names go to Muon") as caught:
+        opt = sfoptim.MuonScheduleFree(p for p in model.parameters() if p.ndim == 2)
+    assert caught[0].filename == __file__, "the warning points at the caller"
+    assert len(opt.param_groups) == 1 and len(opt.param_groups[0]["params"]) == 5
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sfoptim.MuonScheduleFree(model)
+        sfoptim.MuonScheduleFree([{"params": [model.tok.weight], "use_muon": True}, {"params": [model.attn.qkv.bias], "use_muon": False}])
+
+
+def test_one_learning_rate_serves_both_parts():
+    """Defaults: RMS-matched Muon, the AdamW part at the same lr, decay at z and a warmup; adamw_lr overrides."""
+    model = TinyLM()
+    opt = sfoptim.MuonScheduleFree(model)
+    muon, adam = opt.param_groups
+    assert muon["lr"] == adam["lr"] == 0.016
+    assert (muon["adjust_lr_fn"], muon["weight_decay"], muon["decay_at"], muon["warmup_steps"]) == ("match_rms_adamw", 0.1, "z", 20)
+    assert [g["lr"] for g in sfoptim.MuonScheduleFree(model, lr=0.005).param_groups] == [0.005, 0.005]
+    assert [g["lr"] for g in sfoptim.MuonScheduleFree(model, lr=0.005, adamw_lr=0.001).param_groups] == [0.005, 0.001]
+    explicit = sfoptim.MuonScheduleFree([{"params": [model.block.weight], "use_muon": True},
+                                         {"params": [model.block.bias], "use_muon": False}], lr=0.03)  # fmt: skip
+    assert [g["lr"] for g in explicit.param_groups] == [0.03, 0.03]
+    ref = sfoptim.MuonScheduleFreeReference(model, lr=0.005)
+    assert [g["lr"] for g in ref.param_groups] == [0.005, 0.005]
+    with pytest.raises(ValueError, match="adamw_lr"):
+        sfoptim.MuonScheduleFree(model, adamw_lr=-1.0)
+
+
 def test_explicit_use_muon_groups_are_kept():
     model = TinyLM()
     opt = sfoptim.MuonScheduleFree([
         {"params": [model.block.weight], "use_muon": True},
         {"params": [model.lm_head.weight], "use_muon": False},
         {"params": [model.embed_tokens.weight], "use_muon": False, "lr": 0.1},
-    ], adamw_lr=0.004)  # fmt: skip
+    ], lr=0.02, adamw_lr=0.004)  # fmt: skip
     assert [g["use_muon"] for g in opt.param_groups] == [True, False, False]
     assert [g["lr"] for g in opt.param_groups] == [0.02, 0.004, 0.1]
     with pytest.raises(ValueError, match="use_muon"):
@@ -131,7 +205,7 @@ def test_conv_kernel_is_orthogonalized_as_a_matrix():
     """A conv kernel's step is a multiple of an (approximately) orthogonal out x (in*k) matrix."""
     conv = nn.Conv1d(4, 3, 3)
     opt = sfoptim.MuonScheduleFree([conv.weight], lr=1.0, momentum=0.0, beta=1.0, ns_dtype=F64, ns_steps=30,
-                                   ns_coefficients=(1.5, -0.5, 0.0))  # fmt: skip
+                                   ns_coefficients=(1.5, -0.5, 0.0), adjust_lr_fn=None, warmup_steps=0, weight_decay=0.0)  # fmt: skip
     conv.weight.grad = torch.randn_like(conv.weight)
     z0 = conv.weight.detach().clone()
     opt.step()
@@ -160,7 +234,7 @@ def test_decay_at_z_and_at_y_differ():
     results = []
     for decay_at in ("z", "y"):
         p = nn.Parameter(torch.ones(4, 3, dtype=F64))
-        opt = sfoptim.MuonScheduleFree([p], weight_decay=0.5, decay_at=decay_at, ns_dtype=None)
+        opt = sfoptim.MuonScheduleFree([p], weight_decay=0.5, decay_at=decay_at, ns_dtype=None, warmup_steps=0)
         for step in range(3):
             p.grad = fixed_grads([(4, 3)], step, F64)[0]
             opt.step()
@@ -224,11 +298,15 @@ def test_docs_examples_run(tmp_path, monkeypatch):
     assert not namespace["muon"].train_mode and not namespace["adamw"].train_mode
 
 
-def test_auto_newton_schulz_dtype_is_float32_on_cpu():
-    """The default ("auto") computes Newton-Schulz in float32 on CPU, where bfloat16 products are slow."""
+def test_auto_newton_schulz_dtype_follows_this_machines_hardware():
+    """The default ("auto") steps exactly as the dtype this CPU multiplies natively: bfloat16 or float32."""
+    from sfoptim.directions.muon import has_native_bf16
+
+    native = torch.bfloat16 if has_native_bf16(torch.device("cpu")) else F32
+    other = F32 if native is torch.bfloat16 else torch.bfloat16
     shapes = [(12, 7), (5,)]
     runs = {}
-    for ns_dtype in ("auto", F32, torch.bfloat16):
+    for ns_dtype in ("auto", native, other):
         ps = [nn.Parameter(t) for t in fixed_grads(shapes, -1, F32)]
         opt = sfoptim.MuonScheduleFree(ps, lr=0.01, ns_dtype=ns_dtype)
         for step in range(3):
@@ -236,7 +314,128 @@ def test_auto_newton_schulz_dtype_is_float32_on_cpu():
                 p.grad = g
             opt.step()
         runs[ns_dtype] = [p.detach().clone() for p in ps]
-    assert all(torch.equal(a, b) for a, b in zip(runs["auto"], runs[F32]))
-    assert not all(torch.equal(a, b) for a, b in zip(runs["auto"], runs[torch.bfloat16]))
+    assert all(torch.equal(a, b) for a, b in zip(runs["auto"], runs[native]))
+    assert not all(torch.equal(a, b) for a, b in zip(runs["auto"], runs[other]))
     with pytest.raises(ValueError, match="ns_dtype"):
         sfoptim.MuonScheduleFree([nn.Parameter(torch.zeros(3, 3))], ns_dtype="fast")
+
+
+@pytest.mark.parametrize(
+    ("capabilities", "expected"),
+    [
+        ({"avx2": True, "avx512_bf16": True, "amx_bf16": False}, torch.bfloat16),
+        ({"avx512_bf16": False, "amx_bf16": True}, torch.bfloat16),
+        ({"neon": True, "bf16": True}, torch.bfloat16),
+        ({"avx2": True, "avx512_f": True, "avx512_bf16": False, "amx_bf16": False}, F32),
+        ({"neon": True}, F32),
+        ({}, F32),
+    ],
+    ids=["avx512_bf16", "amx_bf16", "arm_bf16", "avx512_without_bf16", "arm_without_bf16", "nothing_reported"],
+)
+def test_auto_decides_from_the_cpus_capabilities(monkeypatch, capabilities, expected):
+    from sfoptim.directions.muon import resolve_ns_dtype
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    assert resolve_ns_dtype("auto", torch.device("cpu")) is expected
+    assert resolve_ns_dtype(torch.float16, torch.device("cpu")) is torch.float16
+    assert resolve_ns_dtype(None, torch.device("cpu")) is None
+
+
+def test_auto_on_other_devices(monkeypatch):
+    from sfoptim.directions.muon import resolve_ns_dtype
+
+    monkeypatch.delattr(torch.cpu, "get_capabilities")  # a torch that cannot tell
+    assert resolve_ns_dtype("auto", torch.device("cpu")) is F32
+    assert resolve_ns_dtype("auto", torch.device("meta")) is F32
+    assert resolve_ns_dtype("auto", torch.device("mps")) is F32
+    if not torch.cuda.is_available():
+        assert resolve_ns_dtype("auto", torch.device("cuda")) is F32
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize("normuon", [False, True], ids=["muon", "normuon"])
+def test_a_matrix_without_elements_is_stepped(normuon):
+    """nn.Linear(3, 0) (and a 0-column matrix) step as a no-op; the other parameters move as without them."""
+    torch.manual_seed(0)
+    full = [nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(3)), nn.Parameter(torch.empty(0, 3)),
+            nn.Parameter(torch.empty(0)), nn.Parameter(torch.empty(3, 0))]  # fmt: skip
+    alone = [nn.Parameter(p.detach().clone()) for p in full[:2]]
+    kw = dict(lr=0.02, weight_decay=0.1, normuon=normuon)
+    opt, ref = sfoptim.MuonScheduleFree(full, **kw), sfoptim.MuonScheduleFree(alone, **kw)
+    for step in range(3):
+        for p, g in zip(full, fixed_grads([tuple(p.shape) for p in full], step, F32)):
+            p.grad = g
+        for p, q in zip(alone, full):
+            p.grad = q.grad.clone()
+        opt.step()
+        ref.step()
+    assert all(torch.equal(p, q) for p, q in zip(full, alone))
+    assert opt.state[full[2]]["z"].shape == (0, 3)
+    opt.eval()
+    assert full[4].shape == (3, 0)
+    reference = sfoptim.MuonScheduleFreeReference([nn.Parameter(p.detach().clone()) for p in full], **kw)
+    for p in reference.param_groups[0]["params"] + reference.param_groups[1]["params"]:
+        p.grad = torch.ones_like(p)
+    reference.step()
+
+
+def test_a_step_that_raises_leaves_every_buffer_as_it_was(monkeypatch):
+    """A failure while orthogonalizing the second matrix: momentum, NorMuon's v, z and the parameters unchanged."""
+    import sfoptim.directions.muon as muon_module
+
+    shapes = [(6, 4), (4, 5)]
+    ps = [nn.Parameter(t) for t in fixed_grads(shapes, -1, F32)]
+    again = [nn.Parameter(t.detach().clone()) for t in ps]
+    kw = dict(lr=0.02, normuon=True, weight_decay=0.1)
+    opt, clean = sfoptim.MuonScheduleFree(ps, **kw), sfoptim.MuonScheduleFree(again, **kw)
+
+    def feed(step):
+        for p, q, g in zip(ps, again, fixed_grads(shapes, step, F32)):
+            p.grad, q.grad = g.clone(), g.clone()
+
+    feed(0)
+    opt.step()
+    clean.step()
+    feed(1)
+    before = [{k: v.clone() for k, v in opt.state[p].items()} for p in ps]
+    params_before = [p.detach().clone() for p in ps]
+    real = muon_module.newton_schulz
+    calls = []
+
+    def fails_on_the_second_matrix(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (injected)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(muon_module, "newton_schulz", fails_on_the_second_matrix)
+    for _ in range(2):  # a retry fails the same way and changes nothing either
+        calls.clear()
+        with pytest.raises(RuntimeError, match="injected"):
+            opt.step()
+        for p, state, p0 in zip(ps, before, params_before):
+            assert torch.equal(p, p0)
+            assert state.keys() == opt.state[p].keys()
+            assert all(torch.equal(opt.state[p][k], v) for k, v in state.items()), "state changed by a failed step"
+    monkeypatch.setattr(muon_module, "newton_schulz", real)
+    opt.step()
+    clean.step()
+    assert all(torch.equal(p, q) for p, q in zip(ps, again))
+
+
+@pytest.mark.parametrize("scale", [1e5, 1e6, 1e-6], ids=["norm_over_65504", "entries_over_65504", "tiny"])
+def test_float16_newton_schulz_normalizes_before_the_cast(scale):
+    """The momentum is normalized in its own dtype first: huge or tiny gradients give float32's step, not 0 or NaN."""
+    shapes = [(8, 6), (6, 8)]
+    runs = {}
+    for ns_dtype in (torch.float16, F32):
+        ps = [nn.Parameter(torch.zeros(s)) for s in shapes]
+        opt = sfoptim.MuonScheduleFree(ps, lr=0.01, ns_dtype=ns_dtype)
+        for step in range(2):
+            for p, g in zip(ps, fixed_grads(shapes, step, F32)):
+                p.grad = g * scale
+            opt.step()
+        runs[ns_dtype] = [opt.state[p]["z"] for p in ps]
+    for half, single in zip(runs[torch.float16], runs[F32]):
+        assert torch.isfinite(half).all() and single.norm() > 0
+        assert rel(half, single) < 1e-2

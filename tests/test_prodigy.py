@@ -10,6 +10,7 @@ without gradients, DDP and FSDP2 against a single process, and
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import registry
@@ -38,10 +39,14 @@ def _set_grads(groups: list[list[torch.Tensor]], step: int, skip_last: bool) -> 
             p.grad = None if skip_last and gi == len(groups) - 1 and step % 2 else 0.3 * p.detach() + noise
 
 
+ALGOPERF = dict(averaging="algoperf", d_growth=None)  # the submission's averaging, d unlimited
+
+
+@pytest.mark.parametrize("form", [ALGOPERF, {}], ids=["algoperf", "defaults"])
 @pytest.mark.parametrize("split_groups", [False, True], ids=["shared_d", "split_groups"])
-def test_groups_with_different_lrs_match_the_reference(split_groups: bool) -> None:
+def test_groups_with_different_lrs_match_the_reference(split_groups: bool, form: dict) -> None:
     lrs = [1.0, 0.3, 2.0]
-    kwargs = dict(d0=1e-4, betas=(0.9, 0.99), weight_decay=0.02, warmup_steps=4, split_groups=split_groups)
+    kwargs = dict(d0=1e-4, betas=(0.9, 0.99), weight_decay=0.02, warmup_steps=4, split_groups=split_groups, **form)
     ours, theirs = _groups(), _groups()
     opt = sfoptim.ProdigyScheduleFree([{"params": g, "lr": lr} for g, lr in zip(ours, lrs)], **kwargs)
     ref = sfoptim.ProdigyScheduleFreeReference([{"params": g, "lr": lr} for g, lr in zip(theirs, lrs)], **kwargs)
@@ -56,7 +61,8 @@ def test_groups_with_different_lrs_match_the_reference(split_groups: bool) -> No
     assert rel_diff(opt.eval_params(), ref.eval_params()) <= 1e-9
     ds = [g["d"] for g in opt.param_groups]
     assert ds == pytest.approx([g["d"] for g in ref.param_groups], rel=1e-9)
-    assert min(ds) > 100 * kwargs["d0"], "the estimate should have grown from d0"
+    grown = 100 if form else 10  # the growth limit of the defaults slows d down in these 40 steps
+    assert min(ds) > grown * kwargs["d0"], "the estimate should have grown from d0"
     if split_groups:
         assert len(set(ds)) == 3, "each group keeps its own estimate"
     else:
@@ -76,6 +82,47 @@ def test_a_group_added_later_joins_the_shared_estimate() -> None:
     own.param_groups[0]["d"] = 0.5
     own.add_param_group({"params": later})
     assert own.param_groups[1]["d"] == 1e-4
+
+
+# ------------------------------------------------------------ defaults
+def _d_trajectory(steps: int = 30, **kwargs) -> list[float]:
+    (params,) = _groups()[:1]
+    opt = sfoptim.ProdigyScheduleFree(params, **kwargs)
+    ds = [opt.param_groups[0]["d"]]
+    for step in range(steps):
+        _set_grads([params], step, skip_last=False)
+        opt.step()
+        ds.append(opt.param_groups[0]["d"])
+    return ds
+
+
+def test_d_grows_by_at_most_d_growth_per_step() -> None:
+    ds = _d_trajectory()
+    ratios = [b / a for a, b in zip(ds, ds[1:])]
+    assert max(ratios) <= 2**0.5 * (1 + 1e-12)
+    assert ratios.count(pytest.approx(2**0.5, rel=1e-12)) >= 5, "the limit binds while d climbs from d0"
+    free = _d_trajectory(d_growth=None)
+    assert max(b / a for a, b in zip(free, free[1:])) > 3, "without the limit d jumps"
+    doubled = _d_trajectory(d_growth=2.0)
+    assert max(b / a for a, b in zip(doubled, doubled[1:])) == pytest.approx(2.0, rel=1e-12)
+
+
+def test_averaging_options_set_the_weights() -> None:
+    p = [nn.Parameter(torch.zeros(3))]
+    group = sfoptim.ProdigyScheduleFree(p).param_groups[0]
+    assert (group["r"], group["weight_lr_power"], group["betas"]) == (0.0, 2.0, (0.9, 0.99))
+    group = sfoptim.ProdigyScheduleFree(p, averaging="algoperf").param_groups[0]
+    assert (group["r"], group["weight_lr_power"]) == (0.75, 0.0)
+    group = sfoptim.ProdigyScheduleFree(p, averaging="algoperf", r=0.5).param_groups[0]
+    assert (group["r"], group["weight_lr_power"]) == (0.5, 0.0)
+    opt = sfoptim.ProdigyScheduleFree(p)
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "averaging": "algoperf"})
+    assert (opt.param_groups[1]["r"], opt.param_groups[1]["weight_lr_power"]) == (0.75, 0.0)
+    for cls in (sfoptim.ProdigyScheduleFree, sfoptim.ProdigyScheduleFreeReference):
+        with pytest.raises(ValueError, match="averaging"):
+            cls(p, averaging="uniform")
+        with pytest.raises(ValueError, match="d_growth"):
+            cls(p, d_growth=1.0)
 
 
 # ------------------------------------------------------------ buffer_dtype
@@ -126,8 +173,9 @@ def _split_in_two_groups(make):
     return lambda ps: make([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.5}])
 
 
-#: The registry's distributed Prodigy entries; split_groups=True in two groups of their own estimates.
-OPTIMIZERS = {name: registry.BY_NAME[name].make for name in PRODIGY}
+SUBMISSION = dict(ALGOPERF, betas=(0.9, 0.9955))  # the AlgoPerf submission's form, where d grows freely
+#: The registry's distributed Prodigy entries in the submission's form; split_groups=True in two groups of their own estimates.
+OPTIMIZERS = {name: functools.partial(registry.BY_NAME[name].make, **SUBMISSION) for name in PRODIGY}
 OPTIMIZERS = {n: _split_in_two_groups(m) if registry.BY_NAME[n].kwargs.get("split_groups") else m for n, m in OPTIMIZERS.items()}
 
 

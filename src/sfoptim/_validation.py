@@ -23,6 +23,27 @@ def _as_float(name: str, value: Any) -> float:
     return float(value)
 
 
+def param_list(params: Any, owner: str) -> Any:
+    """``params`` as a list (a generator is read here, once); ValueError saying why when it is empty.
+
+    A tensor or a dict is returned as it is, for ``torch.optim.Optimizer`` to
+    refuse with its own message.
+    """
+    if isinstance(params, (torch.Tensor, dict)):
+        return params
+    try:
+        params = list(params)
+    except TypeError:
+        return params
+    if not params:
+        raise ValueError(
+            f"{owner} got an empty parameter list: the parameter iterable is empty. A generator like "
+            "model.parameters() can be consumed only once; if it was passed to another optimizer or "
+            "iterated before, call model.parameters() again (or keep list(model.parameters()))."
+        )
+    return params
+
+
 def check_nonnegative(name: str, value: Any) -> None:
     """``value`` must be a finite real number >= 0."""
     v = _as_float(name, value)

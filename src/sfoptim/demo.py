@@ -28,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import textwrap
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -107,9 +108,14 @@ def run_demo(cfg: DemoConfig, methods: list[Method], progress: bool = True) -> d
 # Reporting
 # ---------------------------------------------------------------------------
 
-def _fmt(ms, digits=3):
+def _fmt(ms, digits=3, spread=True):
+    """``mean ± sd``, or the mean alone where there is no spread to show (one seed)."""
     m, sd = ms
-    return f"{m:.{digits}g} ± {sd:.{digits - 1}g}"
+    return f"{m:.{digits}g} ± {sd:.{digits - 1}g}" if spread else f"{m:.{digits}g}"
+
+
+def _over_seeds(n: int) -> str:
+    return f"mean ± sd over {n} seeds" if n > 1 else "1 seed"
 
 
 def _config(config: dict, edge=()) -> str:
@@ -128,7 +134,8 @@ def _choices(result, name) -> str:
 
 
 def _metric_rows(result, metric):
-    return [[m["label"]] + [_fmt(r[name][metric]) for r in result["rows"]]
+    spread = len(result["config"]["seeds"]) > 1
+    return [[m["label"]] + [_fmt(r[name][metric], spread=spread) for r in result["rows"]]
             for name, m in result["methods"].items()]
 
 
@@ -144,13 +151,13 @@ def format_table(result, markdown: bool = False) -> str:
         def md(h, body):
             return ["| " + " | ".join(h) + " |", "|" + "---|" * len(h)] + ["| " + " | ".join(b) + " |" for b in body]
         return "\n".join(
-            [f"Held-out accuracy (mean ± sd over {n} seed{'s' * (n > 1)}), by stopping time:", ""]
+            [f"Held-out accuracy ({_over_seeds(n)}), by stopping time:", ""]
             + md(head, acc)
             + ["", "Training loss on the whole training set, by stopping time:", ""]
             + md(head, loss)
             + ["", "Tuning budget and the configuration chosen (by held-out accuracy):", ""]
             + md(["method", "budget", "chosen"], [list(t) for t in tuning]))
-    lines = [f"held-out accuracy (mean ± sd over {n} seed{'s' * (n > 1)}), by stopping time:"]
+    lines = [f"held-out accuracy ({_over_seeds(n)}), by stopping time:"]
     lines += _aligned(head, acc)
     lines += ["", "training loss on the whole training set:"] + _aligned(head, loss)
     lines += ["", "tuning budget; configuration chosen by held-out accuracy (* = on the grid's edge):"]
@@ -181,33 +188,65 @@ def _verdict(result) -> str:
             + "; ".join(parts))
 
 
+#: A loss curve that rises above this multiple of its first value has diverged.
+DIVERGED_FACTOR = 10.0
+
+
+def _diverged(losses) -> bool:
+    """Whether a loss curve diverged: a value that is not finite, or one far above where it started."""
+    return not all(math.isfinite(v) for v in losses) or max(losses) > DIVERGED_FACTOR * losses[0]
+
+
 def plot(result, path: Path) -> bool:
-    """Write the frontier plot (training loss and held-out accuracy); return
-    False when matplotlib is unavailable."""
+    """Write the frontier plot (:func:`frontier_figure`); return False when matplotlib is unavailable."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import NullFormatter
     except ImportError:
         return False
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig = frontier_figure(result)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def frontier_figure(result):
+    """The frontier plot as a matplotlib figure: held-out accuracy and training loss against steps.
+
+    The legend sits below the panels. A method whose training loss diverges is
+    marked so in the legend and where it leaves the loss panel, whose range is
+    that of the other methods.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 5.2))
     hs = [r["steps"] for r in result["rows"]]
     markers = "osD^v<>"
+    losses = {}  # name -> (steps, mean training loss)
+    for name in result["methods"]:
+        curve = result["curves"].get(name)
+        if curve is not None:
+            losses[name] = (curve["steps"], [statistics.fmean(v) for v in zip(*curve["loss"])])
+        else:
+            losses[name] = (hs, [r[name]["loss"][0] for r in result["rows"]])
+    diverged = {name for name, (_, ys) in losses.items() if _diverged(ys)}
     for i, (name, m) in enumerate(result["methods"].items()):
         color = f"C{i}"
         curve = result["curves"].get(name)
+        note = " (diverges)" if name in diverged else ""
         for ax, metric in ((ax_acc, "acc"), (ax_loss, "loss")):
             if curve is not None:
                 # One run, never told when it stops: a curve, best configuration.
                 mean = [statistics.fmean(v) for v in zip(*curve[metric])]
-                ax.plot(curve["steps"], mean, color=color, lw=2, label=f"{m['label']}, one run")
+                ax.plot(curve["steps"], mean, color=color, lw=2, label=f"{m['label']}, one run{note}")
             else:
                 ax.errorbar(hs, [r[name][metric][0] for r in result["rows"]],
                             yerr=[r[name][metric][1] for r in result["rows"]], color=color,
                             marker=markers[i % len(markers)], ls="--", capsize=3,
-                            label=f"{m['label']}, tuned per stopping time")
+                            label=f"{m['label']}, tuned per stopping time{note}")
     for ax in (ax_acc, ax_loss):
         ax.set_xscale("log")
         ax.set_xlabel("steps")
@@ -218,16 +257,27 @@ def plot(result, path: Path) -> bool:
     ax_acc.set_ylabel("held-out accuracy")
     accs = [r[name]["acc"][0] for r in result["rows"] for name in result["methods"]]
     ax_acc.set_ylim(max(0.0, min(accs) - 0.1), min(1.0, max(accs) + 0.03))
-    ax_acc.legend(fontsize=8, loc="lower right")
     ax_loss.set_yscale("log")
     ax_loss.set_ylabel("training loss (whole training set)")
+    kept = [y for name, (_, ys) in losses.items() if name not in diverged for y in ys if math.isfinite(y) and y > 0]
+    if diverged and kept:
+        # A diverging run would stretch the axis over decades the others never reach.
+        top = max(kept) * 3
+        ax_loss.set_ylim(min(kept) / 1.5, top)
+        for i, name in enumerate(result["methods"]):
+            if name in diverged:
+                steps, ys = losses[name]
+                leaves = next(x for x, y in zip(steps, ys) if not (math.isfinite(y) and y <= top))
+                ax_loss.plot([leaves], [top], marker="^", ms=9, color=f"C{i}", clip_on=False, zorder=5)
+                ax_loss.annotate(f"{result['methods'][name]['label']} diverges", (leaves, top), xytext=(-8, -14),
+                                 textcoords="offset points", ha="right", color=f"C{i}", fontsize=8)
+    handles, labels = ax_acc.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
     n = len(result["config"]["seeds"])
     fig.suptitle(f"MNIST-1D MLP: schedule-free runs vs AdamW + cosine tuned per stopping time "
-                 f"(mean over {n} seed{'s' * (n > 1)})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+                 f"({'mean over ' + str(n) + ' seeds' if n > 1 else '1 seed'})")
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    return fig
 
 
 def write_outputs(result, out: Path):
@@ -239,10 +289,12 @@ def write_outputs(result, out: Path):
         f"# sfoptim demo ({cfg['label']})",
         "",
         f"{result['task']}; {cfg['steps']} steps, batch {cfg['batch_size']}, "
-        f"seeds {cfg['seeds']}; torch {result['torch']}, {result['threads']} thread(s), "
-        f"{result['seconds']:.0f} s wall, {result['cpu_seconds']:.0f} s CPU.",
+        f"seeds {cfg['seeds']}; torch {result['torch']}, {result['threads']} thread(s). "
+        f"Training and evaluation took {result['seconds']:.0f} s wall, {result['cpu_seconds']:.0f} s CPU "
+        "(start-up, making the data set and writing these files not included).",
         "",
-        "Accuracy on held-out data; loss on the whole training set; mean ± sd over seeds. "
+        "Accuracy on held-out data; loss on the whole training set; "
+        f"{'mean ± sd over seeds' if len(cfg['seeds']) > 1 else 'one seed'}. "
         "A schedule-free run is never told its stopping time and keeps one configuration "
         "(best held-out accuracy averaged over the stopping times); a decay schedule "
         f"(linear warmup over {cfg['warmup_frac']:.0%} of the run, then decay to 0) is tuned "
@@ -352,8 +404,21 @@ def _writable_folder(p: argparse.ArgumentParser, folder: str) -> Path:
     return out
 
 
+def _seconds_since_start(fallback: float) -> float:
+    """Wall time since this process started (Linux), else since ``fallback`` (a ``perf_counter`` value)."""
+    try:
+        with open("/proc/self/stat") as f:
+            started = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start time, in clock ticks
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - started / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.perf_counter() - fallback
+
+
 def main(argv=None) -> int:
     """Entry point of ``sfoptim demo``."""
+    entered = time.perf_counter()
     p = build_parser()
     a = p.parse_args(argv)
 
@@ -383,6 +448,10 @@ def main(argv=None) -> int:
         print(f"  {out / name}")
     if not plotted:
         print("(install matplotlib for the plot)")
+    print(
+        f"took {_seconds_since_start(entered):.0f} s wall from start-up to the files written, "
+        f"{result['seconds']:.0f} s of it training and evaluation"
+    )
     return 0
 
 

@@ -135,7 +135,7 @@ def compute_on_owners(
             n = rows[j][src][0] * row_numel[j]
             parts[j].append(recv[at : at + n])
             at += n
-    results = {j: compute(j, torch.cat(parts[j]).view(shapes[j])).reshape(shapes[j][0], -1) for j in mine}
+    results = {j: compute(j, torch.cat(parts[j]).view(shapes[j])).reshape(shapes[j][0], row_numel[j]) for j in mine}
 
     # Exchange 2: every rank's rows of the results, and the whole state, back from the owners.
     whole_numel = [0 if whole is None else whole[j].numel() for j in range(n_mat)]

@@ -3,9 +3,12 @@ r"""Reference forms: ``x``, ``y`` and ``z`` stored explicitly, written like the 
 These classes are the specification that the fast optimizers are tested
 against, so they share nothing with them: each is a plain
 :class:`torch.optim.Optimizer` with its own schedule, its own hyperparameter
-checks and its own step. The only thing imported from the engine is the
-exception type :class:`sfoptim.ModeError`, so that callers catch one error
-whichever form they use. They use more memory (three parameter-sized copies)
+checks and its own step. From the rest of sfoptim they take only the
+exception type :class:`sfoptim.ModeError` (so that callers catch one error
+whichever form they use), the check of the ``params`` argument, and two
+choices of schedule-free Muon that are policies, not equations: which
+parameters it orthogonalizes, and the dtype ``"auto"`` stands for on the
+hardware at hand. They use more memory (three parameter-sized copies)
 and are slower; every line of a step is one equation of Defazio et al. (2024),
 Algorithm 1, for step :math:`t = 1, 2, \dots`:
 
@@ -27,9 +30,12 @@ In train mode the parameters hold ``y``; :meth:`eval` copies ``x`` into them
 and :meth:`train` copies ``y`` back. The optimizers start in train mode.
 Stepping in eval mode raises :class:`sfoptim.ModeError`. Gradients are read,
 never written. Complex parameters are optimized as pairs of reals. The
-constructors take the arguments of the published ``schedulefree`` reference
-classes in the same order; ``foreach`` is accepted for compatibility and has
-no effect (the step is a plain loop over tensors).
+SGD, AdamW, RAdam and wrapper forms take the arguments of the published
+``schedulefree`` classes in the same order; ``foreach`` is accepted for
+compatibility and has no effect (the step is a plain loop over tensors). The
+Prodigy, Muon and ScheduleFree+ forms take the arguments of sfoptim's classes
+less the backend and precision options (ScheduleFree+: those of its authors'
+class).
 
 These forms are oracles for tests and a readable starting point for research
 code; the helpers of :mod:`sfoptim.modes` accept only the fast optimizers.
@@ -42,8 +48,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from . import _validation
+from .directions.muon import adamw_lr_of, module_roles, param_role, resolve_ns_dtype
 from .engine import ModeError
 
 __all__ = [
@@ -137,6 +145,9 @@ def _real(t: Tensor) -> Tensor:
 class _XYZ(torch.optim.Optimizer):
     """Storage of ``x``, ``y``, ``z`` per parameter and the train/eval switch."""
 
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        super().__init__(_validation.param_list(params, type(self).__name__), defaults)
+
     def _validate(self, group: dict) -> None:
         raise NotImplementedError
 
@@ -154,11 +165,14 @@ class _XYZ(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Checkpoints of the published classes lack our extra hyperparameters
-        # (inner_momentum): they take their defaults.
+        # (inner_momentum): they take their defaults. torch adds
+        # ``differentiable`` to ``defaults``, an option these classes do not
+        # have: it stays out of the groups, so a loaded state dict saves as it was.
         super().__setstate__(state)
         for group in self.param_groups:
             for key, value in self.defaults.items():
-                group.setdefault(key, value)
+                if key != "differentiable":
+                    group.setdefault(key, value)
 
     @property
     def train_mode(self) -> bool:
@@ -423,13 +437,15 @@ class ProdigyScheduleFreeReference(_XYZ):
 
         n_t &= \rho\, n_{t-1} + a_t \textstyle\sum_p \langle g_p,\, x_{0,p} - z_p \rangle,
             \qquad s_p \leftarrow \rho\, s_p + a_t g_p,
-            \qquad d' = \max(d,\; c_d\, n_t / \textstyle\sum_p \|s_p\|_1) \\
+            \qquad d' = \max(d,\; \min(\kappa d,\; c_d\, n_t / \textstyle\sum_p \|s_p\|_1)) \\
         v_p &\leftarrow \beta_2 v_p + (1-\beta_2)\, d^2 g_p^2, \qquad
         z_p \leftarrow z_p - d\gamma_t \bigl(d' g_p / (\sqrt{v_p} + d'\epsilon) + \lambda y_p\bigr) \\
         x_p &\leftarrow (1 - c_t)\, x_p + c_t z_p, \qquad
         c_t = \frac{w_t}{\sum_{i \le t} w_i}, \qquad w_t = t^r (\max_{i \le t} d_i\gamma_i)^{p},
         \qquad y_p = (1-\beta) z_p + \beta x_p
 
+    with :math:`\kappa` = ``d_growth`` (no limit when None) and :math:`(r, p)` =
+    (0, 2) for ``averaging="lr"``, (0.75, 0) for ``"algoperf"`` unless given.
     The sums run over all parameters, or over each group alone with
     ``split_groups=True``. While :math:`\sum_p \|s_p\|_1 = 0` neither :math:`d`
     nor :math:`n` changes.
@@ -439,26 +455,35 @@ class ProdigyScheduleFreeReference(_XYZ):
         self,
         params: Iterable[Any],
         lr: float | Tensor = 1.0,
-        betas: tuple[float, float] = (0.9, 0.9955),
+        betas: tuple[float, float] = (0.9, 0.99),
         eps: float = 1e-8,
         weight_decay: float = 0,
         warmup_steps: int = 0,
-        r: float = 0.75,
-        weight_lr_power: float = 0.0,
+        averaging: str = "lr",
+        r: float | None = None,
+        weight_lr_power: float | None = None,
         d0: float = 1e-6,
         d_coef: float = 1.0,
+        d_growth: float | None = 2**0.5,
         split_groups: bool = False,
     ) -> None:
         defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps, r=r,
-            weight_lr_power=weight_lr_power, d0=d0, d_coef=d_coef, split_groups=split_groups,
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps, averaging=averaging,
+            r=r, weight_lr_power=weight_lr_power, d0=d0, d_coef=d_coef, d_growth=d_growth, split_groups=split_groups,
             train_mode=True, **_SCHEDULE_STATE,
         )
         super().__init__(params, defaults)
 
     def _validate(self, group: dict) -> None:
+        if group["averaging"] not in ("lr", "algoperf"):
+            raise ValueError(f"Invalid averaging: {group['averaging']!r} (expected 'algoperf' or 'lr')")
+        r, power = (0.0, 2.0) if group["averaging"] == "lr" else (0.75, 0.0)
+        group["r"] = r if group["r"] is None else group["r"]
+        group["weight_lr_power"] = power if group["weight_lr_power"] is None else group["weight_lr_power"]
         _check_common(group, "weight_decay")
         _check_adam(group)
+        if group["d_growth"] is not None:
+            _check("d_growth", group["d_growth"], lambda v: v > 1, "> 1")
         _check("d0", group["d0"], lambda v: 0 < v < math.inf, "> 0")
         _check("d_coef", group["d_coef"], lambda v: 0 < v < math.inf, "> 0")
         if not isinstance(group["split_groups"], bool):
@@ -498,7 +523,10 @@ class ProdigyScheduleFreeReference(_XYZ):
             numerator, denominator = sums.get(gi if group["split_groups"] else "shared", [0.0, 0.0])
             if denominator > 0:
                 n_new = rho * group["d_numerator"] + numerator
-                d_new = max(d, group["d_coef"] * n_new / denominator)
+                estimate = group["d_coef"] * n_new / denominator
+                if group["d_growth"] is not None:
+                    estimate = min(estimate, group["d_growth"] * d)
+                d_new = max(d, estimate)
             else:
                 n_new, d_new = group["d_numerator"], d
             c = _advance_average(group, d * gamma, t)
@@ -633,15 +661,14 @@ def _orthogonalize(m: Tensor, group: dict) -> Tensor:
     r"""Newton-Schulz: :math:`X \leftarrow aX + (bA + cA^2)X`, :math:`A = XX^\top`, from :math:`m/\lVert m\rVert_F`.
 
     Wide orientation (rows <= columns) so that :math:`A` is the small Gram
-    matrix; computed in ``ns_dtype`` (None: ``m``'s own), returned in ``m``'s.
+    matrix; normalized in ``m``'s dtype, then iterated in ``ns_dtype`` (None:
+    ``m``'s own), returned in ``m``'s.
     """
     a, b, c = group["ns_coefficients"]
     wide = m.shape[0] <= m.shape[1]
-    ns_dtype = group["ns_dtype"]
-    if ns_dtype == "auto":  # bfloat16 matrix products are slow on CPUs
-        ns_dtype = torch.float32 if m.device.type == "cpu" else torch.bfloat16
-    x = (m if wide else m.T).to(m.dtype if ns_dtype is None else ns_dtype)
-    x = x / x.norm().clamp(min=group["ns_eps"])
+    ns_dtype = resolve_ns_dtype(group["ns_dtype"], m.device)
+    x = m if wide else m.T
+    x = (x / x.norm().clamp(min=group["ns_eps"])).to(m.dtype if ns_dtype is None else ns_dtype)
     for _ in range(group["ns_steps"]):
         gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x
@@ -675,26 +702,26 @@ class MuonScheduleFreeReference(_XYZ):
 
     def __init__(
         self,
-        params: Iterable[Any],
-        lr: float | Tensor = 0.02,
+        params: Iterable[Any] | nn.Module,
+        lr: float | Tensor = 0.016,
         beta: float = 0.9,
         momentum: float = 0.95,
         nesterov: bool = True,
-        weight_decay: float = 0.0,
+        weight_decay: float = 0.1,
         decay_at: str = "z",
-        warmup_steps: int = 0,
+        warmup_steps: int = 20,
         r: float = 0.0,
         weight_lr_power: float = 2.0,
         ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315),
         ns_steps: int = 5,
         ns_eps: float = 1e-7,
         ns_dtype: torch.dtype | str | None = "auto",
-        adjust_lr_fn: str | None = None,
+        adjust_lr_fn: str | None = "match_rms_adamw",
         normuon: bool = False,
         normuon_beta2: float = 0.95,
         beta_horizon: int | None = None,
         beta_power: float = 1.0,
-        adamw_lr: float = 0.0025,
+        adamw_lr: float | None = None,
         adamw_beta2: float = 0.999,
         adamw_eps: float = 1e-8,
     ) -> None:
@@ -705,6 +732,9 @@ class MuonScheduleFreeReference(_XYZ):
             normuon_beta2=normuon_beta2, beta_horizon=beta_horizon, beta_power=beta_power, adamw_lr=adamw_lr,
             adamw_beta2=adamw_beta2, adamw_eps=adamw_eps, use_muon=None, train_mode=True, **_SCHEDULE_STATE,
         )  # fmt: skip
+        if isinstance(params, nn.Module):
+            self._module_roles = module_roles(params)
+            params = list(params.named_parameters())
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -712,7 +742,7 @@ class MuonScheduleFreeReference(_XYZ):
         if param_group.get("use_muon") is not None:
             group = dict(param_group)
             if not group["use_muon"] and "lr" not in group:
-                group["lr"] = group.get("adamw_lr", self.defaults["adamw_lr"])
+                group["lr"] = adamw_lr_of(group, self.defaults)
             super().add_param_group(group)
             return
         named = list(param_group["params"])
@@ -720,19 +750,14 @@ class MuonScheduleFreeReference(_XYZ):
             names = param_group.get("param_names") or [None] * len(named)
             named = list(zip(names, named))
         rest = {k: v for k, v in param_group.items() if k not in ("params", "param_names")}
-        skip = ("embed", "wte", "wpe", "lm_head", "head", "output", "classifier")
-
-        def matrix(name: str | None, p: Tensor) -> bool:
-            parts = [] if name is None else name.replace(".", "_").split("_")
-            return p.ndim >= 2 and not p.is_complex() and not any(w.startswith(s) and (s == "embed" or w == s) for w in parts for s in skip)
-
-        muon = [(n, p) for n, p in named if matrix(n, p)]
-        other = [(n, p) for n, p in named if not matrix(n, p)]
+        roles = getattr(self, "_module_roles", None)
+        muon = [(n, p) for n, p in named if param_role(p, n, roles) == "muon"]
+        other = [(n, p) for n, p in named if param_role(p, n, roles) != "muon"]
         for use_muon, members in ((True, muon), (False, other)):
             if members or (use_muon and not other):
                 group = dict(rest, use_muon=use_muon, params=[p for _, p in members])
                 if not use_muon:
-                    group["lr"] = rest.get("adamw_lr", self.defaults["adamw_lr"])
+                    group["lr"] = adamw_lr_of(rest, self.defaults)
                 super().add_param_group(group)
 
     def _validate(self, group: dict) -> None:
@@ -741,7 +766,9 @@ class MuonScheduleFreeReference(_XYZ):
         _check("momentum", group["momentum"], lambda v: 0 <= v < 1, "in [0, 1)")
         _check("normuon_beta2", group["normuon_beta2"], lambda v: 0 <= v < 1, "in [0, 1)")
         _check("adamw_beta2", group["adamw_beta2"], lambda v: 0 <= v < 1, "in [0, 1)")
-        for name in ("ns_eps", "beta_power", "adamw_lr", "adamw_eps"):
+        if group["adamw_lr"] is not None:
+            _check("adamw_lr", group["adamw_lr"], lambda v: v >= 0, ">= 0")
+        for name in ("ns_eps", "beta_power", "adamw_eps"):
             _check(name, group[name], lambda v: v >= 0, ">= 0")
         if group["decay_at"] not in ("z", "y"):
             raise ValueError(f"Invalid decay_at: {group['decay_at']!r} (expected 'z' or 'y')")
@@ -769,6 +796,8 @@ class MuonScheduleFreeReference(_XYZ):
             buf = state["momentum_buffer"]
             buf.copy_(mu * buf + (1 - mu) * grad)
             u = (1 - mu) * grad + mu * buf if group["nesterov"] else buf
+        if grad.numel() == 0:  # a matrix without elements: nothing to orthogonalize
+            return torch.zeros_like(grad)
         g = u.reshape(grad.shape[0], -1)
         o = _orthogonalize(g, group)
         if group["normuon"]:
@@ -845,7 +874,8 @@ class AdamCScheduleFreePlusReference(_XYZ):
     :math:`t \le` ``c_warmup`` (``weight_sum`` does not grow then); afterwards
     :math:`c_t = w_t/\sum w` with :math:`w_t = t^r \gamma_{\max}^p`, where
     :math:`\gamma_{\max}` starts at :math:`\epsilon`. If every gradient is zero
-    the step size is 0. A parameter without a gradient keeps ``x`` and ``z``
+    the step size is 0; if no parameter has a gradient it is 0 too and
+    :math:`e` is kept. A parameter without a gradient keeps ``x`` and ``z``
     and its ``y`` is rebuilt with :math:`\beta_t` (the authors' code leaves its
     ``y`` as built with an earlier :math:`\beta` while annealing).
 
@@ -868,13 +898,26 @@ class AdamCScheduleFreePlusReference(_XYZ):
         sf_beta1_anneal_steps: int = 0,
         sf_beta1_max: float = 0.965,
         weight_lr_power: float = 2,
+        *,
+        guards: bool = False,
+        warmup_steps: int = 0,
+        lr_cap: float | None = None,
+        growth_limit: float | None = None,
+        loss_beta: float = 0,
+        f_star: float = 0.0,
+        estimate_f_star: bool = False,
     ) -> None:
-        defaults = dict(
+        defaults: dict[str, Any] = dict(
             lr=lr, betas=betas, sf_beta1=sf_beta1, eps=eps, weight_decay=weight_decay, r=r,
             polyak_beta=polyak_beta, c_warmup=c_warmup, sf_beta1_anneal_steps=sf_beta1_anneal_steps,
             sf_beta1_max=sf_beta1_max, weight_lr_power=weight_lr_power, train_mode=True,
             k=0, weight_sum=0.0, scheduled_lr=0.0, grad_l1_ema=0.0,
         )
+        if guards:
+            defaults.update(
+                warmup_steps=warmup_steps, lr_cap=lr_cap, growth_limit=growth_limit, loss_beta=loss_beta,
+                f_star=f_star, estimate_f_star=estimate_f_star, loss_ema=0.0, polyak_max=0.0, f_star_estimate=f_star,
+            )  # fmt: skip
         super().__init__(params, defaults)
         for group in self.param_groups:
             group.setdefault("lr_max", group["eps"])
@@ -884,6 +927,8 @@ class AdamCScheduleFreePlusReference(_XYZ):
         self.param_groups[-1].setdefault("lr_max", self.param_groups[-1]["eps"])
 
     def _validate(self, group: dict) -> None:
+        if group["c_warmup"] is None:
+            group["c_warmup"] = group.get("warmup_steps", 0)
         _check_common(group, "weight_decay")
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -898,6 +943,52 @@ class AdamCScheduleFreePlusReference(_XYZ):
                    "in (0, 1)" if annealing else "in (0, 1]")  # fmt: skip
         for name in ("c_warmup", "sf_beta1_anneal_steps"):
             _check(name, group[name], lambda v: v >= 0 and v == int(v), "a whole number >= 0")
+        if "loss_beta" in group:
+            _check("warmup_steps", group["warmup_steps"], lambda v: v >= 0 and v == int(v), "a whole number >= 0")
+            if group["lr_cap"] is not None:
+                _check("lr_cap", group["lr_cap"], lambda v: 0 < v < math.inf, "> 0 and finite")
+            if group["growth_limit"] is not None:
+                _check("growth_limit", group["growth_limit"], lambda v: 1 <= v < math.inf, ">= 1 and finite")
+            _check("loss_beta", group["loss_beta"], lambda v: 0 <= v < 1, "in [0, 1)")
+            _check("f_star", group["f_star"], math.isfinite, "finite")
+            if not isinstance(group["estimate_f_star"], bool):
+                raise ValueError(f"Invalid estimate_f_star: {group['estimate_f_star']!r} (expected True or False)")
+
+    def _polyak(self, group: dict, t: int, f: float, l1: float, ip: float, any_gradient: bool) -> float:
+        """The step size over ``max(lr, eps)``; records the group's estimates.
+
+        Without ``guards`` (the authors' rule) the estimates of the first group
+        are used and stored, bias-corrected, in every group. With ``guards``
+        each group keeps its own, bias-corrected once at use.
+        """
+        guarded = "loss_beta" in group
+        rho = group["polyak_beta"]
+        if not any_gradient:  # no gradient anywhere: an empty step, the estimates kept
+            return 0.0
+        ema = rho * group["grad_l1_ema"] + (1 - rho) * l1 * math.sqrt(math.pi / 2)
+        corrected = ema / (1 - rho**t)
+        if not guarded:
+            for g in self.param_groups:
+                g["grad_l1_ema"] = corrected
+            return max(0.0, f + ip) / corrected if corrected > 0 else 0.0
+        group["grad_l1_ema"] = ema
+        group["loss_ema"] = group["loss_beta"] * group["loss_ema"] + (1 - group["loss_beta"]) * f
+        h = group["loss_ema"] / (1 - group["loss_beta"] ** t) + ip
+        low = group["f_star"]
+        if group["estimate_f_star"]:
+            low = group["f_star_estimate"] if h >= group["f_star_estimate"] else max(group["f_star"], h / 2)
+        eta = max(0.0, h - low) / corrected if corrected > 0 else 0.0
+        if group["growth_limit"] is not None and group["polyak_max"] > 0:
+            eta = min(eta, group["growth_limit"] * group["polyak_max"])
+        group["polyak_max"] = max(group["polyak_max"], eta)
+        if t < group["warmup_steps"]:
+            eta *= t / group["warmup_steps"]
+        multiplier = max(float(group["lr"]), group["eps"])
+        if group["lr_cap"] is not None:
+            eta = min(eta, group["lr_cap"] / multiplier)
+        if group["estimate_f_star"]:
+            group["f_star_estimate"] = max(group["f_star"], h - 0.5 * eta * corrected)
+        return eta
 
     @torch.no_grad()
     def step_func(self, function_value: float | Tensor | None = None) -> Any:
@@ -926,15 +1017,13 @@ class AdamCScheduleFreePlusReference(_XYZ):
                 g = _real(p.grad)
                 l1 += g.abs().sum().item()
                 ip += beta * (g * (_real(state["z"]) - _real(state["x"]))).sum().item()
-        rho = first["polyak_beta"]
-        ema = rho * first["grad_l1_ema"] + (1 - rho) * l1 * math.sqrt(math.pi / 2)
-        ema /= 1 - rho ** (first["k"] + 1)
-        polyak = max(0.0, f + ip) / ema if ema > 0 else 0.0
+        stepped = any(active)
+        shared = None if "loss_beta" in first else self._polyak(first, first["k"] + 1, f, l1, ip, stepped)
         for group, params in zip(self.param_groups, active):
             t = group["k"] + 1
             beta, (beta1, beta2), eps = _annealed_beta(group, t), group["betas"], group["eps"]
-            lr = max(float(group["lr"]), eps) * polyak
-            group["grad_l1_ema"] = ema
+            eta = shared if shared is not None else self._polyak(group, t, f, l1, ip, stepped)
+            lr = max(float(group["lr"]), eps) * eta
             group["scheduled_lr"] = lr
             group["lr_max"] = max(group["lr_max"], lr)
             if t <= group["c_warmup"]:

@@ -90,8 +90,12 @@ def prepare(
     decay_at_z: bool = False,
     fused: bool | None,
     foreach_flag: bool | None,
+    owner: str = "this optimizer",
 ) -> BucketStep:
-    """The update of ``bucket`` by this step: its scalars, and the kernel the policy allows (changes nothing)."""
+    """The update of ``bucket`` by this step: its scalars, and the kernel the policy allows (changes nothing).
+
+    ``owner`` names the optimizer class in the warning about a missing kernel.
+    """
     args: dict[str, Any] = dict(lr=lr, ckp1=ckp1, beta=beta, weight_decay=weight_decay)
     if decay_at_z and weight_decay != 0:
         # The kernels decay at y only.
@@ -107,7 +111,7 @@ def prepare(
         return BucketStep(direction, group, step_index, bucket, reduced, args, None, None, fused, foreach_flag)
     allowed = _kernel_allowed(fused, foreach_flag)
     backend = kernel_backend(bucket.params[0].device.type, fused) if allowed else None
-    call = _kernel_call(direction, group, step_index, bucket, reduced, fused, **args)
+    call = _kernel_call(direction, group, step_index, bucket, reduced, fused, owner, **args)
     return BucketStep(direction, group, step_index, bucket, reduced, args, backend, call, fused, foreach_flag)
 
 
@@ -197,6 +201,7 @@ def _kernel_call(
     bucket: Bucket,
     reduced: Mapping[str, Tensor],
     fused: bool | None,
+    owner: str,
     *,
     lr: float,
     ckp1: float,
@@ -206,11 +211,11 @@ def _kernel_call(
     """The direction's kernel description filled in for this step; None (and a warning with ``fused=True``) without one."""
     spec = direction.kernel(group, step_index, reduced)
     if spec is None:
-        name = type(direction).__name__
-        if fused and name not in _no_kernel_warned:
-            _no_kernel_warned.add(name)
+        if fused and owner not in _no_kernel_warned:
+            _no_kernel_warned.add(owner)
             warnings.warn(
-                f"sfoptim: fused=True, but {name} has no fused kernel; using the foreach implementation.",
+                f"sfoptim: fused=True, but {owner} has no fused kernel for some of its parameter groups; "
+                "they use the foreach implementation.",
                 RuntimeWarning,
                 stacklevel=6,
             )

@@ -9,41 +9,49 @@ The base direction is Adam's, with both moments bias-corrected:
 
 The step size is not a hyperparameter but a Polyak rule on the loss :math:`f`
 at ``y`` (the caller supplies it) and two sums over every parameter of every
-group, taken before the update:
+group, taken before the update (the authors' rule):
 
 .. math::
 
-    e_t &= \rho\, \bar e_{t-1} + (1-\rho) \sqrt{\pi/2}\, \textstyle\sum \|g\|_1,
+    e_t &= \rho\, e_{t-1} + (1-\rho) \sqrt{\pi/2}\, \textstyle\sum \|g\|_1,
         \qquad \bar e_t = e_t / (1-\rho^t) \\
-    \gamma_t &= \max(\gamma, \epsilon) \cdot
-        \max\big(0,\ f + \beta_t \textstyle\sum \langle g, z - x\rangle\big) / \bar e_t
+    \eta_t &= \max\big(0,\ f - f^* + \beta_t \textstyle\sum \langle g, z - x\rangle\big) / \bar e_t,
+        \qquad \gamma_t = \max(\gamma, \epsilon)\, \eta_t
 
-(:math:`\gamma` = ``lr``, 1 by default, :math:`\rho` = ``polyak_beta``; the
-running estimate is kept bias-corrected, as in the authors' code). Weight decay
-is decoupled, applied at ``y`` and scaled by :math:`\gamma_t^2` (AdamC):
+(:math:`\gamma` = ``lr``, 1 by default, :math:`\rho` = ``polyak_beta``,
+:math:`f^* = 0`; the authors' code stores :math:`\bar e` and so corrects it
+again at the next step, which :class:`AdamCScheduleFreePlusPaper` keeps).
+:class:`AdamCScheduleFreePlus` adds guard rails from the Polyak-step
+literature around it (see its arguments). Weight decay is decoupled,
+applied at ``y`` and scaled by :math:`\gamma_t^2` (AdamC):
 :math:`z \leftarrow z - \gamma_t^2 \lambda y - \gamma_t d_t`, so sensible
 values of :math:`\lambda` are 20 to 50, not 0.1. The interpolation weight
 anneals from ``sf_beta1`` to ``sf_beta1_max`` over ``sf_beta1_anneal_steps``,
 linearly in :math:`\log(1-\beta)`; ``c_warmup`` holds the averaging
 coefficient at 1 for the first steps.
 
-Papers: "ScheduleFree+" (Defazio et al.) and AdamC, "Why Gradients Rapidly
-Increase Near the End of Training" (arXiv 2506.02285).
+Papers: "ScheduleFree+" (Defazio et al.); AdamC, "Why Gradients Rapidly
+Increase Near the End of Training" (arXiv 2506.02285); the guard rails from
+SPS_max (Loizou et al., 2021), MoMo (Schaipp et al., ICML 2024) and
+Prodigy's growth limit.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from numbers import Real
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from .. import _validation
-from ..engine import ClosureForm, ScheduleFreeOptimizer, with_backend_args
-from ..engine.optimizer import _evaluate
+from ..engine import ClosureForm, ModeError, ScheduleFreeOptimizer, with_backend_args
+from ..engine.optimizer import _evaluate, work
+from ..engine.step import averaging, real
 from .adamw import adam_direction
 from .base import Bucket, BucketSum, Direction, KernelSpec, Kind
 
@@ -100,24 +108,59 @@ def _inner_gap(g: Tensor, z: Tensor, y: Tensor) -> Tensor:
     return (g * (z - y)).sum()
 
 
+class _Refused(Exception):
+    """A step whose loss, Polyak sums or step size are not usable; nothing has changed yet."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        #: ``"loss"``, ``"gradient"`` or ``"step size"``.
+        self.kind = kind
+
+
+class _GroupPlan(NamedTuple):
+    """The Polyak scalars of one group for one step, computed before anything is written."""
+
+    lr: float
+    ema: float
+    ema_corrected: float
+    ip: float
+    loss: float
+    #: The production class's guard state (None for the paper form).
+    loss_ema: float | None = None
+    polyak: float | None = None
+    counts: dict[str, int] | None = None
+    f_star: float | None = None
+
+
 class AdamCPlusDirection(Direction):
     """Adam's bias-corrected direction with a Polyak step size and AdamC decay.
 
-    State: ``exp_avg_sq`` and ``exp_avg``. The group carries the loss of the
-    step (``function_value``, written by the optimizer's ``step``) and the
-    running gradient-norm estimate (``grad_l1_ema``).
+    State: ``exp_avg_sq`` and ``exp_avg`` (and ``x`` and ``y`` for the paper
+    form). The step size of every group is computed by the optimizer the
+    direction is bound to, for all groups at once before any group is
+    updated, so that a step refused for a non-finite or overflowing scalar
+    changes nothing; the direction holds that step's scalars between
+    :meth:`lr` and :meth:`commit`.
     """
 
     reductions = ("grad_l1", "ip_term")
     varying_beta = True
+    bucket_sums = (BucketSum.GRAD_L1, BucketSum.GRAD_Z_MINUS_Y)
+
+    def __init__(self, owner: AdamCScheduleFreePlus | None = None, buffers: tuple[str, ...] = ("exp_avg_sq", "exp_avg")) -> None:
+        self._owner = owner
+        self._buffers = buffers
 
     def beta(self, group: dict, step: int) -> float:
         return annealed_beta(group["sf_beta1"], group["sf_beta1_max"], group["sf_beta1_anneal_steps"], step)
 
     def state_buffers(self, group: dict) -> tuple[str, ...]:
-        return ("exp_avg_sq", "exp_avg")
+        return self._buffers
 
-    bucket_sums = (BucketSum.GRAD_L1, BucketSum.GRAD_Z_MINUS_Y)
+    def new_buffer(self, group: dict, name: str, like: Tensor) -> Tensor:
+        if name in ("x", "y"):
+            return torch.clone(like, memory_format=torch.preserve_format)
+        return super().new_buffer(group, name, like)
 
     def reduce(self, group: dict, step: int, bucket: Bucket, beta: float) -> dict[str, Tensor]:
         r""":math:`\sum \|g\|_1` and :math:`\beta_t \sum \langle g, z - x\rangle` over the bucket, with torch operations."""
@@ -135,21 +178,20 @@ class AdamCPlusDirection(Direction):
         beta_now = self.beta(group, step)
         return {"grad_l1": sums[BucketSum.GRAD_L1], "ip_term": sums[BucketSum.GRAD_Z_MINUS_Y] * (beta_now / beta)}
 
-    def _estimate(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> tuple[float, float]:
-        """The step's gradient-norm estimate (bias-corrected EMA) and inner-product term (changes nothing)."""
-        rho = group["polyak_beta"]
-        ema = rho * group["grad_l1_ema"] + (1 - rho) * float(reduced["grad_l1"]) * _SQRT_HALF_PI
-        return ema / (1 - rho**step), float(reduced["ip_term"])
-
     def lr(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> float:
-        """The Polyak step size times ``max(lr, eps)``; zero when every gradient is zero (the rule has no scale then)."""
-        ema, ip = self._estimate(group, step, reduced)
-        polyak = max(0.0, group["function_value"] + ip) / ema if ema > 0 else 0.0
-        return max(float(group["lr"]), group["eps"]) * polyak
+        """The group's Polyak step size, from the scalars of every group (computed on the first call of a step).
+
+        Raises the optimizer's refusal, before anything is written, when any
+        group's scalars are not finite.
+        """
+        if self._owner is None:
+            raise TypeError("AdamCPlusDirection computes its step size through the optimizer it is bound to")
+        return self._owner._polyak_plan(reduced)[id(group)].lr
 
     def commit(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> None:
-        """Keeps the step's ``grad_l1_ema`` and ``ip_term`` in the group."""
-        group["grad_l1_ema"], group["ip_term"] = self._estimate(group, step, reduced)
+        """Records the group's Polyak state (``grad_l1_ema``, ``ip_term``, ``function_value``)."""
+        if self._owner is not None:
+            self._owner._polyak_commit(group)
 
     def weight_decay_at_y(self, group: dict, lr: float, weight_decay: float) -> float:
         return weight_decay * lr
@@ -175,7 +217,7 @@ class AdamCPlusDirection(Direction):
 
 @with_backend_args
 class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
-    r"""ScheduleFree+: schedule-free Adam with a Polyak step size (no learning rate to tune).
+    r"""ScheduleFree+: schedule-free Adam with a Polyak step size (no learning rate to tune), with guard rails.
 
     The step needs the loss at the current parameters: pass a closure that
     returns it (``opt.step(closure)``, as Lightning does), or the value itself
@@ -186,10 +228,43 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
     models. Call :meth:`train` before training and :meth:`eval` before
     evaluating or saving, as for every schedule-free optimizer.
 
+    The step size of the module's rule, with each guard rail applied in turn:
+
+    .. math::
+
+        h_t &= \bar f_t + \beta_t \textstyle\sum \langle g, z - x\rangle, \qquad
+            \bar f_t = \frac{\textstyle\sum_{s \le t} (1-\rho_f)\rho_f^{t-s} f_s}{1-\rho_f^t} \\
+        \eta_t &= \min\big(\max(0, h_t - f^*_t) / \bar e_t,\ \ g_{\max} \max_{s<t} \eta_s\big) \\
+        \gamma_t &= \min\big(\max(\gamma, \epsilon)\, \eta_t \min(1, t/W),\ \gamma_{\mathrm{cap}}\big)
+
+    with :math:`\bar e_t` the gradient-norm EMA debiased once,
+    :math:`\rho_f` = ``loss_beta``, :math:`g_{\max}` = ``growth_limit``,
+    :math:`W` = ``warmup_steps``, :math:`\gamma_{\mathrm{cap}}` = ``lr_cap``
+    (MoMo-Adam's cap). :math:`f^*_t` is ``f_star``, or with
+    ``estimate_f_star`` MoMo's online lower bound: after a step of size
+    :math:`\tau = \gamma_t / \max(\gamma, \epsilon)` it becomes
+    :math:`\max(f^*, h_t - \tau \bar e_t / 2)`, and a loss below it resets it to
+    :math:`\max(f^*, h_t / 2)`. The gradient sums are divided by ``clip_coef``
+    when :meth:`step` is given one. ``param_groups[i]["guard_counts"]``
+    counts the steps on which the cap (``"cap"``) and the growth limit
+    (``"growth"``) bound and the skipped steps (``"skipped"``); it is saved
+    in :meth:`state_dict`. With ``warmup_steps=0``, ``lr_cap=None``,
+    ``growth_limit=None``, ``polyak_beta=0`` and the authors' ``betas=(0.9,
+    0.95)``, ``c_warmup=0`` the trajectory is :class:`AdamCScheduleFreePlusPaper`'s.
+
+    The defaults were chosen on a byte-level language model (batch 16) and
+    MNIST-1D (batch 128), where the authors' rule diverges: a warmup, a cap
+    that stays above the Polyak estimate on MNIST-1D and binds on most steps
+    of the language model, and no inner momentum (``betas[0] = 0``), which
+    on both tasks is better than the authors' 0.9 (with 0.9 the MNIST-1D run
+    diverges even after a warmup). The authors use 0.9 at batches of millions
+    of tokens, where the gradient noise that misaligns momentum and gradient
+    is small.
+
     Args:
         params: parameters or parameter groups.
         lr: multiplier :math:`\gamma` of the Polyak step size (default 1.0).
-        betas: Adam's moment decays :math:`(\beta_1, \beta_2)` in [0, 1) (default (0.9, 0.95)).
+        betas: Adam's moment decays :math:`(\beta_1, \beta_2)` in [0, 1) (default (0.0, 0.95)).
         sf_beta1: the interpolation weight :math:`\beta` in (0, 1] (default 0.9).
         eps: added to Adam's denominator, and the floor of ``lr`` (default 1e-8).
         weight_decay: :math:`\lambda`, decoupled, applied at ``y`` and scaled by
@@ -198,7 +273,7 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
         polyak_beta: :math:`\rho \in [0, 1)`, EMA decay of the gradient norm in
             the Polyak rule (default 0: the current norm).
         c_warmup: number of first steps with averaging coefficient 1 (``x``
-            follows ``z``; default 0). One or two times a warmup length is typical.
+            follows ``z``; default None: ``warmup_steps``).
         sf_beta1_anneal_steps: steps over which :math:`\beta` anneals from
             ``sf_beta1`` to ``sf_beta1_max`` (default 0: no annealing).
         sf_beta1_max: the final interpolation weight (default 0.965).
@@ -207,12 +282,27 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
         {backend_args}
         average_loss: average the loss over the ranks of the default process
             group when one is initialised (default True).
+        skip_nonfinite: skip (and count, and warn about) a step whose loss,
+            gradient sums or step size are not finite, changing nothing;
+            False raises instead (default True).
+        warmup_steps: :math:`W`, steps over which the step size rises
+            linearly (default 20).
+        lr_cap: :math:`\gamma_{\mathrm{cap}}`, the largest step size, or None
+            (default 0.05).
+        growth_limit: :math:`g_{\max} \ge 1`, how far the Polyak estimate may
+            exceed its largest value so far in one step, or None (default
+            :math:`2^{1/4}`, Prodigy's).
+        loss_beta: :math:`\rho_f \in [0, 1)`, EMA decay of the loss (default 0:
+            the current loss).
+        f_star: :math:`f^*`, a lower bound of the loss (default 0).
+        estimate_f_star: raise the lower bound online from ``f_star`` (MoMo's
+            estimate; default False).
 
     State per parameter: ``z``, ``exp_avg_sq`` and ``exp_avg``.
 
     Example::
 
-        opt = sfoptim.AdamCScheduleFreePlus(model.parameters(), weight_decay=20.0)
+        opt = sfoptim.AdamCScheduleFreePlus(model.parameters())
         opt.train(); model.train()
         for xb, yb in loader:
             opt.zero_grad(); loss = loss_fn(model(xb), yb); loss.backward()
@@ -221,6 +311,500 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
     """
 
     direction = AdamCPlusDirection()
+    #: Refuse a step with a non-finite loss, gradient or step size (raise)
+    #: instead of skipping it; the paper form always refuses.
+    _refuses: bool = False
+    #: Store the gradient-norm EMA bias-corrected, so that the next step
+    #: corrects it again (the authors' code does; the paper form keeps it).
+    _ema_stored_corrected: bool = False
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1.0,
+        betas: tuple[float, float] = (0.0, 0.95),
+        sf_beta1: float = 0.9,
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        r: float = 0,
+        polyak_beta: float = 0,
+        c_warmup: int | None = None,
+        sf_beta1_anneal_steps: int = 0,
+        sf_beta1_max: float = 0.965,
+        weight_lr_power: float = 2,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        average_loss: bool = True,
+        skip_nonfinite: bool = True,
+        warmup_steps: int = 20,
+        lr_cap: float | None = 0.05,
+        growth_limit: float | None = 2**0.25,
+        loss_beta: float = 0,
+        f_star: float = 0.0,
+        estimate_f_star: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            sf_beta1=sf_beta1,
+            eps=eps,
+            weight_decay=weight_decay,
+            r=r,
+            polyak_beta=polyak_beta,
+            c_warmup=c_warmup,
+            sf_beta1_anneal_steps=sf_beta1_anneal_steps,
+            sf_beta1_max=sf_beta1_max,
+            weight_lr_power=weight_lr_power,
+            foreach=foreach,
+            fused=fused,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            warmup_steps=warmup_steps,
+            lr_cap=lr_cap,
+            growth_limit=growth_limit,
+            loss_beta=loss_beta,
+            f_star=f_star,
+            estimate_f_star=estimate_f_star,
+            f_star_estimate=f_star,
+            grad_l1_ema=0.0,
+            loss_ema=0.0,
+            polyak_max=0.0,
+            function_value=0.0,
+            ip_term=0.0,
+        )
+        self._init_plus(params, defaults, average_loss=average_loss, skip_nonfinite=skip_nonfinite)
+
+    def _init_plus(self, params: Iterable[Any], defaults: dict[str, Any], *, average_loss: bool, skip_nonfinite: bool) -> None:
+        if not isinstance(skip_nonfinite, bool):
+            raise ValueError(f"Invalid skip_nonfinite: {skip_nonfinite!r} (expected True or False)")
+        self.average_loss = average_loss
+        self.skip_nonfinite = skip_nonfinite
+        self._pending_loss: Tensor | float | None = None
+        self._plan: dict[int, _GroupPlan] | None = None
+        self._step_loss = 0.0
+        self._step_clip = 1.0
+        self._direction = self._bound_direction()
+        if not self._refuses:
+            defaults["guard_counts"] = dict.fromkeys(_GUARDS, 0)
+        super().__init__(params, defaults)
+
+    def _bound_direction(self) -> AdamCPlusDirection:
+        return AdamCPlusDirection(self)
+
+    def direction_for(self, group: dict) -> Direction:
+        """The direction bound to this optimizer (it computes the step size of every group at once)."""
+        return self._direction
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("average_loss", True)
+        self.__dict__.setdefault("skip_nonfinite", not self._refuses)
+        self._pending_loss = None
+        self._plan = None
+        self._step_loss = 0.0
+        self._step_clip = 1.0
+        self._direction = self._bound_direction()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group[self.group_key("k")] == 0:
+            # The largest step size starts at eps, as in the authors' code, so a
+            # first step of size 0 (loss 0) still has a positive averaging weight.
+            group[self.group_key("lr_max")] = max(group[self.group_key("lr_max")], group["eps"])
+        if "guard_counts" in group:
+            group["guard_counts"] = dict(group["guard_counts"])
+
+    def _validate_group(self, group: dict) -> None:
+        if group.get("c_warmup", 0) is None:  # tied to the warmup of the step size
+            group["c_warmup"] = _validation.check_steps("warmup_steps", group.get("warmup_steps", 0))
+        super()._validate_group(group)
+        if group.get("adamc"):
+            # Its decay is already scaled by the step size; the engine's option would scale it twice.
+            raise ValueError(f"Invalid adamc: {group['adamc']!r} (ScheduleFree+ always applies AdamC's scaling of weight decay)")
+        betas = group["betas"]
+        try:
+            beta1, beta2 = betas
+        except (TypeError, ValueError):
+            raise ValueError(f"Invalid betas: {betas!r} (expected a pair (beta1, beta2))") from None
+        _validation.check_in_range("betas[0]", beta1, 0.0, 1.0, low_open=False, high_open=True)
+        _validation.check_in_range("betas[1]", beta2, 0.0, 1.0, low_open=False, high_open=True)
+        _validation.check_nonnegative("eps", group["eps"])
+        _validation.check_in_range("polyak_beta", group["polyak_beta"], 0.0, 1.0, low_open=False, high_open=True)
+        annealing = _validation.check_steps("sf_beta1_anneal_steps", group["sf_beta1_anneal_steps"]) > 0
+        # Annealing is linear in log(1 - beta), which needs beta < 1.
+        for name in ("sf_beta1", "sf_beta1_max"):
+            _validation.check_in_range(name, group[name], 0.0, 1.0, low_open=True, high_open=annealing)
+        _validation.check_steps("c_warmup", group["c_warmup"])
+        if "warmup_steps" in group:  # the production class's guard rails
+            _validation.check_steps("warmup_steps", group["warmup_steps"])
+            if group["lr_cap"] is not None:
+                _validation.check_in_range("lr_cap", group["lr_cap"], 0.0, math.inf, low_open=True, high_open=True)
+            if group["growth_limit"] is not None:
+                _validation.check_in_range("growth_limit", group["growth_limit"], 1.0, math.inf, low_open=False, high_open=True)
+            _validation.check_in_range("loss_beta", group["loss_beta"], 0.0, 1.0, low_open=False, high_open=True)
+            _validation.check_in_range("f_star", group["f_star"], -math.inf, math.inf, low_open=True, high_open=True)
+            if not isinstance(group["estimate_f_star"], bool):
+                raise ValueError(f"Invalid estimate_f_star: {group['estimate_f_star']!r} (expected True or False)")
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(
+        self, closure: Callable[[], Any] | None = None, *, loss: float | Tensor | None = None, clip_coef: float | Tensor = 1.0
+    ) -> Any:
+        """One step with the gradients in ``p.grad`` and the loss at the current ``y``.
+
+        The loss is ``loss`` if given, else the value ``closure`` returns (the
+        closure runs first, with gradients enabled), else the sum passed to
+        :meth:`accumulate_loss` since the last step; the closure's value is
+        returned. When no parameter has a gradient the step is empty: the
+        step size is 0 and only the step count and averaging weights advance.
+        ``clip_coef`` is the factor gradient clipping multiplied the gradients
+        by (``min(1, max_norm / total_norm)``): the Polyak sums are divided by
+        it, so that the step size is the unclipped gradients' (1: no clipping).
+
+        A loss, gradient sum or step size that is not finite (or too large
+        for the parameters' dtype) skips the step: parameters and state stay
+        as they were, ``param_groups[i]["guard_counts"]["skipped"]`` counts
+        it and a ``RuntimeWarning`` says why. With ``skip_nonfinite=False``
+        the step raises instead, also changing nothing.
+
+        Raises:
+            TypeError: neither a closure, ``loss`` nor an accumulated loss was
+                given, or the closure returned None; nothing has changed.
+            ValueError: the loss is not one number (or, with
+                ``skip_nonfinite=False``, not finite); nothing has changed.
+            FloatingPointError: with ``skip_nonfinite=False``, a gradient or the
+                step size is not finite; nothing has changed.
+            ModeError: in eval mode (call :meth:`train` first).
+        """
+        return self._run_step(closure, loss=loss, clip_coef=clip_coef)
+
+    def _run_step(
+        self, closure: Callable[[], Any] | None, loss: float | Tensor | None = None, clip_coef: float | Tensor = 1.0
+    ) -> Any:
+        coef = _validation._as_float("clip_coef", clip_coef)
+        if not 0.0 < coef <= 1.0:
+            raise ValueError(f"Invalid clip_coef: {clip_coef!r} (must be in (0, 1])")
+        if loss is None and closure is None and self._pending_loss is not None:
+            loss = self._pending_loss
+        self._enter_step(closure)
+        try:
+            if closure is None and loss is None:
+                raise TypeError(
+                    f"{type(self).__name__}.step() needs the loss for its Polyak step size: "
+                    "call step(loss=loss), step(closure) with a closure that returns the loss, "
+                    "or accumulate_loss(loss) before step()"
+                )
+            value = _evaluate(closure)
+            f = self._global_loss(loss if loss is not None else value)
+            self._step_clip = coef
+            try:
+                if not math.isfinite(f):
+                    raise _Refused("loss", f"Invalid loss: {f!r} (the Polyak step size needs a finite loss)")
+                self._step_loss = f
+                self._update()
+            except _Refused as refused:
+                self._pending_loss = None
+                self._refuse(refused)
+            else:
+                self._pending_loss = None
+        finally:
+            self._leave_step()
+        return value
+
+    def _update(self) -> None:
+        # State that this step creates (first steps of parameters) is removed
+        # again when the step is refused; it is appended to ``self.state``.
+        created_from = len(self.state)
+        self._plan = None
+        try:
+            super()._update()
+        except _Refused:
+            for p in list(self.state)[created_from:]:
+                del self.state[p]
+            raise
+        finally:
+            self._plan = None
+
+    def _refuse(self, refused: _Refused) -> None:
+        """Raises for a refused step (``skip_nonfinite=False``, the paper form), else counts and warns."""
+        if self._refuses or not self.skip_nonfinite:
+            if refused.kind == "loss":
+                raise ValueError(str(refused)) from None
+            raise FloatingPointError(str(refused)) from None
+        for group in self.param_groups:
+            group["guard_counts"] = _counted(group.get("guard_counts", {}), "skipped")
+        warnings.warn(
+            f"{type(self).__name__} skipped a step: its {refused.kind} was not finite; parameters and state are "
+            "unchanged (param_groups[i]['guard_counts']['skipped'] counts such steps). The first: " + str(refused),
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+    def _polyak_plan(self, reduced: Mapping[str, Tensor]) -> dict[int, _GroupPlan]:
+        """The step's scalars for every group, each checked; raises :class:`_Refused`, writing nothing."""
+        if self._plan is not None:
+            return self._plan
+        f = self._step_loss
+        empty = "grad_l1" not in reduced  # no parameter has a gradient
+        l1 = 0.0 if empty else float(reduced["grad_l1"]) / self._step_clip
+        ip = 0.0 if empty else float(reduced["ip_term"]) / self._step_clip
+        if not (math.isfinite(l1) and math.isfinite(ip)):
+            raise _Refused("gradient", self._nonfinite_sums_message(l1, ip))
+        plan = {id(group): self._group_plan(group, f, l1, ip, empty) for group in self.param_groups}
+        self._plan = plan
+        return plan
+
+    def _group_plan(self, group: dict, f: float, l1: float, ip: float, empty: bool) -> _GroupPlan:
+        step = group[self.group_key("k")] + 1
+        rho = group["polyak_beta"]
+        guarded = "warmup_steps" in group
+        counts = group.get("guard_counts")
+        loss_ema = group.get("loss_ema", 0.0)
+        polyak_max = group.get("polyak_max", 0.0)
+        f_star = group.get("f_star_estimate", 0.0)
+        h = 0.0
+        if empty:
+            ema = corrected = group["grad_l1_ema"]
+            polyak = 0.0
+        else:
+            ema = rho * group["grad_l1_ema"] + (1 - rho) * l1 * _SQRT_HALF_PI
+            corrected = ema / (1 - rho**step)
+            h = f + ip
+            if guarded:
+                beta_f = group["loss_beta"]
+                loss_ema = beta_f * loss_ema + (1 - beta_f) * f
+                h = loss_ema / (1 - beta_f**step) + ip
+                if not group["estimate_f_star"]:
+                    f_star = group["f_star"]
+                elif h < f_star:  # the loss went below the estimate: start again from half the gap
+                    f_star = max(group["f_star"], h / 2)
+            polyak = max(0.0, h - f_star) / corrected if corrected > 0 else 0.0
+            limit = group.get("growth_limit")
+            if limit is not None and polyak_max > 0 and polyak > limit * polyak_max:
+                polyak = limit * polyak_max
+                counts = _counted(counts, "growth")
+            polyak_max = max(polyak_max, polyak)
+        lr = max(float(group["lr"]), group["eps"]) * polyak
+        if guarded and not empty:
+            warmup = group["warmup_steps"]
+            if step < warmup:
+                lr *= step / warmup
+            cap = group["lr_cap"]
+            if cap is not None and lr > cap:
+                lr = float(cap)
+                counts = _counted(counts, "cap")
+            if group["estimate_f_star"]:
+                # MoMo's online lower bound: the model's value after the step taken.
+                taken = lr / max(float(group["lr"]), group["eps"])
+                f_star = max(group["f_star"], h - 0.5 * taken * corrected)
+        self._check_step_size(group, lr, f)
+        stored = corrected if self._ema_stored_corrected else ema
+        if not guarded:
+            return _GroupPlan(lr, stored, corrected, ip, f)
+        return _GroupPlan(lr, stored, corrected, ip, f, loss_ema, polyak_max, counts, f_star)
+
+    def _check_step_size(self, group: dict, lr: float, f: float) -> None:
+        """Refuses a step size that is not finite, or whose averaging or decay overflows."""
+        decay = lr * lr * float(group[self.group_key("weight_decay")])
+        try:
+            step = group[self.group_key("k")] + 1
+            sched = averaging(group, self.group_key, step, lr, self.direction_for(group).beta(group, step))
+            ok = all(map(math.isfinite, (lr, decay, sched.weight_sum, sched.ckp1)))
+        except OverflowError:
+            ok = False
+        if ok and max(lr, decay) > _SMALLEST_FLOAT_MAX:
+            widest = min((torch.finfo(t.dtype).max for t in self._working_tensors(group)), default=math.inf)
+            ok = max(lr, decay) <= widest
+        if not ok:
+            raise _Refused(
+                "step size",
+                f"the Polyak step size {lr!r} (loss {f!r}) overflows the averaging weights, the decay "
+                "or the parameters' dtype",
+            )
+
+    def _working_tensors(self, group: dict) -> list[Tensor]:
+        return [work(p, self.state[p]) if p in self.state else p for p in group["params"] if p.is_floating_point()]
+
+    def _nonfinite_sums_message(self, l1: float, ip: float) -> str:
+        bad = [
+            self._param_label(gi, pi, p)
+            for gi, group in enumerate(self.param_groups)
+            for pi, p in enumerate(group["params"])
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+        ]
+        if bad:
+            return f"non-finite gradient elements in {', '.join(bad[:3])}" + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        return f"the Polyak sums are not finite (sum |g| = {l1!r}, inner product with z - x = {ip!r}): the parameters or z hold non-finite values"
+
+    def _polyak_commit(self, group: dict) -> None:
+        plan = self._plan[id(group)] if self._plan is not None else None
+        if plan is None:
+            return
+        group["grad_l1_ema"] = plan.ema
+        group["ip_term"] = plan.ip
+        group["function_value"] = plan.loss
+        if plan.counts is not None:
+            group["loss_ema"] = plan.loss_ema
+            group["polyak_max"] = plan.polyak
+            group["guard_counts"] = plan.counts
+            group["f_star_estimate"] = plan.f_star
+
+    # ------------------------------------------------------------ the loss
+    def accumulate_loss(self, loss: float | Tensor) -> None:
+        """Adds ``loss`` to the loss the next argument-less :meth:`step` uses.
+
+        For training loops that call ``step()`` without arguments (trainers):
+        call it once per micro-batch with the loss whose gradient was
+        accumulated (scaled as it was for ``backward``): a number or a
+        one-element tensor, summed in float64 whatever its dtype. The sum is
+        used by the next ``step()`` without ``closure`` or ``loss`` and
+        cleared by every step that completes or is skipped, by
+        :meth:`zero_grad` (which discards the gradients it belongs to), by
+        :meth:`load_state_dict` and by :meth:`clear_accumulated_loss`.
+
+        Raises:
+            TypeError: ``loss`` is not a number or a tensor.
+            ValueError: ``loss`` is a tensor of more than one element, or complex.
+        """
+        value = _loss_value(loss)
+        pending = self._pending_loss
+        if pending is None:
+            self._pending_loss = value
+        elif isinstance(pending, Tensor) and isinstance(value, Tensor):
+            self._pending_loss = pending + value.to(pending.device)
+        else:
+            self._pending_loss = pending + value
+
+    def clear_accumulated_loss(self) -> None:
+        """Discards the loss summed by :meth:`accumulate_loss` since the last step."""
+        self._pending_loss = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Resets the gradients (as ``torch.optim.Optimizer.zero_grad``) and the accumulated loss."""
+        self._pending_loss = None
+        super().zero_grad(set_to_none)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a state dict (see :meth:`ScheduleFreeOptimizer.load_state_dict`); the accumulated loss is discarded."""
+        super().load_state_dict(state_dict)
+        self._pending_loss = None
+        for group in self.param_groups:
+            if "guard_counts" in group:
+                group["guard_counts"] = dict(group["guard_counts"])
+
+    def _averages_loss(self) -> bool:
+        """Whether the loss is averaged over the ranks of the default process group this step."""
+        return bool(self.average_loss) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    def _global_loss(self, loss: Any) -> float:
+        """The loss as a float (maybe not finite), averaged over the ranks of the default process group."""
+        if loss is None:
+            raise TypeError(f"{type(self).__name__}.step(): the closure returned None; it must return the loss")
+        value = _loss_value(loss, error=ValueError)
+        if not isinstance(value, Tensor):
+            value = torch.tensor(value, dtype=torch.float64)
+        if self._averages_loss():
+            # Plain data-parallel replicas hold the same gradients (averaged by
+            # DDP) but each rank's loss is of its own batch: average it too, or
+            # every replica computes a different step size and they drift apart.
+            device = next(p.device for g in self.param_groups for p in g["params"])
+            buf = value.reshape(1).to(device=device, dtype=torch.float64)
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            return buf.item() / dist.get_world_size()
+        return float(value)
+
+
+#: The guard rails whose binding is counted in ``param_groups[i]["guard_counts"]``.
+_GUARDS = ("skipped", "cap", "growth")
+
+
+def _counted(counts: Mapping[str, int] | None, guard: str) -> dict[str, int]:
+    """A copy of ``counts`` with ``guard`` counted once more (the group's dict is replaced, never changed)."""
+    out = dict(counts or {})
+    out[guard] = out.get(guard, 0) + 1
+    return out
+
+
+#: The largest finite value of the narrowest floating dtype (float16); a step
+#: size below it fits every parameter dtype.
+_SMALLEST_FLOAT_MAX = float(torch.finfo(torch.float16).max)
+
+
+def _loss_value(loss: Any, error: type[Exception] = TypeError) -> Tensor | float:
+    """A loss as a float64 0-d tensor (detached, on its device) or a Python float.
+
+    ``error`` is raised for a value that is neither a real number nor a tensor.
+    """
+    if isinstance(loss, Tensor):
+        if loss.numel() != 1:
+            raise ValueError(f"Invalid loss: a tensor of shape {tuple(loss.shape)} (expected one number)")
+        if loss.is_complex():
+            raise ValueError(f"Invalid loss: a complex tensor ({loss.dtype}; expected a real number)")
+        wide = torch.float32 if loss.device.type == "mps" else torch.float64  # MPS has no float64
+        return loss.detach().reshape(()).to(wide)
+    if isinstance(loss, bool) or not isinstance(loss, Real):
+        raise error(f"Invalid loss: {loss!r} (expected a real number or a one-element tensor)")
+    return float(loss)
+
+
+class AdamCScheduleFreePlusClosure(ClosureForm, AdamCScheduleFreePlus):
+    """ScheduleFree+ whose parameters always hold ``x``; ``step(closure)`` with a closure returning the loss.
+
+    Same arguments and math as :class:`AdamCScheduleFreePlus`.
+    """
+
+    @torch.no_grad()
+    def step(
+        self, closure: Callable[[], Any] | None = None, *, loss: float | Tensor | None = None, clip_coef: float | Tensor = 1.0
+    ) -> Any:
+        """Evaluates ``closure`` at ``y`` and steps with its loss (or ``loss``, if given)."""
+        if closure is None:
+            raise TypeError(f"{type(self).__name__}.step() needs a closure that computes the loss and gradients")
+        return self._run_step(closure, loss=loss, clip_coef=clip_coef)
+
+
+@with_backend_args
+class AdamCScheduleFreePlusPaper(AdamCScheduleFreePlus):
+    r"""The authors' interface to ScheduleFree+: ``step_func(function_value)``, their trajectory and state.
+
+    Same arguments, defaults and trajectory as ``AdamCScheduleFreePlusPaper``
+    of the authors' repository, on the foreach and fused backends. As theirs,
+    it starts in eval mode (call :meth:`train` before the first step), keeps
+    ``x`` and ``y`` in its state beside ``z``, ``exp_avg`` and
+    ``exp_avg_sq`` (here copies of the points the step works from, refreshed
+    after every step), logs ``grad_l1_ema_corr`` and ``function_value_ema``
+    in its groups, and stores the gradient-norm EMA bias-corrected so that
+    the next step corrects it again. The loss is averaged over ranks only
+    when a gradient is sharded (a DTensor), as in the authors' code;
+    :class:`AdamCScheduleFreePlus` averages it under plain data parallelism
+    too, where each rank's loss is of its own batch.
+
+    Differences: every group uses its own ``sf_beta1``, annealing and
+    ``polyak_beta`` (the authors' code takes them from the first group). While
+    :math:`\beta` anneals, a parameter without a gradient keeps ``x`` and
+    ``z`` and its ``y`` follows the new :math:`\beta`; the authors' code
+    leaves such a ``y`` where an earlier :math:`\beta` put it. A step with a
+    non-finite loss, gradient or step size raises (ValueError for the loss,
+    FloatingPointError otherwise) and changes nothing; a step without any
+    gradient is empty (step size 0).
+
+    In float32 the trajectory agrees with the authors' to float32 rounding:
+    the Polyak step size feeds each step's rounding into the next, so the two
+    runs differ as much as either differs from the same run in float64.
+
+    Args:
+        params, lr, betas, sf_beta1, eps, weight_decay, r, polyak_beta,
+        c_warmup, sf_beta1_anneal_steps, sf_beta1_max, weight_lr_power: as
+            for :class:`AdamCScheduleFreePlus` (the authors' defaults).
+        {backend_args}
+    """
+
+    _refuses = True
+    _ema_stored_corrected = True
 
     def __init__(
         self,
@@ -240,7 +824,6 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
         fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
-        average_loss: bool = True,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -259,145 +842,55 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
             state_dtype=state_dtype,
             stochastic_rounding=stochastic_rounding,
             grad_l1_ema=0.0,
+            grad_l1_ema_corr=0.0,
             function_value=0.0,
+            function_value_ema=0.0,
             ip_term=0.0,
         )
-        self.average_loss = average_loss
-        self._pending_loss: Tensor | float | None = None
-        super().__init__(params, defaults)
+        self._init_plus(params, defaults, average_loss=True, skip_nonfinite=False)
+        for group in self.param_groups:
+            group[self.group_key("train_mode")] = False  # the authors' class starts in eval mode
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        if group[self.group_key("k")] == 0:
-            # The largest step size starts at eps, as in the authors' code, so a
-            # first step of size 0 (loss 0) still has a positive averaging weight.
-            group[self.group_key("lr_max")] = max(group[self.group_key("lr_max")], group["eps"])
+    def _bound_direction(self) -> AdamCPlusDirection:
+        return AdamCPlusDirection(self, ("exp_avg_sq", "exp_avg", "x", "y"))
 
-    def _validate_group(self, group: dict) -> None:
-        super()._validate_group(group)
-        if group.get("adamc"):
-            # Its decay is already scaled by the step size; the engine's option would scale it twice.
-            raise ValueError(f"Invalid adamc: {group['adamc']!r} (ScheduleFree+ always applies AdamC's scaling of weight decay)")
-        betas = group["betas"]
-        try:
-            beta1, beta2 = betas
-        except (TypeError, ValueError):
-            raise ValueError(f"Invalid betas: {betas!r} (expected a pair (beta1, beta2))") from None
-        _validation.check_in_range("betas[0]", beta1, 0.0, 1.0, low_open=False, high_open=True)
-        _validation.check_in_range("betas[1]", beta2, 0.0, 1.0, low_open=False, high_open=True)
-        _validation.check_nonnegative("eps", group["eps"])
-        _validation.check_in_range("polyak_beta", group["polyak_beta"], 0.0, 1.0, low_open=False, high_open=True)
-        annealing = _validation.check_steps("sf_beta1_anneal_steps", group["sf_beta1_anneal_steps"]) > 0
-        # Annealing is linear in log(1 - beta), which needs beta < 1.
-        for name in ("sf_beta1", "sf_beta1_max"):
-            _validation.check_in_range(name, group[name], 0.0, 1.0, low_open=True, high_open=annealing)
+    def _enter_step(self, closure: Callable[[], Any] | None) -> None:
+        if not self.train_mode:
+            raise ModeError(
+                f"{type(self).__name__} was not in train mode when step_func() or step() was called "
+                "(it starts in eval mode, as the authors' class does): call optimizer.train() before "
+                "training steps and optimizer.eval() before evaluating or saving."
+            )
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None, *, loss: float | Tensor | None = None) -> Any:
-        """One step with the gradients in ``p.grad`` and the loss at the current ``y``.
+    def _averages_loss(self) -> bool:
+        if not (dist.is_available() and dist.is_initialized()):
+            return False
+        return any(hasattr(p.grad, "to_local") for g in self.param_groups for p in g["params"] if p.grad is not None)
 
-        The loss is ``loss`` if given, else the value ``closure`` returns (the
-        closure runs first, with gradients enabled); the closure's value is
-        returned.
+    def _update(self) -> None:
+        super()._update()
+        # x and y as the authors' class stores them: y is where the parameters
+        # are, x = lerp(y, z, 1 - 1/beta).
+        for group in self.param_groups:
+            works, xs, ys, zs = [], [], [], []
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and "x" in state:
+                    works.append(real(work(p, state)))
+                    xs.append(real(state["x"]))
+                    ys.append(real(state["y"]))
+                    zs.append(real(state["z"]))
+            if works:
+                torch._foreach_copy_(ys, works)
+                torch._foreach_copy_(xs, works)
+                torch._foreach_lerp_(xs, zs, 1 - 1 / self.y_beta(group))
 
-        Raises:
-            TypeError: neither a closure nor ``loss`` was given, or the closure
-                returned None; nothing has changed.
-            ValueError: the loss is not a finite number; nothing has changed.
-            ModeError: in eval mode (call :meth:`train` first).
-        """
-        if loss is None and closure is None and getattr(self, "_pending_loss", None) is not None:
-            loss = self._pending_loss
-        self._enter_step(closure)
-        try:
-            if closure is None and loss is None:
-                raise TypeError(
-                    f"{type(self).__name__}.step() needs the loss for its Polyak step size: "
-                    "call step(loss=loss), step(closure) with a closure that returns the loss, "
-                    "or accumulate_loss(loss) before step()"
-                )
-            value = _evaluate(closure)
-            f = self._global_loss(loss if loss is not None else value)
-            for group in self.param_groups:
-                group["function_value"] = f
-            self._update()
-            self._pending_loss = None
-        finally:
-            self._leave_step()
-        return value
-
-    def accumulate_loss(self, loss: float | Tensor) -> None:
-        """Adds ``loss`` to the loss the next argument-less :meth:`step` uses.
-
-        For training loops that call ``step()`` without arguments (trainers):
-        call it once per micro-batch with the loss whose gradient was
-        accumulated (scaled as it was for ``backward``). The sum is used by the
-        next ``step()`` without ``closure`` or ``loss`` and then cleared.
-        """
-        value = loss.detach() if isinstance(loss, Tensor) else loss
-        self._pending_loss = value if self._pending_loss is None else self._pending_loss + value
-
-    def _global_loss(self, loss: Any) -> float:
-        """The loss as a float, averaged over the ranks of the default process group."""
-        if loss is None:
-            raise TypeError(f"{type(self).__name__}.step(): the closure returned None; it must return the loss")
-        if isinstance(loss, Tensor):
-            if loss.numel() != 1:
-                raise ValueError(f"Invalid loss: a tensor of shape {tuple(loss.shape)} (expected one number)")
-            loss = loss.detach()
-        else:
-            loss = torch.tensor(_validation._as_float("loss", loss), dtype=torch.float64)
-        if self.average_loss and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # Plain data-parallel replicas hold the same gradients (averaged by
-            # DDP) but each rank's loss is of its own batch: average it too, or
-            # every replica computes a different step size and they drift apart.
-            device = next(p.device for g in self.param_groups for p in g["params"])
-            buf = loss.reshape(1).to(device=device, dtype=torch.float64)
-            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-            value = buf.item() / dist.get_world_size()
-        else:
-            value = float(loss)
-        if not math.isfinite(value):
-            raise ValueError(f"Invalid loss: {value!r} (the Polyak step size needs a finite loss)")
-        return value
-
-
-class AdamCScheduleFreePlusClosure(ClosureForm, AdamCScheduleFreePlus):
-    """ScheduleFree+ whose parameters always hold ``x``; ``step(closure)`` with a closure returning the loss.
-
-    Same arguments and math as :class:`AdamCScheduleFreePlus`.
-    """
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None, *, loss: float | Tensor | None = None) -> Any:
-        """Evaluates ``closure`` at ``y`` and steps with its loss (or ``loss``, if given)."""
-        if closure is None:
-            raise TypeError(f"{type(self).__name__}.step() needs a closure that computes the loss and gradients")
-        return AdamCScheduleFreePlus.step(self, closure, loss=loss)
-
-
-class AdamCScheduleFreePlusPaper(AdamCScheduleFreePlus):
-    """The authors' interface to ScheduleFree+: ``step_func(function_value)``.
-
-    Same arguments and defaults as ``AdamCScheduleFreePlusPaper`` of the
-    authors' repository, and the same trajectory, with two buffers fewer
-    (``x`` and ``y`` are not stored) and the foreach and fused backends. The
-    authors' code takes ``sf_beta1``, its annealing and ``polyak_beta`` from
-    the first group; here every group uses its own (the same unless set per
-    group). While :math:`\beta` anneals, a parameter without a gradient keeps
-    ``x`` and ``z`` and its ``y`` follows the new :math:`\beta`, so that
-    :math:`y = \beta x + (1-\beta) z` holds for every parameter; the authors'
-    code leaves such a ``y`` where an earlier :math:`\beta` put it, so runs
-    that freeze parameters during annealing evaluate those parameters at a
-    slightly different point. The loss is averaged over ranks under data
-    parallelism too (the authors' code does so only for sharded parameters).
-
-    In float32 the trajectory agrees with the authors' to float32 rounding:
-    ``y`` and ``z`` are updated directly instead of through a stored ``x``,
-    and the Polyak step size feeds each step's rounding into the next, so the
-    two runs differ as much as either differs from the same run in float64.
-    """
+    def _polyak_commit(self, group: dict) -> None:
+        super()._polyak_commit(group)
+        plan = self._plan[id(group)] if self._plan is not None else None
+        if plan is not None:
+            group["grad_l1_ema_corr"] = plan.ema_corrected
+            group["function_value_ema"] = plan.loss + plan.ip
 
     @torch.no_grad()
     def step_func(self, function_value: float | Tensor | None = None) -> Any:

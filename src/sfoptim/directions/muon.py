@@ -15,8 +15,11 @@ where :math:`\mathrm{NS}` is ``ns_steps`` quintic Newton-Schulz iterations
 :math:`X_0 = \tilde B / \max(\lVert\tilde B\rVert_F, \epsilon)` (on the
 transpose when the matrix has more rows than columns), computed in
 ``ns_dtype``, and :math:`s` the shape adjustment of the ``A x B`` matrix:
-:math:`\sqrt{\max(1, A/B)}` (``adjust_lr_fn=None`` or ``"original"``) or
-:math:`0.2\sqrt{\max(A, B)}` (``"match_rms_adamw"``).
+:math:`0.2\sqrt{\max(A, B)}` (``adjust_lr_fn="match_rms_adamw"``, the
+default: an entry RMS of 0.2, about an AdamW update's, so that one learning
+rate serves both parts) or :math:`\sqrt{\max(1, A/B)}` (``None`` or
+``"original"``, Jordan et al.'s). A matrix without elements gets the empty
+direction.
 
 With ``normuon=True`` (NorMuon, Li et al., 2025) the orthogonalized update is
 normalized per row (neuron) by a second moment of its entries, and rescaled
@@ -44,13 +47,17 @@ with :math:`\beta_s = \beta` for :math:`s \le T_0` and
 
 from __future__ import annotations
 
+import logging
 import math
-import re
+import os
+import sys
+import warnings
 from collections.abc import Iterable, Mapping
+from types import FrameType
 from typing import Any
 
 import torch
-from torch import Size, Tensor
+from torch import Size, Tensor, nn
 
 from .. import _validation
 from ..distributed import assign_owners, compute_on_owners, row_sharded, shard_like
@@ -62,11 +69,16 @@ __all__ = [
     "AdamWPart",
     "MuonDirection",
     "MuonScheduleFree",
+    "adamw_lr_of",
     "adjusted_lr_ratio",
     "assign_owners",
+    "has_native_bf16",
     "is_muon_param",
+    "module_roles",
+    "name_role",
     "newton_schulz",
     "orthogonalization_cost",
+    "param_role",
 ]
 
 #: Newton-Schulz coefficients, steps and epsilon of ``torch.optim.Muon``.
@@ -74,36 +86,136 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
 NS_EPS = 1e-7
 _NORMUON_EPS = 1e-10
+_log = logging.getLogger(__name__)
 
-#: Parameter names (from ``model.named_parameters()``) that are embeddings or
-#: output heads: matrices that Muon should not orthogonalize.
-EMBEDDING_OR_HEAD = re.compile(
-    r"(^|[._])(embed\w*|embedding\w*|wte|wpe|tok_embeddings|lm_head|head|output|classifier)([._]|$)"
-)
+#: Words of a parameter's name (its dotted parts split at ``_``) that mark an
+#: embedding, besides every word starting with ``emb``.
+EMBEDDING_WORDS = frozenset({"wte", "wpe", "pos", "position", "positional"})
+#: Module names that mark an output head anywhere on the parameter's path
+#: (``output`` only as the module that owns the parameter: ``attention.output.dense`` is no head).
+HEAD_NAMES = frozenset({"lm_head", "head", "classifier"})
+#: Further names that mark the last ``nn.Linear`` of a model as its head.
+LAST_LINEAR_HEAD_NAMES = frozenset({"output", "out", "fc", "fc_out", "logits", "decoder", "readout", "proj_out"})
+
+
+def name_role(name: str) -> str | None:
+    """``"embedding"``, ``"head"`` or None: what a parameter's name alone says it is.
+
+    An embedding: a word of the name (its dotted parts split at ``_``) starts
+    with ``emb`` or is one of :data:`EMBEDDING_WORDS` (``tok_emb.weight``,
+    ``transformer.wpe.weight``, a learned ``pos``). A head: a module on its
+    path is one of :data:`HEAD_NAMES`, or the module owning it is ``output``.
+    """
+    parts = name.split(".")
+    if any(w.startswith("emb") or w in EMBEDDING_WORDS for part in parts for w in part.split("_")):
+        return "embedding"
+    owners = parts[:-1] if len(parts) > 1 else parts
+    if any(part in HEAD_NAMES for part in owners) or owners[-1] == "output":
+        return "head"
+    return None
+
+
+def module_roles(model: nn.Module) -> dict[int, str]:
+    """The parameters a model's module types mark as embedding or head, by ``id``.
+
+    Every weight of an ``nn.Embedding`` or ``nn.EmbeddingBag`` (an output
+    layer tied to one shares that weight), and the weight of the model's last
+    ``nn.Linear`` when its name marks a head (:func:`name_role`, or one of
+    :data:`LAST_LINEAR_HEAD_NAMES` such as ResNet's ``fc``).
+    """
+    roles: dict[int, str] = {}
+    linears = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            roles[id(module.weight)] = "embedding"
+        elif isinstance(module, nn.Linear):
+            linears.append((name, module))
+    if linears:
+        name, last = linears[-1]
+        if id(last.weight) not in roles and (
+            name.rsplit(".", 1)[-1] in LAST_LINEAR_HEAD_NAMES or name_role(f"{name}.weight") == "head"
+        ):
+            roles[id(last.weight)] = "head"
+    return roles
+
+
+def param_role(p: Tensor, name: str | None = None, roles: Mapping[int, str] | None = None) -> str:
+    """Where the automatic split sends ``p``: ``"muon"``, or ``"embedding"``, ``"head"``, ``"other"`` (AdamW).
+
+    ``"other"``: not a real matrix (``ndim < 2`` or complex). Embeddings and
+    heads are told by module type (``roles`` from :func:`module_roles`, when
+    the model itself is given) and by ``name`` (:func:`name_role`, when the
+    parameters carry names); a matrix neither tells apart goes to Muon.
+    """
+    if p.ndim < 2 or p.is_complex():
+        return "other"
+    role = (roles or {}).get(id(p)) or (name_role(name) if name is not None else None)
+    return role or "muon"
 
 
 def is_muon_param(p: Tensor, name: str | None = None) -> bool:
-    """The automatic split: a matrix (``ndim >= 2``) that is not an embedding or head.
+    """Whether the automatic split orthogonalizes ``p`` (:func:`param_role` without a model)."""
+    return param_role(p, name) == "muon"
 
-    Embeddings and heads are told by ``name`` (see :data:`EMBEDDING_OR_HEAD`)
-    when the parameters were passed with names (``model.named_parameters()``);
-    without names every parameter with ``ndim >= 2`` is orthogonalized.
-    Complex parameters never are.
+
+def _split_summary(names: list[str | None], roles: list[str]) -> str:
+    """One line saying which parameters went where (names, or positions when there are none)."""
+    label = [n if n is not None else f"#{i}" for i, n in enumerate(names)]
+    listed = {r: [label[i] for i, x in enumerate(roles) if x == r] for r in ("muon", "embedding", "head", "other")}
+    return (
+        f"MuonScheduleFree: {len(listed['muon'])} matrices to Muon; to AdamW: embeddings {listed['embedding']}, "
+        f"heads {listed['head']}, {len(listed['other'])} other parameters (ndim < 2)"
+    )
+
+
+def _outside_caller() -> int:
+    """The ``stacklevel`` of the first frame outside sfoptim and ``torch.optim`` (the user's call)."""
+    inside = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.optim.__file__))
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+#: Entries of ``torch.cpu.get_capabilities()`` that report bfloat16 arithmetic
+#: in hardware: x86's AVX512-BF16 and AMX-BF16, ARM's BF16 and SVE-BF16.
+BF16_CPU_CAPABILITIES = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices in hardware (not emulated).
+
+    CPU: one of :data:`BF16_CPU_CAPABILITIES` is set in
+    ``torch.cpu.get_capabilities()`` (False for a torch without it); CUDA:
+    ``torch.cuda.is_bf16_supported(including_emulation=False)`` for that
+    device (compute capability 8.0 and up, or ROCm); any other device: False.
     """
-    if p.ndim < 2 or p.is_complex():
-        return False
-    return name is None or EMBEDDING_OR_HEAD.search(name) is None
+    if device.type == "cpu":
+        capabilities = getattr(torch.cpu, "get_capabilities", None)
+        if capabilities is None:
+            return False
+        found = capabilities()
+        return any(bool(found.get(name, False)) for name in BF16_CPU_CAPABILITIES)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False
+        with torch.cuda.device(device):
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+    return False
 
 
 def resolve_ns_dtype(ns_dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype | None:
-    """The dtype Newton-Schulz runs in: ``"auto"`` is bfloat16 on accelerators, float32 on CPU.
+    """The dtype Newton-Schulz runs in: ``"auto"`` is bfloat16 where the hardware has it, else float32.
 
-    ``torch.optim.Muon`` always uses bfloat16, which accelerators multiply at
-    full speed; CPUs without bfloat16 matrix units do not (a 256 x 256
-    iteration is about 30 times slower than in float32 on a common x86 CPU).
+    ``torch.optim.Muon`` always uses bfloat16. Where bfloat16 is emulated (a
+    CPU without AVX512-BF16/AMX or ARM BF16, a GPU before compute capability
+    8.0) its products are many times slower than float32's, so ``"auto"``
+    takes float32 there (:func:`has_native_bf16`); other devices (MPS, XPU)
+    get float32 as well.
     """
     if ns_dtype == "auto":
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
+        return torch.bfloat16 if has_native_bf16(device) else torch.float32
     return ns_dtype  # type: ignore[return-value]
 
 
@@ -117,19 +229,32 @@ def newton_schulz(
     :math:`A = XX^\top`, from :math:`X_0 = g / \max(\lVert g\rVert_F, \epsilon)`,
     on :math:`g^\top` when ``g`` has more rows than columns, with the same
     operations as ``torch.optim.Muon`` (which computes in bfloat16). ``dtype``
-    None computes in ``g``'s dtype. ``g`` is not changed.
+    None computes in ``g``'s dtype. Into a dtype of narrower exponent range
+    than ``g``'s (float16 from float32), ``g`` is normalized before the cast,
+    so that large or tiny entries neither overflow nor vanish. ``g`` is not changed.
     """
     a, b, c = coefficients
-    x = g.to(g.dtype if dtype is None else dtype)
+    target = g.dtype if dtype is None else dtype
     tall = g.size(0) > g.size(1)
-    if tall:
-        x = x.T
-    x = x / x.norm().clamp(min=eps)
+    if _narrower_range(target, g.dtype):
+        x = (g / g.norm().clamp(min=eps)).to(target)
+        if tall:
+            x = x.T
+    else:
+        x = g.to(target)
+        if tall:
+            x = x.T
+        x = x / x.norm().clamp(min=eps)
     for _ in range(steps):
         gram = x @ x.T
         poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
         x = torch.addmm(x, poly, x, beta=a)
     return x.T if tall else x
+
+
+def _narrower_range(dtype: torch.dtype, than: torch.dtype) -> bool:
+    """Whether ``dtype`` has fewer exponent bits than ``than`` (bfloat16 has float32's)."""
+    return math.frexp(torch.finfo(dtype).max)[1] < math.frexp(torch.finfo(than).max)[1]
 
 
 def adjusted_lr_ratio(adjust_lr_fn: str | None, rows: int, cols: int) -> float:
@@ -139,6 +264,12 @@ def adjusted_lr_ratio(adjust_lr_fn: str | None, rows: int, cols: int) -> float:
     if adjust_lr_fn == "match_rms_adamw":
         return 0.2 * math.sqrt(max(rows, cols))
     raise ValueError(f"Invalid adjust_lr_fn: {adjust_lr_fn!r} (expected None, 'original' or 'match_rms_adamw')")
+
+
+def adamw_lr_of(group: Mapping[str, Any], defaults: Mapping[str, Any]) -> Any:
+    """The learning rate of an AdamW group that does not set ``lr``: ``adamw_lr``, or ``lr`` when that is None."""
+    adamw_lr = group.get("adamw_lr", defaults["adamw_lr"])
+    return group.get("lr", defaults["lr"]) if adamw_lr is None else adamw_lr
 
 
 def varying_beta(group: dict, step: int) -> float:
@@ -151,8 +282,14 @@ def varying_beta(group: dict, step: int) -> float:
 
 
 def _orthogonalized(group: dict, whole: Tensor, v: Tensor | None) -> Tensor:
-    """The direction of one whole matrix (module docstring); updates NorMuon's ``v`` in place."""
-    matrix = whole.reshape(whole.shape[0], -1)
+    """The direction of one whole matrix (module docstring); updates NorMuon's ``v`` in place.
+
+    A matrix without elements (``nn.Linear(4, 0)``) has the empty direction
+    and leaves ``v`` as it is.
+    """
+    if whole.numel() == 0:
+        return torch.zeros_like(whole)
+    matrix = whole.reshape(whole.shape[0], math.prod(whole.shape[1:]))
     o = newton_schulz(
         matrix, group["ns_coefficients"], group["ns_steps"], group["ns_eps"], resolve_ns_dtype(group["ns_dtype"], matrix.device)
     ).to(whole.dtype)
@@ -194,24 +331,34 @@ class MuonDirection(Direction):
         return torch.zeros(rows, dtype=like.dtype, device=like.device)
 
     def foreach(self, group: dict, step: int, bucket: Bucket, reduced: Mapping[str, Tensor]) -> tuple[list[Tensor], bool]:
+        """The directions of the bucket's matrices.
+
+        The new momentum and NorMuon's ``v`` are formed beside the old ones and
+        written into the state only once every direction has been computed, so
+        a step that raises (a failed collective, memory) leaves them as they were.
+        """
         mu = group["momentum"]
-        updates: list[Tensor] = bucket.grads
-        if mu > 0:
-            buf = bucket.buffers["momentum_buffer"]
-            torch._foreach_lerp_(buf, bucket.grads, 1 - mu)
-            updates = list(torch._foreach_lerp(bucket.grads, buf, mu)) if group["nesterov"] else buf
+        grads = bucket.grads
+        updates: list[Tensor] = grads
+        buf = bucket.buffers.get("momentum_buffer") if mu > 0 else None
+        if buf is not None:
+            moved = list(torch._foreach_lerp(buf, grads, 1 - mu))
+            # With Nesterov only the mix is kept: the momentum is formed again in place at the end (same bits).
+            updates = list(torch._foreach_lerp(grads, moved, mu)) if group["nesterov"] else moved
+            del moved
         vs = bucket.buffers.get("normuon_v")
+        new_vs = None if vs is None else [v.clone() for v in vs]
         # FSDP2's row shards: each matrix orthogonalized whole on one rank. Under NorMuon a
         # single-column matrix's v has the parameter's shape, so it is sharded too: gathered below.
         split = row_sharded(updates, vs) if any(type(u) is not Tensor for u in updates) else []
         shared: dict[int, Tensor] = {}
         if split:
-            v_split = None if vs is None else [vs[i] for i in split]
+            split_vs = None if new_vs is None else [new_vs[i] for i in split]
             directions = compute_on_owners(
                 [updates[i] for i in split],
-                lambda j, whole: _orthogonalized(group, whole, None if v_split is None else v_split[j]),
+                lambda j, whole: _orthogonalized(group, whole, None if split_vs is None else split_vs[j]),
                 orthogonalization_cost,
-                v_split,
+                split_vs,
             )
             shared = dict(zip(split, directions))
         out = []
@@ -221,14 +368,18 @@ class MuonDirection(Direction):
                 continue
             sharded = type(u) is not Tensor and hasattr(u, "full_tensor")
             whole = u.full_tensor() if sharded else u  # type: ignore[attr-defined]
-            v = None if vs is None else vs[i]
+            v = None if new_vs is None else new_vs[i]
             # A single-column matrix's v has the parameter's shape, so it is sharded like the parameter.
             v_sharded = v is not None and type(v) is not Tensor and hasattr(v, "full_tensor")
             v_whole = v.full_tensor() if v_sharded else v  # type: ignore[union-attr]
             d = _orthogonalized(group, whole, v_whole)
             if v_sharded:
-                v.copy_(shard_like(v_whole, v))  # type: ignore[union-attr, arg-type]
+                new_vs[i] = shard_like(v_whole, v)  # type: ignore[index, arg-type]
             out.append(shard_like(d, u) if sharded else d)
+        if buf is not None:
+            torch._foreach_lerp_(buf, grads, 1 - mu)
+        for v, new_v in zip(vs or (), new_vs or ()):
+            v.copy_(new_v)
         return out, True
 
 
@@ -268,25 +419,31 @@ class MuonScheduleFree(ScheduleFreeOptimizer):
 
     See :mod:`sfoptim.directions.muon` for the math. Each parameter group is
     either a Muon group or an AdamW group (``use_muon`` in the group). A group
-    without ``use_muon`` is split in two when it is added: the parameters
-    :func:`is_muon_param` accepts (``ndim >= 2``, and not an embedding or
-    output head where the parameters carry names: pass
-    ``model.named_parameters()``) form a Muon group with learning rate
-    ``lr``; the others an AdamW group with learning rate ``adamw_lr``. Set
+    without ``use_muon`` is split in two when it is added
+    (:func:`param_role`): the real matrices (``ndim >= 2``) that are neither
+    an embedding nor an output head form a Muon group with learning rate
+    ``lr``; the others an AdamW group with learning rate ``adamw_lr`` (by
+    default ``lr`` too). Embeddings and heads are told by module type when the model itself is
+    passed (``nn.Embedding`` weights, the last ``nn.Linear`` named as a head)
+    and by name when the parameters carry names
+    (``model.named_parameters()``); bare parameters leave only the shape, so
+    every matrix goes to Muon and a ``UserWarning`` says so. One log record
+    (logger ``sfoptim.directions.muon``, level INFO) names the split. Set
     ``use_muon=True`` or ``False`` in a group to choose yourself; an AdamW
-    group without its own ``lr`` takes ``adamw_lr``. Convolution kernels are
+    group without its own ``lr`` takes ``adamw_lr`` (or ``lr``). Convolution kernels are
     orthogonalized as ``shape[0] x (the rest)`` matrices.
 
     Args:
-        params: parameters, named parameters or parameter groups.
-        lr: learning rate of the Muon groups (default 0.02).
+        params: the model (``nn.Module``), parameters, named parameters or
+            parameter groups.
+        lr: learning rate of every group, Muon's and AdamW's (default 0.016).
         beta: interpolation weight :math:`\beta \in (0, 1]` (default 0.9).
         momentum: Muon's momentum :math:`\mu \in [0, 1)` (default 0.95;
             0 keeps no buffer).
         nesterov: Nesterov-style momentum, as ``torch.optim.Muon`` (default True).
-        weight_decay: :math:`\lambda` (default 0).
+        weight_decay: :math:`\lambda` (default 0.1, as ``torch.optim.Muon``).
         decay_at: ``"z"`` (default) or ``"y"``: the point the decay is taken at.
-        warmup_steps: linear warmup length in steps (default 0).
+        warmup_steps: linear warmup length in steps (default 20).
         r: polynomial weighting power of the average (default 0).
         weight_lr_power: power of the maximal learning rate in the averaging
             weights (default 2).
@@ -294,15 +451,21 @@ class MuonScheduleFree(ScheduleFreeOptimizer):
         ns_steps: Newton-Schulz iterations (default 5).
         ns_eps: floor of the norm the input is divided by (default 1e-7).
         ns_dtype: dtype of the Newton-Schulz iterations: ``"auto"`` (default)
-            is bfloat16 on accelerators, as torch, and float32 on CPU, where
-            bfloat16 matrix products are slow; None: the parameter's dtype.
-        adjust_lr_fn: ``None``/``"original"`` or ``"match_rms_adamw"`` (as torch).
+            is bfloat16, as ``torch.optim.Muon`` always uses, where the
+            hardware multiplies it natively (:func:`has_native_bf16`: a CPU
+            with AVX512-BF16, AMX or ARM BF16, a CUDA GPU of compute
+            capability 8.0 or more), and float32 elsewhere (emulated bfloat16
+            is many times slower), where the steps differ slightly from
+            torch's; None: the parameter's dtype.
+        adjust_lr_fn: ``"match_rms_adamw"`` (default) or ``None``/``"original"``,
+            as ``torch.optim.Muon``'s.
         normuon: NorMuon's per-row normalization (default False).
         normuon_beta2: its second-moment decay in [0, 1) (default 0.95).
         beta_horizon: :math:`T_0 \ge 1`, after which the interpolation weight
             rises towards 1 (AMUSE); None (default) keeps ``beta``.
         beta_power: :math:`\rho \ge 0` of that rise (default 1).
-        adamw_lr: learning rate of the automatic AdamW groups (default 0.0025).
+        adamw_lr: learning rate of the AdamW groups that set none (default
+            None: ``lr``).
         adamw_beta2: AdamW's second-moment decay (default 0.999).
         adamw_eps: AdamW's epsilon (default 1e-8).
         {backend_args}
@@ -327,21 +490,25 @@ class MuonScheduleFree(ScheduleFreeOptimizer):
     (several mesh dimensions, sharding along another dimension) are gathered
     whole on every rank, and every rank orthogonalizes them.
 
-    The defaults are plain Muon's (Jordan et al.: ``lr=0.02`` with the
-    original shape adjustment, no weight decay; ``torch.optim.Muon`` defaults
-    to ``lr=1e-3`` and ``weight_decay=0.1``). Schedule-free NorMuon (Apte et
-    al., 2026, "Anytime Training with Schedule-Free Spectral Optimization")
-    is ``normuon=True`` with ``adjust_lr_fn="match_rms_adamw"``, so that one
-    learning rate serves both parts (pass it as ``lr`` and ``adamw_lr``), and
-    a nonzero ``weight_decay`` at ``z``, which that paper finds essential for
-    long runs. ``adamw_lr`` deserves a look on small models: on the
-    language-model benchmark of ``docs/results.md``, raising it from 0.0025
-    to 0.016, with Muon's defaults untouched, put schedule-free Muon ahead of
-    AdamW + cosine tuned for each stopping time.
+    Defaults: one learning rate for both parts. ``"match_rms_adamw"`` scales
+    the orthogonalized update to an entry RMS of :math:`0.2\,\gamma`, about
+    that of an AdamW update, so the matrices and the AdamW part take the same
+    ``lr`` (as Moonlight and ``torch.optim.Muon`` with that option). 0.016 is
+    the rate at which schedule-free AdamW, and schedule-free Muon's AdamW part,
+    did best on the language-model benchmark of ``docs/results.md``;
+    ``torch.optim.Muon`` defaults to 1e-3 for scheduled training of large
+    models, and since the update RMS no longer shrinks with the width, wide
+    models usually want a smaller ``lr``. Weight decay 0.1 at ``z`` and a
+    20-step warmup: schedule-free spectral training (Apte et al., 2026) and
+    AMUSE (Kim et al., 2026) find both essential on long runs.
+    Plain Muon's published form (Jordan et al.) is ``lr=0.02,
+    adjust_lr_fn="original", weight_decay=0, warmup_steps=0`` with its own
+    ``adamw_lr``; schedule-free NorMuon (Apte et al.) is ``normuon=True`` on
+    top of the defaults.
 
     Example::
 
-        opt = sfoptim.MuonScheduleFree(model.named_parameters(), lr=0.02, adamw_lr=3e-3)
+        opt = sfoptim.MuonScheduleFree(model)   # the model: embeddings and head told by type
         opt.train(); model.train()
         ...
         opt.eval(); model.eval()
@@ -353,26 +520,26 @@ class MuonScheduleFree(ScheduleFreeOptimizer):
 
     def __init__(
         self,
-        params: Iterable[Any],
-        lr: float | Tensor = 0.02,
+        params: Iterable[Any] | nn.Module,
+        lr: float | Tensor = 0.016,
         beta: float = 0.9,
         momentum: float = 0.95,
         nesterov: bool = True,
-        weight_decay: float = 0.0,
+        weight_decay: float = 0.1,
         decay_at: str = "z",
-        warmup_steps: int = 0,
+        warmup_steps: int = 20,
         r: float = 0.0,
         weight_lr_power: float = 2.0,
         ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
         ns_steps: int = NS_STEPS,
         ns_eps: float = NS_EPS,
         ns_dtype: torch.dtype | str | None = "auto",
-        adjust_lr_fn: str | None = None,
+        adjust_lr_fn: str | None = "match_rms_adamw",
         normuon: bool = False,
         normuon_beta2: float = 0.95,
         beta_horizon: int | None = None,
         beta_power: float = 1.0,
-        adamw_lr: float = 0.0025,
+        adamw_lr: float | None = None,
         adamw_beta2: float = 0.999,
         adamw_eps: float = 1e-8,
         foreach: bool | None = None,
@@ -388,6 +555,9 @@ class MuonScheduleFree(ScheduleFreeOptimizer):
             adamw_beta2=adamw_beta2, adamw_eps=adamw_eps, use_muon=None, foreach=foreach, fused=fused,
             state_dtype=state_dtype, stochastic_rounding=stochastic_rounding,
         )  # fmt: skip
+        if isinstance(params, nn.Module):
+            self._module_roles = module_roles(params)
+            params = list(params.named_parameters())
         super().__init__(params, defaults)
 
     def direction_for(self, group: dict) -> Direction:
@@ -401,7 +571,7 @@ class MuonScheduleFree(ScheduleFreeOptimizer):
                 raise ValueError(f"Invalid use_muon: {use_muon!r} (expected True, False or None)")
             group = dict(param_group)
             if not use_muon and "lr" not in group:
-                group["lr"] = group.get("adamw_lr", self.defaults["adamw_lr"])
+                group["lr"] = adamw_lr_of(group, self.defaults)
             super().add_param_group(group)
             return
         params = param_group["params"]
@@ -409,9 +579,20 @@ class MuonScheduleFree(ScheduleFreeOptimizer):
         names = param_group.get("param_names")
         if params and isinstance(params[0], tuple):
             names, params = [n for n, _ in params], [p for _, p in params]
+        module_roles = getattr(self, "_module_roles", None)
+        roles = [param_role(p, names[i] if names else None, module_roles) for i, p in enumerate(params)]
         parts: dict[bool, list[int]] = {True: [], False: []}
-        for i, p in enumerate(params):
-            parts[is_muon_param(p, names[i] if names else None)].append(i)
+        for i, role in enumerate(roles):
+            parts[role == "muon"].append(i)
+        if not names and parts[True]:
+            warnings.warn(
+                f"MuonScheduleFree: {len(parts[True])} matrices without names go to Muon, embeddings and output "
+                "heads among them if any; pass the model itself or model.named_parameters() to keep those with "
+                "AdamW, or set use_muon in the param groups",
+                UserWarning,
+                stacklevel=_outside_caller(),
+            )
+        _log.info(_split_summary(list(names) if names else [None] * len(params), roles))
         rest = {k: v for k, v in param_group.items() if k not in ("params", "param_names")}
         for muon in (True, False):
             if not parts[muon] and (parts[not muon] or not muon):
@@ -420,7 +601,7 @@ class MuonScheduleFree(ScheduleFreeOptimizer):
             if names:
                 group["param_names"] = [names[i] for i in parts[muon]]
             if not muon:
-                group["lr"] = rest.get("adamw_lr", self.defaults["adamw_lr"])
+                group["lr"] = adamw_lr_of(rest, self.defaults)
             super().add_param_group(group)
 
     def _validate_group(self, group: dict) -> None:
@@ -452,7 +633,8 @@ class MuonScheduleFree(ScheduleFreeOptimizer):
         if horizon is not None:
             _validation.check_steps("beta_horizon", horizon, 1)
         _validation.check_nonnegative("beta_power", group["beta_power"])
-        _validation.check_nonnegative("adamw_lr", group["adamw_lr"])
+        if group["adamw_lr"] is not None:
+            _validation.check_nonnegative("adamw_lr", group["adamw_lr"])
         _validation.check_in_range("adamw_beta2", group["adamw_beta2"], 0.0, 1.0, low_open=False, high_open=True)
         _validation.check_nonnegative("adamw_eps", group["adamw_eps"])
         if group["use_muon"]:

@@ -12,16 +12,23 @@ authors' AlgoPerf submission) the estimate is taken along the base iterate
     a_t &= d^2 \gamma_t \\
     n_t &= \rho\, n_{t-1} + a_t \textstyle\sum \langle g_t,\, x_0 - z_t \rangle \\
     s_t &= \rho\, s_{t-1} + a_t\, g_t \\
-    d' &= \max\bigl(d,\; c_d\, n_t / \textstyle\sum |s_t|\bigr)
+    d' &= \max\bigl(d,\; \min(\kappa\, d,\; c_d\, n_t / \textstyle\sum |s_t|)\bigr)
         \quad(\text{unchanged, with } n_t, \text{ while } \textstyle\sum |s_t| = 0) \\
     v_t &= \beta_2 v_{t-1} + (1-\beta_2)\, d^2 g_t^2 \\
     z_{t+1} &= z_t - d\gamma_t \Bigl(\frac{d'\, g_t}{\sqrt{v_t} + d'\epsilon} + \lambda y_t\Bigr)
 
-The sums run over every parameter of every group (one global :math:`d`, as
-in the submission), or over each group alone with ``split_groups=True``. The
-average ``x`` weights step :math:`t` by :math:`t^r` only
-(``weight_lr_power=0``): :math:`d` grows by orders of magnitude early on, and
-weighting by it would discard most of the run.
+where :math:`\kappa` = ``d_growth`` limits the growth of :math:`d` per step
+(``None``: no limit, as in the submission). The sums run over every
+parameter of every group (one global :math:`d`, as in the submission), or
+over each group alone with ``split_groups=True``.
+
+The average ``x`` weights step :math:`t` by
+:math:`w_t = t^r (\max_{i \le t} d_i\gamma_i)^p`. By default
+(``averaging="lr"``: :math:`r = 0`, :math:`p = 2`) that is the square of the
+largest step size so far, as schedule-free AdamW weights by its learning
+rate and prodigy-plus-schedule-free by :math:`(d\gamma)^2`: the first steps,
+taken while :math:`d` is still far too small, barely count.
+``averaging="algoperf"`` is the submission's :math:`r = 0.75`, :math:`p = 0`.
 
 Differences from the submission: weight decay is taken at ``y`` (as in every
 sfoptim optimizer; the submission takes it at ``x``), each group uses its own
@@ -42,9 +49,14 @@ from .. import _validation
 from ..engine import ClosureForm, ScheduleFreeOptimizer, with_backend_args
 from .base import Bucket, Direction, group_reduction, warmup_lr
 
-__all__ = ["ProdigyDirection", "ProdigyScheduleFree", "ProdigyScheduleFreeClosure"]
+__all__ = ["AVERAGING", "D_GROWTH", "ProdigyDirection", "ProdigyScheduleFree", "ProdigyScheduleFreeClosure"]
 
 _NUMERATOR, _DENOMINATOR = "prodigy_numerator", "prodigy_denominator"
+
+#: ``(r, weight_lr_power)`` of each ``averaging``: weights :math:`(\max d\gamma)^2`, or the AlgoPerf submission's :math:`t^{0.75}`.
+AVERAGING = {"lr": (0.0, 2.0), "algoperf": (0.75, 0.0)}
+#: The default limit on the growth of ``d`` per step (prodigy-plus-schedule-free's ``d_limiter`` is :math:`2^{1/4}`).
+D_GROWTH = 2**0.5
 
 
 class ProdigyDirection(Direction):
@@ -103,7 +115,10 @@ class ProdigyDirection(Direction):
         if denominator_value == 0.0:
             return d, float(group["d_numerator"])
         numerator = math.sqrt(group["betas"][1]) * float(group["d_numerator"]) + float(reduced[numerator_name])
-        return max(d, group["d_coef"] * numerator / denominator_value), numerator
+        estimate = group["d_coef"] * numerator / denominator_value
+        if group["d_growth"] is not None:
+            estimate = min(estimate, group["d_growth"] * d)
+        return max(d, estimate), numerator
 
     def foreach(self, group: dict, step: int, bucket: Bucket, reduced: Mapping[str, Tensor]) -> tuple[list[Tensor], bool]:
         d = float(group["d"])
@@ -150,34 +165,41 @@ class ProdigyScheduleFree(ScheduleFreeOptimizer):
     :meth:`eval` before evaluating or saving, as for every schedule-free
     optimizer.
 
-    Warm up (``warmup_steps``): the defaults are the submission's, and the
-    submission warms up linearly over the first 7.5 % of its step budget.
-    :math:`v` has no bias correction, so while it is young the step is up to about
-    :math:`1/\sqrt{1-\beta_2}` (15 at the default :math:`\beta_2`) times
-    :math:`d` per coordinate; without warmup, :math:`d` can grow by orders of
-    magnitude within the first few steps and those steps are then large.
-
-    Averaging: the defaults weight step :math:`t` by :math:`t^{0.75}` and not
-    by the step size (``r=0.75``, ``weight_lr_power=0``), as the submission
-    does, so the first steps, taken while ``d`` is still tiny, count in ``x``
-    like any other. On short runs, weights :math:`d_{max}^2` (``r=0``,
-    ``weight_lr_power=2``, as schedule-free AdamW) did better on the
-    language-model benchmark of ``docs/results.md``.
+    Defaults: the average weights each step by the square of the largest
+    step size so far (``averaging="lr"``), ``d`` grows by at most
+    ``d_growth`` = :math:`\sqrt 2` per step (as prodigy-plus-schedule-free's
+    ``d_limiter``, which allows :math:`2^{1/4}`: from ``d0`` = 1e-6 to 1e-3
+    takes 20 steps, a warmup of its own), and :math:`\beta_2` = 0.99
+    (:math:`v` averages over about 100 steps, Prodigy's sums over about 200).
+    The AlgoPerf submission is ``averaging="algoperf"``, ``d_growth=None``,
+    ``betas=(0.9, 0.9955)`` with ``warmup_steps`` 7.5 % of the run: tuned for
+    runs of 10^4 to 10^5 steps. Its :math:`v` has no bias correction, so
+    while it is young the step is up to about :math:`1/\sqrt{1-\beta_2}`
+    times :math:`d` per coordinate; without the growth limit or a warmup,
+    :math:`d` can grow by orders of magnitude within the first few steps and
+    those steps are then large.
 
     Args:
         params: parameters or parameter groups.
         lr: multiplier of the estimated step size (default 1.0).
         betas: :math:`(\beta, \beta_2)`: the interpolation weight in (0, 1] and
             the second-moment decay in [0, 1); :math:`\sqrt{\beta_2}` also decays
-            Prodigy's sums (default (0.9, 0.9955), the submission's).
+            Prodigy's sums (default (0.9, 0.99); the submission's: (0.9, 0.9955)).
         eps: added to the denominator, times ``d`` (default 1e-8).
         weight_decay: :math:`\lambda`, decoupled and applied at ``y`` (default 0).
         warmup_steps: linear warmup of ``lr`` in steps (default 0).
-        r: polynomial weighting power of the average (default 0.75).
-        weight_lr_power: power of the maximal learning rate ``d * lr`` in the
-            averaging weights (default 0: steps are weighted by :math:`t^r` only).
+        averaging: ``"lr"`` (default: weights :math:`(\max d\gamma)^2`,
+            ``r=0``, ``weight_lr_power=2``) or ``"algoperf"`` (the
+            submission's :math:`t^{0.75}`, ``r=0.75``, ``weight_lr_power=0``).
+        r: polynomial weighting power of the average (default None: from
+            ``averaging``).
+        weight_lr_power: power of the maximal step size ``d * lr`` in the
+            averaging weights (default None: from ``averaging``).
         d0: initial estimate of ``d`` (default 1e-6); must be > 0.
         d_coef: multiplies the estimate (default 1.0); > 0.
+        d_growth: the most ``d`` may grow in one step, a factor > 1 (default
+            :math:`\sqrt 2`; prodigy-plus's ``d_limiter``: :math:`2^{1/4}`);
+            None: no limit (the submission).
         split_groups: each parameter group estimates its own ``d`` from its own
             parameters (default False: one ``d`` over all of them). Groups that
             share ``d`` should share ``betas`` and ``d_coef``.
@@ -185,16 +207,14 @@ class ProdigyScheduleFree(ScheduleFreeOptimizer):
             (e.g. ``torch.bfloat16``, as the submission keeps them, to save
             memory); they are updated in the working dtype and rounded into it.
             Default None: the working dtype. ``z`` is never narrowed.
-        {backend_args}
-
-    Prodigy has no fused kernel: every backend runs its foreach form.
+        {backend_args_no_kernel}
 
     State per parameter: ``z``, ``exp_avg_sq``, ``s``, ``p0``. Per group:
     ``d`` (read it to see the step size) and ``d_numerator``.
 
     Example::
 
-        opt = sfoptim.ProdigyScheduleFree(model.parameters(), warmup_steps=100, weight_decay=0.01)
+        opt = sfoptim.ProdigyScheduleFree(model.parameters(), weight_decay=0.01)
         opt.train(); model.train()
         for xb, yb in loader:
             opt.zero_grad(); loss_fn(model(xb), yb).backward(); opt.step()
@@ -207,14 +227,16 @@ class ProdigyScheduleFree(ScheduleFreeOptimizer):
         self,
         params: Iterable[Any],
         lr: float | Tensor = 1.0,
-        betas: tuple[float, float] = (0.9, 0.9955),
+        betas: tuple[float, float] = (0.9, 0.99),
         eps: float = 1e-8,
         weight_decay: float = 0,
         warmup_steps: int = 0,
-        r: float = 0.75,
-        weight_lr_power: float = 0.0,
+        averaging: str = "lr",
+        r: float | None = None,
+        weight_lr_power: float | None = None,
         d0: float = 1e-6,
         d_coef: float = 1.0,
+        d_growth: float | None = D_GROWTH,
         split_groups: bool = False,
         buffer_dtype: torch.dtype | None = None,
         foreach: bool | None = None,
@@ -228,10 +250,12 @@ class ProdigyScheduleFree(ScheduleFreeOptimizer):
             eps=eps,
             weight_decay=weight_decay,
             warmup_steps=warmup_steps,
+            averaging=averaging,
             r=r,
             weight_lr_power=weight_lr_power,
             d0=d0,
             d_coef=d_coef,
+            d_growth=d_growth,
             split_groups=split_groups,
             buffer_dtype=buffer_dtype,
             foreach=foreach,
@@ -248,6 +272,8 @@ class ProdigyScheduleFree(ScheduleFreeOptimizer):
         _validation.check_warmup_steps(group["warmup_steps"])
         _validation.check_in_range("d0", group["d0"], 0.0, math.inf, low_open=True, high_open=True)
         _validation.check_in_range("d_coef", group["d_coef"], 0.0, math.inf, low_open=True, high_open=True)
+        if group["d_growth"] is not None:
+            _validation.check_in_range("d_growth", group["d_growth"], 1.0, math.inf, low_open=True, high_open=False)
         if not isinstance(group["split_groups"], bool):
             raise ValueError(f"Invalid split_groups: {group['split_groups']!r} (expected True or False)")
         narrow = group["buffer_dtype"]
@@ -258,7 +284,16 @@ class ProdigyScheduleFree(ScheduleFreeOptimizer):
         """Adds a group; one that shares ``d`` takes the current shared estimate.
 
         A group with ``split_groups=True`` starts its own estimate at ``d0``.
+        ``r`` and ``weight_lr_power`` left at None take the values of the
+        group's ``averaging``.
         """
+        param_group = dict(param_group)
+        averaging = param_group.get("averaging", self.defaults["averaging"])
+        if averaging not in AVERAGING:
+            raise ValueError(f"Invalid averaging: {averaging!r} (expected one of {sorted(AVERAGING)})")
+        for name, value in zip(("r", "weight_lr_power"), AVERAGING[averaging]):
+            if param_group.get(name, self.defaults[name]) is None:
+                param_group[name] = value
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         shared = [g for g in self.param_groups[:-1] if not g["split_groups"]]

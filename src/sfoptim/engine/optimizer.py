@@ -49,20 +49,27 @@ from .step import GroupStep, real
 __all__ = ["ClosureForm", "ModeError", "ScheduleFreeOptimizer", "with_backend_args"]
 
 
-#: Docstring entries of the backend and precision arguments that SGD, AdamW and
-#: RAdam share; each class inserts them where its docstring says ``{backend_args}``.
-BACKEND_ARGS_DOC = """foreach: ``True``/``None`` updates all tensors of a device and dtype
+#: Docstring entries of the backend and precision arguments that the
+#: optimizers share; each class inserts them where its docstring says
+#: ``{backend_args}`` (``{backend_args_no_kernel}`` for a class without a
+#: fused kernel). Classes that the published package has too also get the
+#: sentence on its argument order.
+_FOREACH_DOC = """foreach: ``True``/``None`` updates all tensors of a device and dtype
             together; ``False`` one at a time (less temporary memory). The
-            default is ``None`` (the published package's is ``True``): it
-            leaves the choice to ``fused``. Arguments the published package
-            does not have come after all of its own, so its positional calls
-            mean the same here.
-        fused: ``None`` (default) uses the fused one-pass CPU kernel wherever
+            default is ``None``: it leaves the choice to ``fused``."""
+_PUBLISHED_ORDER_DOC = """
+            The published package's default is ``True``. Arguments the
+            published package does not have come after all of its own, so
+            its positional calls mean the same here."""
+_FUSED_DOC = """fused: ``None`` (default) uses the fused one-pass CPU kernel wherever
             it runs (CPU, float32/float64, contiguous) and ``foreach`` elsewhere;
             ``True`` also uses a ``torch.compile``-d one-pass kernel on GPUs,
             and warns once where no fused kernel can run; ``False`` never
-            uses them.
-        state_dtype: keep a master copy of narrower parameters and all their
+            uses them."""
+_NO_KERNEL_DOC = """fused: accepted for a uniform interface; this optimizer has no fused
+            kernel, so every value runs the foreach implementation (``True``
+            warns once)."""
+_PRECISION_DOC = """state_dtype: keep a master copy of narrower parameters and all their
             state in this dtype (e.g. ``torch.float32`` for bfloat16 weights;
             see :mod:`sfoptim.precision`). Default None: the parameter's dtype.
         stochastic_rounding: round the master into the parameter stochastically
@@ -70,9 +77,11 @@ BACKEND_ARGS_DOC = """foreach: ``True``/``None`` updates all tensors of a device
 
 
 def with_backend_args(cls: type) -> type:
-    """Class decorator: fills ``{backend_args}`` in the class docstring."""
+    """Class decorator: fills ``{backend_args}`` (or ``{backend_args_no_kernel}``) in the class docstring."""
     if cls.__doc__:
-        cls.__doc__ = cls.__doc__.replace("{backend_args}", BACKEND_ARGS_DOC)
+        foreach = _FOREACH_DOC + (_PUBLISHED_ORDER_DOC if cls.__name__ in state_checks.PUBLISHED_CLASSES else "")
+        for key, fused in (("{backend_args}", _FUSED_DOC), ("{backend_args_no_kernel}", _NO_KERNEL_DOC)):
+            cls.__doc__ = cls.__doc__.replace(key, f"{foreach}\n        {fused}\n        {_PRECISION_DOC}")
     return cls
 
 
@@ -140,7 +149,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             defaults.setdefault(self.group_key(name), value)
         for name, value in self._schedule_defaults().items():
             defaults.setdefault(name, value)
-        super().__init__(params, defaults)
+        super().__init__(_validation.param_list(params, type(self).__name__), defaults)
 
     # ------------------------------------------------------------ group keys
     @classmethod
@@ -310,6 +319,15 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             ModeError: in eval mode (call :meth:`train` first).
             RuntimeError: for a sparse gradient; nothing has changed then.
         """
+        return self._run_step(closure)
+
+    def _run_step(self, closure: Callable[[], Any] | None) -> Any:
+        """The step without ``torch.optim``'s step hooks.
+
+        ``torch.optim.Optimizer`` wraps the ``step`` of each class it constructs
+        with the hooks, so a form's ``step`` calls this, never a parent class's
+        ``step``: the hooks then run once per step whichever classes exist.
+        """
         self._enter_step(closure)
         try:
             loss = _evaluate(closure)
@@ -327,9 +345,9 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         """Puts the parameters where the form keeps them between steps (plain form: ``y``)."""
 
     def _update(self) -> None:
-        _step.update(self._plan)
+        _step.update(self._plan_step)
 
-    def _plan(self) -> list[GroupStep]:
+    def _plan_step(self) -> list[GroupStep]:
         """The step of every group as :func:`sfoptim.engine.step.update` consumes it.
 
         Every group's gradients are checked (dense, of the parameter's shape)
@@ -348,6 +366,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             beta = direction.beta(group, step)
             plan = GroupStep(group, direction, step, self.y_beta(group) if direction.varying_beta else beta, beta, key)
             plan.active = active
+            plan.owner = type(self).__name__
             plans.append(plan)
         for p in plans:
             group = p.group
@@ -384,7 +403,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             if any(getattr(pl, "dim", None) is not None for pl in getattr(p, "placements", ())):
                 i = next(j for j, q in enumerate(group["params"]) if q is p)
                 raise NotImplementedError(
-                    f"{type(direction).__name__} needs whole matrices, but {self._param_label(gi, i, p)} is sharded "
+                    f"{type(self).__name__} needs whole matrices, but {self._param_label(gi, i, p)} is sharded "
                     "(FSDP2); gathering shards for it is not supported yet."
                 )
 
@@ -516,7 +535,8 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
                 group.setdefault(self.group_key(name), value)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loads a state dict saved by this class (or by ``schedulefree``'s class of the same name).
+        """Loads a state dict saved by this class (or, for the classes the published
+        ``schedulefree`` package has too, by its class of the same name).
 
         Raises ValueError, before anything changes, for a checkpoint of another
         optimizer class, or whose state does not fit the parameters (a buffer
@@ -528,10 +548,9 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         """
         previous = [dict(g) for g in self.param_groups]
         target = self._load_target()
-        matched = state_checks.check_load(target, state_dict)
+        state_checks.check_load(target, state_dict)
         super().load_state_dict(state_dict)
-        if matched:
-            state_checks.settle_load(target, state_dict, previous)
+        state_checks.settle_load(target, state_dict, previous)
 
 
 def _evaluate(closure: Callable[[], Any] | None) -> Any:
@@ -571,7 +590,7 @@ class ClosureForm:
         ``backward()``; its return value is returned. If it raises, the
         parameters are moved back to ``x`` before the error propagates.
         """
-        return super().step(closure)  # type: ignore[misc]
+        return self._run_step(closure)  # type: ignore[attr-defined]
 
     def _enter_step(self, closure: Callable[[], Any] | None) -> None:
         if closure is None:

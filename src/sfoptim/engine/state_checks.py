@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .. import precision
 
-__all__ = ["Target", "check_load", "param_label", "settle_load"]
+__all__ = ["PUBLISHED_CLASSES", "Target", "check_load", "param_label", "settle_load"]
 
 
 class Target(NamedTuple):
@@ -53,6 +53,13 @@ def param_label(groups: list[dict], group_index: int, param_index: int, p: Tenso
     name = f" '{names[param_index]}'" if names else ""
     return f"param_groups[{group_index}]['params'][{param_index}]{name} (shape {tuple(p.shape)})"
 
+#: The classes that the published ``schedulefree`` package (1.4.1) has too,
+#: under the same names: their checkpoints load into sfoptim's.
+PUBLISHED_CLASSES = frozenset({
+    "SGDScheduleFree", "SGDScheduleFreeClosure", "SGDScheduleFreeReference",
+    "AdamWScheduleFree", "AdamWScheduleFreeClosure", "AdamWScheduleFreePaper", "AdamWScheduleFreeReference",
+    "RAdamScheduleFree", "RAdamScheduleFreeClosure", "ScheduleFreeWrapper", "ScheduleFreeWrapperReference",
+})  # fmt: skip
 #: Options that sfoptim added to the published classes: a checkpoint that lacks
 #: them was saved by ``schedulefree`` and gets the constructed values.
 _ADDED_OPTIONS = ("state_dtype", "stochastic_rounding", "inner_momentum")
@@ -143,8 +150,8 @@ def _check_class(t: Target, saved_groups: list[dict]) -> None:
         by = " or ".join(savers[:3]) if savers else "another optimizer"
         raise ValueError(
             f"Invalid state_dict: it was saved by {by}, not by {cls}: its param_groups[{gi}] has no "
-            f"{', '.join(repr(k) for k in sorted(missing))}. Load a checkpoint saved by {cls} "
-            "(or by schedulefree's class of the same name)."
+            f"{', '.join(repr(k) for k in sorted(missing))}. Load a checkpoint saved by {cls}"
+            + (" (or by schedulefree's class of the same name)." if cls in PUBLISHED_CLASSES else ".")
         )
 
 
@@ -186,20 +193,46 @@ def _check_tensor(label: str, key: Any, value: Tensor, p: Tensor, shape: Any = N
         raise ValueError(f"Invalid state_dict: {where} is a meta tensor and holds no values")
 
 
-def check_load(t: Target, state_dict: dict) -> bool:
+def _describe(sizes: list[int]) -> str:
+    groups = f"{len(sizes)} parameter group{'s' * (len(sizes) != 1)}"
+    return f"{groups} of {' + '.join(map(str, sizes))} parameters" if sizes else groups
+
+
+def _check_structure(t: Target, saved_groups: list) -> None:
+    """Raises ValueError, saying which class saved it where that shows, unless the groups and their sizes match."""
+    if not all(isinstance(s, dict) and isinstance(s.get("params"), (list, tuple)) for s in saved_groups):
+        raise ValueError("Invalid state_dict: every param group must be a dict with a 'params' list, as state_dict() returns")
+    saved = [len(s["params"]) for s in saved_groups]
+    here = [len(g["params"]) for g in t.optimizer.param_groups]
+    if saved == here:
+        return
+    cls = type(t.optimizer).__name__
+    message = f"Invalid state_dict: it holds {_describe(saved)}, but this {cls} has {_describe(here)}."
+    keys = set().union(*(set(s) for s in saved_groups)) - _NOT_IDENTIFYING - set(t.schedule_keys)
+    savers = _likely_savers(keys) if saved_groups else []
+    if savers and cls not in savers:
+        message += (
+            f" It was saved by {' or '.join(savers[:3])}, not by {cls}: load it into the class that saved it."
+        )
+    else:
+        message += (
+            " Build the optimizer with the same parameters in the same groups as the one that saved it"
+            " (same model, same order, same add_param_group calls)."
+        )
+    raise ValueError(message)
+
+
+def check_load(t: Target, state_dict: dict) -> None:
     """Raises ValueError unless ``state_dict`` can be loaded into ``t``; changes nothing.
 
-    Returns False when the group structure does not match (other numbers of
-    groups or parameters): ``torch.optim.Optimizer.load_state_dict`` then
-    raises its own ValueError, also before changing anything.
+    The message says what does not fit: the number of groups or parameters
+    (and which class saved the checkpoint, where its keys show it), the class,
+    or a parameter's state.
     """
     if not isinstance(state_dict, dict) or "param_groups" not in state_dict or "state" not in state_dict:
         raise ValueError("Invalid state_dict: expected a dict with 'state' and 'param_groups', as state_dict() returns")
     saved_groups = state_dict["param_groups"]
-    if len(saved_groups) != len(t.optimizer.param_groups) or any(
-        not isinstance(s, dict) or len(s.get("params", ())) != len(g["params"]) for s, g in zip(saved_groups, t.optimizer.param_groups)
-    ):
-        return False
+    _check_structure(t, saved_groups)
     _check_class(t, saved_groups)
     saved_state = state_dict["state"]
     for gi, (saved, group) in enumerate(zip(saved_groups, t.optimizer.param_groups)):
@@ -220,7 +253,6 @@ def check_load(t: Target, state_dict: dict) -> bool:
                         raise ValueError(f"Invalid state_dict: state {key!r} of {label} is not a tensor")
                     shape = _new_buffer(direction, expected, key, p, p.dtype).shape if key in own else None
                     _check_tensor(label, key, value, p, shape)
-    return True
 
 
 def settle_load(t: Target, state_dict: dict, previous_groups: list[dict]) -> None:

@@ -38,7 +38,7 @@ try:  # the frame callback dynamo installs while a compiled function runs (None 
 except ImportError:  # pragma: no cover - a torch without dynamo
     _dynamo_callback = None
 
-__all__ = ["GroupStep", "real", "swap", "update"]
+__all__ = ["GroupStep", "averaging", "real", "swap", "update"]
 
 _NO_REDUCTIONS: Mapping[str, Tensor] = {}
 
@@ -58,7 +58,7 @@ class GroupStep:
     """
 
     __slots__ = (
-        "group", "direction", "step", "beta_prev", "beta", "key", "fused", "foreach", "active", "buckets",
+        "group", "direction", "step", "beta_prev", "beta", "key", "owner", "fused", "foreach", "active", "buckets",
         "masters", "stochastic", "inactive", "states", "moved",
     )  # fmt: skip
 
@@ -71,6 +71,8 @@ class GroupStep:
         self.beta_prev = beta_prev
         self.beta = beta
         self.key = key
+        #: The optimizer's class name, for messages.
+        self.owner = "this optimizer"
         self.fused: bool | None = None
         self.foreach: bool | None = None
         self.active: list[Tensor] = []
@@ -166,7 +168,7 @@ def _run(plans: list[GroupStep], calls: list[dispatch.TracedCall] | None) -> Non
                 step = dispatch.prepare(
                     direction, group, p.step, bucket, reduced,
                     lr=sched.lr, ckp1=ckp1, beta=beta, weight_decay=decay, decay_at_z=at_z,
-                    fused=p.fused, foreach_flag=p.foreach,
+                    fused=p.fused, foreach_flag=p.foreach, owner=p.owner,
                 )  # fmt: skip
                 if calls is None:
                     dispatch.run(step)
@@ -209,13 +211,16 @@ def reduce(plans: list[GroupStep]) -> Mapping[str, Tensor]:
 
 
 def _schedule(p: GroupStep, lr: float) -> AveragingStep:
-    """The averaging scalars of the group's step, taken with learning rate ``lr`` (the group is not changed)."""
-    group, key = p.group, p.key
+    return averaging(p.group, p.key, p.step, lr, p.beta)
+
+
+def averaging(group: dict, key: Callable[[str], str], step: int, lr: float, beta: float) -> AveragingStep:
+    """The averaging scalars of the group's 1-based ``step`` with learning rate ``lr`` and weight ``beta`` (changes nothing)."""
     sched = averaging_step(
-        p.step, lr, group[key("lr_max")], group[key("weight_sum")], group[key("r")], group[key("weight_lr_power")],
+        step, lr, group[key("lr_max")], group[key("weight_sum")], group[key("r")], group[key("weight_lr_power")],
         c_warmup=group.get(key("c_warmup"), 0),
     )  # fmt: skip
-    return sched._replace(ckp1=refined_coefficient(sched.ckp1, p.beta, group.get(key("decoupling_c"))))
+    return sched._replace(ckp1=refined_coefficient(sched.ckp1, beta, group.get(key("decoupling_c"))))
 
 
 def _commit(p: GroupStep, sched: AveragingStep) -> None:

@@ -9,6 +9,11 @@ Each module is one task, usable on its own:
   offline, a 3-layer MLP), its method table and training loop, and the
   comparison against schedules tuned per stopping time that ``sfoptim demo``
   reports.
+* :mod:`sfoptim.experiments.compare`: the comparison loop those classification
+  tasks share: every method trained, evaluated at T/8, T/4, T/2 and T, and
+  tuned by held-out accuracy.
+* :mod:`sfoptim.experiments.digits_convnet`: scikit-learn's 8x8 digits with a
+  ConvNet with BatchNorm (``benchmarks/convnet_digits.py``).
 * :mod:`sfoptim.experiments.char_lm`: a byte-level transformer trained on the
   running interpreter's standard-library source (``benchmarks/lm_stdlib.py``).
 * :mod:`sfoptim.experiments.problems`: tiny deterministic regression problems

@@ -48,7 +48,7 @@ __all__ = [
 
 #: Methods run when none are named (those whose optimizer is installed).
 DEFAULT_METHODS = ("sf-adamw", "adamw-cosine", "adamw-wsd", "muon-wsd", "prodigyplus", "sf-plus", "muon-sf",
-                   "muon-sf-adamw-lr", "prodigy-sf", "prodigy-sf-lr-weighted")
+                   "muon-sf-rising-beta", "prodigy-sf", "prodigy-sf-algoperf")
 
 
 @dataclass
@@ -202,13 +202,12 @@ def lm_methods(cfg: LMConfig, lrs=(0.004, 0.008, 0.016, 0.032), sf_lrs=(0.008, 0
     AdamW on the embeddings, head, norms and biases.  ``sf-adamw`` is one run
     per (beta1, lr) in ``sf_betas`` x ``sf_lrs``, one of them chosen for all
     stopping times.  The untuned schedule-free optimizers run with their
-    defaults.  Two variants show what their defaults cost here:
-    ``muon-sf-adamw-lr`` is schedule-free Muon with the learning rate of its
-    AdamW part (embeddings, head, norms, biases) chosen once over ``sf_lrs``,
-    the rest at its defaults; ``prodigy-sf-lr-weighted`` is schedule-free
-    Prodigy averaging with weights ``lr_max**2`` (``r=0``,
-    ``weight_lr_power=2``, as schedule-free AdamW) instead of the AlgoPerf
-    submission's ``(k+1)**0.75``, nothing tuned.
+    defaults.  Two variants: ``muon-sf-rising-beta`` is schedule-free Muon
+    with AMUSE's interpolation weight rising after step 200
+    (``beta_horizon=200``), the rest at its defaults; ``prodigy-sf-algoperf``
+    is schedule-free Prodigy in the AlgoPerf submission's form (averaging
+    weights ``(k+1)**0.75``, ``betas=(0.9, 0.9955)``, no growth limit on
+    ``d``).
     """
     betas = (0.9, cfg.beta2)
 
@@ -222,11 +221,12 @@ def lm_methods(cfg: LMConfig, lrs=(0.004, 0.008, 0.016, 0.032), sf_lrs=(0.008, 0
         return sfoptim.AdamWScheduleFree(model.parameters(), lr=c["lr"], betas=(c["beta1"], cfg.beta2),
                                          warmup_steps=cfg.warmup)
 
-    def sf_muon_adamw_lr(model, c):
-        return sfoptim.MuonScheduleFree(hidden_matrices(model, _in_blocks), adamw_lr=c["adamw_lr"])
+    def sf_muon_rising_beta(model, c):
+        return sfoptim.MuonScheduleFree(hidden_matrices(model, _in_blocks), beta_horizon=200)
 
-    def sf_prodigy_averaging(model, c):
-        return sfoptim.ProdigyScheduleFree(model.parameters(), r=c["r"], weight_lr_power=c["weight_lr_power"])
+    def sf_prodigy_algoperf(model, c):
+        return sfoptim.ProdigyScheduleFree(model.parameters(), averaging="algoperf", betas=(0.9, 0.9955),
+                                           d_growth=None)
 
     tuned = grid(lr=lrs)
     table = [
@@ -235,10 +235,8 @@ def lm_methods(cfg: LMConfig, lrs=(0.004, 0.008, 0.016, 0.032), sf_lrs=(0.008, 0
         Method("adamw-wsd", "AdamW + WSD", adamw, tuned, schedule="wsd"),
         Method("muon-wsd", "Muon + WSD", muon, tuned, schedule="wsd"),
         *untuned_schedule_free_methods(_in_blocks),
-        Method("muon-sf-adamw-lr", "SF Muon, AdamW part's lr tuned", sf_muon_adamw_lr, grid(adamw_lr=sf_lrs),
-               schedule_free=True),
-        Method("prodigy-sf-lr-weighted", "SF Prodigy, lr-weighted average", sf_prodigy_averaging,
-               grid(r=(0.0,), weight_lr_power=(2.0,)), schedule_free=True),
+        Method("muon-sf-rising-beta", "SF Muon, rising beta", sf_muon_rising_beta, schedule_free=True),
+        Method("prodigy-sf-algoperf", "SF Prodigy, AlgoPerf form", sf_prodigy_algoperf, schedule_free=True),
     ]
     return {m.name: m for m in table}
 

@@ -22,27 +22,22 @@ setting in bfloat16.
 
 from __future__ import annotations
 
-import math
-import statistics
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import sfoptim
-from sfoptim.experiments.methods import Method, grid, step_with_loss, untuned_schedule_free_methods
+from sfoptim.experiments import compare
+from sfoptim.experiments.compare import STOP_FRACTIONS, Task, evaluate, schedule_factor, total_steps
+from sfoptim.experiments.methods import Method, grid, untuned_schedule_free_methods
 
 __all__ = [
     "DEFAULT", "DEFAULT_METHODS", "QUICK", "STOP_FRACTIONS", "DemoConfig", "demo_methods", "evaluate",
     "load_task", "make_model", "run_comparison", "schedule_factor", "total_steps", "train_method",
-    "train_run",
+    "train_run", "TASK",
 ]
-
-#: Fractions of the full horizon at which every method is compared.
-STOP_FRACTIONS = (0.125, 0.25, 0.5, 1.0)
 
 #: Methods run when none are named: schedule-free AdamW against tuned cosine,
 #: plus every untuned schedule-free optimizer this sfoptim has (sf-plus,
@@ -172,99 +167,24 @@ def make_model(in_dim: int, hidden: int, classes: int = 10) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------
-# Schedules and training
+# Training and the comparison (the loop is shared with the other tasks)
 # ---------------------------------------------------------------------------
 
-def schedule_factor(kind: str, step: int, horizon: int, warmup: int) -> float:
-    """Learning-rate multiplier for ``step`` (0-based) of a run of ``horizon`` steps.
-
-    ``kind`` is ``"cosine"`` or ``"linear"``; both warm up linearly for
-    ``warmup`` steps and then decay to zero exactly at the horizon.
-    """
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup + 1) / max(1, horizon - warmup)
-    progress = min(1.0, progress)
-    if kind == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    if kind == "linear":
-        return 1.0 - progress
-    raise ValueError(f"unknown schedule {kind!r}")
+def _make_task_model(xtr: torch.Tensor, cfg: DemoConfig) -> nn.Module:
+    return make_model(xtr.shape[1], cfg.hidden)
 
 
-@torch.no_grad()
-def evaluate(model, task):
-    """Training loss over the whole training set and held-out accuracy."""
-    xtr, ytr, xte, yte = task
-    # Inputs follow the model's dtype (float32 for the demo; bfloat16 in
-    # benchmarks/precision.py); the loss is taken in float32 either way.  For a
-    # float32 model both casts return the tensor itself.
-    dtype = next(model.parameters()).dtype
-    model.eval()
-    loss = F.cross_entropy(model(xtr.to(dtype)).float(), ytr).item()
-    acc = (model(xte.to(dtype)).argmax(1) == yte).float().mean().item()
-    model.train()
-    return loss, acc
-
-
-def _batch_order(n: int, steps: int, batch: int, seed: int) -> torch.Tensor:
-    """Minibatch indices shared by every method for a given seed.
-
-    Sharing the data order (and the initialisation) means differences between
-    methods come from the optimizer, not from luck in the sampling.
-    """
-    g = torch.Generator().manual_seed(10_000 + seed)
-    per_epoch = n // batch
-    epochs = -(-steps // per_epoch)
-    idx = torch.cat([torch.randperm(n, generator=g)[: per_epoch * batch] for _ in range(epochs)])
-    return idx.view(-1, batch)[:steps]
+#: The task as :mod:`sfoptim.experiments.compare` runs it.
+TASK = Task("mnist1d", "MNIST-1D (mnist1d generator, offline), 3-layer MLP, cross-entropy",
+            lambda n: load_task(n), _make_task_model)
 
 
 def train_method(task, cfg: DemoConfig, seed: int, method: Method, config: dict, horizon: int,
                  eval_steps, progress=None, dtype=torch.float32):
-    """Train one run of ``method`` with hyperparameters ``config``; return
-    ``{step: (train_loss, test_acc)}`` at ``eval_steps``.
-
-    A method with a decay schedule warms up over ``cfg.warmup_frac`` of
-    ``horizon`` and decays to zero there; any other method only stops at
-    ``horizon``.  Schedule-free methods are evaluated after
-    ``optimizer.eval()`` (at their averaged point ``x``).  ``progress``, when
-    given, is called with 1 after every step; ``dtype`` is the model's (and the
-    inputs') dtype.
-    """
-    xtr, ytr = task[0], task[1]
-    torch.manual_seed(seed)
-    # Initialise in float32 and then cast, so every dtype starts from the same
-    # (rounded) weights for a given seed.
-    model = make_model(xtr.shape[1], cfg.hidden).to(dtype)
-    xtr = xtr.to(dtype)
-    order = _batch_order(len(xtr), horizon, cfg.batch_size, seed)
-    opt = method.build(model, config)
-    if method.schedule_free:
-        opt.train()
-    base_lrs = [g["lr"] for g in opt.param_groups]
-    warmup = max(1, round(cfg.warmup_frac * horizon))
-    wanted = set(eval_steps)
-    out = {}
-    for step in range(horizon):
-        if method.schedule is not None:
-            f = schedule_factor(method.schedule, step, horizon, warmup)
-            for group, lr in zip(opt.param_groups, base_lrs):
-                group["lr"] = lr * f
-        idx = order[step]
-        loss = F.cross_entropy(model(xtr[idx]).float(), ytr[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        step_with_loss(opt, loss, method)
-        if progress is not None:
-            progress(1)
-        if step + 1 in wanted:
-            if method.schedule_free:
-                opt.eval()  # parameters now hold the averaged point x
-            out[step + 1] = evaluate(model, task)
-            if method.schedule_free:
-                opt.train()
-    return out
+    """Train one run of ``method`` on the data ``task`` (from :func:`load_task`) with
+    hyperparameters ``config``; return ``{step: (train_loss, test_acc)}`` at ``eval_steps``
+    (:func:`sfoptim.experiments.compare.train_method`)."""
+    return compare.train_method(TASK, task, cfg, seed, method, config, horizon, eval_steps, progress, dtype)
 
 
 def train_run(task, cfg: DemoConfig, seed: int, method: str, lr: float,
@@ -291,115 +211,13 @@ def train_run(task, cfg: DemoConfig, seed: int, method: str, lr: float,
     return train_method(task, cfg, seed, m, {"lr": lr}, horizon, eval_steps, progress, dtype)
 
 
-# ---------------------------------------------------------------------------
-# The comparison
-# ---------------------------------------------------------------------------
-
-def _mean_sd(values):
-    m = statistics.fmean(values)
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return m, sd
-
-
-def total_steps(cfg: DemoConfig, methods: Sequence[Method]) -> int:
-    """Training steps that :func:`run_comparison` takes in all (for a progress bar)."""
-    per_config = {m.name: (sum(cfg.horizons()) if m.schedule else cfg.steps) for m in methods}
-    return len(cfg.seeds) * sum(len(m.grid) * per_config[m.name] for m in methods)
-
-
-def _on_edge(config: dict, configs) -> list[str]:
-    """The hyperparameters of ``config`` at an end of their range in ``configs``
-    (only for ranges of three or more values, where an end means something)."""
-    out = []
-    for k, v in config.items():
-        values = sorted({c[k] for c in configs})
-        if len(values) >= 3 and v in (values[0], values[-1]):
-            out.append(k)
-    return out
-
-
 def run_comparison(cfg: DemoConfig, progress: Callable[[int], object] | None = None,
                    methods: Sequence[Method] | None = None) -> dict:
-    """Run every training run of the comparison and return a JSON-ready result dict.
+    """The demo's comparison (:func:`sfoptim.experiments.compare.run_comparison` on this task).
 
     ``methods`` defaults to the available ones of :data:`DEFAULT_METHODS`.
-    ``rows`` holds, per stopping time and method, the training loss and
-    held-out accuracy (mean, sd over seeds) of the chosen configuration (see
-    the module's docstring for the rule), the configuration, and every
-    configuration's mean accuracy.  ``curves`` holds each one-run method's
-    per-seed training loss and accuracy over the run at its chosen
-    configuration.  ``progress`` is called with 1 after every training step.
     """
     if methods is None:
         table = demo_methods(cfg)
         methods = [table[n] for n in DEFAULT_METHODS if table[n].available() is None]
-    task = load_task(cfg.num_samples)
-    horizons = cfg.horizons()
-    T = cfg.steps
-    curve = sorted({max(1, round(T * i / cfg.curve_points)) for i in range(1, cfg.curve_points + 1)} | set(horizons))
-    t0, c0 = time.perf_counter(), time.process_time()
-
-    # runs[name][config index][seed] = {step: (loss, acc)}
-    runs: dict[str, list[dict[int, dict[int, tuple[float, float]]]]] = {
-        m.name: [{} for _ in m.grid] for m in methods}
-    for seed in cfg.seeds:
-        for m in methods:
-            for i, config in enumerate(m.grid):
-                if m.schedule:
-                    runs[m.name][i][seed] = {
-                        h: train_method(task, cfg, seed, m, config, h, [h], progress)[h] for h in horizons}
-                else:
-                    runs[m.name][i][seed] = train_method(task, cfg, seed, m, config, T, curve, progress)
-    elapsed = time.perf_counter() - t0
-    cpu = time.process_time() - c0
-
-    def mean_acc(name, i, steps):
-        return statistics.fmean(runs[name][i][s][h][1] for s in cfg.seeds for h in steps)
-
-    chosen = {}  # name -> {horizon: config index}
-    for m in methods:
-        if m.schedule:
-            chosen[m.name] = {h: max(range(len(m.grid)), key=lambda i: mean_acc(m.name, i, [h])) for h in horizons}
-        else:
-            best = max(range(len(m.grid)), key=lambda i: mean_acc(m.name, i, horizons))
-            chosen[m.name] = dict.fromkeys(horizons, best)
-
-    reference = "adamw-cosine" if "adamw-cosine" in runs else None
-    rows = []
-    for h in horizons:
-        row: dict = {"steps": h}
-        for m in methods:
-            i = chosen[m.name][h]
-            row[m.name] = {
-                "config": m.grid[i],
-                "on_grid_edge": _on_edge(m.grid[i], m.grid),
-                "loss": _mean_sd([runs[m.name][i][s][h][0] for s in cfg.seeds]),
-                "acc": _mean_sd([runs[m.name][i][s][h][1] for s in cfg.seeds]),
-                "grid_acc": [mean_acc(m.name, j, [h]) for j in range(len(m.grid))],
-            }
-        if reference:
-            for m in methods:
-                row[m.name]["loss_ratio"] = row[m.name]["loss"][0] / row[reference]["loss"][0]
-                row[m.name]["acc_diff"] = row[m.name]["acc"][0] - row[reference]["acc"][0]
-        rows.append(row)
-
-    return {
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
-        "task": "MNIST-1D (mnist1d generator, offline), 3-layer MLP, cross-entropy",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "seconds": elapsed,
-        "cpu_seconds": cpu,
-        "reference": reference,
-        "methods": {m.name: {"label": m.label, "tuning": m.tuning(), "schedule": m.schedule,
-                             "schedule_free": m.schedule_free, "grid": list(m.grid)} for m in methods},
-        "rows": rows,
-        "curves": {
-            m.name: {
-                "steps": curve,
-                "loss": [[runs[m.name][chosen[m.name][T]][s][t][0] for t in curve] for s in cfg.seeds],
-                "acc": [[runs[m.name][chosen[m.name][T]][s][t][1] for t in curve] for s in cfg.seeds],
-            }
-            for m in methods if not m.schedule
-        },
-    }
+    return compare.run_comparison(TASK, cfg, methods, progress)
