@@ -693,7 +693,9 @@ def _polyak_sums_of_third_step(
 
     gen = torch.Generator().manual_seed(5)
     params = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (3000, 17, 70_001)]
-    opt = sfoptim.AdamCScheduleFreePlus([{"params": params, **(group_options or {})}], **kw)
+    # The authors' rule (no step-size warmup, no guards), so that y and z part after the first step.
+    paper = dict(warmup_steps=0, c_warmup=0, lr_cap=None, growth_limit=None)
+    opt = sfoptim.AdamCScheduleFreePlus([{"params": params, **(group_options or {})}], **{**paper, **kw})
     for s in range(3):
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen)
