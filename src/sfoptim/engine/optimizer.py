@@ -14,18 +14,12 @@ for SGD, the preconditioned gradient for Adam) plus weight decay
 :math:`\lambda y_t`, and :math:`c_{t+1}` comes from :mod:`sfoptim.engine.schedule`.
 
 Only two buffers are stored: the parameter holds ``y`` in train mode (``x`` in
-eval mode) and the state holds ``z``. ``x`` is recovered from them:
-:math:`x = y + (1 - 1/\beta)(z - y)` and back :math:`y = x + (1-\beta)(z - x)`.
-One step updates ``y`` in place without forming ``x``:
-
-.. math::
-
-    y_{t+1} = \operatorname{lerp}(y_t, z_t, c_{t+1}) + \gamma_t\,(\beta(1-c_{t+1}) - 1)\, d_t
-
-This module holds the optimizer object once (modes, state, group keys, state
-dicts); :mod:`sfoptim.engine.step` holds the step. Subclasses declare their
-base direction (:mod:`sfoptim.directions`), validate their hyperparameters
-and add nothing else.
+eval mode) and the state holds ``z``; :math:`x = \operatorname{lerp}(y, z, 1 - 1/\beta)`.
+This module holds the optimizer object (modes, state, group keys, state dicts)
+and plans each step; :mod:`sfoptim.engine.step` carries it out (the in-place
+update: :func:`sfoptim.backends.foreach.interpolate_and_step`). Subclasses
+declare their base direction (:mod:`sfoptim.directions`) and validate their
+hyperparameters.
 """
 
 from __future__ import annotations
