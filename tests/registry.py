@@ -1,9 +1,11 @@
 """One list of optimizer configurations that the generic tests run over.
 
 Modelled on torch's ``optim_db``: each :class:`OptimizerInfo` says how to build
-the optimizer, which independent oracle it must agree with, and which flags it
-supports. ``tests/test_generic.py`` runs every generic check over every entry,
-so a new optimizer joins all of them by adding one entry to ``OPTIMIZERS``.
+the optimizer, which independent oracle it must agree with, and what it
+supports (closure form, fused kernel, reference, distributed, torch.compile,
+low precision). Every test that runs over several optimizers draws them from
+``OPTIMIZERS`` (filtered by those capabilities), so a new optimizer joins all
+of them by adding one entry.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ class OptimizerInfo:
         needs_loss: the step takes the loss (ScheduleFree+'s Polyak step size).
         starts_in_eval: the class starts in eval mode, as the authors' class it
             follows does; ``make`` calls ``train()`` so every check starts alike.
+        fused_kernel: its direction has a one-pass kernel (the C kernel on CPU), so ``fused=True`` changes the backend.
+        distributed: run by the DDP and FSDP2 tests against a single process.
+        compile: run by the ``torch.compile`` tests.
     """
 
     name: str
@@ -66,6 +71,19 @@ class OptimizerInfo:
     #: ``step()`` needs the loss (``step(loss=...)``, or a closure that returns it).
     needs_loss: bool = False
     starts_in_eval: bool = False
+    fused_kernel: bool = False
+    distributed: bool = False
+    compile: bool = False
+
+    @property
+    def fused(self) -> bool:
+        """Whether it takes ``fused`` (a one-pass kernel where its direction has one)."""
+        return "fused" in self.flags
+
+    @property
+    def low_precision(self) -> bool:
+        """Whether it keeps wide master copies of narrow parameters (``state_dtype``)."""
+        return "state_dtype" in self.flags
 
     def make(self, params: list[torch.Tensor], **overrides: Any) -> Any:
         first = self.base(params) if self.base is not None else params
@@ -183,32 +201,32 @@ def _adopt(ps: Any) -> torch.optim.Optimizer:
 
 OPTIMIZERS: list[OptimizerInfo] = [
     # The fast forms, each against our reference form.
-    OptimizerInfo("sgd", sfoptim.SGDScheduleFree, SGD_KW, sfoptim.SGDScheduleFreeReference, flags=FAST, invalid=SGD_INVALID),
-    OptimizerInfo("adamw", sfoptim.AdamWScheduleFree, ADAMW_KW, sfoptim.AdamWScheduleFreeReference, flags=FAST, invalid=ADAMW_INVALID),
-    OptimizerInfo("adamw_inner", sfoptim.AdamWScheduleFree, ADAMW_INNER_KW, sfoptim.AdamWScheduleFreeReference, flags=FAST),
-    OptimizerInfo("adamw_paper", sfoptim.AdamWScheduleFreePaper, ADAMW_KW, _published("AdamWScheduleFreePaper"), flags=FAST),
-    OptimizerInfo("radam", sfoptim.RAdamScheduleFree, RADAM_KW, sfoptim.RAdamScheduleFreeReference, flags=FAST, invalid=RADAM_INVALID),
-    OptimizerInfo("radam_sgd_phase", sfoptim.RAdamScheduleFree, RADAM_SGD_KW, sfoptim.RAdamScheduleFreeReference, flags=FAST),
-    OptimizerInfo("muon", sfoptim.MuonScheduleFree, MUON_KW, sfoptim.MuonScheduleFreeReference, flags=FAST, invalid=MUON_INVALID),
-    OptimizerInfo("normuon", sfoptim.MuonScheduleFree, NORMUON_KW, sfoptim.MuonScheduleFreeReference, flags=FAST),
-    OptimizerInfo("prodigy", sfoptim.ProdigyScheduleFree, PRODIGY_KW, sfoptim.ProdigyScheduleFreeReference, flags=FAST, invalid=PRODIGY_INVALID),
-    OptimizerInfo("prodigy_split", sfoptim.ProdigyScheduleFree, PRODIGY_SPLIT_KW, sfoptim.ProdigyScheduleFreeReference, flags=FAST),
+    OptimizerInfo("sgd", sfoptim.SGDScheduleFree, SGD_KW, sfoptim.SGDScheduleFreeReference, flags=FAST, invalid=SGD_INVALID, distributed=True, compile=True, fused_kernel=True),
+    OptimizerInfo("adamw", sfoptim.AdamWScheduleFree, ADAMW_KW, sfoptim.AdamWScheduleFreeReference, flags=FAST, invalid=ADAMW_INVALID, distributed=True, compile=True, fused_kernel=True),
+    OptimizerInfo("adamw_inner", sfoptim.AdamWScheduleFree, ADAMW_INNER_KW, sfoptim.AdamWScheduleFreeReference, flags=FAST, compile=True, fused_kernel=True),
+    OptimizerInfo("adamw_paper", sfoptim.AdamWScheduleFreePaper, ADAMW_KW, _published("AdamWScheduleFreePaper"), flags=FAST, fused_kernel=True),
+    OptimizerInfo("radam", sfoptim.RAdamScheduleFree, RADAM_KW, sfoptim.RAdamScheduleFreeReference, flags=FAST, invalid=RADAM_INVALID, distributed=True, fused_kernel=True),
+    OptimizerInfo("radam_sgd_phase", sfoptim.RAdamScheduleFree, RADAM_SGD_KW, sfoptim.RAdamScheduleFreeReference, flags=FAST, compile=True, fused_kernel=True),
+    OptimizerInfo("muon", sfoptim.MuonScheduleFree, MUON_KW, sfoptim.MuonScheduleFreeReference, flags=FAST, invalid=MUON_INVALID, distributed=True),
+    OptimizerInfo("normuon", sfoptim.MuonScheduleFree, NORMUON_KW, sfoptim.MuonScheduleFreeReference, flags=FAST, distributed=True),
+    OptimizerInfo("prodigy", sfoptim.ProdigyScheduleFree, PRODIGY_KW, sfoptim.ProdigyScheduleFreeReference, flags=FAST, invalid=PRODIGY_INVALID, distributed=True),
+    OptimizerInfo("prodigy_split", sfoptim.ProdigyScheduleFree, PRODIGY_SPLIT_KW, sfoptim.ProdigyScheduleFreeReference, flags=FAST, distributed=True),
     # The closure forms: parameters hold x between steps.
-    OptimizerInfo("sgd_closure", sfoptim.SGDScheduleFreeClosure, SGD_KW, sfoptim.SGDScheduleFreeReference, closure=True, flags=FAST),
-    OptimizerInfo("adamw_closure", sfoptim.AdamWScheduleFreeClosure, ADAMW_KW, sfoptim.AdamWScheduleFreeReference, closure=True, flags=FAST),
-    OptimizerInfo("radam_closure", sfoptim.RAdamScheduleFreeClosure, RADAM_KW, sfoptim.RAdamScheduleFreeReference, closure=True, flags=FAST),
-    OptimizerInfo("prodigy_closure", sfoptim.ProdigyScheduleFreeClosure, PRODIGY_KW, sfoptim.ProdigyScheduleFreeReference, closure=True, flags=FAST),
+    OptimizerInfo("sgd_closure", sfoptim.SGDScheduleFreeClosure, SGD_KW, sfoptim.SGDScheduleFreeReference, closure=True, flags=FAST, fused_kernel=True),
+    OptimizerInfo("adamw_closure", sfoptim.AdamWScheduleFreeClosure, ADAMW_KW, sfoptim.AdamWScheduleFreeReference, closure=True, flags=FAST, distributed=True, fused_kernel=True, compile=True),
+    OptimizerInfo("radam_closure", sfoptim.RAdamScheduleFreeClosure, RADAM_KW, sfoptim.RAdamScheduleFreeReference, closure=True, flags=FAST, fused_kernel=True),
+    OptimizerInfo("prodigy_closure", sfoptim.ProdigyScheduleFreeClosure, PRODIGY_KW, sfoptim.ProdigyScheduleFreeReference, closure=True, flags=FAST, distributed=True),
     # The wrapper around plain and stateful base optimizers.
-    OptimizerInfo("wrapper_sgd", sfoptim.ScheduleFreeWrapper, WRAPPER_KW, sfoptim.ScheduleFreeWrapperReference, base=_sgd, flags=frozenset({"fused"}), invalid=WRAPPER_INVALID),
-    OptimizerInfo("wrapper_adam", sfoptim.ScheduleFreeWrapper, WRAPPER_KW, sfoptim.ScheduleFreeWrapperReference, base=_adam, flags=frozenset({"fused"})),
-    OptimizerInfo("wrapper_rmsprop", sfoptim.ScheduleFreeWrapper, WRAPPER_KW, sfoptim.ScheduleFreeWrapperReference, base=_rmsprop, flags=frozenset({"fused"})),
+    OptimizerInfo("wrapper_sgd", sfoptim.ScheduleFreeWrapper, WRAPPER_KW, sfoptim.ScheduleFreeWrapperReference, base=_sgd, flags=frozenset({"fused"}), invalid=WRAPPER_INVALID, fused_kernel=True),
+    OptimizerInfo("wrapper_adam", sfoptim.ScheduleFreeWrapper, WRAPPER_KW, sfoptim.ScheduleFreeWrapperReference, base=_adam, flags=frozenset({"fused"}), distributed=True, compile=True, fused_kernel=True),
+    OptimizerInfo("wrapper_rmsprop", sfoptim.ScheduleFreeWrapper, WRAPPER_KW, sfoptim.ScheduleFreeWrapperReference, base=_rmsprop, flags=frozenset({"fused"}), fused_kernel=True),
     # ScheduleFree+ (the step takes the loss), against our reference form.
-    OptimizerInfo("adamc_plus", sfoptim.AdamCScheduleFreePlus, PLUS_GUARDED_KW, sfoptim.AdamCScheduleFreePlusReference, reference_kwargs={**PLUS_GUARDED_KW, "guards": True}, flags=FAST, invalid=PLUS_INVALID, needs_loss=True),
-    OptimizerInfo("adamc_plus_closure", sfoptim.AdamCScheduleFreePlusClosure, PLUS_GUARDED_KW, sfoptim.AdamCScheduleFreePlusReference, reference_kwargs={**PLUS_GUARDED_KW, "guards": True}, closure=True, flags=FAST, needs_loss=True),
-    OptimizerInfo("adamc_plus_paper", sfoptim.AdamCScheduleFreePlusPaper, PLUS_KW, sfoptim.AdamCScheduleFreePlusReference, flags=FAST, needs_loss=True, starts_in_eval=True),
+    OptimizerInfo("adamc_plus", sfoptim.AdamCScheduleFreePlus, PLUS_GUARDED_KW, sfoptim.AdamCScheduleFreePlusReference, reference_kwargs={**PLUS_GUARDED_KW, "guards": True}, flags=FAST, invalid=PLUS_INVALID, needs_loss=True, fused_kernel=True),
+    OptimizerInfo("adamc_plus_closure", sfoptim.AdamCScheduleFreePlusClosure, PLUS_GUARDED_KW, sfoptim.AdamCScheduleFreePlusReference, reference_kwargs={**PLUS_GUARDED_KW, "guards": True}, closure=True, flags=FAST, needs_loss=True, fused_kernel=True),
+    OptimizerInfo("adamc_plus_paper", sfoptim.AdamCScheduleFreePlusPaper, PLUS_KW, sfoptim.AdamCScheduleFreePlusReference, flags=FAST, needs_loss=True, starts_in_eval=True, fused_kernel=True),
     # Our reference forms, against the published package (RAdam against its fast form: it has no reference).
     OptimizerInfo("sgd_reference", sfoptim.SGDScheduleFreeReference, SGD_KW, _published("SGDScheduleFreeReference"), tolerance=1e-12, invalid=SGD_INVALID),
-    OptimizerInfo("adamw_reference", sfoptim.AdamWScheduleFreeReference, {**ADAMW_KW, "decay_at_z": True}, _published("AdamWScheduleFreeReference"), tolerance=1e-12, invalid=ADAMW_INVALID),
+    OptimizerInfo("adamw_reference", sfoptim.AdamWScheduleFreeReference, {**ADAMW_KW, "decay_at_z": True}, _published("AdamWScheduleFreeReference"), tolerance=1e-12, invalid=ADAMW_INVALID, distributed=True),
     OptimizerInfo("radam_reference", sfoptim.RAdamScheduleFreeReference, RADAM_KW, _published("RAdamScheduleFree"), tolerance=1e-12, invalid=RADAM_INVALID),
     OptimizerInfo("radam_reference_sgd_phase", sfoptim.RAdamScheduleFreeReference, RADAM_SGD_KW, _published("RAdamScheduleFree"), tolerance=1e-12),
     OptimizerInfo("wrapper_reference", sfoptim.ScheduleFreeWrapperReference, WRAPPER_KW, _published("ScheduleFreeWrapperReference"), base=_sgd, tolerance=1e-12, invalid=WRAPPER_INVALID),
@@ -218,8 +236,13 @@ OPTIMIZERS: list[OptimizerInfo] = [
 
 if pytorch_optimizer is not None:
     OPTIMIZERS.append(
-        OptimizerInfo("wrapper_adopt", sfoptim.ScheduleFreeWrapper, WRAPPER_KW, sfoptim.ScheduleFreeWrapperReference, base=_adopt, flags=frozenset({"fused"}))
+        OptimizerInfo("wrapper_adopt", sfoptim.ScheduleFreeWrapper, WRAPPER_KW, sfoptim.ScheduleFreeWrapperReference, base=_adopt, flags=frozenset({"fused"}), fused_kernel=True)
     )
 
 BY_NAME = {info.name: info for info in OPTIMIZERS}
 assert len(BY_NAME) == len(OPTIMIZERS), "registry names must be unique"
+
+
+def select(**wanted: bool) -> list[OptimizerInfo]:
+    """The entries whose capabilities (attributes or properties) have the given values, e.g. ``select(distributed=True)``."""
+    return [info for info in OPTIMIZERS if all(bool(getattr(info, k)) == v for k, v in wanted.items())]

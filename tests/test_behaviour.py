@@ -8,24 +8,14 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import registry
 import torch
 from problems import loss_fn, make_batches, make_model, rel_diff, two_groups
 
 import sfoptim
 
-FACTORIES: dict[str, Callable[[Any], Any]] = {
-    "sgd": lambda p: sfoptim.SGDScheduleFree(p, lr=0.2, warmup_steps=3, weight_decay=0.01),
-    "sgd_single": lambda p: sfoptim.SGDScheduleFree(p, lr=0.2, weight_decay=0.01, foreach=False),
-    "adamw": lambda p: sfoptim.AdamWScheduleFree(p, lr=0.01, warmup_steps=3, weight_decay=0.01),
-    "adamw_inner": lambda p: sfoptim.AdamWScheduleFree(p, lr=0.01, inner_momentum=0.9, foreach=False),
-    "adamw_paper": lambda p: sfoptim.AdamWScheduleFreePaper(p, lr=0.01, weight_decay=0.01),
-    "radam": lambda p: sfoptim.RAdamScheduleFree(p, lr=0.01, weight_decay=0.01, silent_sgd_phase=False),
-    "wrapper_rmsprop": lambda p: sfoptim.ScheduleFreeWrapper(torch.optim.RMSprop(p, lr=0.005), weight_decay_at_y=0.01),
-    "wrapper_adam": lambda p: sfoptim.ScheduleFreeWrapper(torch.optim.Adam(p, lr=0.01)),
-    "adamw_reference": lambda p: sfoptim.AdamWScheduleFreeReference(p, lr=0.01, weight_decay=0.01),
-    "sgd_reference": lambda p: sfoptim.SGDScheduleFreeReference(p, lr=0.2),
-    "wrapper_reference": lambda p: sfoptim.ScheduleFreeWrapperReference(torch.optim.Adagrad(p, lr=0.05)),
-}
+#: Every registered optimizer in train/eval form whose step needs no loss.
+FACTORIES: dict[str, Callable[[Any], Any]] = {i.name: i.make for i in registry.select(closure=False, needs_loss=False)}
 NAMES = sorted(FACTORIES)
 
 
@@ -96,14 +86,16 @@ def test_step_in_eval_mode_raises_mode_error_and_changes_nothing(name: str) -> N
 def test_eval_params_is_x_and_touches_nothing(name: str) -> None:
     model = make_model()
     opt = FACTORIES[name](model.parameters())
-    assert all(torch.equal(a, b) for a, b in zip(opt.eval_params(), model.parameters()))
+    # In the order of the param groups (Muon splits the model's parameters into two).
+    ordered = [p for g in opt.param_groups for p in g["params"]]
+    assert all(torch.equal(a, b) for a, b in zip(opt.eval_params(), ordered))
     train_steps(model, opt, make_batches(10))
     y = params_of(model)
     xs = opt.eval_params()
     assert all(torch.equal(a, b) for a, b in zip(y, params_of(model)))
     opt.eval()
-    assert all(rel_diff(a, b) < 1e-12 for a, b in zip(xs, model.parameters()))
-    assert all(rel_diff(a, b) < 1e-12 for a, b in zip(opt.eval_params(), model.parameters()))
+    assert all(rel_diff(a, b) < 1e-12 for a, b in zip(xs, ordered))
+    assert all(rel_diff(a, b) < 1e-12 for a, b in zip(opt.eval_params(), ordered))
 
 
 # ------------------------------------------------------------- param groups
@@ -444,7 +436,8 @@ def test_fused_true_without_a_kernel_names_the_optimizer_class(cls: type) -> Non
 
     dispatch._no_kernel_warned.discard(cls.__name__)
     p = torch.nn.Parameter(torch.randn(4, 3))
-    opt = cls([p], fused=True)
+    # No decay: a decay at z (Muon's default place) would take foreach before any kernel is asked for.
+    opt = cls([p], fused=True, weight_decay=0.0)
     p.grad = torch.ones(4, 3)
     with pytest.warns(RuntimeWarning, match=f"{cls.__name__} has no fused kernel") as caught:
         opt.step()

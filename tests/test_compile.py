@@ -1,6 +1,6 @@
 """``torch.compile`` of a function that calls ``optimizer.step()``, as torch's tutorial compiles one.
 
-A 30-step run with a 10-step warmup, a learning-rate change and an
+A 30-step run of every registry entry marked ``compile`` (with its warmup), a learning-rate change and an
 ``eval()``/``train()`` switch must settle on its graphs by step 5 (the
 schedule's changing numbers must not be guarded on), break the graph no more
 often than ``torch.optim.AdamW`` does in the same run, and give eager's
@@ -10,7 +10,10 @@ optimizer steps eagerly, must give eager's results too.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+import registry
 import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
@@ -20,19 +23,26 @@ import sfoptim
 STEPS = 30
 SETTLED = 5
 
-CASES = {
-    "adamw": lambda p, **kw: sfoptim.AdamWScheduleFree(p, lr=0.01, warmup_steps=10, weight_decay=0.01, **kw),
-    "sgd": lambda p, **kw: sfoptim.SGDScheduleFree(p, lr=0.05, warmup_steps=10, **kw),
-    "radam": lambda p, **kw: sfoptim.RAdamScheduleFree(p, lr=0.01, **kw),
-    # the weight-decay options: AdamC scales the kernel's decay scalar; decay at z runs foreach
-    "adamw_adamc": lambda p, **kw: sfoptim.AdamWScheduleFree(
-        [{"params": list(p), "adamc": True}], lr=0.01, warmup_steps=10, weight_decay=0.1, **kw
-    ),
-    "adamw_decay_at_z": lambda p, **kw: sfoptim.AdamWScheduleFree(
-        [{"params": list(p), "decay_at": "z", "adamc": True}], lr=0.01, warmup_steps=10, weight_decay=0.1, **kw
-    ),
-    "wrapper": lambda p, **kw: sfoptim.ScheduleFreeWrapper(torch.optim.Adam(p, lr=0.01), weight_decay_at_y=0.01, **kw),
-}
+#: The weight-decay options as group keys: AdamC scales the kernel's decay scalar; decay at z runs foreach.
+DECAY_OPTIONS = {"adamc": {"adamc": True}, "decay_at_z": {"decay_at": "z", "adamc": True}}
+#: Quick by default; the other compile entries of the registry run with -m slow.
+QUICK = ("adamw", "adamw_closure", "wrapper_adam")
+
+
+def _maker(name: str, flags: dict, options: dict | None = None) -> Any:
+    info = registry.BY_NAME[name]
+    if options is None:
+        return lambda p: info.make(p, **flags)
+    return lambda p: info.make([{"params": list(p), **options}], **flags)
+
+
+def _cases(variants: list[tuple[str, dict, dict | None]], **wanted: bool) -> list[Any]:
+    """Every compile entry of the registry with the ``wanted`` capabilities (the slow ones marked), then ``variants`` of AdamW."""
+    cases = [
+        pytest.param(info.name, {}, None, marks=() if info.name in QUICK else pytest.mark.slow, id=info.name)
+        for info in registry.select(compile=True, **wanted)
+    ]
+    return cases + [pytest.param("adamw", flags, opt, id=f"adamw-{key}") for key, flags, opt in variants]
 
 
 def _run(make, compiled: bool) -> tuple[list[torch.Tensor], list[int], int]:
@@ -75,20 +85,19 @@ def adamw_breaks() -> int:
 
 
 @pytest.mark.parametrize(
-    "name, flags",
-    [
-        ("adamw", {}),
-        ("adamw", {"fused": False}),
-        ("adamw", {"state_dtype": torch.float64}),
-        ("wrapper", {}),
-        ("adamw_adamc", {}),
-        ("adamw_decay_at_z", {}),
-        pytest.param("sgd", {}, marks=pytest.mark.slow),
-        pytest.param("radam", {}, marks=pytest.mark.slow),
-    ],
+    "name, flags, options",
+    _cases(
+        [
+            ("foreach", {"fused": False}, None),
+            ("state_dtype", {"state_dtype": torch.float64}, None),
+            ("adamc", {"weight_decay": 0.1}, DECAY_OPTIONS["adamc"]),
+            ("decay_at_z", {"weight_decay": 0.1}, DECAY_OPTIONS["decay_at_z"]),
+        ],
+        closure=False,
+    ),
 )
-def test_compiled_step_settles_and_matches_eager(name: str, flags: dict, adamw_breaks: int) -> None:
-    make = lambda p: CASES[name](p, **flags)  # noqa: E731
+def test_compiled_step_settles_and_matches_eager(name: str, flags: dict, options: dict | None, adamw_breaks: int) -> None:
+    make = _maker(name, flags, options)
     eager, _, _ = _run(make, compiled=False)
     compiled, graphs, breaks = _run(make, compiled=True)
     assert graphs[-1] == graphs[SETTLED - 1], f"new graphs after step {SETTLED}: {graphs}"
@@ -150,14 +159,16 @@ def _run_with_closure(make, compiled: bool) -> tuple[list[torch.Tensor], list[in
     return [p.detach().clone() for p in model.parameters()], graphs, reasons
 
 
-@pytest.mark.parametrize("cls", [sfoptim.AdamWScheduleFree, sfoptim.AdamWScheduleFreeClosure])
-def test_step_with_a_closure_settles_and_breaks_only_where_torch_adamw_does(cls) -> None:
+@pytest.mark.parametrize("name, flags, options", _cases([]))
+def test_step_with_a_closure_settles_and_breaks_only_where_torch_adamw_does(
+    name: str, flags: dict, options: dict | None
+) -> None:
     # The closure's zero_grad and backward leave the graph in any optimizer;
     # the schedule-free step must add no break of its own, and its warmup
     # must not keep compiling new graphs.
     _, _, torch_reasons = _run_with_closure(lambda p: torch.optim.AdamW(p, lr=0.01), compiled=True)
-    eager, _, _ = _run_with_closure(lambda p: cls(p, lr=0.01, warmup_steps=10), compiled=False)
-    compiled, graphs, reasons = _run_with_closure(lambda p: cls(p, lr=0.01, warmup_steps=10), compiled=True)
+    eager, _, _ = _run_with_closure(_maker(name, flags, options), compiled=False)
+    compiled, graphs, reasons = _run_with_closure(_maker(name, flags, options), compiled=True)
     assert graphs[-1] == graphs[SETTLED - 1], f"new graphs after step {SETTLED}: {graphs}"
     assert reasons <= torch_reasons, reasons - torch_reasons
     for a, b in zip(eager, compiled):

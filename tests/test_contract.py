@@ -36,7 +36,7 @@ class GlobalNormSGD(Direction):
     def beta(self, group: dict, step: int) -> float:
         return group["momentum"]
 
-    def reduce(self, group: dict, bucket: Bucket, beta: float) -> dict[str, Tensor]:
+    def reduce(self, group: dict, step: int, bucket: Bucket, beta: float) -> dict[str, Tensor]:
         return {"grad_sq": torch.stack([(g * g).sum() for g in bucket.grads]).sum()}
 
     def foreach(self, group: dict, step: int, bucket: Bucket, reduced: Mapping[str, Tensor]) -> tuple[list[Tensor], bool]:
@@ -204,7 +204,7 @@ def test_plain_closure_and_wrapper_forms_share_one_step(monkeypatch: pytest.Monk
 
     calls: list[str] = []
     original = skeleton.update
-    monkeypatch.setattr(skeleton, "update", lambda opt: (calls.append(type(opt).__name__), original(opt))[1])
+    monkeypatch.setattr(skeleton, "update", lambda plan: (calls.append(type(plan.__self__).__name__), original(plan))[1])
     p = nn.Parameter(torch.randn(3))
 
     def closure() -> Tensor:
@@ -327,3 +327,26 @@ def _fsdp_norm_worker(rank: int, world: int) -> None:
 
 def test_global_reduction_is_summed_over_fsdp2_shards() -> None:
     spawn(_fsdp_norm_worker, 2)
+
+
+def test_design_doc_example_follows_the_schedule_free_recursion(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/design.md's schedule-free Lion, against x, y, z written out with Lion's direction."""
+    from docs_examples import ROOT, run_doc
+
+    lion = run_doc("design", tmp_path, monkeypatch, folder=ROOT)["LionScheduleFree"]
+    torch.manual_seed(4)
+    params = [nn.Parameter(torch.randn(5, 3, dtype=F64)), nn.Parameter(torch.randn(4, dtype=F64))]
+    opt = lion(params, lr=0.01, momentum=0.8, betas=(0.9, 0.99))
+    ref = Explicit([params], [0.01])
+    m = [torch.zeros_like(p) for p in params]
+    for step in range(6):
+        gs = grads_for(ref.y[0], step)
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+        ref.step([[torch.lerp(mi, g, 0.1).sign() for mi, g in zip(m, gs)]], [0.8])
+        m = [torch.lerp(mi, g, 0.01) for mi, g in zip(m, gs)]
+        _close([p.detach() for p in params], ref.y[0])
+    _close(opt.eval_params(), ref.x[0])
+    with pytest.raises(ValueError, match="betas"):
+        lion(params, betas=(0.9, 1.0))

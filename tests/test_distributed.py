@@ -7,6 +7,9 @@ bound there is 1e-9 relative (what is measured is ~1e-15).
 
 from __future__ import annotations
 
+import functools
+
+import registry
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -18,24 +21,17 @@ from sfoptim import averaged_state_dict
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 GLOBAL_BATCH = 8
 
-OPTIMIZERS = {
-    "adamw": lambda ps: sfoptim.AdamWScheduleFree(ps, lr=0.02, warmup_steps=3, weight_decay=0.01),
-    "adamw_loop": lambda ps: sfoptim.AdamWScheduleFree(ps, lr=0.02, warmup_steps=3, foreach=False),
-    # fused=True: the one-pass kernel on plain tensors (DDP); DTensor shards fall back to foreach with a warning.
-    "adamw_fused": lambda ps: sfoptim.AdamWScheduleFree(ps, lr=0.02, warmup_steps=3, weight_decay=0.01, fused=True),
-    "adamw_foreach": lambda ps: sfoptim.AdamWScheduleFree(ps, lr=0.02, warmup_steps=3, weight_decay=0.01, fused=False),
-    "adamw_closure": lambda ps: sfoptim.AdamWScheduleFreeClosure(ps, lr=0.02, warmup_steps=3),
-    "adamw_reference": lambda ps: sfoptim.AdamWScheduleFreeReference(ps, lr=0.02, warmup_steps=3),
-    "sgd": lambda ps: sfoptim.SGDScheduleFree(ps, lr=0.2, warmup_steps=2, weight_decay=0.01),
-    "radam": lambda ps: sfoptim.RAdamScheduleFree(ps, lr=0.02),
-    "wrapper": lambda ps: sfoptim.ScheduleFreeWrapper(torch.optim.Adam(ps, lr=0.02), weight_decay_at_y=0.01),
-    # Newton-Schulz in the parameters' dtype: in bfloat16 a last-bit difference between ranks' gradients
-    # would become a visible one.
-    "muon": lambda ps: sfoptim.MuonScheduleFree(ps, lr=0.02, warmup_steps=2, weight_decay=0.01, ns_dtype=None),
-    "normuon": lambda ps: sfoptim.MuonScheduleFree(
-        ps, lr=0.02, weight_decay=0.01, decay_at="y", normuon=True, beta_horizon=3, ns_dtype=None
-    ),
-}
+#: The registry's distributed entries (ScheduleFree+ has its own DDP test), and backend variants of AdamW.
+CASES = {info.name: info for info in registry.select(distributed=True, needs_loss=False)}
+VARIANTS = {"adamw_fused": {"fused": True}, "adamw_foreach": {"fused": False}, "adamw_loop": {"foreach": False}}
+# fused=True: the one-pass kernel on plain tensors (DDP); DTensor shards fall back to foreach with a warning.
+OPTIMIZERS = {name: info.make for name, info in CASES.items()}
+OPTIMIZERS.update({name: functools.partial(CASES["adamw"].make, **flags) for name, flags in VARIANTS.items()})
+#: Muon's entries need whole matrices: they have tests of their own below.
+MUON = sorted(name for name, info in CASES.items() if info.cls is sfoptim.MuonScheduleFree)
+#: Prodigy's entries are checked in test_prodigy.py, with its estimate ``d``.
+PRODIGY = sorted(name for name, info in CASES.items() if issubclass(info.cls, sfoptim.ProdigyScheduleFree))
+OTHERS = sorted(set(OPTIMIZERS) - set(MUON) - set(PRODIGY))
 
 
 def make_model(dtype: torch.dtype) -> nn.Module:
@@ -61,7 +57,7 @@ def train_step(model: nn.Module, opt, xb: torch.Tensor, yb: torch.Tensor) -> Non
         loss.backward()
         return loss
 
-    if isinstance(opt, sfoptim.AdamWScheduleFreeClosure):
+    if isinstance(opt, sfoptim.engine.ClosureForm):
         opt.step(closure)
     else:
         closure()
@@ -120,11 +116,11 @@ def _ddp_worker(rank: int, world: int, names: list[str], dtype_names: list[str],
 
 
 def test_ddp_two_ranks_match_single_process():
-    spawn(_ddp_worker, 2, ["adamw", "adamw_fused", "adamw_foreach", "sgd", "wrapper", "adamw_closure"], ["float64", "float32"], 10)
+    spawn(_ddp_worker, 2, OTHERS, ["float64", "float32"], 10)
 
 
 def test_ddp_muon_two_ranks_match_single_process():
-    spawn(_ddp_worker, 2, ["muon", "normuon"], ["float64"], 10)
+    spawn(_ddp_worker, 2, MUON, ["float64"], 10)
 
 
 # -------------------------------------------------------------------- FSDP2
@@ -168,14 +164,13 @@ def _fsdp_worker(rank: int, world: int, cases: list[tuple[str, str]], steps: int
 
 
 def test_fsdp2_two_ranks_match_single_process_every_backend():
-    names = ["adamw", "adamw_fused", "adamw_loop", "adamw_closure", "adamw_reference", "sgd", "radam", "wrapper"]
-    cases = [(n, "float64") for n in names] + [("adamw", "float32"), ("wrapper", "float32")]
+    cases = [(n, "float64") for n in OTHERS] + [("adamw", "float32"), ("wrapper_adam", "float32")]
     spawn(_fsdp_worker, 2, cases, 15)
 
 
 def test_fsdp2_muon_gathers_whole_matrices_and_matches_single_process():
     """The whole (unevenly sharded) matrices are orthogonalized, each on one rank, and every rank gets its rows."""
-    spawn(_fsdp_worker, 2, [("muon", "float64"), ("normuon", "float64")], 10)
+    spawn(_fsdp_worker, 2, [(n, "float64") for n in MUON], 10)
 
 
 # --------------------------------------------------------------------- DCP

@@ -8,10 +8,13 @@ learning rate, warmup and modes change.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+import registry
 import torch
 from problems import rel_diff
 
@@ -33,27 +36,11 @@ def graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+#: The registry's compile entries with a one-pass kernel and a reference form of ours, as (name, fused, reference).
 CASES: list[tuple[str, Callable[..., Any], Callable[..., Any]]] = [
-    (
-        "adamw",
-        lambda p: sfoptim.AdamWScheduleFree(p, lr=0.02, warmup_steps=5, weight_decay=0.01, fused=True),
-        lambda p: sfoptim.AdamWScheduleFreeReference(p, lr=0.02, warmup_steps=5, weight_decay=0.01),
-    ),
-    (
-        "adamw_inner",
-        lambda p: sfoptim.AdamWScheduleFree(p, lr=0.02, inner_momentum=0.9, fused=True),
-        lambda p: sfoptim.AdamWScheduleFreeReference(p, lr=0.02, inner_momentum=0.9),
-    ),
-    (
-        "sgd",
-        lambda p: sfoptim.SGDScheduleFree(p, lr=0.1, warmup_steps=5, weight_decay=0.01, fused=True),
-        lambda p: sfoptim.SGDScheduleFreeReference(p, lr=0.1, warmup_steps=5, weight_decay=0.01),
-    ),
-    (
-        "radam",
-        lambda p: sfoptim.RAdamScheduleFree(p, lr=0.02, silent_sgd_phase=False, fused=True),
-        lambda p: sfoptim.RAdamScheduleFreeReference(p, lr=0.02, silent_sgd_phase=False),
-    ),
+    (i.name, functools.partial(i.make, fused=True), i.make_reference)
+    for i in registry.select(compile=True, fused_kernel=True, closure=False)
+    if i.reference_is_ours and i.base is None
 ]
 
 
@@ -93,22 +80,11 @@ def test_compiled_backend_matches_reference_without_recompiling(
         assert rel_diff(a, b) <= 2e-5
 
 
+#: Those of them with an ``eps``, set to 0.1.
 LARGE_EPS_CASES: list[tuple[str, Callable[..., Any], Callable[..., Any]]] = [
-    (
-        "adamw",
-        lambda p: sfoptim.AdamWScheduleFree(p, lr=0.02, eps=0.1, weight_decay=0.01, fused=True),
-        lambda p: sfoptim.AdamWScheduleFreeReference(p, lr=0.02, eps=0.1, weight_decay=0.01),
-    ),
-    (
-        "adamw_inner",
-        lambda p: sfoptim.AdamWScheduleFree(p, lr=0.02, eps=0.1, inner_momentum=0.9, fused=True),
-        lambda p: sfoptim.AdamWScheduleFreeReference(p, lr=0.02, eps=0.1, inner_momentum=0.9),
-    ),
-    (
-        "radam",
-        lambda p: sfoptim.RAdamScheduleFree(p, lr=0.02, eps=0.1, silent_sgd_phase=False, fused=True),
-        lambda p: sfoptim.RAdamScheduleFreeReference(p, lr=0.02, eps=0.1, silent_sgd_phase=False),
-    ),
+    (i.name, functools.partial(i.make, eps=0.1, fused=True), functools.partial(i.make_reference, eps=0.1))
+    for i in registry.select(compile=True, fused_kernel=True, closure=False)
+    if i.reference_is_ours and i.base is None and "eps" in inspect.signature(i.cls).parameters
 ]
 
 

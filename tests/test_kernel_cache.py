@@ -25,6 +25,7 @@ import torch
 
 import sfoptim
 from sfoptim.backends import cpu_kernel as _fused_cpu
+from sfoptim.backends.abi import ABI_VERSION
 
 COMPILER = shutil.which("gcc") or shutil.which("cc")
 pytestmark = pytest.mark.skipif(COMPILER is None, reason="needs a C compiler")
@@ -417,7 +418,7 @@ def test_concurrent_first_builds_share_one_library(tmp_path, monkeypatch):
         t.start()
     for t in threads:
         t.join()
-    assert results == [_fused_cpu._ABI_VERSION] * 4
+    assert results == [ABI_VERSION] * 4
     (lib,) = cache.glob("*.so")
     assert _is_verified_build(lib)
     assert [p.name for p in cache.iterdir() if p.name.startswith("tmp")] == []
@@ -442,7 +443,7 @@ def test_an_edited_kernel_source_gets_its_own_cache_entry(tmp_path, monkeypatch)
 
     def load(path: Path) -> tuple[bool, str]:
         loaded = _kernel_cache.load(path, _fused_cpu._FLAGS, _fused_cpu._LIBS)
-        assert loaded.lib.sf_abi_version() == _fused_cpu._ABI_VERSION
+        assert loaded.lib.sf_abi_version() == ABI_VERSION
         return loaded.built, Path(loaded.path).name
 
     built, original = load(_fused_cpu._SOURCE)

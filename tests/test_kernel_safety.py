@@ -646,8 +646,8 @@ def check_sums_case(case: dict) -> None:
         assert abs(got[which] - exact) <= 1e-12 * scale, f"{which.name}: {got[which]!r} vs {exact!r}"
     if case["gap"]:
         direction, group = AdamCPlusDirection(), _plus_group()
-        torch_path = direction.reduce(group, Bucket(y, g, z, {}), 0.9)
-        fused = direction.reduce_sums(group, 0.9, {s: torch.tensor(v, dtype=torch.float64) for s, v in got.items()})
+        torch_path = direction.reduce(group, group["k"] + 1, Bucket(y, g, z, {}), 0.9)
+        fused = direction.reduce_sums(group, group["k"] + 1, 0.9, {s: torch.tensor(v, dtype=torch.float64) for s, v in got.items()})
         # torch reduces each tensor in its own dtype (the float64 total aside).
         tol = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2**-6, torch.float16: 2**-9}[case["dtype"]]
         for name, value in torch_path.items():
@@ -714,7 +714,9 @@ def _polyak_sums_of_third_step(
 
     gen = torch.Generator().manual_seed(5)
     params = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (3000, 17, 70_001)]
-    opt = sfoptim.AdamCScheduleFreePlus([{"params": params, **(group_options or {})}], **kw)
+    # The authors' rule (no step-size warmup, no guards), so that y and z part after the first step.
+    paper = dict(warmup_steps=0, c_warmup=0, lr_cap=None, growth_limit=None)
+    opt = sfoptim.AdamCScheduleFreePlus([{"params": params, **(group_options or {})}], **{**paper, **kw})
     for s in range(3):
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen)
@@ -724,8 +726,9 @@ def _polyak_sums_of_third_step(
             beta = opt.y_beta(group)
             raw = _fused_cpu.sums(bucket.grads, bucket.z, bucket.params, direction.bucket_sums)
             assert raw is not None
-            fused = direction.reduce_sums(group, beta, {k: torch.tensor(v, dtype=torch.float64) for k, v in raw.items()})
-            torch_path = direction.reduce(group, bucket, beta)
+            step = group["k"] + 1
+            fused = direction.reduce_sums(group, step, beta, {k: torch.tensor(v, dtype=torch.float64) for k, v in raw.items()})
+            torch_path = direction.reduce(group, step, bucket, beta)
         opt.step(loss=3.0)
     group = opt.param_groups[0]
     used = (group["grad_l1_ema"] / math.sqrt(math.pi / 2), group["ip_term"])

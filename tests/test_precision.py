@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import registry
 import torch
 import torch.nn as nn
 
@@ -13,12 +14,8 @@ from sfoptim.precision import grads_are_finite, stochastic_round_
 
 BF16, F32 = torch.bfloat16, torch.float32
 
-FACTORIES = {
-    "adamw": lambda ps, **kw: sfoptim.AdamWScheduleFree(ps, lr=0.01, warmup_steps=3, weight_decay=0.01, **kw),
-    "adamw_loop": lambda ps, **kw: sfoptim.AdamWScheduleFree(ps, lr=0.01, foreach=False, inner_momentum=0.5, **kw),
-    "sgd": lambda ps, **kw: sfoptim.SGDScheduleFree(ps, lr=0.1, weight_decay=0.01, **kw),
-    "radam": lambda ps, **kw: sfoptim.RAdamScheduleFree(ps, lr=0.01, **kw),
-}
+#: Every registered optimizer that keeps wide master copies, in train/eval form, whose step needs no loss.
+FACTORIES = {i.name: i.make for i in registry.select(low_precision=True, closure=False, needs_loss=False)}
 
 
 def bf16_exact_params(seed: int = 0) -> list[torch.Tensor]:

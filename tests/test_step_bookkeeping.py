@@ -55,7 +55,7 @@ def _ids(buckets: list) -> list[tuple]:
 def _same_buckets_as_general_path(opt: Any) -> None:
     for gi, group in enumerate(opt.param_groups):
         active = opt._active_params(gi, group)
-        names = opt._state_buffers(group)
+        names = opt.direction_for(group).state_buffers(group)
         fast = opt._buckets(group, active, names)
         general = opt._sorted_buckets(group, active, names)
         assert _ids(fast) == _ids(general)

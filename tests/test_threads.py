@@ -12,13 +12,14 @@ a one-thread run and with a second threaded run, and with the reference forms
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import registry
 import torch
 
-import sfoptim
 from sfoptim.backends import cpu_kernel as _fused_cpu
 
 pytestmark = pytest.mark.skipif(not _fused_cpu.available(), reason="no C compiler for the fused kernel")
@@ -73,30 +74,11 @@ def _assert_bitwise(actual: list[torch.Tensor], expected: list[torch.Tensor], wh
             raise AssertionError(f"{what}: tensor {i} ({tuple(b.shape)}) differs first at {where}")
 
 
-WRAPPER_BASE = lambda ps: torch.optim.SGD(ps, lr=0.05)  # noqa: E731
-
+#: Every registered optimizer with a one-pass kernel and a reference form of ours, as (fused, reference).
 CASES: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
-    "adamw": (
-        lambda ps: sfoptim.AdamWScheduleFree(ps, lr=0.01, warmup_steps=4, weight_decay=0.05, fused=True),
-        lambda ps: sfoptim.AdamWScheduleFreeReference(ps, lr=0.01, warmup_steps=4, weight_decay=0.05),
-    ),
-    "adamw_inner_momentum": (
-        lambda ps: sfoptim.AdamWScheduleFree(ps, lr=0.01, inner_momentum=0.9, fused=True),
-        lambda ps: sfoptim.AdamWScheduleFreeReference(ps, lr=0.01, inner_momentum=0.9),
-    ),
-    "sgd": (
-        lambda ps: sfoptim.SGDScheduleFree(ps, lr=0.1, weight_decay=0.01, fused=True),
-        lambda ps: sfoptim.SGDScheduleFreeReference(ps, lr=0.1, weight_decay=0.01),
-    ),
-    # beta2 = 0.999: steps 1-5 are RAdam's SGD phase (v accumulates), steps 6-8 Adam steps.
-    "radam_both_phases": (
-        lambda ps: sfoptim.RAdamScheduleFree(ps, lr=0.01, silent_sgd_phase=False, weight_decay=0.01, fused=True),
-        lambda ps: sfoptim.RAdamScheduleFreeReference(ps, lr=0.01, silent_sgd_phase=False, weight_decay=0.01),
-    ),
-    "wrapper": (
-        lambda ps: sfoptim.ScheduleFreeWrapper(WRAPPER_BASE(ps), weight_decay_at_y=0.05, r=1.0, fused=True),
-        lambda ps: sfoptim.ScheduleFreeWrapperReference(WRAPPER_BASE(ps), weight_decay_at_y=0.05, r=1.0),
-    ),
+    i.name: (functools.partial(i.make, fused=True), i.make_reference)
+    for i in registry.select(fused_kernel=True, closure=False, needs_loss=False)
+    if i.reference_is_ours
 }
 
 
@@ -121,7 +103,7 @@ def test_two_threads_match_reference_and_one_thread_bitwise(threads, case: str, 
     _assert_close(x2, x_ref, RTOL32, "x against the reference form")
 
 
-@pytest.mark.parametrize("case", ["adamw", "radam_both_phases", "wrapper"])
+@pytest.mark.parametrize("case", ["adamw", "radam_sgd_phase", "wrapper_sgd"])
 def test_two_threads_float64_match_reference(threads, case: str) -> None:
     fast, ref = CASES[case]
     threads(2)

@@ -71,15 +71,18 @@ def check_interpolation(name: str, value: Any) -> None:
     check_in_range(name, value, 0.0, 1.0, low_open=True, high_open=False)
 
 
+def check_steps(name: str, value: Any, minimum: int = 0) -> int:
+    """A number of steps: a whole number >= ``minimum`` (a float such as 3.0 too; a ratio like 0.05 is refused)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or value < minimum or value != int(value):
+        hint = "; to warm up over a fraction of training, multiply it by the total number of steps" if "warmup" in name else ""
+        raise ValueError(f"Invalid {name}: {value!r} (must be a whole number of steps >= {minimum}{hint})")
+    return int(value)
+
+
 def check_warmup_steps(value: Any) -> None:
-    """Warmup is a number of steps: an integer >= 0 (a ratio like 0.05 is refused)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        if isinstance(value, float) and value.is_integer() and value >= 0:
-            return
-        raise ValueError(
-            f"Invalid warmup_steps: {value!r} (must be an integer number of steps >= 0; "
-            "to warm up over a fraction of training, multiply it by the total number of steps)"
-        )
+    """``warmup_steps``: a whole number of steps >= 0."""
+    check_steps("warmup_steps", value)
 
 
 def check_betas(value: Any) -> None:

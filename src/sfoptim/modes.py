@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .engine import ScheduleFreeOptimizer
+
 __all__ = [
     "averaged_state_dict",
     "eval_optimizer_state_dict",
@@ -52,14 +54,6 @@ _WRAPPER_ATTRS = ("optimizer", "_optimizer")
 _MAX_UNWRAP = 8
 
 
-def _schedule_free_base() -> type:
-    # Looked up at call time so that this module can be imported while
-    # ``sfoptim/__init__.py`` is still importing the optimizer core.
-    import sfoptim
-
-    return sfoptim.ScheduleFreeOptimizer
-
-
 def unwrap_optimizer(optimizer: OptimizerLike) -> Any:
     """Return the schedule-free optimizer inside ``optimizer``.
 
@@ -69,7 +63,7 @@ def unwrap_optimizer(optimizer: OptimizerLike) -> Any:
     levels).  Raises :class:`TypeError`, naming the type that was given, when
     no schedule-free optimizer is found.  Never changes anything.
     """
-    base = _schedule_free_base()
+    base = ScheduleFreeOptimizer
     current = optimizer
     for _ in range(_MAX_UNWRAP):
         if isinstance(current, base):

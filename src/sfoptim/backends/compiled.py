@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..directions.base import KERNEL_SCALARS, Kind
+from .abi import KERNEL_SCALARS, Kind
 
 __all__ = ["step", "update_one"]
 

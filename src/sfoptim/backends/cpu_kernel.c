@@ -5,7 +5,7 @@
  * first use, see sfoptim/backends/cpu_kernel.py. That module also defines
  * the direction kinds (SF_SGD, SF_ADAM, SF_SGD_V) and the slot of every scalar
  * (SF_LR, SF_CKP1, ...) and bucket sum (SF_SUM_GRAD_L1, ...) on the command line, from the one declaration in
- * sfoptim/directions/base.py, so nothing here restates them. Every entry point takes arrays of
+ * sfoptim/backends/abi.py (with the ABI version, SF_ABI_VERSION), so nothing here restates them. Every entry point takes arrays of
  * data pointers and element counts for a whole bucket of tensors, so one call
  * from Python updates every tensor of a (device, dtype) bucket, and the work is
  * cut into equal chunks across all tensors so that many small tensors keep all
@@ -46,7 +46,7 @@
  * saves (a fork/join is microseconds idle, far more on a loaded machine). */
 #define SF_MIN_PER_THREAD 32768
 
-#if !defined(SF_SGD) || !defined(SF_ADAM) || !defined(SF_SGD_V) || !defined(SF_LR) || !defined(SF_BC1) || \
+#if !defined(SF_ABI_VERSION) || !defined(SF_SGD) || !defined(SF_ADAM) || !defined(SF_SGD_V) || !defined(SF_LR) || !defined(SF_BC1) || \
     !defined(SF_SUM_GRAD_L1) || !defined(SF_SUM_GRAD_Z_MINUS_Y)
 #error "build through sfoptim.backends.cpu_kernel, which defines the kinds and scalar slots"
 #endif
@@ -591,4 +591,4 @@ SF_SUMS_ENTRY(bfloat16, bf16, sf_bf16)
 SF_SUMS_ENTRY(float16, f16, sf_f16)
 
 /* Lets the loader check that the library it found is the one it built. */
-int sf_abi_version(void) { return 3; }
+int sf_abi_version(void) { return SF_ABI_VERSION; }

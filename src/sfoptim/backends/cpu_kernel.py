@@ -16,7 +16,7 @@ a hash of the seed, the tensor's position in the call and the element's index,
 so the result does not depend on the thread count.
 
 A direction whose global reductions are generic bucket sums
-(:class:`~sfoptim.directions.base.BucketSum`: ScheduleFree+'s
+(:class:`~sfoptim.backends.abi.BucketSum`: ScheduleFree+'s
 :math:`\sum |g|` and :math:`\sum \langle g, z - y\rangle`) gets them from
 :func:`sums`, one more read of ``g``, ``z`` and ``y`` in a single call per
 bucket, accumulated in float64 and independent of the thread count.
@@ -35,9 +35,9 @@ the loader warns once and every call returns False, so the engine falls back to
 foreach.
 The direction kinds, the scalar slots and the bucket sums' output slots are
 passed to the compiler as definitions generated from
-:class:`sfoptim.directions.base.Kind`,
-:data:`~sfoptim.directions.base.KERNEL_SCALARS` and
-:class:`~sfoptim.directions.base.BucketSum`, so the C source restates none of
+:class:`sfoptim.backends.abi.Kind`,
+:data:`~sfoptim.backends.abi.KERNEL_SCALARS` and
+:class:`~sfoptim.backends.abi.BucketSum`, so the C source restates none of
 them.
 
 OpenMP: the library is linked against ``libgomp.so.1``, the soname of the
@@ -62,15 +62,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..directions.base import KERNEL_SCALARS, KIND_SLOTS, BucketSum, Kind
 from . import kernel_cache
+from .abi import ABI_VERSION, KERNEL_SCALARS, KIND_SLOTS, BucketSum, Kind, build_defines
+from .compiled import update_one
 
 __all__ = ["NARROW", "available", "step", "sums", "wrap_before", "wrap_after"]
 
 _SOURCE = Path(__file__).with_name("cpu_kernel.c")
-_DEFINES = tuple(f"-DSF_{kind.name}={kind.value}" for kind in Kind) + tuple(
-    f"-DSF_{name.upper()}={slot}" for slot, name in enumerate(KERNEL_SCALARS)
-) + tuple(f"-DSF_SUM_{s.name}={s.value}" for s in BucketSum)
+_DEFINES = build_defines()
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared", "-std=c11", *_DEFINES)
 _LIBS = ("-lm",)
 _DTYPES = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -88,8 +87,6 @@ load_count = 0
 
 _Scalars = ctypes.c_double * len(KERNEL_SCALARS)
 _Sums = ctypes.c_double * len(BucketSum)
-#: The version ``sf_abi_version`` of this source returns; a cached library that says otherwise is not used.
-_ABI_VERSION = 3
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -130,7 +127,7 @@ def _load() -> ctypes.CDLL | None:
             if loaded.built:
                 build_count += 1
             lib = loaded.lib
-            if lib.sf_abi_version() != _ABI_VERSION:
+            if lib.sf_abi_version() != ABI_VERSION:
                 raise RuntimeError("stale kernel library in the cache")
             _declare(lib)
         except Exception as exc:  # any failure means: use foreach, say so once
@@ -437,8 +434,7 @@ def step_op(
     values = scalars.tolist()
     if step(ys, grads, zs, slots, Kind(kind), values):
         return
-    from .compiled import update_one  # the kernel's math in torch operations
-
+    # The kernel's math in torch operations.
     for i, y in enumerate(ys):
         update_one(y, grads[i], zs[i], v[i] if v else None, m[i] if m else None, scalars, kind)
 

@@ -26,11 +26,12 @@ and a direction's bucket sums (:attr:`Direction.bucket_sums`): where the
 bucket may take the C kernel they come from :func:`.cpu_kernel.sums` in one
 pass, else (and where that refuses the tensors) from the direction's own
 ``reduce``.
-Under ``torch.compile`` the same choice is made (:func:`_kernel_call` serves
-both), but the update is split: :func:`prepare_traced` packs the scalars into
-a tensor outside the graph and :func:`traced_update` is the graph (the C
-kernel as the operator ``sfoptim::cpu_kernel_step`` on CPU, the kernel's math
-in torch operations elsewhere).
+One description serves every mode: :func:`prepare` applies the policy and
+fills in the kernel's scalars; :func:`run` executes it eagerly, and under
+``torch.compile`` :func:`traced` packs the scalars into a tensor outside the
+graph and :func:`traced_update` is the graph (the C kernel as the operator
+``sfoptim::cpu_kernel_step`` on CPU, the kernel's math in torch operations
+elsewhere).
 """
 
 from __future__ import annotations
@@ -42,10 +43,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ..directions.base import KERNEL_SCALARS, Bucket, Direction, Kind
 from . import compiled, cpu_kernel, foreach
+from .abi import KERNEL_SCALARS, Bucket, Kind
+from .abi import DirectionHooks as Direction
 
-__all__ = ["KernelCall", "TracedCall", "prepare_traced", "reduce", "step", "traced_update", "wrap_after", "wrap_before"]
+__all__ = ["BucketStep", "KernelCall", "TracedCall", "prepare", "reduce", "run", "traced", "traced_update", "wrap_after", "wrap_before"]
 
 _no_kernel_warned: set[str] = set()
 _SCALAR_DEFAULTS = {name: (1.0 if name in ("bc1", "bc2") else 0.0) for name in KERNEL_SCALARS}
@@ -62,7 +64,25 @@ def _kernel_allowed(fused: bool | None, foreach_flag: bool | None) -> bool:
     return fused is not False and not (fused is None and foreach_flag is False)
 
 
-def step(
+class BucketStep(NamedTuple):
+    """One bucket's update for one step, as the policy decided it; executed by :func:`run` or :func:`traced`."""
+
+    direction: Direction
+    group: dict
+    step: int
+    bucket: Bucket
+    reduced: Mapping[str, Tensor]
+    #: ``lr``, ``ckp1``, ``beta``, ``weight_decay`` and, when the decay is taken at z, ``decay_at_z``.
+    args: dict[str, Any]
+    #: The kernel module the policy allows for the bucket, or None.
+    backend: Any
+    #: The direction's kernel filled in for this step, or None (foreach).
+    kernel: KernelCall | None
+    fused: bool | None
+    foreach_flag: bool | None
+
+
+def prepare(
     direction: Direction,
     group: dict,
     step_index: int,
@@ -77,13 +97,12 @@ def step(
     fused: bool | None,
     foreach_flag: bool | None,
     owner: str = "this optimizer",
-) -> None:
-    """Applies one schedule-free step to ``bucket`` on the backend the policy picks.
+) -> BucketStep:
+    """The update of ``bucket`` by this step: its scalars, and the kernel the policy allows (changes nothing).
 
     ``owner`` names the optimizer class in the warning about a missing kernel.
     """
-    args = dict(lr=lr, ckp1=ckp1, beta=beta, weight_decay=weight_decay)
-    backend = kernel_backend(bucket.params[0].device.type, fused) if _kernel_allowed(fused, foreach_flag) else None
+    args: dict[str, Any] = dict(lr=lr, ckp1=ckp1, beta=beta, weight_decay=weight_decay)
     if decay_at_z and weight_decay != 0:
         # The kernels decay at y only.
         if fused and "decay_at" not in _no_kernel_warned:
@@ -92,19 +111,51 @@ def step(
                 'sfoptim: fused=True, but the fused kernels take weight decay at y only; a group with decay_at="z" '
                 "uses the foreach implementation.",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
-        _foreach(direction, group, step_index, bucket, reduced, foreach_flag, dict(args, decay_at_z=True))
-        return
-    if backend is not None:
-        call = _kernel_call(direction, group, step_index, bucket, reduced, fused, owner, **args)
-        stochastic = call is not None and backend is cpu_kernel and _stochastic(group, bucket)
-        rounding = {"seed": _stochastic_seed()} if stochastic else {}
-        if call is not None and backend.step(
-            bucket.params, bucket.grads, bucket.z, call.slots, call.kind, call.scalars, explicit=fused is True, **rounding
-        ):
+        args["decay_at_z"] = True
+        return BucketStep(direction, group, step_index, bucket, reduced, args, None, None, fused, foreach_flag)
+    allowed = _kernel_allowed(fused, foreach_flag)
+    backend = kernel_backend(bucket.params[0].device.type, fused) if allowed else None
+    call = _kernel_call(direction, group, step_index, bucket, reduced, fused, owner, **args)
+    return BucketStep(direction, group, step_index, bucket, reduced, args, backend, call, fused, foreach_flag)
+
+
+def run(u: BucketStep) -> None:
+    """Executes ``u`` now: on the kernel the policy allows, else (and where the kernel refuses) foreach."""
+    call = u.kernel
+    if call is not None and u.backend is not None:
+        b = u.bucket
+        rounding = {"seed": _stochastic_seed()} if u.backend is cpu_kernel and _stochastic(u.group, b) else {}
+        if u.backend.step(b.params, b.grads, b.z, call.slots, call.kind, call.scalars, explicit=u.fused is True, **rounding):
             return
-    _foreach(direction, group, step_index, bucket, reduced, foreach_flag, args)
+    _foreach(u)
+
+
+def traced(u: BucketStep) -> TracedCall | None:
+    """``u`` for a compiled step: its scalars packed into one tensor for :func:`traced_update`, or None after running it here.
+
+    Runs outside the compiled region, so the graph depends on no changing
+    number. An update without a kernel description runs here by the foreach
+    path. On CPU, where the policy allows the kernel, the graph calls the C
+    kernel as the operator ``sfoptim::cpu_kernel_step``; elsewhere (and with
+    ``fused=False``) it traces the kernel's math (:func:`.compiled.update_one`),
+    which the compiler fuses.
+    """
+    call = u.kernel
+    if call is None:
+        _foreach(u)
+        return None
+    device = u.bucket.params[0].device
+    if u.backend is cpu_kernel and _stochastic(u.group, u.bucket):
+        # The traced operator rounds to nearest; stochastic rounding takes the eager kernel.
+        run(u)
+        return None
+    scalars = torch.tensor([float(v) for v in call.scalars], dtype=torch.float64)
+    if device.type != "cpu":
+        scalars = scalars.to(device)
+    cpu_op = device.type == "cpu" and _kernel_allowed(u.fused, u.foreach_flag) and cpu_kernel.available()
+    return TracedCall(u.bucket, int(call.kind), call.slots, scalars, cpu_op)
 
 
 def _stochastic(group: dict, bucket: Bucket) -> bool:
@@ -120,6 +171,7 @@ def _stochastic_seed() -> int:
 def reduce(
     direction: Direction,
     group: dict,
+    step_index: int,
     bucket: Bucket,
     beta: float,
     *,
@@ -141,24 +193,16 @@ def reduce(
     ):
         sums = cpu_kernel.sums(bucket.grads, bucket.z, bucket.params, wanted)
         if sums is not None:
-            return direction.reduce_sums(group, beta, {s: torch.tensor(v, dtype=torch.float64) for s, v in sums.items()})
-    return direction.reduce(group, bucket, beta)
+            return direction.reduce_sums(
+                group, step_index, beta, {s: torch.tensor(v, dtype=torch.float64) for s, v in sums.items()}
+            )
+    return direction.reduce(group, step_index, bucket, beta)
 
 
-def _foreach(
-    direction: Direction,
-    group: dict,
-    step_index: int,
-    bucket: Bucket,
-    reduced: Mapping[str, Tensor],
-    foreach_flag: bool | None,
-    args: dict[str, Any],
-) -> None:
-    if foreach_flag is False:
-        for single in foreach.split(bucket):
-            foreach.step(direction, group, step_index, single, reduced, **args)
-    else:
-        foreach.step(direction, group, step_index, bucket, reduced, **args)
+def _foreach(u: BucketStep) -> None:
+    buckets = foreach.split(u.bucket) if u.foreach_flag is False else [u.bucket]
+    for bucket in buckets:
+        foreach.step(u.direction, u.group, u.step, bucket, u.reduced, **u.args)
 
 
 class KernelCall(NamedTuple):
@@ -194,7 +238,7 @@ def _kernel_call(
                 f"sfoptim: fused=True, but {owner} has no fused kernel for some of its parameter groups; "
                 "they use the foreach implementation.",
                 RuntimeWarning,
-                stacklevel=5,
+                stacklevel=6,
             )
         return None
     values = dict(_SCALAR_DEFAULTS, lr=lr, ckp1=ckp1, beta=beta, wd=weight_decay)
@@ -226,58 +270,6 @@ class TracedCall(NamedTuple):
     slots: list[list[Tensor]]
     scalars: Tensor
     cpu_op: bool
-
-
-def prepare_traced(
-    direction: Direction,
-    group: dict,
-    step_index: int,
-    bucket: Bucket,
-    reduced: Mapping[str, Tensor],
-    *,
-    lr: float,
-    ckp1: float,
-    beta: float,
-    weight_decay: float,
-    decay_at_z: bool = False,
-    fused: bool | None,
-    foreach_flag: bool | None,
-    owner: str = "this optimizer",
-) -> TracedCall | None:
-    """The update of ``bucket`` for a compiled step, or None after doing it here eagerly.
-
-    Runs outside the compiled region: it packs the step's Python scalars
-    (with the direction's kernel scalars) into one float64 tensor, so the
-    graph that consumes it (:func:`traced_update`) depends on no changing
-    number. A direction without a kernel description is updated here by the
-    foreach path. On CPU, where the policy allows the kernel, the graph calls
-    the C kernel as the operator ``sfoptim::cpu_kernel_step``; elsewhere (and
-    with ``fused=False``) it traces the kernel's math
-    (:func:`.compiled.update_one`), which the compiler fuses.
-    """
-    args = dict(lr=lr, ckp1=ckp1, beta=beta, weight_decay=weight_decay)
-    if decay_at_z and weight_decay != 0:
-        # The kernels (and their traced math) decay at y only: this bucket runs eagerly on foreach.
-        _foreach(direction, group, step_index, bucket, reduced, foreach_flag, dict(args, decay_at_z=True))
-        return None
-    device = bucket.params[0].device
-    if device.type == "cpu" and _kernel_allowed(fused, foreach_flag) and _stochastic(group, bucket):
-        # The traced operator rounds to nearest; stochastic rounding takes the eager kernel.
-        step(
-            direction, group, step_index, bucket, reduced,
-            lr=lr, ckp1=ckp1, beta=beta, weight_decay=weight_decay, fused=fused, foreach_flag=foreach_flag,
-            owner=owner,
-        )
-        return None
-    call = _kernel_call(direction, group, step_index, bucket, reduced, fused, owner, **args)
-    if call is None:
-        _foreach(direction, group, step_index, bucket, reduced, foreach_flag, args)
-        return None
-    scalars = torch.tensor([float(v) for v in call.scalars], dtype=torch.float64)
-    if device.type != "cpu":
-        scalars = scalars.to(device)
-    cpu_op = device.type == "cpu" and _kernel_allowed(fused, foreach_flag) and cpu_kernel.available()
-    return TracedCall(bucket, int(call.kind), call.slots, scalars, cpu_op)
 
 
 def traced_update(calls: list[TracedCall]) -> None:

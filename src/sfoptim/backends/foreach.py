@@ -13,7 +13,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from ..directions.base import Bucket, Direction
+from .abi import Bucket
+from .abi import DirectionHooks as Direction
 
 __all__ = ["interpolate_and_step", "step", "split", "wrap_after", "wrap_before"]
 

@@ -51,7 +51,7 @@ from torch import Tensor
 from .. import _validation
 from ..engine import ClosureForm, ModeError, ScheduleFreeOptimizer, with_backend_args
 from ..engine.optimizer import _evaluate, work
-from ..engine.step import real
+from ..engine.step import averaging, real
 from .adamw import adam_direction
 from .base import Bucket, BucketSum, Direction, KernelSpec, Kind
 
@@ -157,25 +157,25 @@ class AdamCPlusDirection(Direction):
     def state_buffers(self, group: dict) -> tuple[str, ...]:
         return self._buffers
 
-    def init_buffer(self, group: dict, name: str, like: Tensor) -> Tensor:
+    def new_buffer(self, group: dict, name: str, like: Tensor) -> Tensor:
         if name in ("x", "y"):
             return torch.clone(like, memory_format=torch.preserve_format)
-        return super().init_buffer(group, name, like)
+        return super().new_buffer(group, name, like)
 
-    def reduce(self, group: dict, bucket: Bucket, beta: float) -> dict[str, Tensor]:
+    def reduce(self, group: dict, step: int, bucket: Bucket, beta: float) -> dict[str, Tensor]:
         r""":math:`\sum \|g\|_1` and :math:`\beta_t \sum \langle g, z - x\rangle` over the bucket, with torch operations."""
         grads = bucket.grads
         l1 = torch.stack(torch._foreach_norm(grads, 1)).sum(dtype=torch.float64)
         ip = torch.stack([_inner_gap(g, z, y) for g, z, y in zip(grads, bucket.z, bucket.params)]).sum(dtype=torch.float64)
-        return self.reduce_sums(group, beta, {BucketSum.GRAD_L1: l1, BucketSum.GRAD_Z_MINUS_Y: ip})
+        return self.reduce_sums(group, step, beta, {BucketSum.GRAD_L1: l1, BucketSum.GRAD_Z_MINUS_Y: ip})
 
-    def reduce_sums(self, group: dict, beta: float, sums: Mapping[BucketSum, Tensor]) -> dict[str, Tensor]:
+    def reduce_sums(self, group: dict, step: int, beta: float, sums: Mapping[BucketSum, Tensor]) -> dict[str, Tensor]:
         r"""The reductions from :math:`\sum |g|` and :math:`\sum \langle g, z - y\rangle`.
 
         With ``y`` built with ``beta``, :math:`z - x = (z - y)/\beta`, so
         :math:`\beta_t \langle g, z - x\rangle = (\beta_t/\beta) \langle g, z - y\rangle`.
         """
-        beta_now = self.beta(group, group["k"] + 1)
+        beta_now = self.beta(group, step)
         return {"grad_l1": sums[BucketSum.GRAD_L1], "ip_term": sums[BucketSum.GRAD_Z_MINUS_Y] * (beta_now / beta)}
 
     def lr(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> float:
@@ -419,7 +419,7 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
 
     def _validate_group(self, group: dict) -> None:
         if group.get("c_warmup", 0) is None:  # tied to the warmup of the step size
-            group["c_warmup"] = _check_steps("warmup_steps", group.get("warmup_steps", 0))
+            group["c_warmup"] = _validation.check_steps("warmup_steps", group.get("warmup_steps", 0))
         super()._validate_group(group)
         if group.get("adamc"):
             # Its decay is already scaled by the step size; the engine's option would scale it twice.
@@ -433,13 +433,13 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
         _validation.check_in_range("betas[1]", beta2, 0.0, 1.0, low_open=False, high_open=True)
         _validation.check_nonnegative("eps", group["eps"])
         _validation.check_in_range("polyak_beta", group["polyak_beta"], 0.0, 1.0, low_open=False, high_open=True)
-        annealing = _check_steps("sf_beta1_anneal_steps", group["sf_beta1_anneal_steps"]) > 0
+        annealing = _validation.check_steps("sf_beta1_anneal_steps", group["sf_beta1_anneal_steps"]) > 0
         # Annealing is linear in log(1 - beta), which needs beta < 1.
         for name in ("sf_beta1", "sf_beta1_max"):
             _validation.check_in_range(name, group[name], 0.0, 1.0, low_open=True, high_open=annealing)
-        _check_steps("c_warmup", group["c_warmup"])
+        _validation.check_steps("c_warmup", group["c_warmup"])
         if "warmup_steps" in group:  # the production class's guard rails
-            _check_steps("warmup_steps", group["warmup_steps"])
+            _validation.check_steps("warmup_steps", group["warmup_steps"])
             if group["lr_cap"] is not None:
                 _validation.check_in_range("lr_cap", group["lr_cap"], 0.0, math.inf, low_open=True, high_open=True)
             if group["growth_limit"] is not None:
@@ -611,7 +611,8 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
         """Refuses a step size that is not finite, or whose averaging or decay overflows."""
         decay = lr * lr * float(group[self.group_key("weight_decay")])
         try:
-            sched = self._schedule(group, lr)
+            step = group[self.group_key("k")] + 1
+            sched = averaging(group, self.group_key, step, lr, self.direction_for(group).beta(group, step))
             ok = all(map(math.isfinite, (lr, decay, sched.weight_sum, sched.ckp1)))
         except OverflowError:
             ok = False
@@ -748,12 +749,6 @@ def _loss_value(loss: Any, error: type[Exception] = TypeError) -> Tensor | float
     if isinstance(loss, bool) or not isinstance(loss, Real):
         raise error(f"Invalid loss: {loss!r} (expected a real number or a one-element tensor)")
     return float(loss)
-
-
-def _check_steps(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != int(value):
-        raise ValueError(f"Invalid {name}: {value!r} (must be a whole number of steps >= 0)")
-    return int(value)
 
 
 class AdamCScheduleFreePlusClosure(ClosureForm, AdamCScheduleFreePlus):

@@ -208,38 +208,6 @@ class AdamWScheduleFreeClosure(ClosureForm, AdamWScheduleFree):
     Same arguments and math as :class:`AdamWScheduleFree`.
     """
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float | Tensor = 0.0025,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0,
-        warmup_steps: int = 0,
-        r: float = 0.0,
-        weight_lr_power: float = 2.0,
-        foreach: bool | None = None,
-        inner_momentum: float = 0.0,
-        state_dtype: torch.dtype | None = None,
-        stochastic_rounding: bool = False,
-        fused: bool | None = None,
-    ) -> None:
-        super().__init__(
-            params,
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            warmup_steps=warmup_steps,
-            r=r,
-            weight_lr_power=weight_lr_power,
-            foreach=foreach,
-            inner_momentum=inner_momentum,
-            state_dtype=state_dtype,
-            stochastic_rounding=stochastic_rounding,
-            fused=fused,
-        )
-
 
 class AdamWScheduleFreePaper(AdamWScheduleFree):
     r"""The paper's Algorithm 1: Adam's bias correction folded into the learning rate.

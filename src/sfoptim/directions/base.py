@@ -1,67 +1,32 @@
 r"""The direction contract: what one base optimizer contributes to schedule-free training.
 
-The engine (:mod:`sfoptim.engine`) owns everything schedule-free: the modes,
-``z``, the averaging schedule, weight decay at ``y``, the update of ``y`` and
-``z``, and picking a backend. A :class:`Direction` owns only the base
-optimizer's part of
+The engine owns everything schedule-free (modes, ``z``, the averaging, weight
+decay, the update of ``y`` and ``z``, the backend). A :class:`Direction` owns
+the base optimizer's :math:`d_t` in :math:`z_{t+1} = z_t - \gamma_t (d_t + \lambda y_t)`,
+the state it needs for it, and the step's :math:`\beta_t` and :math:`\gamma_t`.
 
-.. math::
-
-    z_{t+1} = z_t - \gamma_t\,(d_t + \lambda y_t)
-
-namely :math:`d_t`, the state it needs for it, and the scalars that
-parameterize the step (the interpolation weight :math:`\beta_t` and the
-learning rate :math:`\gamma_t`). It declares:
-
-* ``state_buffers(group)``: names of the parameter-sized buffers it keeps in
-  ``optimizer.state[p]`` besides the engine's ``z`` (and ``master``). The
-  engine creates them (``init_buffer``: zeros unless the direction says
-  otherwise, in ``buffer_dtype``) and hands them over by name in
-  :class:`Bucket`; it never spells one itself.
-* ``foreach(...)``: the direction for a :class:`Bucket` of tensors of one
-  device and dtype, with ``torch._foreach_*`` ops (the reference backend,
-  which every other backend must equal).
-* ``kernel(...)`` (optional): a :class:`KernelSpec` naming one of the
-  one-pass kernel families (:class:`Kind`) with its scalars and the buffers
-  that fill its slots. A direction without one runs foreach everywhere; with
-  ``fused=True`` the engine says so once.
-* ``beta(group, step)`` and ``lr(group, step, reduced)``: per-step schedule
-  hooks. :math:`\beta` may change with the step; the engine records the one
-  ``y`` was built with and recovers ``x`` with it.
-* ``reductions`` and ``reduce(...)``: global scalars over all parameters of
-  all groups, computed before the update (summed over groups, buckets and,
-  for sharded parameters, ranks) and passed to ``lr``, ``foreach`` and
-  ``kernel`` as ``reduced``. A sum over one group only uses the name
-  :func:`group_reduction` gives.
-* ``bucket_sums`` and ``reduce_sums(...)`` (optional): the same
-  contributions as ``reduce``, computed from generic sums over a bucket
-  (:class:`BucketSum`) that the CPU kernel takes in one pass over memory.
-* ``commit(group, step, reduced)``: per-group scalar state the direction
-  keeps in the group (Prodigy's ``d``), written once the group's step is done.
-* ``needs_full_param``: the direction must see whole matrices (an
-  orthogonalization), not shards or flattened views. With
-  ``gathers_shards`` it receives sharded (FSDP2) tensors and gathers the
-  whole matrices itself.
-* ``buffer_shape(...)``: a state buffer of another shape than its parameter
-  (NorMuon's per-row second moment).
-* ``weight_decay_at_y(...)``: how much of the group's weight decay the
-  engine applies at ``y`` (a direction that decays ``z`` itself returns 0).
-* ``delegates_move``: the base optimizer moves ``z`` itself (the wrapper);
-  see :class:`DelegatedDirection`.
-
-An optimizer may use a different direction per parameter group
-(:meth:`sfoptim.engine.ScheduleFreeOptimizer.direction_for`). Directions are
-stateless: hyperparameters live in the param group, tensors in the state.
+Required: :meth:`~Direction.beta` and :meth:`~Direction.foreach`. Optional:
+state (:meth:`~Direction.state_buffers`, :meth:`~Direction.new_buffer`), the
+learning rate (:meth:`~Direction.lr`, pure), global sums
+(:attr:`~Direction.reductions`, :meth:`~Direction.reduce`, and from the
+kernel's one-pass sums :meth:`~Direction.reduce_sums`), per-group scalar state
+(:meth:`~Direction.commit`), a one-pass kernel (:meth:`~Direction.kernel`, a
+:class:`~sfoptim.backends.abi.KernelSpec`), the decay at ``y``
+(:meth:`~Direction.weight_decay_at_y`) and the flags below. A base optimizer
+that moves ``z`` itself is a :class:`DelegatedDirection`. ``docs/design.md``
+draws the layers and gives a complete example. Directions are stateless:
+hyperparameters live in the param group, tensors in the optimizer's state.
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import torch
-from torch import Size, Tensor
+from torch import Tensor
+
+from ..backends.abi import KERNEL_SCALARS, KIND_SLOTS, Bucket, BucketSum, KernelSpec, Kind
 
 __all__ = [
     "KERNEL_SCALARS",
@@ -75,83 +40,6 @@ __all__ = [
     "group_reduction",
     "warmup_lr",
 ]
-
-
-class Bucket(NamedTuple):
-    """Tensors of one device and dtype that one backend call updates together.
-
-    ``params`` hold ``y`` (or its wide master), ``grads`` the gradients at
-    ``y`` (never to be written), ``z`` the base iterates, ``buffers`` the
-    direction's own state by the names it declared.
-    """
-
-    params: list[Tensor]
-    grads: list[Tensor]
-    z: list[Tensor]
-    buffers: dict[str, list[Tensor]]
-
-
-class Kind(enum.IntEnum):
-    r"""The direction families the one-pass kernels implement.
-
-    This enum is the single declaration: the C source receives the values as
-    preprocessor definitions (see :mod:`sfoptim.backends.cpu_kernel`) and the
-    compiled backend branches on them.
-
-    * ``SGD``: :math:`d = g`.
-    * ``ADAM``: :math:`v \leftarrow \beta_2 v + (1-\beta_2) g^2`,
-      :math:`d = \hat m / (\sqrt{v / bc_2} + \epsilon)` with :math:`\hat m = g`,
-      or with a second slot :math:`m \leftarrow \operatorname{lerp}(m, g, 1-\mu)`,
-      :math:`\hat m = m / bc_1`.
-    * ``SGD_V``: :math:`d = g` while :math:`v` is updated as for ``ADAM``
-      (RAdam's phase before the rectifier exists).
-    """
-
-    SGD = 0
-    ADAM = 1
-    SGD_V = 2
-
-
-#: The buffer slots each family reads and writes, as (fewest, most).
-KIND_SLOTS: dict[Kind, tuple[int, int]] = {Kind.SGD: (0, 0), Kind.ADAM: (1, 2), Kind.SGD_V: (1, 1)}
-
-#: The scalars every kernel call receives, in slot order. The engine fills
-#: ``lr``, ``ckp1``, ``beta`` and ``wd``; a :class:`KernelSpec` the others
-#: (unset ones are 0, except the bias corrections, which are 1).
-KERNEL_SCALARS: tuple[str, ...] = ("lr", "ckp1", "beta", "wd", "beta2", "bc2", "eps", "mu", "bc1")
-
-
-class BucketSum(enum.IntEnum):
-    r"""Sums over every element of a bucket that a backend can take in one fused pass.
-
-    A direction whose reductions are built from these declares them in
-    :attr:`Direction.bucket_sums`; the CPU kernel then computes all of them in
-    one read of the tensors, accumulating in float64 in an order fixed by the
-    data (not by the thread count). The values are also the slots of the C
-    entry's output (``SF_SUM_<NAME>``, defined at build time).
-
-    * ``GRAD_L1``: :math:`\sum |g|`.
-    * ``GRAD_Z_MINUS_Y``: :math:`\sum g\,(z - y)`, i.e. :math:`\langle g, z - y\rangle`.
-    """
-
-    GRAD_L1 = 0
-    GRAD_Z_MINUS_Y = 1
-
-
-class KernelSpec(NamedTuple):
-    """A direction's description of its one-pass kernel for one step.
-
-    Attributes:
-        kind: the kernel family.
-        buffers: the direction's state buffers that fill the kernel's slots, in
-            order: the second moment ``v``, then the first moment ``m`` (a
-            family that needs fewer slots gets a shorter tuple).
-        scalars: values of the family's entries of :data:`KERNEL_SCALARS`.
-    """
-
-    kind: Kind
-    buffers: tuple[str, ...] = ()
-    scalars: Mapping[str, float] = {}
 
 
 def warmup_lr(group: dict, step: int) -> float:
@@ -189,8 +77,6 @@ class Direction:
     #: The interpolation weight depends on the step: the engine records the
     #: one each ``y`` was built with (costs one group key).
     varying_beta: ClassVar[bool] = False
-    #: The base optimizer moves ``z`` itself (:class:`DelegatedDirection`).
-    delegates_move: ClassVar[bool] = False
     #: Generic bucket sums from which :meth:`reduce_sums` gives what
     #: :meth:`reduce` gives. Where a bucket may take the CPU kernel, the engine
     #: computes them there in one pass and calls :meth:`reduce_sums`;
@@ -209,10 +95,6 @@ class Direction:
         """Names of the parameter-sized state buffers besides ``z`` (zeros at creation)."""
         return ()
 
-    def buffer_shape(self, group: dict, name: str, shape: Size) -> Size:
-        """The shape of state buffer ``name`` for a parameter of ``shape`` (default: the same)."""
-        return shape
-
     def weight_decay_at_y(self, group: dict, lr: float, weight_decay: float) -> float:
         r"""The decay :math:`\lambda` the engine adds to the direction as :math:`\lambda y` this step.
 
@@ -224,20 +106,17 @@ class Direction:
         """
         return weight_decay
 
-    def buffer_dtype(self, group: dict, name: str, dtype: torch.dtype) -> torch.dtype:
-        """The dtype of state buffer ``name`` for a working copy of ``dtype`` (default: the same).
+    def new_buffer(self, group: dict, name: str, like: Tensor) -> Tensor:
+        """State buffer ``name`` at creation, for a parameter whose working copy is ``like`` (default: zeros like it).
 
-        The engine creates the buffer in it and keeps it there when a
-        checkpoint is loaded; ``foreach`` then receives it as it is.
+        Its shape and dtype are also what a checkpoint's buffer must have: the
+        engine creates one on the meta device to check a load against it, and
+        keeps a loaded buffer in its dtype.
         """
-        return dtype
+        return torch.zeros_like(like, memory_format=torch.preserve_format)
 
-    def init_buffer(self, group: dict, name: str, like: Tensor) -> Tensor:
-        """State buffer ``name`` at creation, shaped like the working copy ``like`` (default: zeros)."""
-        return torch.zeros_like(like, dtype=self.buffer_dtype(group, name, like.dtype), memory_format=torch.preserve_format)
-
-    def reduce(self, group: dict, bucket: Bucket, beta: float) -> dict[str, Tensor]:
-        """This bucket's contributions (0-d tensors) to each name in :attr:`reductions`.
+    def reduce(self, group: dict, step: int, bucket: Bucket, beta: float) -> dict[str, Tensor]:
+        """This bucket's contributions (0-d tensors) to each name in :attr:`reductions` for the 1-based ``step``.
 
         Called before the update with ``y`` in ``bucket.params``; ``beta`` is
         the weight ``y`` was built with, so ``x = lerp(y, z, 1 - 1/beta)``.
@@ -246,7 +125,7 @@ class Direction:
         """
         return {}
 
-    def reduce_sums(self, group: dict, beta: float, sums: Mapping[BucketSum, Tensor]) -> dict[str, Tensor]:
+    def reduce_sums(self, group: dict, step: int, beta: float, sums: Mapping[BucketSum, Tensor]) -> dict[str, Tensor]:
         """:meth:`reduce`'s contributions from the bucket's :attr:`bucket_sums` (0-d float64 tensors).
 
         Must agree with :meth:`reduce` on the same bucket to rounding.
@@ -280,28 +159,24 @@ class Direction:
 class DelegatedDirection(Direction):
     """A direction computed by another optimizer that moves ``z`` itself.
 
-    The engine still owns ``x``, ``y``, weight decay at ``y`` and the schedule;
-    around one :meth:`move` of all groups it calls the engine's bookkeeping
-    that leaves ``z`` in the parameters before, and the new ``y`` after. The
-    learning rate is read after the move, since the base optimizer may change
-    it while stepping (D-Adaptation's ``d``).
+    The engine still owns the schedule; around the base optimizer's step the
+    direction keeps ``x`` and ``y``: :meth:`move` runs once per step for all
+    its groups (before any group's update), :meth:`finish` once per group
+    with the step's averaging coefficient. The learning rate is read after
+    the move, since the base optimizer may change it while stepping
+    (D-Adaptation's ``d``).
     """
 
-    delegates_move = True
+    def move(self, plans: list[Any], reduced: Mapping[str, Tensor]) -> None:
+        """Moves ``z`` of the active parameters of ``plans`` (:class:`sfoptim.engine.step.GroupStep`).
 
-    def move(self, optimizer: Any) -> None:
-        """Moves ``z`` (held in ``optimizer``'s parameters) with the gradients at ``y``."""
+        If it raises, parameters and state must be as they were.
+        """
         raise NotImplementedError
 
-    def decay_lr(self, group: dict) -> float:
-        """The learning rate that scales weight decay at ``y``, read before :meth:`move`.
-
-        The group's own ``lr``: the step size of the base optimizer's ``z``
-        update is its business, so a D-Adaptation ``d`` (which only weights
-        the average) does not scale the decay, as in the published wrapper.
-        """
-        return float(group["lr"])
+    def finish(self, plan: Any, ckp1: float) -> None:
+        """After :meth:`move`: the new ``y`` and ``z`` of one group, averaged with coefficient ``ckp1``."""
+        raise NotImplementedError
 
     def foreach(self, group: dict, step: int, bucket: Bucket, reduced: Mapping[str, Tensor]) -> Any:
         raise TypeError(f"{type(self).__name__} moves z through its base optimizer; it has no foreach direction")
-

@@ -57,10 +57,10 @@ from types import FrameType
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Size, Tensor, nn
 
 from .. import _validation
+from ..distributed import assign_owners, compute_on_owners, row_sharded, shard_like
 from ..engine import ScheduleFreeOptimizer, with_backend_args
 from .adamw import adam_direction
 from .base import Bucket, Direction, KernelSpec, Kind
@@ -281,13 +281,6 @@ def varying_beta(group: dict, step: int) -> float:
     return 1 - ((horizon - 1) / (s - 1)) ** group["beta_power"] * (1 - beta)
 
 
-def _shard_like(full: Tensor, like: Tensor) -> Tensor:
-    """``full`` laid out as the DTensor ``like`` (this rank's part; no communication)."""
-    from torch.distributed.tensor import distribute_tensor
-
-    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)  # type: ignore[attr-defined]
-
-
 def _orthogonalized(group: dict, whole: Tensor, v: Tensor | None) -> Tensor:
     """The direction of one whole matrix (module docstring); updates NorMuon's ``v`` in place.
 
@@ -316,145 +309,6 @@ def orthogonalization_cost(shape: Size) -> int:
     return min(rows, cols) * rows * cols
 
 
-def assign_owners(costs: list[int], world: int) -> list[int]:
-    """The rank that orthogonalizes each matrix: by decreasing cost, each onto the least-loaded rank.
-
-    Deterministic (ties go to the earlier matrix and to the lower rank), so
-    every rank computes the same assignment without communicating.
-    """
-    load = [0] * world
-    owners = [0] * len(costs)
-    for j in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
-        rank = min(range(world), key=lambda r: (load[r], r))
-        owners[j] = rank
-        load[rank] += costs[j]
-    return owners
-
-
-def _splittable(tensors: list[Tensor], vs: list[Tensor] | None) -> list[int]:
-    """Indices of the tensors whose orthogonalization :func:`_orthogonalize_split` shares out.
-
-    Those are DTensors sharded by rows over one and the same one-dimensional
-    mesh of more than one rank: FSDP2's layout. Every rank reaches the same
-    answer from shapes and placements alone. Other layouts are gathered whole
-    on every rank, as are the single-column matrices under NorMuon, whose
-    per-row ``v`` has the parameter's shape and is therefore sharded too.
-    """
-    from torch.distributed.tensor import DTensor, Shard
-
-    mesh = None
-    chosen = []
-    for i, t in enumerate(tensors):
-        if not isinstance(t, DTensor) or t.device_mesh.ndim != 1 or t.placements != (Shard(0),):
-            continue
-        if vs is not None and type(vs[i]) is not Tensor:
-            continue
-        if mesh is None and _exchanges_rank_by_rank(t.device_mesh):
-            mesh = t.device_mesh
-        if mesh is not None and t.device_mesh == mesh:
-            chosen.append(i)
-    return chosen
-
-
-def _exchanges_rank_by_rank(mesh: Any) -> bool:
-    """Whether the mesh has several ranks, this one among them, numbered as its process group numbers them.
-
-    Shard ``i`` lives at mesh position ``i``, while ``all_to_all`` addresses
-    ranks of the group; a mesh listing its ranks in another order is left to
-    the gathering path rather than translated.
-    """
-    if mesh.size() < 2 or mesh.get_coordinate() is None:
-        return False
-    return dist.get_process_group_ranks(mesh.get_group()) == mesh.mesh.flatten().tolist()
-
-
-def _flat(tensors: list[Tensor], like: Tensor) -> Tensor:
-    return torch.cat(tensors) if tensors else like
-
-
-def _orthogonalize_split(group: dict, shards: list[Any], vs: list[Tensor] | None) -> list[Tensor]:
-    """The directions of row-sharded matrices (DTensors), each orthogonalized on one rank.
-
-    Two ``all_to_all`` exchanges over the shards' mesh: every rank sends its
-    rows of each matrix to the matrix's owner (:func:`assign_owners`), which
-    orthogonalizes the whole matrix exactly as an unsharded step would; then
-    the owner sends every rank its rows of the result and, with NorMuon, the
-    updated per-row second moment ``v`` (kept whole on every rank). Returns
-    this rank's shards of the directions.
-    """
-    from torch.distributed.tensor import DTensor, Shard
-
-    mesh = shards[0].device_mesh
-    pg, world, rank = mesh.get_group(), mesh.size(), mesh.get_local_rank()
-    dtype = shards[0].dtype
-    n_mat = len(shards)
-    shapes = [s.shape for s in shards]
-    owners = assign_owners([orthogonalization_cost(shape) for shape in shapes], world)
-    # (rows, first row) of each rank's part: torch.chunk's split, as FSDP2 and DTensor lay out Shard(0).
-    rows = [[Shard.local_shard_size_and_offset(shape[0], world, r) for r in range(world)] for shape in shapes]
-    row_numel = [math.prod(shape[1:]) for shape in shapes]
-    local = [s.to_local() for s in shards]
-    for j in range(n_mat):
-        if local[j].shape[0] != rows[j][rank][0] or local[j].dtype != dtype:
-            raise RuntimeError(
-                f"MuonScheduleFree: rank {rank} holds a {tuple(local[j].shape)} {local[j].dtype} shard of a "
-                f"{tuple(shapes[j])} matrix; expected {rows[j][rank][0]} rows (torch.chunk's split) in {dtype}"
-            )
-    mine = [j for j in range(n_mat) if owners[j] == rank]
-    empty = local[0].new_empty(0)
-
-    # Exchange 1: rows to their owners; what arrives is ordered by source rank, then by matrix.
-    send = [[local[j].reshape(-1) for j in range(n_mat) if owners[j] == r] for r in range(world)]
-    recv_sizes = [sum(rows[j][src][0] * row_numel[j] for j in mine) for src in range(world)]
-    recv = empty.new_empty(sum(recv_sizes))
-    send_sizes = [sum(t.numel() for t in ts) for ts in send]
-    dist.all_to_all_single(recv, _flat([t for ts in send for t in ts], empty), recv_sizes, send_sizes, group=pg)
-    parts: dict[int, list[Tensor]] = {j: [] for j in mine}
-    at = 0
-    for src in range(world):
-        for j in mine:
-            n = rows[j][src][0] * row_numel[j]
-            parts[j].append(recv[at : at + n])
-            at += n
-    results = {}
-    for j in mine:
-        whole = torch.cat(parts[j]).view(shapes[j])
-        results[j] = _orthogonalized(group, whole, None if vs is None else vs[j]).reshape(shapes[j][0], row_numel[j])
-
-    # Exchange 2: every rank's rows of the results, and NorMuon's whole v, back from the owners.
-    v_numel = [0 if vs is None else vs[j].numel() for j in range(n_mat)]
-    send = [[] for _ in range(world)]
-    for r in range(world):
-        for j in mine:
-            n, start = rows[j][r]
-            send[r].append(results[j][start : start + n].reshape(-1))
-            if vs is not None:
-                send[r].append(vs[j].reshape(-1).to(dtype))
-    recv_sizes = [
-        sum(rows[j][rank][0] * row_numel[j] + v_numel[j] for j in range(n_mat) if owners[j] == src) for src in range(world)
-    ]
-    recv = empty.new_empty(sum(recv_sizes))
-    send_sizes = [sum(t.numel() for t in ts) for ts in send]
-    dist.all_to_all_single(recv, _flat([t for ts in send for t in ts], empty), recv_sizes, send_sizes, group=pg)
-    out: list[Tensor] = [empty] * n_mat
-    at = 0
-    for src in range(world):
-        for j in range(n_mat):
-            if owners[j] != src:
-                continue
-            n = rows[j][rank][0] * row_numel[j]
-            mine_rows = recv[at : at + n].view(local[j].shape)
-            at += n
-            if vs is not None:
-                if src != rank:
-                    vs[j].copy_(recv[at : at + v_numel[j]].view(vs[j].shape))
-                at += v_numel[j]
-            out[j] = DTensor.from_local(
-                mine_rows, mesh, shards[j].placements, run_check=False, shape=shapes[j], stride=shards[j].stride()
-            )
-    return out
-
-
 class MuonDirection(Direction):
     """Muon's orthogonalized momentum (module docstring); state ``momentum_buffer``, NorMuon's ``normuon_v``."""
 
@@ -469,8 +323,12 @@ class MuonDirection(Direction):
         names: tuple[str, ...] = ("momentum_buffer",) if group["momentum"] > 0 else ()
         return (*names, "normuon_v") if group["normuon"] else names
 
-    def buffer_shape(self, group: dict, name: str, shape: Size) -> Size:
-        return Size((shape[0], 1)) if name == "normuon_v" else shape
+    def new_buffer(self, group: dict, name: str, like: Tensor) -> Tensor:
+        rows = Size((like.shape[0], 1))
+        if name != "normuon_v" or like.shape == rows:
+            return super().new_buffer(group, name, like)
+        # One number per row, whole on every rank, also for a shard.
+        return torch.zeros(rows, dtype=like.dtype, device=like.device)
 
     def foreach(self, group: dict, step: int, bucket: Bucket, reduced: Mapping[str, Tensor]) -> tuple[list[Tensor], bool]:
         """The directions of the bucket's matrices.
@@ -490,11 +348,18 @@ class MuonDirection(Direction):
             del moved
         vs = bucket.buffers.get("normuon_v")
         new_vs = None if vs is None else [v.clone() for v in vs]
-        split = _splittable(updates, vs) if any(type(u) is not Tensor for u in updates) else []
+        # FSDP2's row shards: each matrix orthogonalized whole on one rank. Under NorMuon a
+        # single-column matrix's v has the parameter's shape, so it is sharded too: gathered below.
+        split = row_sharded(updates, vs) if any(type(u) is not Tensor for u in updates) else []
         shared: dict[int, Tensor] = {}
         if split:
             split_vs = None if new_vs is None else [new_vs[i] for i in split]
-            directions = _orthogonalize_split(group, [updates[i] for i in split], split_vs)
+            directions = compute_on_owners(
+                [updates[i] for i in split],
+                lambda j, whole: _orthogonalized(group, whole, None if split_vs is None else split_vs[j]),
+                orthogonalization_cost,
+                split_vs,
+            )
             shared = dict(zip(split, directions))
         out = []
         for i, u in enumerate(updates):
@@ -509,8 +374,8 @@ class MuonDirection(Direction):
             v_whole = v.full_tensor() if v_sharded else v  # type: ignore[union-attr]
             d = _orthogonalized(group, whole, v_whole)
             if v_sharded:
-                new_vs[i] = _shard_like(v_whole, v)  # type: ignore[index, arg-type]
-            out.append(_shard_like(d, u) if sharded else d)
+                new_vs[i] = shard_like(v_whole, v)  # type: ignore[index, arg-type]
+            out.append(shard_like(d, u) if sharded else d)
         if buf is not None:
             torch._foreach_lerp_(buf, grads, 1 - mu)
         for v, new_v in zip(vs or (), new_vs or ()):
@@ -765,8 +630,8 @@ class MuonScheduleFree(ScheduleFreeOptimizer):
         adjusted_lr_ratio(group["adjust_lr_fn"], 1, 1)
         _validation.check_in_range("normuon_beta2", group["normuon_beta2"], 0.0, 1.0, low_open=False, high_open=True)
         horizon = group["beta_horizon"]
-        if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1):
-            raise ValueError(f"Invalid beta_horizon: {horizon!r} (expected None or a whole number of steps >= 1)")
+        if horizon is not None:
+            _validation.check_steps("beta_horizon", horizon, 1)
         _validation.check_nonnegative("beta_power", group["beta_power"])
         if group["adamw_lr"] is not None:
             _validation.check_nonnegative("adamw_lr", group["adamw_lr"])

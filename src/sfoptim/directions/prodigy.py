@@ -76,14 +76,12 @@ class ProdigyDirection(Direction):
     def state_buffers(self, group: dict) -> tuple[str, ...]:
         return ("exp_avg_sq", "s", "p0")
 
-    def buffer_dtype(self, group: dict, name: str, dtype: torch.dtype) -> torch.dtype:
+    def new_buffer(self, group: dict, name: str, like: Tensor) -> Tensor:
         narrow = group.get("buffer_dtype")
-        return narrow if narrow is not None and dtype.is_floating_point else dtype
-
-    def init_buffer(self, group: dict, name: str, like: Tensor) -> Tensor:
+        dtype = narrow if narrow is not None and like.dtype.is_floating_point else like.dtype
         if name == "p0":
-            return like.to(self.buffer_dtype(group, name, like.dtype), memory_format=torch.preserve_format, copy=True)
-        return super().init_buffer(group, name, like)
+            return like.to(dtype, memory_format=torch.preserve_format, copy=True)
+        return torch.zeros_like(like, dtype=dtype, memory_format=torch.preserve_format)
 
     def lr(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> float:
         return float(group["d"]) * warmup_lr(group, step)
@@ -98,9 +96,7 @@ class ProdigyDirection(Direction):
         d = float(group["d"])
         return d * d * warmup_lr(group, step)
 
-    def reduce(self, group: dict, bucket: Bucket, beta: float) -> dict[str, Tensor]:
-        # reduce() receives no step index: the one about to be taken follows the steps taken.
-        step = int(group[ProdigyScheduleFree.group_key("k")]) + 1
+    def reduce(self, group: dict, step: int, bucket: Bucket, beta: float) -> dict[str, Tensor]:
         scale = self._accumulator_scale(group, step)
         rho = math.sqrt(group["betas"][1])
         dots, l1s = [], []

@@ -130,33 +130,3 @@ class RAdamScheduleFreeClosure(ClosureForm, RAdamScheduleFree):
 
     Same arguments and math as :class:`RAdamScheduleFree`.
     """
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float | Tensor = 0.0025,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0,
-        r: float = 0.0,
-        weight_lr_power: float = 2.0,
-        foreach: bool | None = None,
-        silent_sgd_phase: bool = True,
-        state_dtype: torch.dtype | None = None,
-        stochastic_rounding: bool = False,
-        fused: bool | None = None,
-    ) -> None:
-        super().__init__(
-            params,
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            r=r,
-            weight_lr_power=weight_lr_power,
-            foreach=foreach,
-            silent_sgd_phase=silent_sgd_phase,
-            state_dtype=state_dtype,
-            stochastic_rounding=stochastic_rounding,
-            fused=fused,
-        )

@@ -25,19 +25,27 @@ import torch
 from torch import Tensor
 
 from .. import _validation
+from ..backends import dispatch
 from ..engine import ScheduleFreeOptimizer, state_checks
+from ..engine.schedule import decay_coefficient
+from ..engine.step import GroupStep, real, swap
 from .base import DelegatedDirection
 
 __all__ = ["BaseOptimizerDirection", "ScheduleFreeWrapper"]
 
 
 class BaseOptimizerDirection(DelegatedDirection):
-    """The direction of a wrapped optimizer: it moves ``z`` itself.
+    r"""The direction of a wrapped optimizer ``base``: it moves ``z`` itself.
 
     The interpolation weight is the wrapper's ``momentum``; the learning rate
     that weights the average is the base optimizer's, times ``group["d"]``
-    for D-Adaptation style optimizers.
+    for D-Adaptation style optimizers. Weight decay at ``y`` is scaled by the
+    group's own ``lr``, read before the move (a D-Adaptation ``d`` only
+    weights the average, as in the published wrapper).
     """
+
+    def __init__(self, base: torch.optim.Optimizer) -> None:
+        self.base = base
 
     def beta(self, group: dict, step: int) -> float:
         return group[ScheduleFreeWrapper.group_key("momentum")]
@@ -45,8 +53,66 @@ class BaseOptimizerDirection(DelegatedDirection):
     def lr(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> float:
         return float(group["lr"]) * float(group.get("d", 1.0))
 
-    def move(self, optimizer: Any) -> None:
-        optimizer.base.step()
+    def move(self, plans: list[GroupStep], reduced: Mapping[str, Tensor]) -> None:
+        r"""One ``base.step()`` moves a copy of ``z`` held in the parameters.
+
+        Each parameter lends its storage to a new tensor holding ``z`` (minus
+        :math:`\gamma\lambda y` for weight decay at ``y``, or
+        :math:`\gamma\lambda z` with ``sf_decay_at="z"``, with this step's
+        learning rate, read before the base optimizer may change it); ``y`` and
+        the stored ``z`` are not touched. If the base optimizer raises, the
+        parameters get their ``y`` back and the ``z`` buffers this step created
+        are removed, so everything is bit for bit as before.
+        """
+        for p in plans:
+            key, group = p.key, p.group
+            created = [st for st in p.states if "z" not in st]
+            for st, q in zip(p.states, p.active):
+                if "z" not in st:
+                    st["z"] = q.detach().clone()
+            decay = group[key("weight_decay")]
+            if decay != 0 and group.get(key("adamc"), False):
+                lr = self.lr(group, p.step, reduced)
+                decay = decay_coefficient(decay, lr, max(lr, group[key("lr_max")]), True)
+            lr_decay = float(group["lr"]) * decay if decay != 0 else 0.0
+            at_z = group.get(key("decay_at"), "y") == "z"
+            zs = [st["z"] for st in p.states]
+            if not zs:
+                iterates: list[Tensor] = []
+            elif lr_decay != 0:
+                iterates = list(torch._foreach_sub(zs, zs if at_z else [q.data for q in p.active], alpha=lr_decay))
+            else:
+                iterates = [torch.clone(z, memory_format=torch.preserve_format) for z in zs]
+            # Decay at z moves only the base optimizer's iterate: x comes from y and the old z as they are.
+            p.moved = (iterates, created, 0.0 if at_z else lr_decay)
+        for p in plans:
+            for q, t in zip(p.active, p.moved[0]):
+                swap(q, t)
+        try:
+            self.base.step()
+        except BaseException:
+            for p in plans:
+                iterates, created, _ = p.moved
+                for q, t in zip(p.active, iterates):
+                    swap(q, t)
+                for st in created:
+                    del st["z"]
+            raise
+
+    def finish(self, plan: GroupStep, ckp1: float) -> None:
+        """``x`` from ``y`` and the old ``z``, averaged with the base optimizer's new ``z``, gives the new ``y``."""
+        if not plan.active:
+            return
+        iterates, _, lr_decay = plan.moved
+        for q, t in zip(plan.active, iterates):
+            swap(q, t)
+        ys = [real(q.data) for q in plan.active]
+        # The decay moves the old z by -lr*decay*y and y by (1-beta) of that, so x
+        # stays put; the old z is replaced by the base optimizer's iterate below.
+        dispatch.wrap_before(ys, [real(st["z"]) for st in plan.states], lr_decay, plan.beta_prev, plan.fused)
+        dispatch.wrap_after(ys, [real(t) for t in iterates], ckp1, plan.beta, plan.fused)
+        for st, t in zip(plan.states, iterates):
+            st["z"] = t
 
 
 class ScheduleFreeWrapper(ScheduleFreeOptimizer):
@@ -85,7 +151,6 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
         opt = sfoptim.ScheduleFreeWrapper(base, momentum=0.9, weight_decay_at_y=0.1)
     """
 
-    direction = BaseOptimizerDirection()
     # The wrapper's keys share the base optimizer's group dicts: prefixed.
     _key_prefix: ClassVar[str] = "sf_"
     _key_aliases: ClassVar[dict[str, str]] = {"weight_decay": "weight_decay_at_y"}
@@ -119,6 +184,13 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
         with _base_already_warned():
             super().__init__(self.base.param_groups, defaults)
         self.param_groups = self.base.param_groups
+
+    def direction_for(self, group: dict) -> BaseOptimizerDirection:
+        """The direction of every group: the base optimizer's step."""
+        direction = self.__dict__.get("_direction")
+        if direction is None or direction.base is not self.base:
+            direction = self.__dict__["_direction"] = BaseOptimizerDirection(self.base)
+        return direction
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim.Optimizer pickles only defaults, state and param_groups;
@@ -193,7 +265,7 @@ class ScheduleFreeWrapper(ScheduleFreeOptimizer):
         # Refuse before the base optimizer's state is replaced, and put it
         # back if the wrapper's own load still fails: a refused checkpoint
         # leaves both as they were.
-        state_checks.check_load(self, own)
+        state_checks.check_load(self._load_target(), own)
         previous_base = copy.deepcopy(self.base.state_dict())
         self.base.load_state_dict(state_dict["base"])
         try:

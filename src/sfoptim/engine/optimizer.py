@@ -14,18 +14,12 @@ for SGD, the preconditioned gradient for Adam) plus weight decay
 :math:`\lambda y_t`, and :math:`c_{t+1}` comes from :mod:`sfoptim.engine.schedule`.
 
 Only two buffers are stored: the parameter holds ``y`` in train mode (``x`` in
-eval mode) and the state holds ``z``. ``x`` is recovered from them:
-:math:`x = y + (1 - 1/\beta)(z - y)` and back :math:`y = x + (1-\beta)(z - x)`.
-One step updates ``y`` in place without forming ``x``:
-
-.. math::
-
-    y_{t+1} = \operatorname{lerp}(y_t, z_t, c_{t+1}) + \gamma_t\,(\beta(1-c_{t+1}) - 1)\, d_t
-
-This module holds the optimizer object once (modes, state, group keys, state
-dicts); :mod:`sfoptim.engine.step` holds the step. Subclasses declare their
-base direction (:mod:`sfoptim.directions`), validate their hyperparameters
-and add nothing else.
+eval mode) and the state holds ``z``; :math:`x = \operatorname{lerp}(y, z, 1 - 1/\beta)`.
+This module holds the optimizer object (modes, state, group keys, state dicts)
+and plans each step; :mod:`sfoptim.engine.step` carries it out (the in-place
+update: :func:`sfoptim.backends.foreach.interpolate_and_step`). Subclasses
+declare their base direction (:mod:`sfoptim.directions`) and validate their
+hyperparameters.
 """
 
 from __future__ import annotations
@@ -40,11 +34,11 @@ import torch
 from torch import Tensor
 
 from .. import _validation, precision
-from ..directions.base import Bucket, Direction
+from ..backends.abi import Bucket
+from ..directions.base import DelegatedDirection, Direction
 from . import state_checks
 from . import step as _step
-from .schedule import AveragingStep, averaging_step
-from .step import real
+from .step import GroupStep, real
 
 __all__ = ["ClosureForm", "ModeError", "ScheduleFreeOptimizer", "with_backend_args"]
 
@@ -185,10 +179,6 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         """The base direction of ``group`` (override to choose one per group)."""
         return self.direction
 
-    def _state_buffers(self, group: dict) -> tuple[str, ...]:
-        """Names of the group's state buffers besides ``z`` and ``master`` (its direction's)."""
-        return self.direction_for(group).state_buffers(group)
-
     def _validate_group(self, group: dict) -> None:
         if self.option(group, "fused") and self.option(group, "foreach"):
             raise ValueError("Invalid arguments: fused=True and foreach=True cannot be used together")
@@ -201,9 +191,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         if group.get(self.group_key("decoupling_c")) is not None:
             _validation.check_in_range("decoupling_c", group[self.group_key("decoupling_c")], 0.0, math.inf, low_open=True, high_open=True)
         if self.group_key("c_warmup") in group:
-            c_warmup = group[self.group_key("c_warmup")]
-            if isinstance(c_warmup, bool) or not isinstance(c_warmup, (int, float)) or c_warmup < 0 or c_warmup != int(c_warmup):
-                raise ValueError(f"Invalid c_warmup: {c_warmup!r} (must be a whole number of steps >= 0)")
+            _validation.check_steps("c_warmup", group[self.group_key("c_warmup")])
         # Weight-decay options (the default: decay at y, no AdamC correction).
         decay_at = group.get(self.group_key("decay_at"), "y")
         if decay_at not in ("y", "z"):
@@ -293,13 +281,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         """Writes the wide master copies (``state_dtype``) into their narrow parameters."""
         if self.option(group, "state_dtype") is None:
             return
-        ps, ms = [], []
-        for p in params:
-            state = self.state.get(p)
-            if state and "master" in state:
-                ps.append(p.data)
-                ms.append(state["master"])
-        precision.write_params(ps, ms, bool(self.option(group, "stochastic_rounding")))
+        precision.write_params(*self._masters(params), bool(self.option(group, "stochastic_rounding")))
 
     @torch.no_grad()
     def eval_params(self) -> list[Tensor]:
@@ -360,13 +342,76 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         """Puts the parameters where the form keeps them between steps (plain form: ``y``)."""
 
     def _update(self) -> None:
-        _step.update(self)
+        _step.update(self._plan_step)
+
+    def _plan_step(self) -> list[GroupStep]:
+        """The step of every group as :func:`sfoptim.engine.step.update` consumes it.
+
+        Every group's gradients are checked (dense, of the parameter's shape)
+        before any state is created, so a bad gradient in the last group leaves
+        every group untouched.
+        """
+        key = self.group_key
+        k = key("k")
+        plans = []
+        for gi, group in enumerate(self.param_groups):
+            direction = self.direction_for(group)
+            active = self._active_params(gi, group)
+            if direction.needs_full_param and not direction.gathers_shards:
+                self._check_whole(gi, group, active, direction)
+            step = group[k] + 1
+            beta = direction.beta(group, step)
+            plan = GroupStep(group, direction, step, self.y_beta(group) if direction.varying_beta else beta, beta, key)
+            plan.active = active
+            plan.owner = type(self).__name__
+            plans.append(plan)
+        for p in plans:
+            group = p.group
+            p.fused, p.foreach = self.option(group, "fused"), self.option(group, "foreach")
+            if isinstance(p.direction, DelegatedDirection):
+                p.states = [self.state[q] for q in p.active]
+                continue
+            if p.active:
+                p.buckets = self._buckets(group, p.active, p.direction.state_buffers(group))
+            wide = self.option(group, "state_dtype") is not None
+            if wide:
+                p.masters = self._masters(p.active)
+                p.stochastic = bool(self.option(group, "stochastic_rounding"))
+            if p.beta != p.beta_prev:
+                stepped = {id(q) for q in p.active}
+                rest = [q for q in group["params"] if id(q) not in stepped and "z" in self.state.get(q, ())]
+                ys = [real(work(q, self.state[q])) for q in rest]
+                zs = [real(self.state[q]["z"]) for q in rest]
+                p.inactive = (ys, zs, *self._masters(rest)) if wide else (ys, zs, [], [])
+        return plans
+
+    def _masters(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """The parameters of ``params`` that have a wide master copy, and those copies."""
+        ps, ms = [], []
+        for p in params:
+            state = self.state.get(p)
+            if state and "master" in state:
+                ps.append(p.data)
+                ms.append(state["master"])
+        return ps, ms
+
+    def _check_whole(self, gi: int, group: dict, active: list[Tensor], direction: Direction) -> None:
+        for p in active:
+            if any(getattr(pl, "dim", None) is not None for pl in getattr(p, "placements", ())):
+                i = next(j for j, q in enumerate(group["params"]) if q is p)
+                raise NotImplementedError(
+                    f"{type(self).__name__} needs whole matrices, but {self._param_label(gi, i, p)} is sharded "
+                    "(FSDP2); gathering shards for it is not supported yet."
+                )
 
     def _param_label(self, group_index: int, param_index: int, p: Tensor) -> str:
-        group = self.param_groups[group_index]
-        names = group.get("param_names")
-        name = f" '{names[param_index]}'" if names else ""
-        return f"param_groups[{group_index}]['params'][{param_index}]{name} (shape {tuple(p.shape)})"
+        return state_checks.param_label(self.param_groups, group_index, param_index, p)
+
+    def _load_target(self) -> state_checks.Target:
+        """This optimizer as the state-dict checks see it."""
+        return state_checks.Target(
+            self, self.group_key, self._key_prefix, frozenset(self._schedule_defaults()), self.direction_for
+        )
 
     def _active_params(self, group_index: int, group: dict) -> list[Tensor]:
         params = group["params"]
@@ -395,28 +440,6 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
                 )
         raise AssertionError("unreachable: a gradient failed a check that no parameter fails")
 
-    def _schedule(self, group: dict, lr: float) -> AveragingStep:
-        """The averaging scalars of the group's next step, taken with learning rate ``lr``."""
-        key = self.group_key
-        return averaging_step(
-            group[key("k")] + 1,
-            lr,
-            group[key("lr_max")],
-            group[key("weight_sum")],
-            group[key("r")],
-            group[key("weight_lr_power")],
-            c_warmup=group.get(key("c_warmup"), 0),
-        )
-
-    def _commit(self, group: dict, sched: AveragingStep, beta: float | None = None) -> None:
-        key = self.group_key
-        group[key("k")] = sched.step
-        group[key("lr_max")] = sched.lr_max
-        group[key("weight_sum")] = sched.weight_sum
-        group[key("scheduled_lr")] = sched.lr
-        if beta is not None and self.direction_for(group).varying_beta:
-            group[key("y_beta")] = beta
-
     def _init_state(self, group: dict, p: Tensor, names: tuple[str, ...]) -> dict:
         state = self.state[p]
         wide = precision.master_dtype(group, p)
@@ -429,13 +452,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             direction = self.direction_for(group)
             for name in names:
                 if name not in state:
-                    shape = direction.buffer_shape(group, name, p.shape)
-                    if shape == p.shape:
-                        state[name] = direction.init_buffer(group, name, src)
-                    else:
-                        # A smaller buffer (per row) is whole on every rank, also for a shard.
-                        dtype = direction.buffer_dtype(group, name, src.dtype)
-                        state[name] = torch.zeros(shape, dtype=dtype, device=src.device)
+                    state[name] = direction.new_buffer(group, name, src)
         return state
 
     def _buckets(self, group: dict, active: list[Tensor], names: tuple[str, ...]) -> list[Bucket]:
@@ -527,9 +544,10 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         a wide master copy (``state_dtype``) keep all their state wide.
         """
         previous = [dict(g) for g in self.param_groups]
-        state_checks.check_load(self, state_dict)
+        target = self._load_target()
+        state_checks.check_load(target, state_dict)
         super().load_state_dict(state_dict)
-        state_checks.settle_load(self, state_dict, previous)
+        state_checks.settle_load(target, state_dict, previous)
 
 
 def _evaluate(closure: Callable[[], Any] | None) -> Any:
@@ -548,12 +566,8 @@ class ClosureForm:
     The step itself is the engine's: only where the parameters rest differs.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        for group in self.param_groups:  # type: ignore[attr-defined]
-            group[self.group_key("train_mode")] = False  # type: ignore[attr-defined]
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # Also during construction: every group starts with its parameters at x.
         super().add_param_group(param_group)  # type: ignore[misc]
         self.param_groups[-1][self.group_key("train_mode")] = False  # type: ignore[attr-defined]
 

@@ -21,17 +21,37 @@ then brought to the dtype the step expects: the parameter's, or the group's
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .. import precision
 
-if TYPE_CHECKING:
-    from .optimizer import ScheduleFreeOptimizer
+__all__ = ["PUBLISHED_CLASSES", "Target", "check_load", "param_label", "settle_load"]
 
-__all__ = ["PUBLISHED_CLASSES", "check_load", "settle_load"]
+
+class Target(NamedTuple):
+    """The optimizer a state dict is loaded into, as the checks see it."""
+
+    #: The optimizer (its class, ``defaults``, ``param_groups`` and ``state``).
+    optimizer: torch.optim.Optimizer
+    #: The group key under which it stores an engine key (``group_key``).
+    key: Callable[[str], str]
+    #: The prefix of its engine keys ("" except for the wrapper).
+    prefix: str
+    #: The engine's bookkeeping keys (``k``, ``lr_max``, ...), filled in afresh by a load.
+    schedule_keys: frozenset[str]
+    #: The direction of a group (its state buffers, their shapes and dtypes).
+    direction_for: Callable[[dict], Any]
+
+
+def param_label(groups: list[dict], group_index: int, param_index: int, p: Tensor) -> str:
+    """How messages name parameter ``param_index`` of group ``group_index`` (with its name when groups carry names)."""
+    names = groups[group_index].get("param_names")
+    name = f" '{names[param_index]}'" if names else ""
+    return f"param_groups[{group_index}]['params'][{param_index}]{name} (shape {tuple(p.shape)})"
 
 #: The classes that the published ``schedulefree`` package (1.4.1) has too,
 #: under the same names: their checkpoints load into sfoptim's.
@@ -44,17 +64,17 @@ PUBLISHED_CLASSES = frozenset({
 #: them was saved by ``schedulefree`` and gets the constructed values.
 _ADDED_OPTIONS = ("state_dtype", "stochastic_rounding", "inner_momentum")
 #: Per-parameter state that always has the parameter's shape, besides the
-#: class's own buffers (``_state_buffers``): the reference forms store x and y.
+#: direction's own buffers: the reference forms store x and y.
 _PARAMETER_SIZED = ("z", "master", "x", "y")
 #: Group keys that say nothing about which class saved a checkpoint.
 _NOT_IDENTIFYING = {"params", "param_names", "initial_lr"}
 
 
-def _backend_keys(opt: ScheduleFreeOptimizer) -> tuple[str, ...]:
-    return (opt.group_key("foreach"), opt.group_key("fused"))
+def _backend_keys(t: Target) -> tuple[str, ...]:
+    return (t.key("foreach"), t.key("fused"))
 
 
-def _fillable_keys(opt: ScheduleFreeOptimizer) -> set[str]:
+def _fillable_keys(t: Target) -> set[str]:
     """Group keys a loadable checkpoint may lack.
 
     The engine's bookkeeping starts afresh (``__setstate__`` fills it in); the
@@ -63,9 +83,9 @@ def _fillable_keys(opt: ScheduleFreeOptimizer) -> set[str]:
     sfoptim's own too: the published wrapper keeps its hyperparameters out of
     its state dict.
     """
-    keys = set(opt._schedule_defaults()) | set(_backend_keys(opt)) | {opt.group_key(n) for n in _ADDED_OPTIONS}
-    if opt._key_prefix:
-        keys |= {k for k in opt.defaults if k.startswith(opt._key_prefix)}
+    keys = set(t.schedule_keys) | set(_backend_keys(t)) | {t.key(n) for n in _ADDED_OPTIONS}
+    if t.prefix:
+        keys |= {k for k in t.optimizer.defaults if k.startswith(t.prefix)}
     return keys
 
 
@@ -78,15 +98,17 @@ def _hyperparameters(cls: type) -> set[str]:
 
 
 def _candidate_classes() -> list[type]:
-    import sfoptim
-
+    """The public optimizer classes of torch.optim and sfoptim (every one defined by now)."""
     found: list[type] = []
-    for module in (sfoptim, torch.optim):
-        for name in sorted(getattr(module, "__all__", dir(module))):
-            obj = getattr(module, name, None)
-            if isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer) and obj not in found:
-                found.append(obj)
-    return found
+    todo = [torch.optim.Optimizer]
+    while todo:
+        cls = todo.pop()
+        for sub in cls.__subclasses__():
+            if sub not in found:
+                found.append(sub)
+                todo.append(sub)
+    public = [c for c in found if c.__module__.startswith(("sfoptim.", "torch.optim.")) and not c.__name__.startswith("_")]
+    return sorted(public, key=lambda c: (c.__module__.startswith("torch"), c.__name__))
 
 
 def _likely_savers(keys: set[str]) -> list[str]:
@@ -101,29 +123,29 @@ def _likely_savers(keys: set[str]) -> list[str]:
     return sorted(n for n, v in scored.items() if v == best) if best > 0.5 else []
 
 
-def _required_keys(opt: ScheduleFreeOptimizer) -> set[str]:
-    """The hyperparameters that every checkpoint of ``opt``'s class carries in its groups.
+def _required_keys(t: Target) -> set[str]:
+    """The hyperparameters that every checkpoint of the target's class carries in its groups.
 
     Taken from the constructor (the nearest class in the MRO that names its
-    arguments), not from ``opt.defaults``, which frameworks extend at run time.
+    arguments), not from its ``defaults``, which frameworks extend at run time.
     """
-    for cls in type(opt).__mro__:
+    for cls in type(t.optimizer).__mro__:
         names = _hyperparameters(cls)
         if names:
-            return (names & set(opt.defaults)) - _fillable_keys(opt)
+            return (names & set(t.optimizer.defaults)) - _fillable_keys(t)
     return set()
 
 
-def _check_class(opt: ScheduleFreeOptimizer, saved_groups: list[dict]) -> None:
-    required = _required_keys(opt)
-    cls = type(opt).__name__
+def _check_class(t: Target, saved_groups: list[dict]) -> None:
+    required = _required_keys(t)
+    cls = type(t.optimizer).__name__
     for gi, group in enumerate(saved_groups):
         if not isinstance(group, dict):
             raise ValueError(f"Invalid state_dict: param_groups[{gi}] is a {type(group).__name__}, not a dict")
         missing = required - group.keys()
         if not missing:
             continue
-        keys = set(group) - _NOT_IDENTIFYING - set(opt._schedule_defaults())
+        keys = set(group) - _NOT_IDENTIFYING - set(t.schedule_keys)
         savers = [n for n in _likely_savers(keys) if n != cls]
         by = " or ".join(savers[:3]) if savers else "another optimizer"
         raise ValueError(
@@ -133,22 +155,27 @@ def _check_class(opt: ScheduleFreeOptimizer, saved_groups: list[dict]) -> None:
         )
 
 
-def _kept_keys(opt: ScheduleFreeOptimizer, saved: dict, current: dict) -> dict:
+def _kept_keys(t: Target, saved: dict, current: dict) -> dict:
     """The values of ``current`` (this optimizer's group) that the load must keep.
 
     The backend always; the options sfoptim added (and the wrapper's own
     hyperparameters) where the checkpoint does not have them.
     """
-    backend = _backend_keys(opt)
-    fillable = _fillable_keys(opt) - set(opt._schedule_defaults())
+    backend = _backend_keys(t)
+    fillable = _fillable_keys(t) - set(t.schedule_keys)
     return {k: v for k, v in current.items() if k in backend or (k in fillable and k not in saved)}
 
 
-def _expected_group(opt: ScheduleFreeOptimizer, saved: dict, current: dict) -> dict:
+def _expected_group(t: Target, saved: dict, current: dict) -> dict:
     """The group as it will be after the load, as far as the state checks need it."""
     group = {k: v for k, v in saved.items() if k != "params"}
-    group.update(_kept_keys(opt, saved, current))
+    group.update(_kept_keys(t, saved, current))
     return group
+
+
+def _new_buffer(direction: Any, group: dict, name: str, p: Tensor, dtype: torch.dtype) -> Tensor:
+    """The direction's buffer ``name`` for ``p`` with a working copy of ``dtype``, on the meta device (no memory)."""
+    return direction.new_buffer(group, name, torch.empty(p.shape, dtype=dtype, device="meta"))
 
 
 def _check_tensor(label: str, key: Any, value: Tensor, p: Tensor, shape: Any = None) -> None:
@@ -171,17 +198,17 @@ def _describe(sizes: list[int]) -> str:
     return f"{groups} of {' + '.join(map(str, sizes))} parameters" if sizes else groups
 
 
-def _check_structure(opt: ScheduleFreeOptimizer, saved_groups: list) -> None:
+def _check_structure(t: Target, saved_groups: list) -> None:
     """Raises ValueError, saying which class saved it where that shows, unless the groups and their sizes match."""
     if not all(isinstance(s, dict) and isinstance(s.get("params"), (list, tuple)) for s in saved_groups):
         raise ValueError("Invalid state_dict: every param group must be a dict with a 'params' list, as state_dict() returns")
     saved = [len(s["params"]) for s in saved_groups]
-    here = [len(g["params"]) for g in opt.param_groups]
+    here = [len(g["params"]) for g in t.optimizer.param_groups]
     if saved == here:
         return
-    cls = type(opt).__name__
+    cls = type(t.optimizer).__name__
     message = f"Invalid state_dict: it holds {_describe(saved)}, but this {cls} has {_describe(here)}."
-    keys = set().union(*(set(s) for s in saved_groups)) - _NOT_IDENTIFYING - set(opt._schedule_defaults())
+    keys = set().union(*(set(s) for s in saved_groups)) - _NOT_IDENTIFYING - set(t.schedule_keys)
     savers = _likely_savers(keys) if saved_groups else []
     if savers and cls not in savers:
         message += (
@@ -195,8 +222,8 @@ def _check_structure(opt: ScheduleFreeOptimizer, saved_groups: list) -> None:
     raise ValueError(message)
 
 
-def check_load(opt: ScheduleFreeOptimizer, state_dict: dict) -> None:
-    """Raises ValueError unless ``state_dict`` can be loaded into ``opt``; changes nothing.
+def check_load(t: Target, state_dict: dict) -> None:
+    """Raises ValueError unless ``state_dict`` can be loaded into ``t``; changes nothing.
 
     The message says what does not fit: the number of groups or parameters
     (and which class saved the checkpoint, where its keys show it), the class,
@@ -205,40 +232,40 @@ def check_load(opt: ScheduleFreeOptimizer, state_dict: dict) -> None:
     if not isinstance(state_dict, dict) or "param_groups" not in state_dict or "state" not in state_dict:
         raise ValueError("Invalid state_dict: expected a dict with 'state' and 'param_groups', as state_dict() returns")
     saved_groups = state_dict["param_groups"]
-    _check_structure(opt, saved_groups)
-    _check_class(opt, saved_groups)
+    _check_structure(t, saved_groups)
+    _check_class(t, saved_groups)
     saved_state = state_dict["state"]
-    for gi, (saved, group) in enumerate(zip(saved_groups, opt.param_groups)):
-        expected = _expected_group(opt, saved, group)
-        own = set(opt._state_buffers(expected))
+    for gi, (saved, group) in enumerate(zip(saved_groups, t.optimizer.param_groups)):
+        expected = _expected_group(t, saved, group)
+        direction = t.direction_for(expected)
+        own = set(direction.state_buffers(expected))
         sized = set(_PARAMETER_SIZED) | own
-        direction = opt.direction_for(expected)
         for pi, (saved_id, p) in enumerate(zip(saved["params"], group["params"])):
             entry = saved_state.get(saved_id)
             if entry is None:
                 continue
-            label = opt._param_label(gi, pi, p)
+            label = param_label(t.optimizer.param_groups, gi, pi, p)
             if not isinstance(entry, dict):
                 raise ValueError(f"Invalid state_dict: the state of {label} is a {type(entry).__name__}, not a dict")
             for key, value in entry.items():
                 if key in sized:
                     if not isinstance(value, Tensor):
                         raise ValueError(f"Invalid state_dict: state {key!r} of {label} is not a tensor")
-                    shape = direction.buffer_shape(expected, key, p.shape) if key in own else None
+                    shape = _new_buffer(direction, expected, key, p, p.dtype).shape if key in own else None
                     _check_tensor(label, key, value, p, shape)
 
 
-def settle_load(opt: ScheduleFreeOptimizer, state_dict: dict, previous_groups: list[dict]) -> None:
+def settle_load(t: Target, state_dict: dict, previous_groups: list[dict]) -> None:
     """After the base load: this optimizer's backend and options, and state in the step's dtypes."""
-    for group, saved, previous in zip(opt.param_groups, state_dict["param_groups"], previous_groups):
-        group.update(_kept_keys(opt, saved, previous))
-    precision.restore_wide_state(opt, state_dict)
-    for group in opt.param_groups:
-        direction = opt.direction_for(group)
-        own = set(opt._state_buffers(group))
+    for group, saved, previous in zip(t.optimizer.param_groups, state_dict["param_groups"], previous_groups):
+        group.update(_kept_keys(t, saved, previous))
+    precision.restore_wide_state(t.optimizer, state_dict)
+    for group in t.optimizer.param_groups:
+        direction = t.direction_for(group)
+        own = set(direction.state_buffers(group))
         sized = set(_PARAMETER_SIZED) | own
         for p in group["params"]:
-            state = opt.state.get(p)
+            state = t.optimizer.state.get(p)
             if not state:
                 continue
             work = precision.master_dtype(group, p)
@@ -249,6 +276,6 @@ def settle_load(opt: ScheduleFreeOptimizer, state_dict: dict, previous_groups: l
                 work = p.dtype
             for key in sized & state.keys():
                 value = state[key]
-                want = direction.buffer_dtype(group, key, work) if key in own else work
+                want = _new_buffer(direction, group, key, p, work).dtype if key in own else work
                 if isinstance(value, Tensor) and value.dtype != want:
                     state[key] = value.to(dtype=want)

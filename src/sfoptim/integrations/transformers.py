@@ -25,6 +25,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
         'sfoptim.integrations.transformers needs Transformers: pip install "transformers>=5.0" "accelerate>=1.0"'
     ) from exc
 
+from ..directions.adamw import AdamWScheduleFree
+from ..directions.wrapper import ScheduleFreeWrapper
+from ..engine import ScheduleFreeOptimizer
 from ..modes import unwrap_optimizer
 
 __all__ = ["ScheduleFreeCallback", "ScheduleFreeTrainer", "warmup_steps_from_args"]
@@ -172,15 +175,13 @@ class ScheduleFreeTrainer(Trainer):
         optimizer_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        import sfoptim
-
         if optimizer_cls is None:
-            optimizer_cls = sfoptim.AdamWScheduleFree
-        if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, sfoptim.ScheduleFreeOptimizer)):
+            optimizer_cls = AdamWScheduleFree
+        if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, ScheduleFreeOptimizer)):
             raise TypeError(
                 f"optimizer_cls must be an sfoptim schedule-free optimizer class, got {optimizer_cls!r}"
             )
-        if issubclass(optimizer_cls, sfoptim.ScheduleFreeWrapper):
+        if issubclass(optimizer_cls, ScheduleFreeWrapper):
             raise TypeError(
                 "ScheduleFreeTrainer cannot build a ScheduleFreeWrapper (it needs a base optimizer); "
                 "build it yourself and pass optimizers=(wrapper, None)"

@@ -1,0 +1,122 @@
+r"""The kernel ABI: what a backend needs to know about a bucket and a kernel call.
+
+Everything the backends and the C kernel agree on is declared here once:
+the tensors of a :class:`Bucket`, the kernel families (:class:`Kind`) with
+their buffer slots, the order of the scalars every kernel call receives
+(:data:`KERNEL_SCALARS`), the generic sums one pass can take
+(:class:`BucketSum`), a direction's :class:`KernelSpec`, and the version of
+the C entry points (:data:`ABI_VERSION`). The C source receives all of them as
+preprocessor definitions at build time (:mod:`sfoptim.backends.cpu_kernel`)
+and restates none. Directions import them from here; this module imports
+nothing from sfoptim.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple, Protocol
+
+from torch import Tensor
+
+__all__ = ["ABI_VERSION", "KERNEL_SCALARS", "KIND_SLOTS", "Bucket", "BucketSum", "DirectionHooks", "KernelSpec", "Kind"]
+
+#: The version of the C kernel's entry points (``sf_abi_version``); a cached
+#: library that reports another is not used.
+ABI_VERSION = 3
+
+
+class Bucket(NamedTuple):
+    """Tensors of one device and dtype that one backend call updates together.
+
+    ``params`` hold ``y`` (or its wide master), ``grads`` the gradients at
+    ``y`` (never to be written), ``z`` the base iterates, ``buffers`` the
+    direction's own state by the names it declared.
+    """
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    z: list[Tensor]
+    buffers: dict[str, list[Tensor]]
+
+
+class Kind(enum.IntEnum):
+    r"""The direction families the one-pass kernels implement.
+
+    * ``SGD``: :math:`d = g`.
+    * ``ADAM``: :math:`v \leftarrow \beta_2 v + (1-\beta_2) g^2`,
+      :math:`d = \hat m / (\sqrt{v / bc_2} + \epsilon)` with :math:`\hat m = g`,
+      or with a second slot :math:`m \leftarrow \operatorname{lerp}(m, g, 1-\mu)`,
+      :math:`\hat m = m / bc_1`.
+    * ``SGD_V``: :math:`d = g` while :math:`v` is updated as for ``ADAM``
+      (RAdam's phase before the rectifier exists).
+    """
+
+    SGD = 0
+    ADAM = 1
+    SGD_V = 2
+
+
+#: The buffer slots each family reads and writes, as (fewest, most).
+KIND_SLOTS: dict[Kind, tuple[int, int]] = {Kind.SGD: (0, 0), Kind.ADAM: (1, 2), Kind.SGD_V: (1, 1)}
+
+#: The scalars every kernel call receives, in slot order. The engine fills
+#: ``lr``, ``ckp1``, ``beta`` and ``wd``; a :class:`KernelSpec` the others
+#: (unset ones are 0, except the bias corrections, which are 1).
+KERNEL_SCALARS: tuple[str, ...] = ("lr", "ckp1", "beta", "wd", "beta2", "bc2", "eps", "mu", "bc1")
+
+
+class BucketSum(enum.IntEnum):
+    r"""Sums over every element of a bucket that a backend can take in one fused pass.
+
+    The CPU kernel computes the ones asked for in one read of the tensors,
+    accumulating in float64 in an order fixed by the data (not by the thread
+    count); the values are the slots of its output.
+
+    * ``GRAD_L1``: :math:`\sum |g|`.
+    * ``GRAD_Z_MINUS_Y``: :math:`\sum g\,(z - y)`, i.e. :math:`\langle g, z - y\rangle`.
+    """
+
+    GRAD_L1 = 0
+    GRAD_Z_MINUS_Y = 1
+
+
+class KernelSpec(NamedTuple):
+    """A direction's description of its one-pass kernel for one step.
+
+    Attributes:
+        kind: the kernel family.
+        buffers: the direction's state buffers that fill the kernel's slots, in
+            order: the second moment ``v``, then the first moment ``m`` (a
+            family that needs fewer slots gets a shorter tuple).
+        scalars: values of the family's entries of :data:`KERNEL_SCALARS`.
+    """
+
+    kind: Kind
+    buffers: tuple[str, ...] = ()
+    scalars: Mapping[str, float] = {}
+
+
+class DirectionHooks(Protocol):
+    """What the backends call on a direction (:class:`sfoptim.directions.base.Direction` has them all)."""
+
+    @property
+    def bucket_sums(self) -> Sequence[BucketSum]: ...
+
+    def foreach(self, group: dict, step: int, bucket: Bucket, reduced: Mapping[str, Tensor]) -> tuple[list[Tensor], bool]: ...
+
+    def kernel(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> KernelSpec | None: ...
+
+    def reduce(self, group: dict, step: int, bucket: Bucket, beta: float) -> dict[str, Tensor]: ...
+
+    def reduce_sums(self, group: dict, step: int, beta: float, sums: Mapping[BucketSum, Tensor]) -> dict[str, Tensor]: ...
+
+
+def build_defines() -> tuple[str, ...]:
+    """The C preprocessor definitions that carry this ABI into ``cpu_kernel.c``."""
+    return (
+        (f"-DSF_ABI_VERSION={ABI_VERSION}",)
+        + tuple(f"-DSF_{kind.name}={kind.value}" for kind in Kind)
+        + tuple(f"-DSF_{name.upper()}={slot}" for slot, name in enumerate(KERNEL_SCALARS))
+        + tuple(f"-DSF_SUM_{s.name}={s.value}" for s in BucketSum)
+    )
