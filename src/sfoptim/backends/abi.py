@@ -98,7 +98,7 @@ class KernelSpec(NamedTuple):
 
 
 class DirectionHooks(Protocol):
-    """What the backends call on a direction (:class:`sfoptim.directions.base.Direction` has them all)."""
+    """What the backends call on a direction (:class:`sfoptim.engine.direction.Direction` has them all)."""
 
     @property
     def bucket_sums(self) -> Sequence[BucketSum]: ...

@@ -35,9 +35,9 @@ from torch import Tensor
 
 from .. import _validation, precision
 from ..backends.abi import Bucket
-from ..directions.base import DelegatedDirection, Direction
 from . import state_checks
 from . import step as _step
+from .direction import DelegatedDirection, Direction
 from .step import GroupStep, real
 
 __all__ = ["ClosureForm", "ModeError", "ScheduleFreeOptimizer", "with_backend_args"]

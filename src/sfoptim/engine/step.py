@@ -29,7 +29,7 @@ from torch import Tensor
 from .. import precision
 from ..backends import dispatch
 from ..backends.abi import Bucket
-from ..directions.base import DelegatedDirection, Direction
+from .direction import DelegatedDirection, Direction
 from .schedule import AveragingStep, averaging_step, decay_coefficient, interpolation_step, refined_coefficient
 
 _dynamo_callback: Callable[[], object] | None
