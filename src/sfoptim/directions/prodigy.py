@@ -51,6 +51,7 @@ all zero still advances the average (the submission skips it).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -69,6 +70,8 @@ _NUMERATOR, _DENOMINATOR = "prodigy_numerator", "prodigy_denominator"
 AVERAGING = {"lr": (0.0, 2.0), "algoperf": (0.75, 0.0)}
 #: The default limit on the growth of ``d`` per step (prodigy-plus-schedule-free's ``d_limiter`` is :math:`2^{1/4}`).
 D_GROWTH = 2**0.5
+#: Group keys every checkpoint of :class:`ProdigyScheduleFree` carries.
+_PRODIGY_KEYS = ("d", "d_numerator", "d0", "d_coef", "d_growth", "averaging", "split_groups")
 #: The default bound on the RMS of each tensor's normalised update (StableAdamW's: 1).
 UPDATE_CLIP = 1.0
 
@@ -319,6 +322,34 @@ class ProdigyScheduleFree(ScheduleFreeOptimizer):
         narrow = group["buffer_dtype"]
         if narrow is not None and not (isinstance(narrow, torch.dtype) and narrow.is_floating_point):
             raise ValueError(f"Invalid buffer_dtype: {narrow!r} (expected None or a floating torch.dtype)")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a state dict (see :meth:`ScheduleFreeOptimizer.load_state_dict`).
+
+        A checkpoint of this class whose groups have no ``update_clip``
+        continues unclipped (``update_clip=None``), the update it was taking,
+        with a ``UserWarning``; set ``param_groups[i]["update_clip"]`` after
+        loading to clip.
+        """
+        groups = state_dict.get("param_groups") if isinstance(state_dict, Mapping) else None
+        old = (
+            isinstance(groups, (list, tuple))
+            and all(isinstance(g, Mapping) for g in groups)
+            and any("update_clip" not in g for g in groups)
+            and all(k in g for g in groups for k in _PRODIGY_KEYS)
+        )
+        if old:
+            filled = [{"update_clip": None, **g} for g in groups]  # type: ignore[union-attr]
+            state_dict = {**state_dict, "param_groups": filled}
+        super().load_state_dict(state_dict)
+        if old:
+            warnings.warn(
+                f"{type(self).__name__}.load_state_dict(): the checkpoint has no update_clip; the run continues "
+                "unclipped (update_clip=None), as it was saved. Set param_groups[i]['update_clip'] = 1.0 after "
+                "loading to clip the update.",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a group; one that shares ``d`` takes the current shared estimate.
