@@ -16,7 +16,6 @@ import torch
 import torch.nn as nn
 from _dist import rel_diff, spawn
 from test_distributed import batch, check_mode_switch, make_model, params, shard, train_step
-from torch import Tensor
 
 import sfoptim
 
@@ -107,7 +106,7 @@ def test_d_grows_by_at_most_d_growth_per_step() -> None:
     assert max(b / a for a, b in zip(doubled, doubled[1:])) == pytest.approx(2.0, rel=1e-12)
 
 
-def _spike(update_clip: float | None, spike: float = 1e3) -> tuple[Tensor, float]:
+def _spike(update_clip: float | None, spike: float = 1e3) -> tuple[torch.Tensor, float]:
     """Steps on small gradients, then one ``spike`` times larger with ``update_clip``; returns its change of ``z`` and ``d``."""
     p = nn.Parameter(torch.zeros(200, dtype=F64))
     opt = sfoptim.ProdigyScheduleFree([p], d0=1e-3, d_growth=None)

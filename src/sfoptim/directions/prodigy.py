@@ -213,7 +213,10 @@ class ProdigyScheduleFree(ScheduleFreeOptimizer):
     those steps are then large. Late in a run the same happens after a
     stretch of small gradients; ``update_clip`` bounds the RMS of each
     tensor's normalised update (StableAdamW's clipping), which stays
-    inactive while the gradients are as large as :math:`v` remembers.
+    inactive while the gradients are as large as :math:`v` remembers. It
+    binds on the first steps too, while :math:`v` is young and while
+    :math:`d` outgrows the :math:`d` that :math:`v` was accumulated with,
+    so :math:`d` starts to grow later than without it.
 
     Args:
         params: parameters or parameter groups.
