@@ -132,6 +132,8 @@ PRODIGY_INVALID = COMMON_INVALID + WARMUP_INVALID + ADAM_INVALID + (
     ("d0", 0.0),
     ("d0", float("inf")),
     ("d_coef", -1.0),
+    ("update_clip", 0.0),
+    ("update_clip", float("nan")),
     ("split_groups", "yes"),
 )
 WRAPPER_INVALID = (("momentum", 0.0), ("weight_decay_at_y", -1.0), ("r", float("nan")), ("weight_lr_power", -1.0))

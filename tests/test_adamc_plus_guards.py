@@ -164,3 +164,51 @@ def test_the_defaults_keep_a_huge_loss_to_the_capped_step() -> None:
     assert opt.param_groups[0]["scheduled_lr"] <= 0.05
     assert all(torch.isfinite(p).all() for p in params)
     assert opt.param_groups[0]["guard_counts"]["cap"] >= 1
+
+
+#: The group keys that ScheduleFree+ checkpoints without guard rails lack.
+GUARD_KEYS = (*OFF, "f_star_estimate", "loss_ema", "polyak_max", "guard_counts")
+
+
+def test_a_checkpoint_without_guard_rails_resumes_with_them_off(recwarn) -> None:
+    steps, saved_at = 12, 5
+    full, _, _ = run(PLUS, LOSSES[:steps], **OFF)
+    params, opt = setup(PLUS, **OFF)  # as the class without guard rails ran
+    for step in range(saved_at):
+        grads(params, step)
+        opt.step(loss=LOSSES[step])
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        for key in GUARD_KEYS:
+            del group[key]
+    kept = dict(saved["param_groups"][0])
+    resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = PLUS([{"params": resumed_params[:1]}, {"params": resumed_params[1:]}]).train()  # guard rails on
+    with pytest.warns(UserWarning, match="no guard-rail settings.*stay off") as caught:
+        resumed.load_state_dict(saved)
+    assert len(caught) == 1
+    assert saved["param_groups"][0] == kept  # the caller's state dict is left as it was
+    for group in resumed.param_groups:
+        assert {k: group[k] for k in OFF} == OFF
+        assert group["guard_counts"] == {"skipped": 0, "cap": 0, "growth": 0}
+    for step in range(saved_at, steps):
+        grads(resumed_params, step)
+        resumed.step(loss=LOSSES[step])
+    assert all(torch.equal(a, b) for a, b in zip(resumed_params, full))
+    # The loaded optimizer's own state dict carries the guard rails (off) and loads without a warning.
+    again = PLUS([{"params": resumed_params[:1]}, {"params": resumed_params[1:]}])
+    recwarn.clear()
+    again.load_state_dict(resumed.state_dict())
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+    assert [{k: g[k] for k in GUARD_KEYS} for g in again.param_groups] == [{k: g[k] for k in GUARD_KEYS} for g in resumed.param_groups]
+
+
+def test_a_paper_checkpoint_is_still_refused_by_the_production_class() -> None:
+    params, paper = setup(PAPER)
+    grads(params, 0)
+    paper.step_func(LOSSES[0])
+    _, opt = setup(PLUS)
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match="saved by AdamCScheduleFreePlusPaper"):
+        opt.load_state_dict(paper.state_dict())
+    assert opt.state_dict()["param_groups"] == before["param_groups"]

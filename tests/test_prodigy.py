@@ -39,7 +39,7 @@ def _set_grads(groups: list[list[torch.Tensor]], step: int, skip_last: bool) -> 
             p.grad = None if skip_last and gi == len(groups) - 1 and step % 2 else 0.3 * p.detach() + noise
 
 
-ALGOPERF = dict(averaging="algoperf", d_growth=None)  # the submission's averaging, d unlimited
+ALGOPERF = dict(averaging="algoperf", d_growth=None, update_clip=None)  # the submission: its averaging, d unlimited, no clip
 
 
 @pytest.mark.parametrize("form", [ALGOPERF, {}], ids=["algoperf", "defaults"])
@@ -61,7 +61,7 @@ def test_groups_with_different_lrs_match_the_reference(split_groups: bool, form:
     assert rel_diff(opt.eval_params(), ref.eval_params()) <= 1e-9
     ds = [g["d"] for g in opt.param_groups]
     assert ds == pytest.approx([g["d"] for g in ref.param_groups], rel=1e-9)
-    grown = 100 if form else 10  # the growth limit of the defaults slows d down in these 40 steps
+    grown = 100 if form else 3  # the growth limit and the update clip of the defaults slow d down in these 40 steps
     assert min(ds) > grown * kwargs["d0"], "the estimate should have grown from d0"
     if split_groups:
         assert len(set(ds)) == 3, "each group keeps its own estimate"
@@ -72,7 +72,7 @@ def test_groups_with_different_lrs_match_the_reference(split_groups: bool, form:
 def test_a_group_added_later_joins_the_shared_estimate() -> None:
     first, later = _groups()[:2]
     opt = sfoptim.ProdigyScheduleFree(first, d0=1e-4)
-    for step in range(5):
+    for step in range(30):  # the update clip holds d at d0 for the first steps
         _set_grads([first], step, skip_last=False)
         opt.step()
     opt.add_param_group({"params": later})
@@ -87,6 +87,7 @@ def test_a_group_added_later_joins_the_shared_estimate() -> None:
 # ------------------------------------------------------------ defaults
 def _d_trajectory(steps: int = 30, **kwargs) -> list[float]:
     (params,) = _groups()[:1]
+    kwargs.setdefault("update_clip", None)  # the growth limit alone (the clip slows the first steps of d)
     opt = sfoptim.ProdigyScheduleFree(params, **kwargs)
     ds = [opt.param_groups[0]["d"]]
     for step in range(steps):
@@ -105,6 +106,36 @@ def test_d_grows_by_at_most_d_growth_per_step() -> None:
     assert max(b / a for a, b in zip(free, free[1:])) > 3, "without the limit d jumps"
     doubled = _d_trajectory(d_growth=2.0)
     assert max(b / a for a, b in zip(doubled, doubled[1:])) == pytest.approx(2.0, rel=1e-12)
+
+
+def _spike(update_clip: float | None, spike: float = 1e3) -> tuple[torch.Tensor, float]:
+    """Steps on small gradients, then one ``spike`` times larger with ``update_clip``; returns its change of ``z`` and ``d``."""
+    p = nn.Parameter(torch.zeros(200, dtype=F64))
+    opt = sfoptim.ProdigyScheduleFree([p], d0=1e-3, d_growth=None)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        p.grad = 1e-3 * torch.randn(200, generator=g, dtype=F64)
+        opt.step()
+    opt.param_groups[0]["update_clip"] = update_clip
+    z, d = opt.state[p]["z"].clone(), opt.param_groups[0]["d"]
+    p.grad = spike * 1e-3 * torch.randn(200, generator=g, dtype=F64)
+    opt.step()
+    return z - opt.state[p]["z"], d
+
+
+def test_update_clip_bounds_the_rms_of_a_spike_and_is_inactive_below_it() -> None:
+    free, d = _spike(None)
+    rms = float(free.square().mean().sqrt()) / d
+    assert rms > 5, "without the clip the spike moves every coordinate by about d / sqrt(1 - beta2)"
+    clipped, d_clipped = _spike(1.0)
+    assert float(clipped.square().mean().sqrt()) / d_clipped == pytest.approx(1.0, rel=1e-12)
+    half, d_half = _spike(0.5)
+    assert float(half.square().mean().sqrt()) / d_half == pytest.approx(0.5, rel=1e-12)
+    loose, d_loose = _spike(1e9)
+    assert d_loose == d and torch.equal(loose, free), "a clip that does not bind changes nothing"
+    calm, d_calm = _spike(1.0, spike=0.3)
+    assert float(calm.square().mean().sqrt()) / d_calm < 1, "gradients smaller than v remembers are not clipped"
+    assert torch.equal(calm, _spike(None, spike=0.3)[0])
 
 
 def test_averaging_options_set_the_weights() -> None:
@@ -235,3 +266,28 @@ def test_ddp_two_ranks_match_single_process() -> None:
 
 def test_fsdp2_two_ranks_match_single_process() -> None:
     spawn(_fsdp_worker, 2, list(OPTIMIZERS))
+
+
+def test_a_checkpoint_without_update_clip_continues_unclipped() -> None:
+    (ours,) = _groups()[:1]
+    (theirs,) = _groups()[:1]
+    opt = sfoptim.ProdigyScheduleFree(ours, d0=1e-3, update_clip=None)
+    for step in range(6):
+        _set_grads([ours], step, skip_last=False)
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    for group in saved["param_groups"]:
+        del group["update_clip"]
+    resumed = sfoptim.ProdigyScheduleFree(theirs, d0=1e-3)
+    with pytest.warns(UserWarning, match="no update_clip") as caught:
+        resumed.load_state_dict(saved)
+    assert len(caught) == 1 and resumed.param_groups[0]["update_clip"] is None
+    assert "update_clip" not in saved["param_groups"][0]
+    for p, q in zip(theirs, ours):
+        p.data.copy_(q)
+    for step in range(6, 12):
+        _set_grads([ours], step, skip_last=False)
+        _set_grads([theirs], step, skip_last=False)
+        opt.step()
+        resumed.step()
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))

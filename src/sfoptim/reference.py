@@ -439,12 +439,15 @@ class ProdigyScheduleFreeReference(_XYZ):
             \qquad s_p \leftarrow \rho\, s_p + a_t g_p,
             \qquad d' = \max(d,\; \min(\kappa d,\; c_d\, n_t / \textstyle\sum_p \|s_p\|_1)) \\
         v_p &\leftarrow \beta_2 v_p + (1-\beta_2)\, d^2 g_p^2, \qquad
-        z_p \leftarrow z_p - d\gamma_t \bigl(d' g_p / (\sqrt{v_p} + d'\epsilon) + \lambda y_p\bigr) \\
+        u_p = d' g_p / (\sqrt{v_p} + d'\epsilon), \qquad
+        z_p \leftarrow z_p - d\gamma_t \bigl(u_p / \max(1, \mathrm{RMS}(u_p)/c) + \lambda y_p\bigr) \\
         x_p &\leftarrow (1 - c_t)\, x_p + c_t z_p, \qquad
         c_t = \frac{w_t}{\sum_{i \le t} w_i}, \qquad w_t = t^r (\max_{i \le t} d_i\gamma_i)^{p},
         \qquad y_p = (1-\beta) z_p + \beta x_p
 
-    with :math:`\kappa` = ``d_growth`` (no limit when None) and :math:`(r, p)` =
+    with :math:`\kappa` = ``d_growth`` (no limit when None), :math:`c` =
+    ``update_clip`` (no clipping when None), the RMS over the elements of
+    each parameter, and :math:`(r, p)` =
     (0, 2) for ``averaging="lr"``, (0.75, 0) for ``"algoperf"`` unless given.
     The sums run over all parameters, or over each group alone with
     ``split_groups=True``. While :math:`\sum_p \|s_p\|_1 = 0` neither :math:`d`
@@ -465,11 +468,13 @@ class ProdigyScheduleFreeReference(_XYZ):
         d0: float = 1e-6,
         d_coef: float = 1.0,
         d_growth: float | None = 2**0.5,
+        update_clip: float | None = 1.0,
         split_groups: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps, averaging=averaging,
-            r=r, weight_lr_power=weight_lr_power, d0=d0, d_coef=d_coef, d_growth=d_growth, split_groups=split_groups,
+            r=r, weight_lr_power=weight_lr_power, d0=d0, d_coef=d_coef, d_growth=d_growth, update_clip=update_clip,
+            split_groups=split_groups,
             train_mode=True, **_SCHEDULE_STATE,
         )
         super().__init__(params, defaults)
@@ -484,6 +489,8 @@ class ProdigyScheduleFreeReference(_XYZ):
         _check_adam(group)
         if group["d_growth"] is not None:
             _check("d_growth", group["d_growth"], lambda v: v > 1, "> 1")
+        if group["update_clip"] is not None:
+            _check("update_clip", group["update_clip"], lambda v: 0 < v < math.inf, "> 0")
         _check("d0", group["d0"], lambda v: 0 < v < math.inf, "> 0")
         _check("d_coef", group["d_coef"], lambda v: 0 < v < math.inf, "> 0")
         if not isinstance(group["split_groups"], bool):
@@ -537,7 +544,11 @@ class ProdigyScheduleFreeReference(_XYZ):
                 g = _real(p.grad)
                 v.mul_(beta2).addcmul_(g, g, value=(1 - beta2) * d * d)
                 s.mul_(rho).add_(g, alpha=d * d * gamma)
-                z.sub_(d * gamma * (d_new * g / (v.sqrt() + d_new * group["eps"]) + decay * y))
+                u = d_new * g / (v.sqrt() + d_new * group["eps"])
+                if group["update_clip"] is not None and u.numel():
+                    rms = math.sqrt(float(u.square().mean()))
+                    u = u / max(1.0, rms / group["update_clip"])
+                z.sub_(d * gamma * (u + decay * y))
                 x.mul_(1 - c).add_(z, alpha=c)
                 y.copy_((1 - beta) * z + beta * x)
                 p.copy_(state["y"])

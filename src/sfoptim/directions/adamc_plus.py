@@ -689,8 +689,25 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
         super().zero_grad(set_to_none)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loads a state dict (see :meth:`ScheduleFreeOptimizer.load_state_dict`); the accumulated loss is discarded."""
-        super().load_state_dict(state_dict)
+        """Loads a state dict (see :meth:`ScheduleFreeOptimizer.load_state_dict`); the accumulated loss is discarded.
+
+        A checkpoint of this class whose groups have no guard-rail settings
+        (``warmup_steps``, ``lr_cap``, ``growth_limit``, ``loss_beta``,
+        ``f_star``, ``estimate_f_star``) continues with every guard rail off,
+        the step size it was taking, and a ``UserWarning``; a checkpoint of
+        :class:`AdamCScheduleFreePlusPaper` is refused.
+        """
+        filled = None if self._refuses else _with_guards_off(state_dict)
+        super().load_state_dict(state_dict if filled is None else filled)
+        if filled is not None:
+            warnings.warn(
+                f"{type(self).__name__}.load_state_dict(): the checkpoint has no guard-rail settings (warmup_steps, "
+                "lr_cap, growth_limit, loss_beta, f_star, estimate_f_star); they stay off for this run, which "
+                "continues with the step size it was taking. To use them, construct the optimizer with them and load "
+                "a checkpoint that has them, or set them in param_groups[i] after loading (e.g. group['lr_cap'] = 0.05).",
+                UserWarning,
+                stacklevel=2,
+            )
         self._pending_loss = None
         for group in self.param_groups:
             if "guard_counts" in group:
@@ -720,6 +737,46 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
 
 #: The guard rails whose binding is counted in ``param_groups[i]["guard_counts"]``.
 _GUARDS = ("skipped", "cap", "growth")
+#: The guard-rail settings of :class:`AdamCScheduleFreePlus` with every guard
+#: off (its step size is then the paper form's), and their bookkeeping as a
+#: new optimizer starts it.
+_GUARDS_OFF: dict[str, Any] = dict(warmup_steps=0, lr_cap=None, growth_limit=None, loss_beta=0.0, f_star=0.0, estimate_f_star=False)
+_GUARD_BOOKKEEPING: dict[str, Any] = dict(f_star_estimate=0.0, loss_ema=0.0, polyak_max=0.0)
+#: Group keys every ScheduleFree+ checkpoint carries.
+_SCHEDULE_FREE_PLUS_KEYS = ("polyak_beta", "sf_beta1", "sf_beta1_max", "sf_beta1_anneal_steps", "grad_l1_ema", "function_value", "ip_term")
+#: Keys only the paper form's checkpoints carry (besides ``x`` and ``y`` in the state).
+_PAPER_ONLY_KEYS = ("grad_l1_ema_corr", "function_value_ema")
+
+
+def _with_guards_off(state_dict: Any) -> dict[str, Any] | None:
+    """A copy of ``state_dict`` with the missing guard-rail keys of its groups filled in (off), or None.
+
+    None when nothing is missing, and for every checkpoint that is not one of
+    ScheduleFree+'s production class: the class check then refuses it as it
+    is. The paper form's checkpoints are told apart by ``x`` and ``y`` in
+    their state and by their own group keys.
+    """
+    if not isinstance(state_dict, Mapping):
+        return None
+    groups, state = state_dict.get("param_groups"), state_dict.get("state")
+    if not isinstance(groups, (list, tuple)) or not all(isinstance(g, Mapping) for g in groups):
+        return None
+    if not any(k not in g for g in groups for k in _GUARDS_OFF):
+        return None
+    if not all(k in g for g in groups for k in _SCHEDULE_FREE_PLUS_KEYS):
+        return None
+    if any(k in g for g in groups for k in _PAPER_ONLY_KEYS):
+        return None
+    if isinstance(state, Mapping) and any(isinstance(s, Mapping) and ("x" in s or "y" in s) for s in state.values()):
+        return None
+    filled: list[dict[str, Any]] = []
+    for group in groups:
+        group = dict(group)
+        for key, value in {**_GUARDS_OFF, **_GUARD_BOOKKEEPING}.items():
+            group.setdefault(key, value)
+        group["guard_counts"] = {**dict.fromkeys(_GUARDS, 0), **dict(group.get("guard_counts") or {})}
+        filled.append(group)
+    return {**state_dict, "param_groups": filled}
 
 
 def _counted(counts: Mapping[str, int] | None, guard: str) -> dict[str, int]:

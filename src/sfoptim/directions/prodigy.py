@@ -14,13 +14,25 @@ authors' AlgoPerf submission) the estimate is taken along the base iterate
     s_t &= \rho\, s_{t-1} + a_t\, g_t \\
     d' &= \max\bigl(d,\; \min(\kappa\, d,\; c_d\, n_t / \textstyle\sum |s_t|)\bigr)
         \quad(\text{unchanged, with } n_t, \text{ while } \textstyle\sum |s_t| = 0) \\
-    v_t &= \beta_2 v_{t-1} + (1-\beta_2)\, d^2 g_t^2 \\
-    z_{t+1} &= z_t - d\gamma_t \Bigl(\frac{d'\, g_t}{\sqrt{v_t} + d'\epsilon} + \lambda y_t\Bigr)
+    v_t &= \beta_2 v_{t-1} + (1-\beta_2)\, d^2 g_t^2, \qquad
+    u_t = \frac{d'\, g_t}{\sqrt{v_t} + d'\epsilon} \\
+    z_{t+1} &= z_t - d\gamma_t \Bigl(\frac{u_t}{\max(1,\ \mathrm{RMS}(u_t) / c)} + \lambda y_t\Bigr)
 
 where :math:`\kappa` = ``d_growth`` limits the growth of :math:`d` per step
 (``None``: no limit, as in the submission). The sums run over every
 parameter of every group (one global :math:`d`, as in the submission), or
 over each group alone with ``split_groups=True``.
+
+:math:`\mathrm{RMS}(u_t)` is the root mean square of :math:`u_t` over each
+parameter tensor and :math:`c` = ``update_clip``: StableAdamW's update
+clipping (Wortsman et al., "Stable and low-precision training for
+large-scale vision-language models", 2023), as prodigy-plus-schedule-free
+uses it. :math:`u_t` has an RMS near 1 while the gradients are as large as
+:math:`v` remembers them (:math:`v` holds :math:`d^2 g^2`); after a stretch
+of small gradients :math:`v` has decayed and a larger gradient gives up to
+:math:`1/\sqrt{1-\beta_2}` in every coordinate, which the clip brings back
+to an RMS of :math:`c`. ``update_clip=None`` leaves :math:`u_t` as it is
+(the submission).
 
 The average ``x`` weights step :math:`t` by
 :math:`w_t = t^r (\max_{i \le t} d_i\gamma_i)^p`. By default
@@ -39,6 +51,7 @@ all zero still advances the average (the submission skips it).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -49,7 +62,7 @@ from .. import _validation
 from ..engine import ClosureForm, ScheduleFreeOptimizer, with_backend_args
 from .base import Bucket, Direction, group_reduction, warmup_lr
 
-__all__ = ["AVERAGING", "D_GROWTH", "ProdigyDirection", "ProdigyScheduleFree", "ProdigyScheduleFreeClosure"]
+__all__ = ["AVERAGING", "D_GROWTH", "UPDATE_CLIP", "ProdigyDirection", "ProdigyScheduleFree", "ProdigyScheduleFreeClosure"]
 
 _NUMERATOR, _DENOMINATOR = "prodigy_numerator", "prodigy_denominator"
 
@@ -57,6 +70,10 @@ _NUMERATOR, _DENOMINATOR = "prodigy_numerator", "prodigy_denominator"
 AVERAGING = {"lr": (0.0, 2.0), "algoperf": (0.75, 0.0)}
 #: The default limit on the growth of ``d`` per step (prodigy-plus-schedule-free's ``d_limiter`` is :math:`2^{1/4}`).
 D_GROWTH = 2**0.5
+#: Group keys every checkpoint of :class:`ProdigyScheduleFree` carries.
+_PRODIGY_KEYS = ("d", "d_numerator", "d0", "d_coef", "d_growth", "averaging", "split_groups")
+#: The default bound on the RMS of each tensor's normalised update (StableAdamW's: 1).
+UPDATE_CLIP = 1.0
 
 
 class ProdigyDirection(Direction):
@@ -136,12 +153,24 @@ class ProdigyDirection(Direction):
         torch._foreach_add_(denom, d_new * group["eps"])
         direction = list(torch._foreach_div(grads, denom))
         torch._foreach_mul_(direction, d_new)
+        clip = group.get("update_clip")
+        if clip is not None:
+            clip_rms_(direction, clip)
         _write_back(v, v_work)
         _write_back(s, s_work)
         return direction, True
 
     def commit(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> None:
         group["d"], group["d_numerator"] = self.estimate(group, reduced)
+
+
+def clip_rms_(tensors: list[Tensor], limit: float) -> None:
+    r"""Divides each tensor by :math:`\max(1, \mathrm{RMS}/\text{limit})`, in place (a complex one as its real view)."""
+    norms = torch._foreach_norm(tensors)
+    for t, norm in zip(tensors, norms):
+        size = t.numel() * (2 if t.is_complex() else 1)
+        if size:
+            t.div_((norm / (limit * math.sqrt(size))).clamp_min_(1.0))
 
 
 def _widened(buffers: list[Tensor], like: list[Tensor]) -> list[Tensor]:
@@ -177,7 +206,13 @@ class ProdigyScheduleFree(ScheduleFreeOptimizer):
     while it is young the step is up to about :math:`1/\sqrt{1-\beta_2}`
     times :math:`d` per coordinate; without the growth limit or a warmup,
     :math:`d` can grow by orders of magnitude within the first few steps and
-    those steps are then large.
+    those steps are then large. Late in a run the same happens after a
+    stretch of small gradients; ``update_clip`` bounds the RMS of each
+    tensor's normalised update (StableAdamW's clipping), which stays
+    inactive while the gradients are as large as :math:`v` remembers. It
+    binds on the first steps too, while :math:`v` is young and while
+    :math:`d` outgrows the :math:`d` that :math:`v` was accumulated with,
+    so :math:`d` starts to grow later than without it.
 
     Args:
         params: parameters or parameter groups.
@@ -200,6 +235,9 @@ class ProdigyScheduleFree(ScheduleFreeOptimizer):
         d_growth: the most ``d`` may grow in one step, a factor > 1 (default
             :math:`\sqrt 2`; prodigy-plus's ``d_limiter``: :math:`2^{1/4}`);
             None: no limit (the submission).
+        update_clip: :math:`c > 0`, the largest RMS of each tensor's normalised
+            update :math:`u_t` (default 1.0, StableAdamW's); None: no clipping
+            (the submission).
         split_groups: each parameter group estimates its own ``d`` from its own
             parameters (default False: one ``d`` over all of them). Groups that
             share ``d`` should share ``betas`` and ``d_coef``.
@@ -237,6 +275,7 @@ class ProdigyScheduleFree(ScheduleFreeOptimizer):
         d0: float = 1e-6,
         d_coef: float = 1.0,
         d_growth: float | None = D_GROWTH,
+        update_clip: float | None = UPDATE_CLIP,
         split_groups: bool = False,
         buffer_dtype: torch.dtype | None = None,
         foreach: bool | None = None,
@@ -256,6 +295,7 @@ class ProdigyScheduleFree(ScheduleFreeOptimizer):
             d0=d0,
             d_coef=d_coef,
             d_growth=d_growth,
+            update_clip=update_clip,
             split_groups=split_groups,
             buffer_dtype=buffer_dtype,
             foreach=foreach,
@@ -274,11 +314,41 @@ class ProdigyScheduleFree(ScheduleFreeOptimizer):
         _validation.check_in_range("d_coef", group["d_coef"], 0.0, math.inf, low_open=True, high_open=True)
         if group["d_growth"] is not None:
             _validation.check_in_range("d_growth", group["d_growth"], 1.0, math.inf, low_open=True, high_open=False)
+        if group["update_clip"] is not None:
+            _validation.check_in_range("update_clip", group["update_clip"], 0.0, math.inf, low_open=True, high_open=True)
         if not isinstance(group["split_groups"], bool):
             raise ValueError(f"Invalid split_groups: {group['split_groups']!r} (expected True or False)")
         narrow = group["buffer_dtype"]
         if narrow is not None and not (isinstance(narrow, torch.dtype) and narrow.is_floating_point):
             raise ValueError(f"Invalid buffer_dtype: {narrow!r} (expected None or a floating torch.dtype)")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a state dict (see :meth:`ScheduleFreeOptimizer.load_state_dict`).
+
+        A checkpoint of this class whose groups have no ``update_clip``
+        continues unclipped (``update_clip=None``), the update it was taking,
+        with a ``UserWarning``; set ``param_groups[i]["update_clip"]`` after
+        loading to clip.
+        """
+        groups = state_dict.get("param_groups") if isinstance(state_dict, Mapping) else None
+        old = (
+            isinstance(groups, (list, tuple))
+            and all(isinstance(g, Mapping) for g in groups)
+            and any("update_clip" not in g for g in groups)
+            and all(k in g for g in groups for k in _PRODIGY_KEYS)
+        )
+        if old:
+            filled = [{"update_clip": None, **g} for g in groups]  # type: ignore[union-attr]
+            state_dict = {**state_dict, "param_groups": filled}
+        super().load_state_dict(state_dict)
+        if old:
+            warnings.warn(
+                f"{type(self).__name__}.load_state_dict(): the checkpoint has no update_clip; the run continues "
+                "unclipped (update_clip=None), as it was saved. Set param_groups[i]['update_clip'] = 1.0 after "
+                "loading to clip the update.",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a group; one that shares ``d`` takes the current shared estimate.
