@@ -497,7 +497,7 @@ class MuonScheduleFree(ScheduleFreeOptimizer):
     the rate at which schedule-free AdamW, and schedule-free Muon's AdamW part,
     did best on the language-model benchmark of ``docs/results.md``;
     ``torch.optim.Muon`` defaults to 1e-3 for scheduled training of large
-    models, and since the update RMS no longer shrinks with the width, wide
+    models, and since with this adjustment the update RMS does not shrink with the width, wide
     models usually want a smaller ``lr``. Weight decay 0.1 at ``z`` and a
     20-step warmup: schedule-free spectral training (Apte et al., 2026) and
     AMUSE (Kim et al., 2026) find both essential on long runs.
