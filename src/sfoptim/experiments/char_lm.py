@@ -222,7 +222,7 @@ def lm_methods(cfg: LMConfig, lrs=(0.004, 0.008, 0.016, 0.032), sf_lrs=(0.008, 0
                                          warmup_steps=cfg.warmup)
 
     def sf_muon_rising_beta(model, c):
-        return sfoptim.MuonScheduleFree(hidden_matrices(model, _in_blocks), beta_horizon=200)
+        return sfoptim.MuonScheduleFree(hidden_matrices(model, _in_blocks), beta_horizon=c["beta_horizon"])
 
     def sf_prodigy_algoperf(model, c):
         return sfoptim.ProdigyScheduleFree(model.parameters(), averaging="algoperf", betas=(0.9, 0.9955),
@@ -235,7 +235,8 @@ def lm_methods(cfg: LMConfig, lrs=(0.004, 0.008, 0.016, 0.032), sf_lrs=(0.008, 0
         Method("adamw-wsd", "AdamW + WSD", adamw, tuned, schedule="wsd"),
         Method("muon-wsd", "Muon + WSD", muon, tuned, schedule="wsd"),
         *untuned_schedule_free_methods(_in_blocks),
-        Method("muon-sf-rising-beta", "SF Muon, rising beta", sf_muon_rising_beta, schedule_free=True),
+        Method("muon-sf-rising-beta", "SF Muon, rising beta", sf_muon_rising_beta, grid(beta_horizon=(200,)),
+               schedule_free=True),
         Method("prodigy-sf-algoperf", "SF Prodigy, AlgoPerf form", sf_prodigy_algoperf, schedule_free=True),
     ]
     return {m.name: m for m in table}
