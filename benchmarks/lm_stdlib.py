@@ -26,7 +26,8 @@ Methods (--methods; default: every one whose optimizer is installed):
   prodigy-sf    sfoptim.ProdigyScheduleFree, defaults (lr 1.0)
   prodigy-sf-algoperf
                 sfoptim.ProdigyScheduleFree in the AlgoPerf submission's form
-                (averaging="algoperf", betas=(0.9, 0.9955), d_growth=None)
+                (averaging="algoperf", betas=(0.9, 0.9955), d_growth=None,
+                update_clip=None)
 
 The text is read from the running interpreter's standard library (the directory
 of ``os.__file__``); nothing is downloaded or shipped.  Every batch is new data

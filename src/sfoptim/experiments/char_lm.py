@@ -207,7 +207,7 @@ def lm_methods(cfg: LMConfig, lrs=(0.004, 0.008, 0.016, 0.032), sf_lrs=(0.008, 0
     (``beta_horizon=200``), the rest at its defaults; ``prodigy-sf-algoperf``
     is schedule-free Prodigy in the AlgoPerf submission's form (averaging
     weights ``(k+1)**0.75``, ``betas=(0.9, 0.9955)``, no growth limit on
-    ``d``).
+    ``d``, no update clip).
     """
     betas = (0.9, cfg.beta2)
 
@@ -226,7 +226,7 @@ def lm_methods(cfg: LMConfig, lrs=(0.004, 0.008, 0.016, 0.032), sf_lrs=(0.008, 0
 
     def sf_prodigy_algoperf(model, c):
         return sfoptim.ProdigyScheduleFree(model.parameters(), averaging="algoperf", betas=(0.9, 0.9955),
-                                           d_growth=None)
+                                           d_growth=None, update_clip=None)
 
     tuned = grid(lr=lrs)
     table = [
