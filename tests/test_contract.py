@@ -52,7 +52,7 @@ class AnnealedSGD(SGDDirection):
 class WholeMatrixSGD(SGDDirection):
     """Stands for an orthogonalizing direction: it must see whole matrices."""
 
-    needs_full_param = True
+    refuses_shards = True
 
 
 class PerGroup(sfoptim.ScheduleFreeOptimizer):
@@ -180,6 +180,37 @@ def test_each_group_may_have_its_own_direction() -> None:
     assert set(opt.state[mixed[2]]) == {"z", "exp_avg_sq"} and set(opt.state[mixed[0]]) == {"z"}
 
 
+class RefusingSGD(SGDDirection):
+    """SGD that refuses any step of a group whose ``lr`` is above 1, by raising from ``lr``."""
+
+    def lr(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> float:
+        if group["lr"] > 1:
+            raise FloatingPointError("learning rate above 1")
+        return super().lr(group, step, reduced)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_direction_refusing_from_lr_in_the_last_group_leaves_every_group_untouched(fused: bool) -> None:
+    PerGroup.directions["refusing"] = RefusingSGD()
+    try:
+        params = [nn.Parameter(torch.randn(6)), nn.Parameter(torch.randn(3))]
+        opt = PerGroup([{"params": [p], "direction": "refusing"} for p in params], lr=0.5, fused=fused)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        before = copy.deepcopy(opt.state_dict())
+        values = [p.detach().clone() for p in params]
+        opt.param_groups[1]["lr"] = 2.0
+        with pytest.raises(FloatingPointError):
+            opt.step()
+        assert all(torch.equal(p, v) for p, v in zip(params, values))
+        after = opt.state_dict()
+        assert after["param_groups"][0] == before["param_groups"][0]
+        assert all(torch.equal(after["state"][i]["z"], before["state"][i]["z"]) for i in (0, 1))
+    finally:
+        del PerGroup.directions["refusing"]
+
+
 def test_fused_true_without_a_kernel_warns_once_and_runs_foreach() -> None:
     dispatch._no_kernel_warned.discard("PerGroup")
     p = nn.Parameter(torch.randn(8))
@@ -204,7 +235,7 @@ def test_plain_closure_and_wrapper_forms_share_one_step(monkeypatch: pytest.Monk
 
     calls: list[str] = []
     original = skeleton.update
-    monkeypatch.setattr(skeleton, "update", lambda plan: (calls.append(type(plan.__self__).__name__), original(plan))[1])
+    monkeypatch.setattr(skeleton, "update", lambda plan, *inputs: (calls.append(type(plan.__self__).__name__), original(plan, *inputs))[1])
     p = nn.Parameter(torch.randn(3))
 
     def closure() -> Tensor:

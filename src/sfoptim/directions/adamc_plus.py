@@ -42,21 +42,22 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from numbers import Real
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .. import _validation
+from .. import _validation, precision
 from ..engine import ClosureForm, ModeError, ScheduleFreeOptimizer, with_backend_args
-from ..engine.optimizer import _evaluate, work
+from ..engine.optimizer import _NO_INPUTS, _evaluate, work
 from ..engine.step import averaging, real
 from .adamw import adam_direction
 from .base import Bucket, BucketSum, Direction, KernelSpec, Kind
 
 __all__ = [
     "AdamCPlusDirection",
+    "AdamCPlusPaperDirection",
     "AdamCScheduleFreePlus",
     "AdamCScheduleFreePlusClosure",
     "AdamCScheduleFreePlusPaper",
@@ -118,7 +119,7 @@ class _Refused(Exception):
 
 
 class _GroupPlan(NamedTuple):
-    """The Polyak scalars of one group for one step, computed before anything is written."""
+    """The Polyak scalars of one group for one step (pure: computed before anything is written)."""
 
     lr: float
     ema: float
@@ -133,34 +134,26 @@ class _GroupPlan(NamedTuple):
 
 
 class AdamCPlusDirection(Direction):
-    """Adam's bias-corrected direction with a Polyak step size and AdamC decay.
+    """Adam's bias-corrected direction with a Polyak step size and AdamC decay; state ``exp_avg_sq``, ``exp_avg``.
 
-    State: ``exp_avg_sq`` and ``exp_avg`` (and ``x`` and ``y`` for the paper
-    form). The step size of every group is computed by the optimizer the
-    direction is bound to, for all groups at once before any group is
-    updated, so that a step refused for a non-finite or overflowing scalar
-    changes nothing; the direction holds that step's scalars between
-    :meth:`lr` and :meth:`commit`.
+    The step's loss and gradient-clipping factor come in ``reduced``
+    (``"loss"``, ``"clip_coef"``) beside the Polyak sums. :meth:`lr` raises
+    :class:`_Refused` for unusable scalars; the engine takes every group's
+    ``lr`` before it changes anything, so a refused step changes nothing.
     """
 
     reductions = ("grad_l1", "ip_term")
     varying_beta = True
     bucket_sums = (BucketSum.GRAD_L1, BucketSum.GRAD_Z_MINUS_Y)
-
-    def __init__(self, owner: AdamCScheduleFreePlus | None = None, buffers: tuple[str, ...] = ("exp_avg_sq", "exp_avg")) -> None:
-        self._owner = owner
-        self._buffers = buffers
+    #: Store the gradient-norm EMA bias-corrected, so that the next step
+    #: corrects it again (the authors' code does; the paper form keeps it).
+    ema_stored_corrected: ClassVar[bool] = False
 
     def beta(self, group: dict, step: int) -> float:
         return annealed_beta(group["sf_beta1"], group["sf_beta1_max"], group["sf_beta1_anneal_steps"], step)
 
     def state_buffers(self, group: dict) -> tuple[str, ...]:
-        return self._buffers
-
-    def new_buffer(self, group: dict, name: str, like: Tensor) -> Tensor:
-        if name in ("x", "y"):
-            return torch.clone(like, memory_format=torch.preserve_format)
-        return super().new_buffer(group, name, like)
+        return ("exp_avg_sq", "exp_avg")
 
     def reduce(self, group: dict, step: int, bucket: Bucket, beta: float) -> dict[str, Tensor]:
         r""":math:`\sum \|g\|_1` and :math:`\beta_t \sum \langle g, z - x\rangle` over the bucket, with torch operations."""
@@ -170,28 +163,29 @@ class AdamCPlusDirection(Direction):
         return self.reduce_sums(group, step, beta, {BucketSum.GRAD_L1: l1, BucketSum.GRAD_Z_MINUS_Y: ip})
 
     def reduce_sums(self, group: dict, step: int, beta: float, sums: Mapping[BucketSum, Tensor]) -> dict[str, Tensor]:
-        r"""The reductions from :math:`\sum |g|` and :math:`\sum \langle g, z - y\rangle`.
-
-        With ``y`` built with ``beta``, :math:`z - x = (z - y)/\beta`, so
-        :math:`\beta_t \langle g, z - x\rangle = (\beta_t/\beta) \langle g, z - y\rangle`.
-        """
+        r"""With ``y`` built with ``beta``, :math:`\beta_t \langle g, z - x\rangle = (\beta_t/\beta) \langle g, z - y\rangle`."""
         beta_now = self.beta(group, step)
         return {"grad_l1": sums[BucketSum.GRAD_L1], "ip_term": sums[BucketSum.GRAD_Z_MINUS_Y] * (beta_now / beta)}
 
     def lr(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> float:
-        """The group's Polyak step size, from the scalars of every group (computed on the first call of a step).
-
-        Raises the optimizer's refusal, before anything is written, when any
-        group's scalars are not finite.
-        """
-        if self._owner is None:
-            raise TypeError("AdamCPlusDirection computes its step size through the optimizer it is bound to")
-        return self._owner._polyak_plan(reduced)[id(group)].lr
+        """The group's Polyak step size; raises :class:`_Refused` when it or the sums are not usable."""
+        plan = self.plan(group, step, reduced)
+        _check_step_size(group, step, plan.lr, self.beta(group, step), plan.loss)
+        return plan.lr
 
     def commit(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> None:
-        """Records the group's Polyak state (``grad_l1_ema``, ``ip_term``, ``function_value``)."""
-        if self._owner is not None:
-            self._owner._polyak_commit(group)
+        self.record(group, self.plan(group, step, reduced))
+
+    def record(self, group: dict, plan: _GroupPlan) -> None:
+        """Writes the group's Polyak state (``grad_l1_ema``, ``ip_term``, ``function_value``, the guards')."""
+        group["grad_l1_ema"] = plan.ema
+        group["ip_term"] = plan.ip
+        group["function_value"] = plan.loss
+        if plan.counts is not None:
+            group["loss_ema"] = plan.loss_ema
+            group["polyak_max"] = plan.polyak
+            group["guard_counts"] = plan.counts
+            group["f_star_estimate"] = plan.f_star
 
     def weight_decay_at_y(self, group: dict, lr: float, weight_decay: float) -> float:
         return weight_decay * lr
@@ -213,6 +207,101 @@ class AdamCPlusDirection(Direction):
         beta1, beta2 = group["betas"]
         scalars = {"beta2": beta2, "bc2": 1 - beta2**step, "eps": group["eps"], "mu": beta1, "bc1": 1 - beta1**step}
         return KernelSpec(Kind.ADAM, ("exp_avg_sq", "exp_avg"), scalars)
+
+    def plan(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> _GroupPlan:
+        """The group's Polyak scalars of the 1-based ``step`` (class docstring of :class:`AdamCScheduleFreePlus`)."""
+        f, clip = float(reduced["loss"]), float(reduced["clip_coef"])
+        empty = "grad_l1" not in reduced  # no parameter has a gradient
+        l1 = 0.0 if empty else float(reduced["grad_l1"]) / clip
+        ip = 0.0 if empty else float(reduced["ip_term"]) / clip
+        if not (math.isfinite(l1) and math.isfinite(ip)):
+            raise _Refused(
+                "gradient",
+                f"the Polyak sums are not finite (sum |g| = {l1!r}, inner product with z - x = {ip!r}): "
+                "the parameters or z hold non-finite values",
+            )
+        rho = group["polyak_beta"]
+        guarded = "warmup_steps" in group
+        counts = group.get("guard_counts")
+        loss_ema = group.get("loss_ema", 0.0)
+        polyak_max = group.get("polyak_max", 0.0)
+        f_star = group.get("f_star_estimate", 0.0)
+        h = 0.0
+        if empty:
+            ema = corrected = group["grad_l1_ema"]
+            polyak = 0.0
+        else:
+            ema = rho * group["grad_l1_ema"] + (1 - rho) * l1 * _SQRT_HALF_PI
+            corrected = ema / (1 - rho**step)
+            h = f + ip
+            if guarded:
+                beta_f = group["loss_beta"]
+                loss_ema = beta_f * loss_ema + (1 - beta_f) * f
+                h = loss_ema / (1 - beta_f**step) + ip
+                if not group["estimate_f_star"]:
+                    f_star = group["f_star"]
+                elif h < f_star:  # the loss went below the estimate: start again from half the gap
+                    f_star = max(group["f_star"], h / 2)
+            polyak = max(0.0, h - f_star) / corrected if corrected > 0 else 0.0
+            limit = group.get("growth_limit")
+            if limit is not None and polyak_max > 0 and polyak > limit * polyak_max:
+                polyak = limit * polyak_max
+                counts = _counted(counts, "growth")
+            polyak_max = max(polyak_max, polyak)
+        lr = max(float(group["lr"]), group["eps"]) * polyak
+        if guarded and not empty:
+            warmup = group["warmup_steps"]
+            if step < warmup:
+                lr *= step / warmup
+            cap = group["lr_cap"]
+            if cap is not None and lr > cap:
+                lr = float(cap)
+                counts = _counted(counts, "cap")
+            if group["estimate_f_star"]:
+                # MoMo's online lower bound: the model's value after the step taken.
+                taken = lr / max(float(group["lr"]), group["eps"])
+                f_star = max(group["f_star"], h - 0.5 * taken * corrected)
+        stored = corrected if self.ema_stored_corrected else ema
+        if not guarded:
+            return _GroupPlan(lr, stored, corrected, ip, f)
+        return _GroupPlan(lr, stored, corrected, ip, f, loss_ema, polyak_max, counts, f_star)
+
+
+class AdamCPlusPaperDirection(AdamCPlusDirection):
+    """The paper form's direction: also ``x`` and ``y`` in the state, the authors' EMA and logged keys."""
+
+    ema_stored_corrected = True
+
+    def state_buffers(self, group: dict) -> tuple[str, ...]:
+        return ("exp_avg_sq", "exp_avg", "x", "y")
+
+    def new_buffer(self, group: dict, name: str, like: Tensor) -> Tensor:
+        if name in ("x", "y"):
+            return torch.clone(like, memory_format=torch.preserve_format)
+        return super().new_buffer(group, name, like)
+
+    def record(self, group: dict, plan: _GroupPlan) -> None:
+        super().record(group, plan)
+        group["grad_l1_ema_corr"] = plan.ema_corrected
+        group["function_value_ema"] = plan.loss + plan.ip
+
+
+def _check_step_size(group: dict, step: int, lr: float, beta: float, f: float) -> None:
+    """Refuses a step size that is not finite, or whose averaging or decay overflows."""
+    decay = lr * lr * float(group["weight_decay"])
+    try:
+        sched = averaging(group, AdamCScheduleFreePlus.group_key, step, lr, beta)
+        ok = all(map(math.isfinite, (lr, decay, sched.weight_sum, sched.ckp1)))
+    except OverflowError:
+        ok = False
+    if ok and max(lr, decay) > _SMALLEST_FLOAT_MAX:
+        dtypes = (precision.master_dtype(group, p) or p.dtype for p in group["params"] if p.is_floating_point())
+        ok = max(lr, decay) <= min((torch.finfo(d).max for d in dtypes), default=math.inf)
+    if not ok:
+        raise _Refused(
+            "step size",
+            f"the Polyak step size {lr!r} (loss {f!r}) overflows the averaging weights, the decay or the parameters' dtype",
+        )
 
 
 @with_backend_args
@@ -314,9 +403,6 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
     #: Refuse a step with a non-finite loss, gradient or step size (raise)
     #: instead of skipping it; the paper form always refuses.
     _refuses: bool = False
-    #: Store the gradient-norm EMA bias-corrected, so that the next step
-    #: corrects it again (the authors' code does; the paper form keeps it).
-    _ema_stored_corrected: bool = False
 
     def __init__(
         self,
@@ -382,30 +468,15 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
         self.average_loss = average_loss
         self.skip_nonfinite = skip_nonfinite
         self._pending_loss: Tensor | float | None = None
-        self._plan: dict[int, _GroupPlan] | None = None
-        self._step_loss = 0.0
-        self._step_clip = 1.0
-        self._direction = self._bound_direction()
         if not self._refuses:
             defaults["guard_counts"] = dict.fromkeys(_GUARDS, 0)
         super().__init__(params, defaults)
-
-    def _bound_direction(self) -> AdamCPlusDirection:
-        return AdamCPlusDirection(self)
-
-    def direction_for(self, group: dict) -> Direction:
-        """The direction bound to this optimizer (it computes the step size of every group at once)."""
-        return self._direction
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("average_loss", True)
         self.__dict__.setdefault("skip_nonfinite", not self._refuses)
         self._pending_loss = None
-        self._plan = None
-        self._step_loss = 0.0
-        self._step_clip = 1.0
-        self._direction = self._bound_direction()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -500,12 +571,11 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
                 )
             value = _evaluate(closure)
             f = self._global_loss(loss if loss is not None else value)
-            self._step_clip = coef
             try:
                 if not math.isfinite(f):
                     raise _Refused("loss", f"Invalid loss: {f!r} (the Polyak step size needs a finite loss)")
-                self._step_loss = f
-                self._update()
+                wide = torch.float64
+                self._update({"loss": torch.tensor(f, dtype=wide), "clip_coef": torch.tensor(coef, dtype=wide)})
             except _Refused as refused:
                 self._pending_loss = None
                 self._refuse(refused)
@@ -515,22 +585,21 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
             self._leave_step()
         return value
 
-    def _update(self) -> None:
+    def _update(self, inputs: Mapping[str, Tensor] = _NO_INPUTS) -> None:
         # State that this step creates (first steps of parameters) is removed
         # again when the step is refused; it is appended to ``self.state``.
         created_from = len(self.state)
-        self._plan = None
         try:
-            super()._update()
+            super()._update(inputs)
         except _Refused:
             for p in list(self.state)[created_from:]:
                 del self.state[p]
             raise
-        finally:
-            self._plan = None
 
     def _refuse(self, refused: _Refused) -> None:
         """Raises for a refused step (``skip_nonfinite=False``, the paper form), else counts and warns."""
+        if refused.kind == "gradient":
+            refused = _Refused("gradient", self._nonfinite_gradients() or str(refused))
         if self._refuses or not self.skip_nonfinite:
             if refused.kind == "loss":
                 raise ValueError(str(refused)) from None
@@ -544,114 +613,17 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
             stacklevel=4,
         )
 
-    def _polyak_plan(self, reduced: Mapping[str, Tensor]) -> dict[int, _GroupPlan]:
-        """The step's scalars for every group, each checked; raises :class:`_Refused`, writing nothing."""
-        if self._plan is not None:
-            return self._plan
-        f = self._step_loss
-        empty = "grad_l1" not in reduced  # no parameter has a gradient
-        l1 = 0.0 if empty else float(reduced["grad_l1"]) / self._step_clip
-        ip = 0.0 if empty else float(reduced["ip_term"]) / self._step_clip
-        if not (math.isfinite(l1) and math.isfinite(ip)):
-            raise _Refused("gradient", self._nonfinite_sums_message(l1, ip))
-        plan = {id(group): self._group_plan(group, f, l1, ip, empty) for group in self.param_groups}
-        self._plan = plan
-        return plan
-
-    def _group_plan(self, group: dict, f: float, l1: float, ip: float, empty: bool) -> _GroupPlan:
-        step = group[self.group_key("k")] + 1
-        rho = group["polyak_beta"]
-        guarded = "warmup_steps" in group
-        counts = group.get("guard_counts")
-        loss_ema = group.get("loss_ema", 0.0)
-        polyak_max = group.get("polyak_max", 0.0)
-        f_star = group.get("f_star_estimate", 0.0)
-        h = 0.0
-        if empty:
-            ema = corrected = group["grad_l1_ema"]
-            polyak = 0.0
-        else:
-            ema = rho * group["grad_l1_ema"] + (1 - rho) * l1 * _SQRT_HALF_PI
-            corrected = ema / (1 - rho**step)
-            h = f + ip
-            if guarded:
-                beta_f = group["loss_beta"]
-                loss_ema = beta_f * loss_ema + (1 - beta_f) * f
-                h = loss_ema / (1 - beta_f**step) + ip
-                if not group["estimate_f_star"]:
-                    f_star = group["f_star"]
-                elif h < f_star:  # the loss went below the estimate: start again from half the gap
-                    f_star = max(group["f_star"], h / 2)
-            polyak = max(0.0, h - f_star) / corrected if corrected > 0 else 0.0
-            limit = group.get("growth_limit")
-            if limit is not None and polyak_max > 0 and polyak > limit * polyak_max:
-                polyak = limit * polyak_max
-                counts = _counted(counts, "growth")
-            polyak_max = max(polyak_max, polyak)
-        lr = max(float(group["lr"]), group["eps"]) * polyak
-        if guarded and not empty:
-            warmup = group["warmup_steps"]
-            if step < warmup:
-                lr *= step / warmup
-            cap = group["lr_cap"]
-            if cap is not None and lr > cap:
-                lr = float(cap)
-                counts = _counted(counts, "cap")
-            if group["estimate_f_star"]:
-                # MoMo's online lower bound: the model's value after the step taken.
-                taken = lr / max(float(group["lr"]), group["eps"])
-                f_star = max(group["f_star"], h - 0.5 * taken * corrected)
-        self._check_step_size(group, lr, f)
-        stored = corrected if self._ema_stored_corrected else ema
-        if not guarded:
-            return _GroupPlan(lr, stored, corrected, ip, f)
-        return _GroupPlan(lr, stored, corrected, ip, f, loss_ema, polyak_max, counts, f_star)
-
-    def _check_step_size(self, group: dict, lr: float, f: float) -> None:
-        """Refuses a step size that is not finite, or whose averaging or decay overflows."""
-        decay = lr * lr * float(group[self.group_key("weight_decay")])
-        try:
-            step = group[self.group_key("k")] + 1
-            sched = averaging(group, self.group_key, step, lr, self.direction_for(group).beta(group, step))
-            ok = all(map(math.isfinite, (lr, decay, sched.weight_sum, sched.ckp1)))
-        except OverflowError:
-            ok = False
-        if ok and max(lr, decay) > _SMALLEST_FLOAT_MAX:
-            widest = min((torch.finfo(t.dtype).max for t in self._working_tensors(group)), default=math.inf)
-            ok = max(lr, decay) <= widest
-        if not ok:
-            raise _Refused(
-                "step size",
-                f"the Polyak step size {lr!r} (loss {f!r}) overflows the averaging weights, the decay "
-                "or the parameters' dtype",
-            )
-
-    def _working_tensors(self, group: dict) -> list[Tensor]:
-        return [work(p, self.state[p]) if p in self.state else p for p in group["params"] if p.is_floating_point()]
-
-    def _nonfinite_sums_message(self, l1: float, ip: float) -> str:
+    def _nonfinite_gradients(self) -> str | None:
+        """Names the parameters whose gradients hold non-finite elements (None if none do)."""
         bad = [
             self._param_label(gi, pi, p)
             for gi, group in enumerate(self.param_groups)
             for pi, p in enumerate(group["params"])
             if p.grad is not None and not bool(torch.isfinite(p.grad).all())
         ]
-        if bad:
-            return f"non-finite gradient elements in {', '.join(bad[:3])}" + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        return f"the Polyak sums are not finite (sum |g| = {l1!r}, inner product with z - x = {ip!r}): the parameters or z hold non-finite values"
-
-    def _polyak_commit(self, group: dict) -> None:
-        plan = self._plan[id(group)] if self._plan is not None else None
-        if plan is None:
-            return
-        group["grad_l1_ema"] = plan.ema
-        group["ip_term"] = plan.ip
-        group["function_value"] = plan.loss
-        if plan.counts is not None:
-            group["loss_ema"] = plan.loss_ema
-            group["polyak_max"] = plan.polyak
-            group["guard_counts"] = plan.counts
-            group["f_star_estimate"] = plan.f_star
+        if not bad:
+            return None
+        return f"non-finite gradient elements in {', '.join(bad[:3])}" + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
 
     # ------------------------------------------------------------ the loss
     def accumulate_loss(self, loss: float | Tensor) -> None:
@@ -860,8 +832,8 @@ class AdamCScheduleFreePlusPaper(AdamCScheduleFreePlus):
         {backend_args}
     """
 
+    direction = AdamCPlusPaperDirection()
     _refuses = True
-    _ema_stored_corrected = True
 
     def __init__(
         self,
@@ -908,9 +880,6 @@ class AdamCScheduleFreePlusPaper(AdamCScheduleFreePlus):
         for group in self.param_groups:
             group[self.group_key("train_mode")] = False  # the authors' class starts in eval mode
 
-    def _bound_direction(self) -> AdamCPlusDirection:
-        return AdamCPlusDirection(self, ("exp_avg_sq", "exp_avg", "x", "y"))
-
     def _enter_step(self, closure: Callable[[], Any] | None) -> None:
         if not self.train_mode:
             raise ModeError(
@@ -924,8 +893,8 @@ class AdamCScheduleFreePlusPaper(AdamCScheduleFreePlus):
             return False
         return any(hasattr(p.grad, "to_local") for g in self.param_groups for p in g["params"] if p.grad is not None)
 
-    def _update(self) -> None:
-        super()._update()
+    def _update(self, inputs: Mapping[str, Tensor] = _NO_INPUTS) -> None:
+        super()._update(inputs)
         # x and y as the authors' class stores them: y is where the parameters
         # are, x = lerp(y, z, 1 - 1/beta).
         for group in self.param_groups:
@@ -941,13 +910,6 @@ class AdamCScheduleFreePlusPaper(AdamCScheduleFreePlus):
                 torch._foreach_copy_(ys, works)
                 torch._foreach_copy_(xs, works)
                 torch._foreach_lerp_(xs, zs, 1 - 1 / self.y_beta(group))
-
-    def _polyak_commit(self, group: dict) -> None:
-        super()._polyak_commit(group)
-        plan = self._plan[id(group)] if self._plan is not None else None
-        if plan is not None:
-            group["grad_l1_ema_corr"] = plan.ema_corrected
-            group["function_value_ema"] = plan.loss + plan.ip
 
     @torch.no_grad()
     def step_func(self, function_value: float | Tensor | None = None) -> Any:

@@ -312,8 +312,6 @@ def orthogonalization_cost(shape: Size) -> int:
 class MuonDirection(Direction):
     """Muon's orthogonalized momentum (module docstring); state ``momentum_buffer``, NorMuon's ``normuon_v``."""
 
-    needs_full_param = True
-    gathers_shards = True
     varying_beta = True
 
     def beta(self, group: dict, step: int) -> float:

@@ -5,14 +5,10 @@ decay, the update of ``y`` and ``z``, the backend). A :class:`Direction` owns
 the base optimizer's :math:`d_t` in :math:`z_{t+1} = z_t - \gamma_t (d_t + \lambda y_t)`,
 the state it needs for it, and the step's :math:`\beta_t` and :math:`\gamma_t`.
 
-Required: :meth:`~Direction.beta` and :meth:`~Direction.foreach`. Optional:
-state (:meth:`~Direction.state_buffers`, :meth:`~Direction.new_buffer`), the
-learning rate (:meth:`~Direction.lr`, pure), global sums
-(:attr:`~Direction.reductions`, :meth:`~Direction.reduce`, and from the
-kernel's one-pass sums :meth:`~Direction.reduce_sums`), per-group scalar state
-(:meth:`~Direction.commit`), a one-pass kernel (:meth:`~Direction.kernel`, a
-:class:`~sfoptim.backends.abi.KernelSpec`), the decay at ``y``
-(:meth:`~Direction.weight_decay_at_y`) and the flags below. A base optimizer
+Required: :meth:`~Direction.beta` and :meth:`~Direction.foreach`; the other
+methods and flags have defaults. ``reduced``, which several methods receive,
+holds the step's global sums (:attr:`~Direction.reductions`) and the inputs
+the optimizer passes for the step (ScheduleFree+'s loss). A base optimizer
 that moves ``z`` itself is a :class:`DelegatedDirection`. ``docs/design.md``
 draws the layers and gives a complete example. Directions are stateless:
 hyperparameters live in the param group, tensors in the optimizer's state.
@@ -60,20 +56,13 @@ def group_reduction(name: str, group: dict) -> str:
 
 
 class Direction:
-    """A base direction (see the module docstring for the contract).
-
-    Subclasses implement :meth:`beta` and :meth:`foreach`, and optionally
-    :meth:`state_buffers`, :meth:`lr`, :meth:`kernel`, :meth:`reduce`.
-    """
+    """A base direction (see the module docstring for the contract)."""
 
     #: Names of the global scalar reductions :meth:`reduce` contributes to.
     reductions: ClassVar[tuple[str, ...]] = ()
-    #: The direction needs whole tensors in their own shape (an
-    #: orthogonalization): no flattening, and no sharded parameters.
-    needs_full_param: ClassVar[bool] = False
-    #: With ``needs_full_param``: sharded (DTensor) parameters are accepted,
-    #: the direction gathers whole matrices itself and returns local shards.
-    gathers_shards: ClassVar[bool] = False
+    #: The direction needs whole tensors and cannot gather shards itself:
+    #: the engine refuses a sharded (FSDP2) parameter before anything changes.
+    refuses_shards: ClassVar[bool] = False
     #: The interpolation weight depends on the step: the engine records the
     #: one each ``y`` was built with (costs one group key).
     varying_beta: ClassVar[bool] = False
@@ -88,7 +77,11 @@ class Direction:
         raise NotImplementedError
 
     def lr(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> float:
-        """The learning rate of the 1-based ``step`` (default: linear warmup)."""
+        """The learning rate of the 1-based ``step`` (default: linear warmup).
+
+        Pure. The engine takes every group's before it changes any tensor, so
+        raising here refuses the whole step.
+        """
         return warmup_lr(group, step)
 
     def state_buffers(self, group: dict) -> tuple[str, ...]:
@@ -96,14 +89,7 @@ class Direction:
         return ()
 
     def weight_decay_at_y(self, group: dict, lr: float, weight_decay: float) -> float:
-        r"""The decay :math:`\lambda` the engine adds to the direction as :math:`\lambda y` this step.
-
-        ``lr`` is the step's learning rate :math:`\gamma_t`. The default is the
-        group's ``weight_decay``. A direction that applies the decay elsewhere
-        (at ``z``, inside :meth:`foreach`) returns 0; AdamC scales it by the
-        step size, so that :math:`\gamma_t \lambda y` shrinks as
-        :math:`\gamma_t^2`.
-        """
+        r"""The decay :math:`\lambda` the engine adds as :math:`\lambda y` at learning rate ``lr`` (default: ``weight_decay``)."""
         return weight_decay
 
     def new_buffer(self, group: dict, name: str, like: Tensor) -> Tensor:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import itertools
 import math
 import operator
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -103,6 +103,7 @@ _z_of = operator.itemgetter("z")
 
 #: State keys the engine owns; a direction's buffers must be named otherwise.
 ENGINE_STATE = frozenset({"z", "master"})
+_NO_INPUTS: Mapping[str, Tensor] = {}
 
 
 def work(p: Tensor, state: dict) -> Tensor:
@@ -341,8 +342,9 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
     def _leave_step(self) -> None:
         """Puts the parameters where the form keeps them between steps (plain form: ``y``)."""
 
-    def _update(self) -> None:
-        _step.update(self._plan_step)
+    def _update(self, inputs: Mapping[str, Tensor] = _NO_INPUTS) -> None:
+        """The update of every group; ``inputs`` reach the directions in ``reduced`` (:func:`.step.update`)."""
+        _step.update(self._plan_step, inputs)
 
     def _plan_step(self) -> list[GroupStep]:
         """The step of every group as :func:`sfoptim.engine.step.update` consumes it.
@@ -357,8 +359,8 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             direction = self.direction_for(group)
             active = self._active_params(gi, group)
-            if direction.needs_full_param and not direction.gathers_shards:
-                self._check_whole(gi, group, active, direction)
+            if direction.refuses_shards:
+                self._check_whole(gi, group, active)
             step = group[k] + 1
             beta = direction.beta(group, step)
             plan = GroupStep(group, direction, step, self.y_beta(group) if direction.varying_beta else beta, beta, key)
@@ -395,7 +397,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
                 ms.append(state["master"])
         return ps, ms
 
-    def _check_whole(self, gi: int, group: dict, active: list[Tensor], direction: Direction) -> None:
+    def _check_whole(self, gi: int, group: dict, active: list[Tensor]) -> None:
         for p in active:
             if any(getattr(pl, "dim", None) is not None for pl in getattr(p, "placements", ())):
                 i = next(j for j, q in enumerate(group["params"]) if q is p)

@@ -6,11 +6,14 @@ their state, options) and hands it to :func:`update`, which consumes it and
 never calls back into the optimizer:
 
 1. **reductions**: if any direction declares some, its per-bucket partial
-   sums are added over all groups and, for sharded parameters, all ranks.
+   sums are added over all groups and, for sharded parameters, all ranks;
+   with the optimizer's own inputs of the step (a loss) they are ``reduced``.
 2. **delegated move**: a direction that moves ``z`` through another
    optimizer (the wrapper) does so for all its groups at once.
-3. **update**, per group: the learning rate and averaging scalars
-   (:mod:`.schedule`); for each bucket the description of its update
+3. **schedule**: every group's learning rate and averaging scalars
+   (:mod:`.schedule`), before any tensor changes, so a direction may refuse
+   the step by raising from ``lr``.
+4. **update**, per group: for each bucket the description of its update
    (:func:`.dispatch.prepare`), which an executor carries out; the master
    copies written into the parameters; the group's schedule committed.
 
@@ -87,10 +90,11 @@ class GroupStep:
 
 
 @torch.compiler.disable(recursive=False)
-def update(plan: Callable[[], list[GroupStep]]) -> None:
+def update(plan: Callable[[], list[GroupStep]], inputs: Mapping[str, Tensor] = _NO_REDUCTIONS) -> None:
     """One step of every group of the plan that ``plan()`` returns; the parameters hold ``y`` before and after.
 
-    ``plan`` validates the gradients and creates state before anything changes.
+    ``plan`` validates the gradients and creates state before anything changes;
+    ``inputs`` join the reductions' sums in ``reduced`` (names must differ).
     Inside a ``torch.compile``-d region the step is split in two: the Python
     part (:func:`_run` with a list for the kernel updates) runs eagerly, and
     the arithmetic (:func:`.dispatch.traced_update`) is traced as a frame of
@@ -103,13 +107,13 @@ def update(plan: Callable[[], list[GroupStep]]) -> None:
     """
     if _in_compiled_region():
         calls: list[dispatch.TracedCall] = []
-        plans = _run_eagerly(plan, calls)
+        plans = _run_eagerly(plan, inputs, calls)
         if calls:
             dispatch.traced_update(calls)
         if any(p.masters[0] for p in plans):
             _write_masters(plans)
         return
-    _run(plan(), None)
+    _run(plan(), inputs, None)
 
 
 def _in_compiled_region() -> bool:
@@ -127,9 +131,11 @@ def _in_compiled_region() -> bool:
 
 
 @torch.compiler.disable
-def _run_eagerly(plan: Callable[[], list[GroupStep]], calls: list[dispatch.TracedCall]) -> list[GroupStep]:
+def _run_eagerly(
+    plan: Callable[[], list[GroupStep]], inputs: Mapping[str, Tensor], calls: list[dispatch.TracedCall]
+) -> list[GroupStep]:
     plans = plan()
-    _run(plans, calls)
+    _run(plans, inputs, calls)
     return plans
 
 
@@ -140,19 +146,21 @@ def _write_masters(plans: list[GroupStep]) -> None:
         precision.write_params(*p.masters, p.stochastic)
 
 
-def _run(plans: list[GroupStep], calls: list[dispatch.TracedCall] | None) -> None:
+def _run(plans: list[GroupStep], inputs: Mapping[str, Tensor], calls: list[dispatch.TracedCall] | None) -> None:
     """The step of every group; with ``calls`` a list, the kernel updates are packed into it instead of run.
 
     The schedule is committed per group once its tensors are updated (or, for
     packed updates, once every check that can refuse the step has run).
     """
     reduced = reduce(plans)
+    if inputs:
+        reduced = {**reduced, **inputs}
     movers = {id(p.direction): p.direction for p in plans if isinstance(p.direction, DelegatedDirection)}
     for mover in movers.values():
         mover.move([p for p in plans if p.direction is mover], reduced)
-    for p in plans:
+    scheds = [_schedule(p, p.direction.lr(p.group, p.step, reduced)) for p in plans]
+    for p, sched in zip(plans, scheds):
         group, direction = p.group, p.direction
-        sched = _schedule(p, direction.lr(group, p.step, reduced))
         if isinstance(direction, DelegatedDirection):
             direction.finish(p, sched.ckp1)
         elif p.buckets:
