@@ -1,34 +1,15 @@
 r"""ScheduleFree+: Adam inside schedule-free, a Polyak step size, AdamC decay, annealed interpolation.
 
-The base direction is Adam's, with both moments bias-corrected:
-
-.. math::
-
-    m_t = \beta_1 m + (1-\beta_1) g, \quad v_t = \beta_2 v + (1-\beta_2) g^2, \quad
-    d_t = \frac{m_t / (1-\beta_1^t)}{\sqrt{v_t / (1-\beta_2^t)} + \epsilon}
-
-The step size is not a hyperparameter but a Polyak rule on the loss :math:`f`
-at ``y`` (the caller supplies it) and two sums over every parameter of every
-group, taken before the update (the authors' rule):
-
-.. math::
-
-    e_t &= \rho\, e_{t-1} + (1-\rho) \sqrt{\pi/2}\, \textstyle\sum \|g\|_1,
-        \qquad \bar e_t = e_t / (1-\rho^t) \\
-    \eta_t &= \max\big(0,\ f - f^* + \beta_t \textstyle\sum \langle g, z - x\rangle\big) / \bar e_t,
-        \qquad \gamma_t = \max(\gamma, \epsilon)\, \eta_t
-
-(:math:`\gamma` = ``lr``, 1 by default, :math:`\rho` = ``polyak_beta``,
-:math:`f^* = 0`; the authors' code stores :math:`\bar e` and so corrects it
-again at the next step, which :class:`AdamCScheduleFreePlusPaper` keeps).
-:class:`AdamCScheduleFreePlus` adds guard rails from the Polyak-step
-literature around it (see its arguments). Weight decay is decoupled,
-applied at ``y`` and scaled by :math:`\gamma_t^2` (AdamC):
-:math:`z \leftarrow z - \gamma_t^2 \lambda y - \gamma_t d_t`, so sensible
-values of :math:`\lambda` are 20 to 50, not 0.1. The interpolation weight
-anneals from ``sf_beta1`` to ``sf_beta1_max`` over ``sf_beta1_anneal_steps``,
-linearly in :math:`\log(1-\beta)`; ``c_warmup`` holds the averaging
-coefficient at 1 for the first steps.
+The authors' rule, equation by equation, is
+:class:`sfoptim.reference.AdamCScheduleFreePlusReference`: Adam's
+bias-corrected direction, a step size :math:`\gamma_t = \max(\gamma,
+\epsilon)\, \eta_t` from the loss :math:`f` at ``y`` (the caller supplies it)
+and two sums over every parameter, :math:`\eta_t = \max(0, f + \beta_t \sum
+\langle g, z - x\rangle) / \bar e_t` with :math:`\bar e_t` an EMA of
+:math:`\sqrt{\pi/2} \sum \|g\|_1`, the decay :math:`\gamma_t^2 \lambda y` and
+an interpolation weight annealed from ``sf_beta1`` to ``sf_beta1_max``.
+:class:`AdamCScheduleFreePlusPaper` is the authors' interface and trajectory;
+:class:`AdamCScheduleFreePlus` adds guard rails around the rule.
 
 Papers: "ScheduleFree+" (Defazio et al.); AdamC, "Why Gradients Rapidly
 Increase Near the End of Training" (arXiv 2506.02285); the guard rails from
@@ -317,7 +298,7 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
     models. Call :meth:`train` before training and :meth:`eval` before
     evaluating or saving, as for every schedule-free optimizer.
 
-    The step size of the module's rule, with each guard rail applied in turn:
+    The step size of the authors' rule (module docstring), with each guard rail applied in turn:
 
     .. math::
 
@@ -431,45 +412,25 @@ class AdamCScheduleFreePlus(ScheduleFreeOptimizer):
         f_star: float = 0.0,
         estimate_f_star: bool = False,
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            sf_beta1=sf_beta1,
-            eps=eps,
-            weight_decay=weight_decay,
-            r=r,
-            polyak_beta=polyak_beta,
-            c_warmup=c_warmup,
-            sf_beta1_anneal_steps=sf_beta1_anneal_steps,
-            sf_beta1_max=sf_beta1_max,
-            weight_lr_power=weight_lr_power,
-            foreach=foreach,
-            fused=fused,
-            state_dtype=state_dtype,
-            stochastic_rounding=stochastic_rounding,
-            warmup_steps=warmup_steps,
-            lr_cap=lr_cap,
-            growth_limit=growth_limit,
-            loss_beta=loss_beta,
-            f_star=f_star,
-            estimate_f_star=estimate_f_star,
-            f_star_estimate=f_star,
-            grad_l1_ema=0.0,
-            loss_ema=0.0,
-            polyak_max=0.0,
-            function_value=0.0,
-            ip_term=0.0,
-        )
-        self._init_plus(params, defaults, average_loss=average_loss, skip_nonfinite=skip_nonfinite)
-
-    def _init_plus(self, params: Iterable[Any], defaults: dict[str, Any], *, average_loss: bool, skip_nonfinite: bool) -> None:
         if not isinstance(skip_nonfinite, bool):
             raise ValueError(f"Invalid skip_nonfinite: {skip_nonfinite!r} (expected True or False)")
         self.average_loss = average_loss
         self.skip_nonfinite = skip_nonfinite
         self._pending_loss: Tensor | float | None = None
-        if not self._refuses:
-            defaults["guard_counts"] = dict.fromkeys(_GUARDS, 0)
+        defaults: dict[str, Any] = dict(
+            lr=lr, betas=betas, sf_beta1=sf_beta1, eps=eps, weight_decay=weight_decay, r=r, polyak_beta=polyak_beta,
+            c_warmup=c_warmup, sf_beta1_anneal_steps=sf_beta1_anneal_steps, sf_beta1_max=sf_beta1_max,
+            weight_lr_power=weight_lr_power, foreach=foreach, fused=fused, state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding, grad_l1_ema=0.0, function_value=0.0, ip_term=0.0,
+        )  # fmt: skip
+        if self._refuses:  # the paper form: no guard rails, the authors' logged keys
+            defaults.update(grad_l1_ema_corr=0.0, function_value_ema=0.0)
+        else:
+            defaults.update(
+                warmup_steps=warmup_steps, lr_cap=lr_cap, growth_limit=growth_limit, loss_beta=loss_beta, f_star=f_star,
+                estimate_f_star=estimate_f_star, f_star_estimate=f_star, loss_ema=0.0, polyak_max=0.0,
+                guard_counts=dict.fromkeys(_GUARDS, 0),
+            )  # fmt: skip
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -854,29 +815,10 @@ class AdamCScheduleFreePlusPaper(AdamCScheduleFreePlus):
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            sf_beta1=sf_beta1,
-            eps=eps,
-            weight_decay=weight_decay,
-            r=r,
-            polyak_beta=polyak_beta,
-            c_warmup=c_warmup,
-            sf_beta1_anneal_steps=sf_beta1_anneal_steps,
-            sf_beta1_max=sf_beta1_max,
-            weight_lr_power=weight_lr_power,
-            foreach=foreach,
-            fused=fused,
-            state_dtype=state_dtype,
-            stochastic_rounding=stochastic_rounding,
-            grad_l1_ema=0.0,
-            grad_l1_ema_corr=0.0,
-            function_value=0.0,
-            function_value_ema=0.0,
-            ip_term=0.0,
-        )
-        self._init_plus(params, defaults, average_loss=True, skip_nonfinite=False)
+        super().__init__(
+            params, lr, betas, sf_beta1, eps, weight_decay, r, polyak_beta, c_warmup, sf_beta1_anneal_steps,
+            sf_beta1_max, weight_lr_power, foreach, fused, state_dtype, stochastic_rounding, skip_nonfinite=False,
+        )  # fmt: skip
         for group in self.param_groups:
             group[self.group_key("train_mode")] = False  # the authors' class starts in eval mode
 
