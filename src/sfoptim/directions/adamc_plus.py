@@ -150,14 +150,14 @@ class AdamCPlusDirection(Direction):
 
     def lr(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> float:
         """The group's Polyak step size; raises :class:`_Refused` when it or the sums are not usable."""
-        plan = self.plan(group, step, reduced)
+        plan = self.polyak_plan(group, step, reduced)
         _check_step_size(group, step, plan.lr, self.beta(group, step), plan.loss)
         return plan.lr
 
     def commit(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> None:
-        self.record(group, self.plan(group, step, reduced))
+        self._record(group, self.polyak_plan(group, step, reduced))
 
-    def record(self, group: dict, plan: _GroupPlan) -> None:
+    def _record(self, group: dict, plan: _GroupPlan) -> None:
         """Writes the group's Polyak state (``grad_l1_ema``, ``ip_term``, ``function_value``, the guards')."""
         group["grad_l1_ema"] = plan.ema
         group["ip_term"] = plan.ip
@@ -189,7 +189,7 @@ class AdamCPlusDirection(Direction):
         scalars = {"beta2": beta2, "bc2": 1 - beta2**step, "eps": group["eps"], "mu": beta1, "bc1": 1 - beta1**step}
         return KernelSpec(Kind.ADAM, ("exp_avg_sq", "exp_avg"), scalars)
 
-    def plan(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> _GroupPlan:
+    def polyak_plan(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> _GroupPlan:
         """The group's Polyak scalars of the 1-based ``step`` (class docstring of :class:`AdamCScheduleFreePlus`)."""
         f, clip = float(reduced["loss"]), float(reduced["clip_coef"])
         empty = "grad_l1" not in reduced  # no parameter has a gradient
@@ -261,8 +261,8 @@ class AdamCPlusPaperDirection(AdamCPlusDirection):
             return torch.clone(like, memory_format=torch.preserve_format)
         return super().new_buffer(group, name, like)
 
-    def record(self, group: dict, plan: _GroupPlan) -> None:
-        super().record(group, plan)
+    def _record(self, group: dict, plan: _GroupPlan) -> None:
+        super()._record(group, plan)
         group["grad_l1_ema_corr"] = plan.ema_corrected
         group["function_value_ema"] = plan.loss + plan.ip
 

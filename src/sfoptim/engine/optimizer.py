@@ -1,25 +1,14 @@
 r"""The schedule-free engine: everything that is not the base optimizer's direction.
 
-Schedule-free training (Defazio et al., 2024, "The Road Less Scheduled") keeps
-three sequences per parameter:
-
-.. math::
-
-    y_t &= (1-\beta)\, z_t + \beta\, x_t            &&\text{(gradients are taken here)}\\
-    z_{t+1} &= z_t - \gamma_t\, d_t                &&\text{(the base optimizer's iterate)}\\
-    x_{t+1} &= (1-c_{t+1})\, x_t + c_{t+1}\, z_{t+1} &&\text{(the average: evaluate here)}
-
-where :math:`d_t` is the base direction evaluated at :math:`y_t` (the gradient
-for SGD, the preconditioned gradient for Adam) plus weight decay
-:math:`\lambda y_t`, and :math:`c_{t+1}` comes from :mod:`sfoptim.engine.schedule`.
-
-Only two buffers are stored: the parameter holds ``y`` in train mode (``x`` in
-eval mode) and the state holds ``z``; :math:`x = \operatorname{lerp}(y, z, 1 - 1/\beta)`.
-This module holds the optimizer object (modes, state, group keys, state dicts)
-and plans each step; :mod:`sfoptim.engine.step` carries it out (the in-place
-update: :func:`sfoptim.backends.foreach.interpolate_and_step`). Subclasses
-declare their base direction (:mod:`sfoptim.directions`) and validate their
-hyperparameters.
+Schedule-free training (Defazio et al., 2024, "The Road Less Scheduled";
+equation by equation in :mod:`sfoptim.reference`) takes gradients at ``y``,
+moves the base iterate ``z`` by the direction and averages ``z`` into ``x``
+(coefficients: :mod:`sfoptim.engine.schedule`). Two buffers are stored: the
+parameter holds ``y`` in train mode (``x`` in eval mode) and the state holds
+``z``; :math:`x = \operatorname{lerp}(y, z, 1 - 1/\beta)`. This module holds
+the optimizer object (modes, state, group keys, state dicts) and plans each
+step; :mod:`sfoptim.engine.step` carries it out. Subclasses declare their base
+direction (:mod:`sfoptim.directions`) and validate their hyperparameters.
 """
 
 from __future__ import annotations
