@@ -2,8 +2,9 @@
 
 Each direction here uses one part of the contract that the shipped optimizers
 do not (global reductions, an interpolation weight that changes, a different
-direction per group, no kernel), and its trajectory is checked against the
-schedule-free recursion written out with ``x``, ``y`` and ``z`` in the test.
+direction per group, no kernel, a step refused from ``lr``, refused shards),
+and its trajectory is checked against the schedule-free recursion written out
+with ``x``, ``y`` and ``z`` in the test.
 """
 
 from __future__ import annotations
