@@ -411,7 +411,7 @@ def fuzz_cases(draw: Any) -> dict:
         )
     return dict(
         specs=specs,
-        opt=draw(st.sampled_from(["adamw", "adamw-momentum", "sgd", "radam", "wrapper", "plus"])),
+        opt=draw(st.sampled_from(["adamw", "adamw-momentum", "sgd", "radam", "wrapper", "plus", "adamw-8bit", "adamw-bf16"])),
         state=draw(st.sampled_from(["fresh", "same", "other-shape", "other-dtype", "z-float64", "z-strided", "z-small"])),
         steps=draw(st.integers(1, 3)),
         seed=draw(st.integers(0, 2**16)),
@@ -457,6 +457,9 @@ def _make_opt(kind: str, params: list[torch.nn.Parameter], fused: bool | None, f
         base = torch.optim.SGD(params, lr=0.05, foreach=False)
         return sfoptim.ScheduleFreeWrapper(base, momentum=0.9, weight_decay_at_y=0.01, fused=fused)
     kw: dict[str, Any] = dict(fused=fused, foreach=foreach, weight_decay=0.01)
+    if kind in ("adamw-8bit", "adamw-bf16"):
+        # Low-bit state: the kernel and the torch path round alike, so both give the same bits.
+        return sfoptim.AdamWScheduleFree(params, lr=0.01, state_precision=kind.removeprefix("adamw-"), **kw)
     if kind.startswith("adamw"):
         return sfoptim.AdamWScheduleFree(params, lr=0.01, inner_momentum=0.5 if kind == "adamw-momentum" else 0.0, **kw)
     if kind == "sgd":

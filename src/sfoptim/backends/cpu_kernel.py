@@ -289,6 +289,7 @@ def _refuse(reason: str, explicit: bool) -> bool:
             "dtype": "dtypes other than float64, float32, bfloat16 and float16",
             "layout": "non-contiguous tensors, tensor subclasses such as DTensor, or mixed dtypes",
             "alias": "parameters or state that share memory (a parameter listed twice, overlapping views)",
+            "lowbit-dtype": "low-bit state (state_precision) of parameters other than float32, bfloat16 and float16",
         }[reason]
         _warn_once(reason, f"sfoptim: fused=True does not support {what}; using the foreach implementation for them.")
     return False
@@ -443,7 +444,7 @@ def _inspect_lowbit(
         return "cpu"
     dtype = first.dtype
     if dtype not in _LOWBIT_PARAMS:
-        return "dtype"
+        return "lowbit-dtype"
     n = len(ys)
     lists = [ys, grads, zs, vs] + ([exps] if exps is not None else [])
     for lst in lists:

@@ -23,8 +23,10 @@ Policy, per bucket (tensors of one device and dtype):
 * low-bit state (a :class:`KernelSpec` with ``state_precision`` "bf16" or
   "8bit"): the C kernel's low-bit step where the policy allows a kernel on
   CPU, else the same step in torch operations (:mod:`.lowbit`), eagerly also
-  under ``torch.compile``; both round stochastically with one seed per bucket
-  and step from torch's default generator, and agree bit for bit on float32
+  under ``torch.compile``; both round stochastically with a seed that is a
+  function of the group's step count and the bucket's layout (not of torch's
+  generator: a resumed run continues bit for bit, and every rank of a
+  data-parallel run rounds alike), and agree bit for bit on float32
   parameters.
 
 The same policy covers the wrapper's bookkeeping around its base optimizer,
@@ -43,6 +45,7 @@ elsewhere).
 from __future__ import annotations
 
 import warnings
+import zlib
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -170,13 +173,20 @@ def traced(u: BucketStep) -> TracedCall | None:
 def _run_lowbit(u: BucketStep, call: KernelCall) -> None:
     """A bucket with low-bit state: the C kernel where allowed and possible, else torch operations (same bits)."""
     b = u.bucket
-    seed = _stochastic_seed()
+    seed = _lowbit_seed(u.step, b)
     vs, exps = call.slots[0], (call.slots[1] if call.state_precision == "8bit" else None)
     if u.backend is cpu_kernel and cpu_kernel.lowbit_step(
         b.params, b.grads, b.z, vs, exps, call.kind, call.scalars, seed, _stochastic(u.group, b), explicit=u.fused is True
     ):
         return
     lowbit.step(b.params, b.grads, b.z, vs, exps, call.kind, call.scalars, seed)
+
+
+def _lowbit_seed(step_index: int, bucket: Bucket) -> int:
+    """The rounding seed of a low-bit bucket: its step count, dtype, device and sizes, hashed (no random state)."""
+    first = bucket.params[0]
+    layout = f"{first.device.type}/{first.dtype}/{len(bucket.params)}/{sum(t.numel() for t in bucket.params)}"
+    return (zlib.crc32(layout.encode()) << 32 | (step_index & 0xFFFF_FFFF)) & 0xFFFF_FFFF_FFFF_FFFF
 
 
 def _stochastic(group: dict, bucket: Bucket) -> bool:

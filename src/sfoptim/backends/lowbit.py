@@ -217,7 +217,17 @@ def step(
     ``z`` and :math:`v'` are stored with stochastic rounding driven by
     ``seed`` (None: to nearest), ``y`` in its dtype to nearest. With the same
     seed the C kernel (``cpu_kernel.lowbit_step``) gives the same bits.
+    Every tensor's size is checked before anything is written (RuntimeError).
     """
+    for i, y in enumerate(ys):
+        for name, t in (("gradient", grads[i]), ("z", zs[i]), ("second moment", vs[i])):
+            if t.shape != y.shape:
+                raise RuntimeError(
+                    f"sfoptim: tensor {i} of a bucket has shape {tuple(y.shape)} but its {name} has shape "
+                    f"{tuple(t.shape)}; the optimizer state does not belong to this parameter"
+                )
+        if exps is not None and exps[i].numel() != num_blocks(y.numel()):
+            raise RuntimeError("sfoptim: an 8-bit second moment has the wrong number of block exponents for its parameter")
     for i, y in enumerate(ys):
         _step_tensor(i, y, grads[i], zs[i], vs[i], exps[i] if exps is not None else None, kind, scalars, seed)
 
