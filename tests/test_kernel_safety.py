@@ -817,6 +817,9 @@ for dtype in d.NARROW:
     d.test_bucket_sums_of_16_bit_tensors_are_exact_float64_sums(dtype)
     d.test_stochastic_rounding_repeats_for_a_seed_on_any_thread_count_and_differs_across_seeds(dtype)
 d.test_stochastic_rounding_option_reaches_the_kernel_for_16_bit_parameters()
+import test_state_precision as sp
+settings(max_examples=40, deadline=None, database=None)(given(case=sp.kernel_cases())(sp.check_kernel_case))()
+sp.test_kernel_refuses_what_it_cannot_take_and_checks_sizes_before_c()
 p = torch.nn.Parameter(torch.randn(100_003)); opt = __import__("sfoptim").AdamWScheduleFree([p])
 for _ in range(3):
     p.grad = torch.ones_like(p); opt.step()
