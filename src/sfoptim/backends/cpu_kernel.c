@@ -604,11 +604,13 @@ SF_SUMS_ENTRY(float16, f16, sf_f16)
  * float32, in the same order, and the random bits are the same hash.
  *
  * Per element, in float:
- *   v' = beta2 v + (1-beta2) g^2
- *   d  = g / (sqrt(v' * (1/bc2)) + eps) + wd*y     (SF_SGD_V: g + wd*y)
+ *   v' = beta2 v + (1-beta2) g^2;  s = sqrt(v')
+ *   d  = g / (s * (1/sqrt(bc2)) + eps) + wd*y     (SF_SGD_V: g + wd*y)
  *   y <- lerp(y, z, c) + lr*(beta*(1-c) - 1)*d;  z <- z - lr*d
  * z and v' are rounded stochastically (bit 0 of `rounding`; to nearest
  * without), y to nearest or, for 16-bit parameters with bit 1, stochastically.
+ * One hash per element (sf_lb_random, keyed by sf_key_for) serves both: its
+ * high 16 bits round z, its low 16 bits (shifted up) round v.
  * The direction uses v' before it is rounded. Work goes block by block
  * through float arrays on the stack, so the block maximum of s is known
  * before its elements are coded; blocks never straddle chunks (SF_CHUNK is a
@@ -622,6 +624,10 @@ SF_SUMS_ENTRY(float16, f16, sf_f16)
 #endif
 /* 1.9375 * 2^64: larger square roots (whose square overflows float) and NaN are coded as this. */
 #define SF_LB_SMAX 35740566642812256256.0f
+
+/* One round of the hash per element (sf_random takes two): a bijection of the
+ * element index for each key, plenty for rounding, half the multiplies. */
+static inline uint32_t sf_lb_random(sf_key k, uint32_t index) { return sf_mix32(index ^ k.a) + k.b; }
 
 static inline float sf_pow2(int32_t e) { return sf_from_bits((uint32_t)(e + 127) << 23); }
 
@@ -637,8 +643,8 @@ static inline uint8_t sf_lb_encode(float q, uint32_t r) {
     normal = normal > 255u ? 255u : normal;
     const float t = q * 262144.0f;
     const int32_t whole = (int32_t)t;
-    const int64_t frac = (int64_t)((t - (float)whole) * 16777216.0f);
-    const uint32_t sub = (uint32_t)whole + (uint32_t)(frac > (int64_t)(r >> 8));
+    const int32_t frac = (int32_t)((t - (float)whole) * 16777216.0f);
+    const uint32_t sub = (uint32_t)whole + (uint32_t)(frac > (int32_t)(r >> 8));
     return (uint8_t)sf_select(u >= (113u << 23), normal, sub);
 }
 
@@ -653,56 +659,55 @@ static inline int32_t sf_lb_exponent(float mx) {
         S *restrict y, const S *restrict g, sf_bf16 *restrict z, void *restrict vp, int8_t *restrict ex, \
         int64_t len, const sf_scalars *s, const int mode, const int vformat, const int rounding,         \
         const sf_key *keys, uint32_t at) {                                                               \
-        float yb[SF_LB_BLOCK], gb[SF_LB_BLOCK], zb[SF_LB_BLOCK], vb[SF_LB_BLOCK];                        \
-        const float c = (float)s[SF_CKP1], lr = (float)s[SF_LR], wd = (float)s[SF_WD];                   \
-        const float ystep = (float)(s[SF_LR] * (s[SF_BETA] * (1.0 - s[SF_CKP1]) - 1.0));                 \
-        const float b2 = (float)s[SF_BETA2], omb2 = (float)(1.0 - s[SF_BETA2]);                          \
-        const float rbc2 = (float)(1.0 / s[SF_BC2]), eps = (float)s[SF_EPS];                             \
-        const int upper = s[SF_CKP1] >= 0.5;                                                             \
-        const float omc = (float)(1.0 - s[SF_CKP1]);                                                     \
-        const int sr = rounding & 1;                                                                     \
-        _Pragma("omp simd")                                                                              \
-        for (int64_t i = 0; i < len; i++) {                                                              \
-            yb[i] = SF_LOAD_##F(y[i]);                                                                   \
-            gb[i] = SF_LOAD_##F(g[i]);                                                                   \
-            zb[i] = sf_bf16_load(z[i]);                                                                  \
-        }                                                                                                \
-        if (vformat == SF_LB_BF16) {                                                                     \
-            const sf_bf16 *restrict v = (const sf_bf16 *)vp;                                             \
-            _Pragma("omp simd")                                                                          \
-            for (int64_t i = 0; i < len; i++) vb[i] = sf_bf16_load(v[i]);                                \
-        } else {                                                                                         \
-            const uint8_t *restrict v = (const uint8_t *)vp;                                             \
-            const float scale = sf_pow2(ex[0]);                                                          \
-            _Pragma("omp simd")                                                                          \
-            for (int64_t i = 0; i < len; i++) {                                                          \
-                const float si = sf_lb_decode(v[i]) * scale;                                             \
-                vb[i] = si * si;                                                                         \
-            }                                                                                            \
-        }                                                                                                \
-        _Pragma("omp simd")                                                                              \
-        for (int64_t i = 0; i < len; i++) {                                                              \
-            const float yi = yb[i], gi = gb[i], zi = zb[i];                                              \
-            const float vi = b2 * vb[i] + omb2 * gi * gi;                                                \
-            float d = mode == SF_ADAM ? gi / (sqrtf(vi * rbc2) + eps) : gi;                              \
-            d = d + wd * yi;                                                                             \
-            const float diff = zi - yi;                                                                  \
-            const float from_z = zi - diff * omc, from_y = yi + c * diff;                                \
-            const float lerped = SF_PICK_float(upper, from_z, from_y);                                   \
-            yb[i] = lerped + ystep * d;                                                                  \
-            zb[i] = zi - lr * d;                                                                         \
-            vb[i] = vformat == SF_LB_BF16 ? vi : sqrtf(vi);                                              \
-        }                                                                                                \
-        if ((rounding & 2) && SF_NARROW_##F) {                                                           \
-            _Pragma("omp simd")                                                                          \
-            for (int64_t i = 0; i < len; i++) y[i] = SF_SR_##F(yb[i], sf_random(keys[SF_STREAM_Y], at + (uint32_t)i)); \
-        } else {                                                                                         \
-            _Pragma("omp simd")                                                                          \
-            for (int64_t i = 0; i < len; i++) y[i] = SF_NEAR_##F(yb[i]);                                 \
-        }                                                                                                \
+        float yb[SF_LB_BLOCK], zb[SF_LB_BLOCK], vb[SF_LB_BLOCK];                                        \
+        const float c = (float)s[SF_CKP1], lr = (float)s[SF_LR], wd = (float)s[SF_WD];                  \
+        const float ystep = (float)(s[SF_LR] * (s[SF_BETA] * (1.0 - s[SF_CKP1]) - 1.0));                \
+        const float b2 = (float)s[SF_BETA2], omb2 = (float)(1.0 - s[SF_BETA2]);                         \
+        const float rsbc2 = (float)(1.0 / sqrt(s[SF_BC2])), eps = (float)s[SF_EPS];                     \
+        const int upper = s[SF_CKP1] >= 0.5;                                                            \
+        const float omc = (float)(1.0 - s[SF_CKP1]);                                                    \
+        const int sr = rounding & 1, ysr = (rounding & 2) && SF_NARROW_##F;                             \
+        const float scale = vformat == SF_LB_8BIT ? sf_pow2(ex[0]) : 1.0f;                              \
+        const sf_bf16 *restrict v16 = (const sf_bf16 *)vp;                                              \
+        const uint8_t *restrict v8 = (const uint8_t *)vp;                                               \
+        float mx = 0.0f;                                                                                \
+        /* One pass: read, step, write y, keep z and v (or s, clamped) for rounding. */                 \
+        _Pragma("omp simd reduction(max:mx)")                                                           \
+        for (int64_t i = 0; i < len; i++) {                                                             \
+            const float yi = SF_LOAD_##F(y[i]), gi = SF_LOAD_##F(g[i]), zi = sf_bf16_load(z[i]);        \
+            float vo;                                                                                   \
+            if (vformat == SF_LB_BF16) {                                                                \
+                vo = sf_bf16_load(v16[i]);                                                              \
+            } else {                                                                                    \
+                const float so = sf_lb_decode(v8[i]) * scale;                                           \
+                vo = so * so;                                                                           \
+            }                                                                                           \
+            const float vi = b2 * vo + omb2 * gi * gi, si = sqrtf(vi);                                  \
+            float d = mode == SF_ADAM ? gi / (si * rsbc2 + eps) : gi;                                   \
+            d = d + wd * yi;                                                                            \
+            const float diff = zi - yi;                                                                 \
+            const float from_z = zi - diff * omc, from_y = yi + c * diff;                               \
+            const float lerped = SF_PICK_float(upper, from_z, from_y);                                  \
+            const float yn = lerped + ystep * d;                                                        \
+            y[i] = SF_NEAR_##F(yn);                                                                     \
+            if (SF_NARROW_##F) yb[i] = yn;                                                              \
+            zb[i] = zi - lr * d;                                                                        \
+            const float keep = vformat == SF_LB_BF16 ? vi : (si <= SF_LB_SMAX ? si : SF_LB_SMAX);       \
+            vb[i] = keep;                                                                               \
+            mx = keep > mx ? keep : mx;                                                                 \
+        }                                                                                               \
+        if (ysr) {                                                                                      \
+            _Pragma("omp simd")                                                                         \
+            for (int64_t i = 0; i < len; i++) y[i] = SF_SR_##F(yb[i], sf_lb_random(keys[SF_STREAM_Y], at + (uint32_t)i)); \
+        }                                                                                               \
+        uint32_t rb[SF_LB_BLOCK];                                                                        \
         if (sr) {                                                                                        \
             _Pragma("omp simd")                                                                          \
-            for (int64_t i = 0; i < len; i++) z[i] = sf_bf16_stochastic(zb[i], sf_random(keys[SF_STREAM_Z], at + (uint32_t)i)); \
+            for (int64_t i = 0; i < len; i++) {                                                          \
+                const uint32_t r = sf_lb_random(keys[SF_STREAM_Z], at + (uint32_t)i);                       \
+                z[i] = sf_bf16_stochastic(zb[i], r);                                                     \
+                rb[i] = r << 16;                                                                         \
+            }                                                                                            \
         } else {                                                                                         \
             _Pragma("omp simd")                                                                          \
             for (int64_t i = 0; i < len; i++) z[i] = sf_bf16_nearest(zb[i]);                             \
@@ -711,27 +716,19 @@ static inline int32_t sf_lb_exponent(float mx) {
             sf_bf16 *restrict v = (sf_bf16 *)vp;                                                         \
             if (sr) {                                                                                    \
                 _Pragma("omp simd")                                                                      \
-                for (int64_t i = 0; i < len; i++) v[i] = sf_bf16_stochastic(vb[i], sf_random(keys[SF_STREAM_V], at + (uint32_t)i)); \
+                for (int64_t i = 0; i < len; i++) v[i] = sf_bf16_stochastic(vb[i], rb[i]);               \
             } else {                                                                                     \
                 _Pragma("omp simd")                                                                      \
                 for (int64_t i = 0; i < len; i++) v[i] = sf_bf16_nearest(vb[i]);                         \
             }                                                                                            \
         } else {                                                                                         \
             uint8_t *restrict v = (uint8_t *)vp;                                                         \
-            float mx = 0.0f;                                                                             \
-            _Pragma("omp simd reduction(max:mx)")                                                        \
-            for (int64_t i = 0; i < len; i++) {                                                          \
-                const float si = vb[i] <= SF_LB_SMAX ? vb[i] : SF_LB_SMAX;                               \
-                vb[i] = si;                                                                              \
-                mx = si > mx ? si : mx;                                                                  \
-            }                                                                                            \
             const int32_t e = sf_lb_exponent(mx);                                                        \
             const float inv = sf_pow2(-e);                                                               \
             ex[0] = (int8_t)e;                                                                           \
             _Pragma("omp simd")                                                                          \
             for (int64_t i = 0; i < len; i++) {                                                          \
-                const uint32_t r = sr ? sf_random(keys[SF_STREAM_V], at + (uint32_t)i) : 0x80000000u;    \
-                v[i] = sf_lb_encode(vb[i] * inv, r);                                                     \
+                v[i] = sf_lb_encode(vb[i] * inv, sr ? rb[i] : 0x80000000u);                              \
             }                                                                                            \
         }                                                                                                \
     }                                                                                                    \

@@ -29,7 +29,8 @@ is rounded.
 
 Every stored value is rounded stochastically with random bits from a
 counter-based hash of (seed, stream, tensor index in the bucket, element
-index), the one the C kernel uses (``sf_key_for``/``sf_random`` in
+index; one 32-bit number per element, its halves for ``z`` and ``v``), the
+one the C kernel uses (``sf_key_for``/``sf_lb_random`` in
 ``cpu_kernel.c``), so this torch implementation and the kernel give the same
 bits for the same seed on float32 parameters, and neither depends on the
 thread count or on how the work is split.
@@ -40,6 +41,7 @@ temporaries are bounded by working in slices of :data:`SLICE` elements).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -114,7 +116,7 @@ def random_bits(seed: int, stream: int, tensor: int, start: int, n: int, device:
     """
     a, b = _key(seed, stream, tensor, start)
     index = torch.arange(start & _M32, (start & _M32) + n, dtype=torch.int64, device=device)
-    return _mix32((_mix32(index ^ a) + b) & _M32)
+    return (_mix32(index ^ a) + b) & _M32
 
 
 # --------------------------------------------------------------------- formats
@@ -210,7 +212,7 @@ def step(
     Per element, computed in float32 (float64 for float64 parameters):
 
     :math:`v' = \beta_2 \hat v + (1-\beta_2) g^2`,
-    :math:`d = g / (\sqrt{v'/bc_2} + \epsilon) + \lambda y` (``SGD_V``: :math:`g + \lambda y`),
+    :math:`d = g / (\sqrt{v'} \cdot bc_2^{-1/2} + \epsilon) + \lambda y` (``SGD_V``: :math:`g + \lambda y`),
     :math:`y \leftarrow \operatorname{lerp}(y, z, c) + \gamma(\beta(1-c)-1) d`,
     :math:`z \leftarrow z - \gamma d`;
 
@@ -259,8 +261,9 @@ def _step_slice(
     yi, gi, zi = y.to(ct), g.to(ct), z.to(ct)
     vo = v.to(ct) if e is None else _square(decode_sqrt(v, e)).to(ct)
     vi = vo * s["beta2"] + (gi * (1.0 - s["beta2"])) * gi
+    root = _sqrt(vi)
     if kind == Kind.ADAM:
-        d = gi / (_sqrt(vi * (1.0 / s["bc2"])) + s["eps"])
+        d = gi / (root * (1.0 / math.sqrt(s["bc2"])) + s["eps"])
     else:
         d = gi
     d = d + yi * s["wd"]
@@ -270,14 +273,14 @@ def _step_slice(
     y.copy_(lerped + d * (s["lr"] * (s["beta"] * (1.0 - c) - 1.0)))
     z_new = (zi - d * s["lr"]).to(torch.float32)
 
-    def rnd(stream: int) -> Tensor | None:
-        return None if seed is None else random_bits(seed, stream, index, start, y.numel(), y.device)
-
-    z.copy_(bf16_round(z_new, rnd(STREAM_Z)))
+    # One hash per element: its high 16 bits round z, its low 16 bits (shifted up) round v.
+    r = None if seed is None else random_bits(seed, STREAM_Z, index, start, y.numel(), y.device)
+    z.copy_(bf16_round(z_new, r))
+    rv = None if r is None else (r << 16) & _M32
     if e is None:
-        v.copy_(bf16_round(vi.to(torch.float32), rnd(STREAM_V)))
+        v.copy_(bf16_round(vi.to(torch.float32), rv))
     else:
-        code, exps = encode_sqrt(_sqrt(vi.to(torch.float32)), rnd(STREAM_V))
+        code, exps = encode_sqrt(root.to(torch.float32), rv)
         v.copy_(code)
         e.copy_(exps)
 
