@@ -86,6 +86,8 @@ def z_dtype(group: dict, p: Tensor) -> torch.dtype | None:
         return None
     if not p.is_floating_point():
         raise ValueError(f"state_precision={precision!r} needs real floating parameters, not {p.dtype} ones")
+    if type(p) is not Tensor and hasattr(p, "placements"):
+        raise ValueError(f"state_precision={precision!r} does not support sharded (DTensor, FSDP2) parameters yet")
     return torch.bfloat16
 
 
