@@ -347,6 +347,12 @@ def test_invalid_state_precision_raises_value_error_naming_it(kwargs: dict, name
         )
 
 
+@pytest.mark.parametrize("cls", [sfoptim.SGDScheduleFree, sfoptim.ProdigyScheduleFree])
+def test_classes_without_low_bit_state_refuse_it_in_a_group(cls: type) -> None:
+    with pytest.raises(ValueError, match="Invalid state_precision: '8bit'"):
+        cls([{"params": _model_params(), "state_precision": "8bit"}])
+
+
 def test_complex_parameters_are_refused_before_anything_changes() -> None:
     p = torch.nn.Parameter(torch.randn(4, dtype=torch.complex64))
     q = torch.nn.Parameter(torch.randn(4))

@@ -188,6 +188,11 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         _validation.check_nonnegative("weight_lr_power", group[self.group_key("weight_lr_power")])
         precision.check_state_dtype(self.option(group, "state_dtype"))
         precision.check_state_precision(group)
+        if "state_precision" not in self.defaults and precision.state_precision(group) != "full":
+            raise ValueError(
+                f"Invalid state_precision: {group['state_precision']!r}; {type(self).__name__} keeps its state in "
+                "the parameters' dtype (state_precision is an option of AdamW and RAdam)"
+            )
         # Averaging options any group may set (off when absent).
         if group.get(self.group_key("decoupling_c")) is not None:
             _validation.check_in_range("decoupling_c", group[self.group_key("decoupling_c")], 0.0, math.inf, low_open=True, high_open=True)
