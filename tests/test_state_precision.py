@@ -394,3 +394,23 @@ def test_closure_form_keeps_x_between_steps() -> None:
     x = opt.eval_params()
     assert all(torch.equal(p, q) for p, q in zip(params, x))
     assert _distance(params) < _distance(_model_params())
+
+
+def test_compiled_step_runs_the_low_bit_step_eagerly_with_the_same_bits() -> None:
+    gen = torch.Generator().manual_seed(3)
+    ps = [torch.nn.Parameter(torch.randn(600, 3, generator=gen)) for _ in range(2)]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    compiled_opt = sfoptim.AdamWScheduleFree(ps, lr=0.01, state_precision="8bit")
+    eager_opt = sfoptim.AdamWScheduleFree(qs, lr=0.01, state_precision="8bit")
+
+    @torch.compile
+    def step() -> None:
+        compiled_opt.step()
+
+    for _ in range(3):
+        for p, q in zip(ps, qs):
+            g = torch.randn(p.shape, generator=gen)
+            p.grad, q.grad = g.clone(), g.clone()
+        step()
+        eager_opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(ps, qs))
