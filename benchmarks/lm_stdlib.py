@@ -28,6 +28,10 @@ Methods (--methods; default: every one whose optimizer is installed):
                 sfoptim.ProdigyScheduleFree in the AlgoPerf submission's form
                 (averaging="algoperf", betas=(0.9, 0.9955), d_growth=None,
                 update_clip=None)
+  sf-adamw-fixed, sf-adamw-bf16state, sf-adamw-8bit
+                schedule-free AdamW at beta1 0.9, lr 0.016 (one run each) with its
+                state in float32, in bfloat16 (state_precision="bf16") and in 8 bits
+                (state_precision="8bit"); not in the default set
 
 The text is read from the running interpreter's standard library (the directory
 of ``os.__file__``); nothing is downloaded or shipped.  Every batch is new data
@@ -38,6 +42,7 @@ file split.  The task, model, method table and runs are
 Example:
   python benchmarks/lm_stdlib.py --out out/lm           # the documented run
   python benchmarks/lm_stdlib.py --steps 200 --seeds 1  # smoke test
+  python benchmarks/lm_stdlib.py --methods sf-adamw-fixed sf-adamw-bf16state sf-adamw-8bit --out out/lm_lowbit
 """
 
 from __future__ import annotations

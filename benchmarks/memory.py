@@ -72,6 +72,8 @@ def contenders() -> dict[str, Callable[[list], Any]]:
         "sfoptim SGD": lambda p: sfoptim.SGDScheduleFree(p, lr=lr),
         "sfoptim AdamW": lambda p: sfoptim.AdamWScheduleFree(p, lr=lr),
         "sfoptim AdamW state_dtype=float32": lambda p: sfoptim.AdamWScheduleFree(p, lr=lr, state_dtype=torch.float32),
+        "sfoptim AdamW bf16-state": lambda p: sfoptim.AdamWScheduleFree(p, lr=lr, state_precision="bf16"),
+        "sfoptim AdamW 8bit": lambda p: sfoptim.AdamWScheduleFree(p, lr=lr, state_precision="8bit"),
         "sfoptim RAdam": lambda p: sfoptim.RAdamScheduleFree(p, lr=lr),
         "sfoptim ScheduleFree+": lambda p: _WithLoss(sfoptim.AdamCScheduleFreePlus(p)),
         "sfoptim Prodigy": lambda p: sfoptim.ProdigyScheduleFree(p),

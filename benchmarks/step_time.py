@@ -109,6 +109,8 @@ def contenders(args: argparse.Namespace) -> dict[str, tuple[str, Callable[[list]
     out["torch SGD-m fused"] = ("sgd", lambda p: torch.optim.SGD(p, lr=lr, momentum=0.9, weight_decay=wd, fused=True))
     out["torch SGD-m foreach"] = ("sgd", lambda p: torch.optim.SGD(p, lr=lr, momentum=0.9, weight_decay=wd, foreach=True))
     out["sfoptim AdamW"] = ("adam", lambda p: sfoptim.AdamWScheduleFree(p, lr=lr, weight_decay=wd))
+    out["sfoptim AdamW bf16-state"] = ("adam", lambda p: sfoptim.AdamWScheduleFree(p, lr=lr, weight_decay=wd, state_precision="bf16"))
+    out["sfoptim AdamW 8bit"] = ("adam", lambda p: sfoptim.AdamWScheduleFree(p, lr=lr, weight_decay=wd, state_precision="8bit"))
     out["sfoptim RAdam"] = ("adam", lambda p: sfoptim.RAdamScheduleFree(p, lr=lr, weight_decay=wd))
     out["sfoptim SGD"] = ("sgd", lambda p: sfoptim.SGDScheduleFree(p, lr=lr, weight_decay=wd))
     out["sfoptim ScheduleFree+"] = ("adam", lambda p: _WithLoss(sfoptim.AdamCScheduleFreePlus(p, weight_decay=wd)))

@@ -143,6 +143,9 @@ MUON_INVALID = COMMON_INVALID + WARMUP_INVALID + (
     ("normuon_beta2", 1.0), ("beta_horizon", 0), ("adamw_beta2", 1.0), ("adamw_eps", -1.0),
 )  # fmt: skip
 FAST = frozenset({"foreach", "fused", "state_dtype"})
+#: Low-bit state refuses ``state_dtype`` (its own ValueError names it).
+LOWBIT = frozenset({"foreach", "fused"})
+LOWBIT_INVALID = (("state_precision", "4bit"), ("state_precision", None), ("inner_momentum", 0.5), ("lr", -0.1))
 SGD_KW = dict(lr=0.2, warmup_steps=3, weight_decay=0.01, r=1.0)
 ADAMW_KW = dict(lr=0.02, warmup_steps=5, weight_decay=0.01, weight_lr_power=1.0)
 ADAMW_INNER_KW = dict(lr=0.02, inner_momentum=0.9, betas=(0.8, 0.99), weight_decay=0.05)
@@ -213,6 +216,12 @@ OPTIMIZERS: list[OptimizerInfo] = [
     OptimizerInfo("normuon", sfoptim.MuonScheduleFree, NORMUON_KW, sfoptim.MuonScheduleFreeReference, flags=FAST, distributed=True),
     OptimizerInfo("prodigy", sfoptim.ProdigyScheduleFree, PRODIGY_KW, sfoptim.ProdigyScheduleFreeReference, flags=FAST, invalid=PRODIGY_INVALID, distributed=True),
     OptimizerInfo("prodigy_split", sfoptim.ProdigyScheduleFree, PRODIGY_SPLIT_KW, sfoptim.ProdigyScheduleFreeReference, flags=FAST, distributed=True),
+    # Low-bit state (z bfloat16, v bfloat16 or 8-bit): no independent oracle (tests/test_state_precision.py
+    # checks the math against float64); the fused kernel and the torch path agree bit for bit.
+    OptimizerInfo("adamw_bf16state", sfoptim.AdamWScheduleFree, {**ADAMW_KW, "state_precision": "bf16"}, None, flags=LOWBIT, invalid=LOWBIT_INVALID, fused_kernel=True),
+    OptimizerInfo("adamw_8bit", sfoptim.AdamWScheduleFree, {**ADAMW_KW, "state_precision": "8bit"}, None, flags=LOWBIT, invalid=LOWBIT_INVALID, fused_kernel=True),
+    OptimizerInfo("adamw_8bit_closure", sfoptim.AdamWScheduleFreeClosure, {**ADAMW_KW, "state_precision": "8bit"}, None, closure=True, flags=LOWBIT, fused_kernel=True),
+    OptimizerInfo("radam_8bit", sfoptim.RAdamScheduleFree, {**RADAM_SGD_KW, "state_precision": "8bit"}, None, flags=LOWBIT, fused_kernel=True),
     # The closure forms: parameters hold x between steps.
     OptimizerInfo("sgd_closure", sfoptim.SGDScheduleFreeClosure, SGD_KW, sfoptim.SGDScheduleFreeReference, closure=True, flags=FAST, fused_kernel=True),
     OptimizerInfo("adamw_closure", sfoptim.AdamWScheduleFreeClosure, ADAMW_KW, sfoptim.AdamWScheduleFreeReference, closure=True, flags=FAST, distributed=True, fused_kernel=True, compile=True),

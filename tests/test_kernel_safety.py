@@ -411,7 +411,7 @@ def fuzz_cases(draw: Any) -> dict:
         )
     return dict(
         specs=specs,
-        opt=draw(st.sampled_from(["adamw", "adamw-momentum", "sgd", "radam", "wrapper", "plus"])),
+        opt=draw(st.sampled_from(["adamw", "adamw-momentum", "sgd", "radam", "wrapper", "plus", "adamw-8bit", "adamw-bf16"])),
         state=draw(st.sampled_from(["fresh", "same", "other-shape", "other-dtype", "z-float64", "z-strided", "z-small"])),
         steps=draw(st.integers(1, 3)),
         seed=draw(st.integers(0, 2**16)),
@@ -457,6 +457,9 @@ def _make_opt(kind: str, params: list[torch.nn.Parameter], fused: bool | None, f
         base = torch.optim.SGD(params, lr=0.05, foreach=False)
         return sfoptim.ScheduleFreeWrapper(base, momentum=0.9, weight_decay_at_y=0.01, fused=fused)
     kw: dict[str, Any] = dict(fused=fused, foreach=foreach, weight_decay=0.01)
+    if kind in ("adamw-8bit", "adamw-bf16"):
+        # Low-bit state: the kernel and the torch path round alike, so both give the same bits.
+        return sfoptim.AdamWScheduleFree(params, lr=0.01, state_precision=kind.removeprefix("adamw-"), **kw)
     if kind.startswith("adamw"):
         return sfoptim.AdamWScheduleFree(params, lr=0.01, inner_momentum=0.5 if kind == "adamw-momentum" else 0.0, **kw)
     if kind == "sgd":
@@ -814,6 +817,9 @@ for dtype in d.NARROW:
     d.test_bucket_sums_of_16_bit_tensors_are_exact_float64_sums(dtype)
     d.test_stochastic_rounding_repeats_for_a_seed_on_any_thread_count_and_differs_across_seeds(dtype)
 d.test_stochastic_rounding_option_reaches_the_kernel_for_16_bit_parameters()
+import test_state_precision as sp
+settings(max_examples=40, deadline=None, database=None)(given(case=sp.kernel_cases())(sp.check_kernel_case))()
+sp.test_kernel_refuses_what_it_cannot_take_and_checks_sizes_before_c()
 p = torch.nn.Parameter(torch.randn(100_003)); opt = __import__("sfoptim").AdamWScheduleFree([p])
 for _ in range(3):
     p.grad = torch.ones_like(p); opt.step()

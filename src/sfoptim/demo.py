@@ -331,7 +331,8 @@ def _positive(kind, minimum=None, allow_zero=False):
 def build_parser() -> argparse.ArgumentParser:
     """The options of ``sfoptim demo``; every value is checked here, before any training."""
     table = demo_methods(DEFAULT)
-    listing = "\n".join(f"  {name:<13} {m.label}: {m.tuning()}" + (" [default]" if name in DEFAULT_METHODS else "")
+    width = max(map(len, table))
+    listing = "\n".join(f"  {name:<{width}} {m.label}: {m.tuning()}" + (" [default]" if name in DEFAULT_METHODS else "")
                         for name, m in table.items())
     p = argparse.ArgumentParser(
         prog="sfoptim demo",

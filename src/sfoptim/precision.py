@@ -35,7 +35,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["master_dtype", "stochastic_round_", "write_params", "restore_wide_state", "grads_are_finite"]
+__all__ = [
+    "check_state_precision",
+    "grads_are_finite",
+    "master_dtype",
+    "restore_wide_state",
+    "state_precision",
+    "stochastic_round_",
+    "write_params",
+    "z_dtype",
+]
+
+#: The values of ``state_precision`` (see docs/precision.md and :mod:`sfoptim.backends.lowbit`).
+STATE_PRECISIONS = ("full", "bf16", "8bit")
 
 # Narrow float dtype -> the integer dtype of the same width, for bit-level rounding.
 _FLOAT32_TO: dict[torch.dtype, int] = {torch.bfloat16: 16}
@@ -60,6 +72,41 @@ def master_dtype(group: dict, p: Tensor) -> torch.dtype | None:
     if torch.finfo(p.dtype).bits >= torch.finfo(wide).bits:
         return None
     return wide
+
+
+def state_precision(group: dict) -> str:
+    """The group's ``state_precision`` ("full" where the optimizer has no such option)."""
+    return group.get("state_precision", "full") or "full"
+
+
+def z_dtype(group: dict, p: Tensor) -> torch.dtype | None:
+    """The dtype of ``z`` for ``p`` when it is not the working copy's: bfloat16 with low-bit state, else None."""
+    precision = state_precision(group)
+    if precision == "full":
+        return None
+    if not p.is_floating_point():
+        raise ValueError(f"state_precision={precision!r} needs real floating parameters, not {p.dtype} ones")
+    if type(p) is not Tensor and hasattr(p, "placements"):
+        raise ValueError(f"state_precision={precision!r} does not support sharded (DTensor, FSDP2) parameters yet")
+    return torch.bfloat16
+
+
+def check_state_precision(group: dict) -> None:
+    """Raises ValueError for an unknown ``state_precision`` or one combined with an option it excludes."""
+    value = group.get("state_precision", "full")
+    if not isinstance(value, str) or value not in STATE_PRECISIONS:
+        raise ValueError(f"Invalid state_precision: {value!r} (expected one of {', '.join(map(repr, STATE_PRECISIONS))})")
+    if value == "full":
+        return
+    if group.get("state_dtype") is not None:
+        raise ValueError(
+            f"Invalid state_precision: {value!r} together with state_dtype={group['state_dtype']}; the low-bit formats "
+            "keep z and the second moment narrower than the parameter, state_dtype keeps them wider: choose one"
+        )
+    if group.get("inner_momentum", 0.0) > 0:
+        raise ValueError(f"Invalid state_precision: {value!r} with inner_momentum > 0 (the low-bit formats have no exp_avg)")
+    if group.get("decay_at", "y") == "z" and group.get("weight_decay", 0) != 0:
+        raise ValueError(f"Invalid state_precision: {value!r} with decay_at='z' (the low-bit step decays at y)")
 
 
 def check_state_dtype(value: Any) -> None:

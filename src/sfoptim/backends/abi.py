@@ -23,7 +23,7 @@ __all__ = ["ABI_VERSION", "KERNEL_SCALARS", "KIND_SLOTS", "Bucket", "BucketSum",
 
 #: The version of the C kernel's entry points (``sf_abi_version``); a cached
 #: library that reports another is not used.
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 
 class Bucket(NamedTuple):
@@ -82,7 +82,7 @@ class BucketSum(enum.IntEnum):
 
 
 class KernelSpec(NamedTuple):
-    """A direction's description of its one-pass kernel for one step.
+    r"""A direction's description of its one-pass kernel for one step.
 
     Attributes:
         kind: the kernel family.
@@ -90,11 +90,17 @@ class KernelSpec(NamedTuple):
             order: the second moment ``v``, then the first moment ``m`` (a
             family that needs fewer slots gets a shorter tuple).
         scalars: values of the family's entries of :data:`KERNEL_SCALARS`.
+        state_precision: ``"full"`` (the buffers and ``z`` in the parameter's
+            dtype), or the low-bit formats of :mod:`sfoptim.backends.lowbit`
+            (``ADAM``/``SGD_V`` without ``m``): ``"bf16"`` (buffers: ``v`` in
+            bfloat16) or ``"8bit"`` (buffers: the codes of :math:`\sqrt v`, then
+            their block exponents); ``z`` is bfloat16 in both.
     """
 
     kind: Kind
     buffers: tuple[str, ...] = ()
     scalars: Mapping[str, float] = {}
+    state_precision: str = "full"
 
 
 class DirectionHooks(Protocol):

@@ -590,5 +590,188 @@ SF_SUMS_ENTRY(double, double, double)
 SF_SUMS_ENTRY(bfloat16, bf16, sf_bf16)
 SF_SUMS_ENTRY(float16, f16, sf_f16)
 
+/*
+ * Low-bit state (schedule-free Adam with state_precision "bf16" or "8bit").
+ *
+ * sf_lowbit_step_<P>, for parameters (y, g) of P in float, bfloat16, float16:
+ * z is bfloat16; v is bfloat16 (vformat SF_LB_BF16) or, with SF_LB_8BIT, the
+ * square root s of v in 8-bit codes with one int8 exponent E per block of
+ * SF_LB_BLOCK elements of a tensor. A code c = 16e + m stands for
+ * q = (1 + m/16) 2^(e-15) (e >= 1) or m 2^-18 (e = 0), and s = q 2^E, with E
+ * the smallest exponent that puts the block's largest s at or below
+ * 1.9375 2^E. sfoptim/backends/lowbit.py states why, and is the same step in
+ * torch operations, bit for bit: every operation below is one torch does in
+ * float32, in the same order, and the random bits are the same hash.
+ *
+ * Per element, in float:
+ *   v' = beta2 v + (1-beta2) g^2;  s = sqrt(v')
+ *   d  = g / (s * (1/sqrt(bc2)) + eps) + wd*y     (SF_SGD_V: g + wd*y)
+ *   y <- lerp(y, z, c) + lr*(beta*(1-c) - 1)*d;  z <- z - lr*d
+ * z and v' are rounded stochastically (bit 0 of `rounding`; to nearest
+ * without), y to nearest or, for 16-bit parameters with bit 1, stochastically.
+ * One hash per element (sf_lb_random, keyed by sf_key_for) serves both: its
+ * high 16 bits round z, its low 16 bits (shifted up) round v.
+ * The direction uses v' before it is rounded. Work goes block by block
+ * through float arrays on the stack, so the block maximum of s is known
+ * before its elements are coded; blocks never straddle chunks (SF_CHUNK is a
+ * multiple of SF_LB_BLOCK).
+ */
+#define SF_LB_BLOCK 512
+#define SF_LB_BF16 1
+#define SF_LB_8BIT 2
+#if SF_CHUNK % SF_LB_BLOCK
+#error "SF_CHUNK must be a multiple of SF_LB_BLOCK"
+#endif
+/* 1.9375 * 2^64: larger square roots (whose square overflows float) and NaN are coded as this. */
+#define SF_LB_SMAX 35740566642812256256.0f
+
+/* One round of the hash per element (sf_random takes two): a bijection of the
+ * element index for each key, plenty for rounding, half the multiplies. */
+static inline uint32_t sf_lb_random(sf_key k, uint32_t index) { return sf_mix32(index ^ k.a) + k.b; }
+
+static inline float sf_pow2(int32_t e) { return sf_from_bits((uint32_t)(e + 127) << 23); }
+
+static inline float sf_lb_decode(uint8_t c) {
+    const float normal = sf_from_bits(((uint32_t)c + 1792u) << 19);
+    const float sub = (float)c * 3.814697265625e-06f; /* 2^-18 */
+    return SF_PICK_float(c >= 16, normal, sub);
+}
+
+static inline uint8_t sf_lb_encode(float q, uint32_t r) {
+    const uint32_t u = sf_to_bits(q);
+    uint32_t normal = ((u + (r >> 13)) >> 19) - 1792u;
+    normal = normal > 255u ? 255u : normal;
+    const float t = q * 262144.0f;
+    const int32_t whole = (int32_t)t;
+    const int32_t frac = (int32_t)((t - (float)whole) * 16777216.0f);
+    const uint32_t sub = (uint32_t)whole + (uint32_t)(frac > (int32_t)(r >> 8));
+    return (uint8_t)sf_select(u >= (113u << 23), normal, sub);
+}
+
+/* The exponent of a block whose largest (coded) square root is mx >= 0. */
+static inline int32_t sf_lb_exponent(float mx) {
+    int32_t e = mx > 0.0f ? (int32_t)(sf_to_bits(mx) >> 23) - 127 : 0;
+    return e + (mx > sf_pow2(e) * 1.9375f);
+}
+
+#define SF_LOWBIT_ENTRY(NAME, F, S)                                                                      \
+    static inline __attribute__((always_inline)) void sf_lowbit_block_##NAME(                           \
+        S *restrict y, const S *restrict g, sf_bf16 *restrict z, void *restrict vp, int8_t *restrict ex, \
+        int64_t len, const sf_scalars *s, const int mode, const int vformat, const int rounding,         \
+        const sf_key *keys, uint32_t at) {                                                               \
+        float yb[SF_LB_BLOCK], zb[SF_LB_BLOCK], vb[SF_LB_BLOCK];                                        \
+        const float c = (float)s[SF_CKP1], lr = (float)s[SF_LR], wd = (float)s[SF_WD];                  \
+        const float ystep = (float)(s[SF_LR] * (s[SF_BETA] * (1.0 - s[SF_CKP1]) - 1.0));                \
+        const float b2 = (float)s[SF_BETA2], omb2 = (float)(1.0 - s[SF_BETA2]);                         \
+        const float rsbc2 = (float)(1.0 / sqrt(s[SF_BC2])), eps = (float)s[SF_EPS];                     \
+        const int upper = s[SF_CKP1] >= 0.5;                                                            \
+        const float omc = (float)(1.0 - s[SF_CKP1]);                                                    \
+        const int sr = rounding & 1, ysr = (rounding & 2) && SF_NARROW_##F;                             \
+        const float scale = vformat == SF_LB_8BIT ? sf_pow2(ex[0]) : 1.0f;                              \
+        const sf_bf16 *restrict v16 = (const sf_bf16 *)vp;                                              \
+        const uint8_t *restrict v8 = (const uint8_t *)vp;                                               \
+        float mx = 0.0f;                                                                                \
+        /* One pass: read, step, write y, keep z and v (or s, clamped) for rounding. */                 \
+        _Pragma("omp simd reduction(max:mx)")                                                           \
+        for (int64_t i = 0; i < len; i++) {                                                             \
+            const float yi = SF_LOAD_##F(y[i]), gi = SF_LOAD_##F(g[i]), zi = sf_bf16_load(z[i]);        \
+            float vo;                                                                                   \
+            if (vformat == SF_LB_BF16) {                                                                \
+                vo = sf_bf16_load(v16[i]);                                                              \
+            } else {                                                                                    \
+                const float so = sf_lb_decode(v8[i]) * scale;                                           \
+                vo = so * so;                                                                           \
+            }                                                                                           \
+            const float vi = b2 * vo + omb2 * gi * gi, si = sqrtf(vi);                                  \
+            float d = mode == SF_ADAM ? gi / (si * rsbc2 + eps) : gi;                                   \
+            d = d + wd * yi;                                                                            \
+            const float diff = zi - yi;                                                                 \
+            const float from_z = zi - diff * omc, from_y = yi + c * diff;                               \
+            const float lerped = SF_PICK_float(upper, from_z, from_y);                                  \
+            const float yn = lerped + ystep * d;                                                        \
+            y[i] = SF_NEAR_##F(yn);                                                                     \
+            if (SF_NARROW_##F) yb[i] = yn;                                                              \
+            zb[i] = zi - lr * d;                                                                        \
+            const float keep = vformat == SF_LB_BF16 ? vi : (si <= SF_LB_SMAX ? si : SF_LB_SMAX);       \
+            vb[i] = keep;                                                                               \
+            mx = keep > mx ? keep : mx;                                                                 \
+        }                                                                                               \
+        if (ysr) {                                                                                      \
+            _Pragma("omp simd")                                                                         \
+            for (int64_t i = 0; i < len; i++) y[i] = SF_SR_##F(yb[i], sf_lb_random(keys[SF_STREAM_Y], at + (uint32_t)i)); \
+        }                                                                                               \
+        uint32_t rb[SF_LB_BLOCK];                                                                        \
+        if (sr) {                                                                                        \
+            _Pragma("omp simd")                                                                          \
+            for (int64_t i = 0; i < len; i++) {                                                          \
+                const uint32_t r = sf_lb_random(keys[SF_STREAM_Z], at + (uint32_t)i);                       \
+                z[i] = sf_bf16_stochastic(zb[i], r);                                                     \
+                rb[i] = r << 16;                                                                         \
+            }                                                                                            \
+        } else {                                                                                         \
+            _Pragma("omp simd")                                                                          \
+            for (int64_t i = 0; i < len; i++) z[i] = sf_bf16_nearest(zb[i]);                             \
+        }                                                                                                \
+        if (vformat == SF_LB_BF16) {                                                                     \
+            sf_bf16 *restrict v = (sf_bf16 *)vp;                                                         \
+            if (sr) {                                                                                    \
+                _Pragma("omp simd")                                                                      \
+                for (int64_t i = 0; i < len; i++) v[i] = sf_bf16_stochastic(vb[i], rb[i]);               \
+            } else {                                                                                     \
+                _Pragma("omp simd")                                                                      \
+                for (int64_t i = 0; i < len; i++) v[i] = sf_bf16_nearest(vb[i]);                         \
+            }                                                                                            \
+        } else {                                                                                         \
+            uint8_t *restrict v = (uint8_t *)vp;                                                         \
+            const int32_t e = sf_lb_exponent(mx);                                                        \
+            const float inv = sf_pow2(-e);                                                               \
+            ex[0] = (int8_t)e;                                                                           \
+            _Pragma("omp simd")                                                                          \
+            for (int64_t i = 0; i < len; i++) {                                                          \
+                v[i] = sf_lb_encode(vb[i] * inv, sr ? rb[i] : 0x80000000u);                              \
+            }                                                                                            \
+        }                                                                                                \
+    }                                                                                                    \
+    int sf_lowbit_step_##NAME(int64_t n, S **y, S **g, sf_bf16 **z, void **v, int8_t **ex,              \
+                              const int64_t *sizes, const sf_scalars *s, int mode, int vformat,          \
+                              int rounding, uint64_t seed, int nthreads) {                               \
+        int64_t count = 0;                                                                               \
+        sf_chunk *chunks = make_chunks(n, sizes, &count, &nthreads);                                     \
+        if (!chunks) return -1;                                                                          \
+        _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)")              \
+        for (int64_t k = 0; k < count; k++) {                                                            \
+            const int64_t i = chunks[k].idx, o = chunks[k].start, len = chunks[k].len;                   \
+            sf_key keys[SF_STREAMS];                                                                     \
+            for (int st = 0; st < SF_STREAMS; st++) keys[st] = sf_key_for(seed, st, i, o);               \
+            const int64_t vsize = vformat == SF_LB_BF16 ? 2 : 1;                                         \
+            char *vbase = (char *)v[i];                                                                  \
+            for (int64_t b = 0; b < len; b += SF_LB_BLOCK) {                                             \
+                const int64_t at = o + b, bl = len - b < SF_LB_BLOCK ? len - b : SF_LB_BLOCK;            \
+                int8_t *eb = vformat == SF_LB_8BIT ? ex[i] + at / SF_LB_BLOCK : 0;                       \
+                /* Constant family and format at each call, so each inlined copy is one vector loop. */  \
+                if (mode == SF_SGD_V && vformat == SF_LB_BF16)                                           \
+                    SF_LB_CALL(NAME, SF_SGD_V, SF_LB_BF16);                                              \
+                else if (mode == SF_SGD_V)                                                               \
+                    SF_LB_CALL(NAME, SF_SGD_V, SF_LB_8BIT);                                              \
+                else if (vformat == SF_LB_BF16)                                                          \
+                    SF_LB_CALL(NAME, SF_ADAM, SF_LB_BF16);                                               \
+                else                                                                                     \
+                    SF_LB_CALL(NAME, SF_ADAM, SF_LB_8BIT);                                               \
+            }                                                                                            \
+        }                                                                                                \
+        free(chunks);                                                                                    \
+        return 0;                                                                                        \
+    }
+
+#define SF_LB_CALL(NAME, MODE, FMT)                                                                     \
+    sf_lowbit_block_##NAME(y[i] + at, g[i] + at, z[i] + at, vbase + at * vsize, eb, bl, s, MODE, FMT, rounding, \
+                           keys, (uint32_t)at)
+#define SF_NARROW_float 0
+#define SF_NARROW_bf16 1
+#define SF_NARROW_f16 1
+SF_LOWBIT_ENTRY(float, float, float)
+SF_LOWBIT_ENTRY(bfloat16, bf16, sf_bf16)
+SF_LOWBIT_ENTRY(float16, f16, sf_f16)
+
 /* Lets the loader check that the library it found is the one it built. */
 int sf_abi_version(void) { return SF_ABI_VERSION; }

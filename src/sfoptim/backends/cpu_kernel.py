@@ -65,8 +65,9 @@ from torch import Tensor
 from . import kernel_cache
 from .abi import ABI_VERSION, KERNEL_SCALARS, KIND_SLOTS, BucketSum, Kind, build_defines
 from .compiled import update_one
+from .lowbit import num_blocks
 
-__all__ = ["NARROW", "available", "step", "sums", "wrap_before", "wrap_after"]
+__all__ = ["NARROW", "available", "lowbit_step", "step", "sums", "wrap_before", "wrap_after"]
 
 _SOURCE = Path(__file__).with_name("cpu_kernel.c")
 _DEFINES = build_defines()
@@ -104,6 +105,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn = getattr(lib, f"sf_sums_{t}")
         fn.argtypes = [i64, ptrs, ptrs, ptrs, ptrs, cint, ctypes.POINTER(ctypes.c_double), cint]
         fn.restype = cint
+        if t != "double":
+            fn = getattr(lib, f"sf_lowbit_step_{t}")
+            fn.argtypes = [i64, ptrs, ptrs, ptrs, ptrs, ptrs, ptrs, ctypes.POINTER(ctypes.c_double), cint, cint, cint, ctypes.c_uint64, cint]
+            fn.restype = cint
         for name in ("sf_wrap_before", "sf_wrap_after"):
             fn = getattr(lib, f"{name}_{t}")
             fn.argtypes = [i64, ptrs, ptrs, ptrs, dbl, dbl, cint]
@@ -284,6 +289,7 @@ def _refuse(reason: str, explicit: bool) -> bool:
             "dtype": "dtypes other than float64, float32, bfloat16 and float16",
             "layout": "non-contiguous tensors, tensor subclasses such as DTensor, or mixed dtypes",
             "alias": "parameters or state that share memory (a parameter listed twice, overlapping views)",
+            "lowbit-dtype": "low-bit state (state_precision) of parameters other than float32, bfloat16 and float16",
         }[reason]
         _warn_once(reason, f"sfoptim: fused=True does not support {what}; using the foreach implementation for them.")
     return False
@@ -414,6 +420,112 @@ def wrap_before(ys: list[Tensor], zs: list[Tensor], lr_decay: float, beta: float
 def wrap_after(xs: list[Tensor], zs: list[Tensor], ckp1: float, beta: float, explicit: bool = False) -> bool:
     r"""The wrapper's post-step in one pass: ``x = lerp(x, z, c)``, then ``lerp(x, z, 1-\beta)`` (the new ``y``)."""
     return _wrap_call("sf_wrap_after", xs, zs, ckp1, beta, explicit)
+
+
+#: Formats of the low-bit kernel's v (cpu_kernel.c: SF_LB_BF16, SF_LB_8BIT).
+_LOWBIT_FORMATS = {"bf16": 1, "8bit": 2}
+_LOWBIT_PARAMS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _inspect_lowbit(
+    ys: list[Tensor], grads: list[Tensor], zs: list[Tensor], vs: list[Tensor], exps: list[Tensor] | None
+) -> str | tuple[array.array, int]:
+    """Checks every tensor of a low-bit kernel call: a refusal reason, or (pointer table, n).
+
+    Same contract as :func:`_inspect`, for lists of different dtypes: ``ys``
+    and ``grads`` of one dtype in float32/bfloat16/float16, ``zs`` bfloat16,
+    ``vs`` bfloat16 (no ``exps``) or uint8 with ``exps`` int8 of
+    :func:`~sfoptim.backends.lowbit.num_blocks` elements; every tensor dense,
+    contiguous, a plain CPU tensor, no byte reachable twice. A state buffer
+    whose shape or size is not its parameter's raises RuntimeError.
+    """
+    first = ys[0]
+    if not first.is_cpu:
+        return "cpu"
+    dtype = first.dtype
+    if dtype not in _LOWBIT_PARAMS:
+        return "lowbit-dtype"
+    n = len(ys)
+    lists = [ys, grads, zs, vs] + ([exps] if exps is not None else [])
+    for lst in lists:
+        if len(lst) != n:
+            raise RuntimeError(f"sfoptim fused kernel: tensor lists of different lengths ({len(lst)} and {n})")
+    shapes = list(map(_shape_of, ys))
+    for lst in (grads, zs, vs):
+        if list(map(_shape_of, lst)) != shapes:
+            i = next(i for i, (t, s) in enumerate(zip(lst, shapes)) if t.shape != s)
+            raise RuntimeError(
+                f"sfoptim: tensor {i} of a bucket has shape {tuple(shapes[i])} but its state or gradient has "
+                f"shape {tuple(lst[i].shape)}; the optimizer state does not belong to this parameter"
+            )
+    sizes = list(map(Tensor.numel, ys))
+    if exps is not None and list(map(Tensor.numel, exps)) != [num_blocks(s) for s in sizes]:
+        raise RuntimeError("sfoptim: an 8-bit second moment has the wrong number of block exponents for its parameter")
+    flat = list(itertools.chain.from_iterable(lists))
+    if set(map(type, flat)) != _PLAIN or not all(map(_is_cpu, flat)) or not all(map(Tensor.is_contiguous, flat)):
+        return "layout"
+    v_dtype = torch.uint8 if exps is not None else torch.bfloat16
+    wanted = [dtype, dtype, torch.bfloat16, v_dtype] + ([torch.int8] if exps is not None else [])
+    if any(list(map(_dtype_of, lst)).count(want) != n for lst, want in zip(lists, wanted)):
+        return "layout"
+    pointers = list(map(Tensor.data_ptr, flat))
+    nbytes = list(itertools.chain.from_iterable([t.numel() * t.element_size() for t in lst] for lst in lists))
+    spans = sorted((start, start + size) for start, size in zip(pointers, nbytes) if size)
+    if any(b[0] < a[1] for a, b in zip(spans, spans[1:])):
+        return "alias"
+    table = array.array("q", pointers)
+    table.extend(sizes)
+    return table, n
+
+
+def lowbit_step(
+    ys: list[Tensor],
+    grads: list[Tensor],
+    zs: list[Tensor],
+    vs: list[Tensor],
+    exps: list[Tensor] | None,
+    kind: Kind,
+    scalars: Sequence[float],
+    seed: int | None,
+    stochastic_y: bool = False,
+    explicit: bool = False,
+) -> bool:
+    r"""One fused schedule-free Adam step with low-bit state; False (nothing changed) if it cannot run here.
+
+    The math and the formats are those of :func:`sfoptim.backends.lowbit.step`
+    (``z`` bfloat16; ``v`` bfloat16, or 8-bit codes of :math:`\sqrt v` with
+    int8 block exponents ``exps``), and so are the bits: ``z`` and ``v`` are
+    rounded stochastically with random bits from ``seed`` (None: to nearest).
+    ``stochastic_y`` rounds 16-bit parameters stochastically too (the torch
+    implementation rounds them to nearest). ``kind`` is ``ADAM`` or ``SGD_V``.
+    """
+    if not ys:
+        return True
+    if kind not in (Kind.ADAM, Kind.SGD_V):
+        raise ValueError(f"sfoptim low-bit kernel: direction kind {kind!r} is not ADAM or SGD_V")
+    checked = _inspect_lowbit(ys, grads, zs, vs, exps)
+    if isinstance(checked, str):
+        return _refuse(checked, explicit)
+    lib = _load()
+    if lib is None:
+        return False
+    table, n = checked
+    lists = 5 if exps is not None else 4
+    address = table.buffer_info()[0]
+
+    def arr(k: int) -> int:
+        return address + k * n * table.itemsize
+
+    fn = getattr(lib, f"sf_lowbit_step_{_DTYPES[ys[0].dtype]}")
+    rc = fn(
+        n, arr(0), arr(1), arr(2), arr(3), arr(4) if exps is not None else None, arr(lists),
+        _Scalars(*scalars), int(kind), _LOWBIT_FORMATS["8bit" if exps is not None else "bf16"],
+        int(seed is not None) | (2 * int(bool(stochastic_y) and ys[0].dtype in NARROW)),
+        (seed or 0) & 0xFFFF_FFFF_FFFF_FFFF, torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("sfoptim fused kernel: out of memory for its work list")
+    return True
 
 
 @torch.library.custom_op("sfoptim::cpu_kernel_step", mutates_args=("ys", "zs", "v", "m"), device_types="cpu")

@@ -20,6 +20,14 @@ Policy, per bucket (tensors of one device and dtype):
   bucket and step, so ``torch.manual_seed`` makes it repeatable). Under
   ``torch.compile`` such a stochastic bucket is updated eagerly.
 * what no kernel took: ``foreach=False`` one tensor at a time, else foreach.
+* low-bit state (a :class:`KernelSpec` with ``state_precision`` "bf16" or
+  "8bit"): the C kernel's low-bit step where the policy allows a kernel on
+  CPU, else the same step in torch operations (:mod:`.lowbit`), eagerly also
+  under ``torch.compile``; both round stochastically with a seed that is a
+  function of the group's step count and the bucket's layout (not of torch's
+  generator: a resumed run continues bit for bit, and every rank of a
+  data-parallel run rounds alike), and agree bit for bit on float32
+  parameters.
 
 The same policy covers the wrapper's bookkeeping around its base optimizer,
 and a direction's bucket sums (:attr:`Direction.bucket_sums`): where the
@@ -37,13 +45,14 @@ elsewhere).
 from __future__ import annotations
 
 import warnings
+import zlib
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from . import compiled, cpu_kernel, foreach
+from . import compiled, cpu_kernel, foreach, lowbit
 from .abi import KERNEL_SCALARS, Bucket, Kind
 from .abi import DirectionHooks as Direction
 
@@ -124,6 +133,9 @@ def prepare(
 def run(u: BucketStep) -> None:
     """Executes ``u`` now: on the kernel the policy allows, else (and where the kernel refuses) foreach."""
     call = u.kernel
+    if call is not None and call.state_precision != "full":
+        _run_lowbit(u, call)
+        return
     if call is not None and u.backend is not None:
         b = u.bucket
         rounding = {"seed": _stochastic_seed()} if u.backend is cpu_kernel and _stochastic(u.group, b) else {}
@@ -147,7 +159,7 @@ def traced(u: BucketStep) -> TracedCall | None:
         _foreach(u)
         return None
     device = u.bucket.params[0].device
-    if u.backend is cpu_kernel and _stochastic(u.group, u.bucket):
+    if call.state_precision != "full" or (u.backend is cpu_kernel and _stochastic(u.group, u.bucket)):
         # The traced operator rounds to nearest; stochastic rounding takes the eager kernel.
         run(u)
         return None
@@ -156,6 +168,25 @@ def traced(u: BucketStep) -> TracedCall | None:
         scalars = scalars.to(device)
     cpu_op = device.type == "cpu" and _kernel_allowed(u.fused, u.foreach_flag) and cpu_kernel.available()
     return TracedCall(u.bucket, int(call.kind), call.slots, scalars, cpu_op)
+
+
+def _run_lowbit(u: BucketStep, call: KernelCall) -> None:
+    """A bucket with low-bit state: the C kernel where allowed and possible, else torch operations (same bits)."""
+    b = u.bucket
+    seed = _lowbit_seed(u.step, b)
+    vs, exps = call.slots[0], (call.slots[1] if call.state_precision == "8bit" else None)
+    if u.backend is cpu_kernel and cpu_kernel.lowbit_step(
+        b.params, b.grads, b.z, vs, exps, call.kind, call.scalars, seed, _stochastic(u.group, b), explicit=u.fused is True
+    ):
+        return
+    lowbit.step(b.params, b.grads, b.z, vs, exps, call.kind, call.scalars, seed)
+
+
+def _lowbit_seed(step_index: int, bucket: Bucket) -> int:
+    """The rounding seed of a low-bit bucket: its step count, dtype, device and sizes, hashed (no random state)."""
+    first = bucket.params[0]
+    layout = f"{first.device.type}/{first.dtype}/{len(bucket.params)}/{sum(t.numel() for t in bucket.params)}"
+    return (zlib.crc32(layout.encode()) << 32 | (step_index & 0xFFFF_FFFF)) & 0xFFFF_FFFF_FFFF_FFFF
 
 
 def _stochastic(group: dict, bucket: Bucket) -> bool:
@@ -213,6 +244,8 @@ class KernelCall(NamedTuple):
     slots: list[list[Tensor]]
     #: The values of :data:`KERNEL_SCALARS`, in order.
     scalars: list[Any]
+    #: The state's format (:attr:`KernelSpec.state_precision`).
+    state_precision: str = "full"
 
 
 def _kernel_call(
@@ -243,7 +276,9 @@ def _kernel_call(
         return None
     values = dict(_SCALAR_DEFAULTS, lr=lr, ckp1=ckp1, beta=beta, wd=weight_decay)
     values.update(spec.scalars)
-    return KernelCall(spec.kind, [bucket.buffers[name] for name in spec.buffers], [values[name] for name in KERNEL_SCALARS])
+    return KernelCall(
+        spec.kind, [bucket.buffers[name] for name in spec.buffers], [values[name] for name in KERNEL_SCALARS], spec.state_precision
+    )
 
 
 def _wrap(name: str, a: list[Tensor], b: list[Tensor], scalar: float, beta: float, fused: bool | None) -> None:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import _validation
+from ..backends import lowbit
 from ..engine import ClosureForm, ScheduleFreeOptimizer, with_backend_args
 from .base import Bucket, Direction, KernelSpec, Kind, warmup_lr
 
@@ -31,7 +32,35 @@ __all__ = [
     "AdamWScheduleFreeClosure",
     "AdamWScheduleFreePaper",
     "adam_direction",
+    "lowbit_buffers",
+    "new_lowbit_buffer",
 ]
+
+#: The second-moment buffers of each ``state_precision``.
+_V_BUFFERS = {"full": ("exp_avg_sq",), "bf16": ("exp_avg_sq",), "8bit": ("exp_avg_sq_code", "exp_avg_sq_exp")}
+
+
+def lowbit_buffers(group: dict) -> tuple[str, ...] | None:
+    """The second-moment buffers of a group with low-bit state, or None with ``state_precision="full"``."""
+    precision = group.get("state_precision", "full")
+    return None if precision == "full" else _V_BUFFERS[precision]
+
+
+def new_lowbit_buffer(group: dict, name: str, like: Tensor) -> Tensor:
+    r"""A zero second moment of a low-bit group for a parameter like ``like``.
+
+    ``"bf16"``: ``exp_avg_sq`` in bfloat16. ``"8bit"``: ``exp_avg_sq_code``,
+    uint8 codes of :math:`\sqrt v` in the parameter's shape, and
+    ``exp_avg_sq_exp``, one int8 exponent per block of
+    :data:`~sfoptim.backends.lowbit.BLOCK` elements (flattened, row-major).
+    """
+    if like.is_complex():
+        raise ValueError(f"state_precision={group['state_precision']!r} needs real parameters, not {like.dtype} ones")
+    if name == "exp_avg_sq":
+        return torch.zeros(like.shape, dtype=torch.bfloat16, device=like.device)
+    if name == "exp_avg_sq_code":
+        return torch.zeros(like.shape, dtype=torch.uint8, device=like.device)
+    return torch.zeros(lowbit.num_blocks(like.numel()), dtype=torch.int8, device=like.device)
 
 
 def update_second_moment(exp_avg_sq: list[Tensor], grads: list[Tensor], beta2: float) -> None:
@@ -92,9 +121,17 @@ class AdamDirection(Direction):
         return lr * math.sqrt(1 - group["betas"][1] ** step) if self.paper else lr
 
     def state_buffers(self, group: dict) -> tuple[str, ...]:
+        low = lowbit_buffers(group)
+        if low is not None:
+            return low
         if group.get("inner_momentum", 0.0) > 0:
             return ("exp_avg_sq", "exp_avg")
         return ("exp_avg_sq",)
+
+    def new_buffer(self, group: dict, name: str, like: Tensor) -> Tensor:
+        if lowbit_buffers(group) is not None:
+            return new_lowbit_buffer(group, name, like)
+        return super().new_buffer(group, name, like)
 
     def foreach(self, group: dict, step: int, bucket: Bucket, reduced: Mapping[str, Tensor]) -> tuple[list[Tensor], bool]:
         inner = group.get("inner_momentum", 0.0)
@@ -119,7 +156,7 @@ class AdamDirection(Direction):
             "mu": inner,
             "bc1": 1 - inner**step,
         }
-        return KernelSpec(Kind.ADAM, self.state_buffers(group), scalars)
+        return KernelSpec(Kind.ADAM, self.state_buffers(group), scalars, group.get("state_precision", "full"))
 
 
 @with_backend_args
@@ -145,9 +182,19 @@ class AdamWScheduleFree(ScheduleFreeOptimizer):
         {backend_args}
         inner_momentum: :math:`\mu \in [0, 1)`, an EMA of the gradient inside the
             Adam direction (default 0: no buffer is allocated).
+        state_precision: how ``z`` and the second moment are stored (see
+            ``docs/precision.md``). ``"full"`` (default): in the parameter's
+            dtype. ``"bf16"``: both in bfloat16 (4 bytes per parameter).
+            ``"8bit"``: ``z`` in bfloat16, :math:`\sqrt v` in 8-bit codes with
+            a power-of-two scale per block of 512 elements (3.002 bytes per
+            parameter; :mod:`sfoptim.backends.lowbit`). Both round every stored
+            value stochastically and take the step's direction from the new
+            :math:`v` before it is rounded; neither combines with
+            ``state_dtype``, ``inner_momentum`` or decay at ``z``.
 
     State per parameter: ``z`` and ``exp_avg_sq`` (plus ``exp_avg`` when
-    ``inner_momentum > 0``).
+    ``inner_momentum > 0``); with ``state_precision="8bit"``, ``z``,
+    ``exp_avg_sq_code`` and ``exp_avg_sq_exp``.
 
     Example::
 
@@ -175,6 +222,7 @@ class AdamWScheduleFree(ScheduleFreeOptimizer):
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
         fused: bool | None = None,
+        state_precision: str = "full",
     ) -> None:
         defaults = dict(
             fused=fused,
@@ -189,6 +237,7 @@ class AdamWScheduleFree(ScheduleFreeOptimizer):
             inner_momentum=inner_momentum,
             state_dtype=state_dtype,
             stochastic_rounding=stochastic_rounding,
+            state_precision=state_precision,
         )
         super().__init__(params, defaults)
 

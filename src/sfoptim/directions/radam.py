@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .. import _validation
 from ..engine import ClosureForm, ScheduleFreeOptimizer, with_backend_args
-from .adamw import adam_direction, update_second_moment
+from .adamw import adam_direction, lowbit_buffers, new_lowbit_buffer, update_second_moment
 from .base import Bucket, Direction, KernelSpec, Kind
 
 __all__ = ["RAdamDirection", "RAdamScheduleFree", "RAdamScheduleFreeClosure", "radam_rectification"]
@@ -53,7 +53,12 @@ class RAdamDirection(Direction):
         return float(group["lr"]) * rect
 
     def state_buffers(self, group: dict) -> tuple[str, ...]:
-        return ("exp_avg_sq",)
+        return lowbit_buffers(group) or ("exp_avg_sq",)
+
+    def new_buffer(self, group: dict, name: str, like: Tensor) -> Tensor:
+        if lowbit_buffers(group) is not None:
+            return new_lowbit_buffer(group, name, like)
+        return super().new_buffer(group, name, like)
 
     def foreach(self, group: dict, step: int, bucket: Bucket, reduced: Mapping[str, Tensor]) -> tuple[list[Tensor], bool]:
         beta2 = group["betas"][1]
@@ -64,9 +69,10 @@ class RAdamDirection(Direction):
 
     def kernel(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> KernelSpec | None:
         beta2 = group["betas"][1]
+        buffers, precision = self.state_buffers(group), group.get("state_precision", "full")
         if radam_rectification(step, beta2) is None:
-            return KernelSpec(Kind.SGD_V, ("exp_avg_sq",), {"beta2": beta2})
-        return KernelSpec(Kind.ADAM, ("exp_avg_sq",), {"beta2": beta2, "bc2": 1 - beta2**step, "eps": group["eps"]})
+            return KernelSpec(Kind.SGD_V, buffers, {"beta2": beta2}, precision)
+        return KernelSpec(Kind.ADAM, buffers, {"beta2": beta2, "bc2": 1 - beta2**step, "eps": group["eps"]}, precision)
 
 
 @with_backend_args
@@ -85,6 +91,8 @@ class RAdamScheduleFree(ScheduleFreeOptimizer):
         {backend_args}
         silent_sgd_phase: if True (default) the steps before the rectifier
             exists change nothing; if False they are SGD steps.
+        state_precision: ``"full"`` (default), ``"bf16"`` or ``"8bit"``, as for
+            :class:`~sfoptim.AdamWScheduleFree`.
     """
 
     direction = RAdamDirection()
@@ -103,6 +111,7 @@ class RAdamScheduleFree(ScheduleFreeOptimizer):
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
         fused: bool | None = None,
+        state_precision: str = "full",
     ) -> None:
         defaults = dict(
             fused=fused,
@@ -116,6 +125,7 @@ class RAdamScheduleFree(ScheduleFreeOptimizer):
             silent_sgd_phase=silent_sgd_phase,
             state_dtype=state_dtype,
             stochastic_rounding=stochastic_rounding,
+            state_precision=state_precision,
         )
         super().__init__(params, defaults)
 

@@ -27,7 +27,7 @@ from ..backends.abi import Bucket
 from . import state_checks
 from . import step as _step
 from .direction import DelegatedDirection, Direction
-from .step import GroupStep, real
+from .step import GroupStep, lerp_to_z, real
 
 __all__ = ["ClosureForm", "ModeError", "ScheduleFreeOptimizer", "with_backend_args"]
 
@@ -177,6 +177,12 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         _validation.check_nonnegative("r", group[self.group_key("r")])
         _validation.check_nonnegative("weight_lr_power", group[self.group_key("weight_lr_power")])
         precision.check_state_dtype(self.option(group, "state_dtype"))
+        precision.check_state_precision(group)
+        if "state_precision" not in self.defaults and precision.state_precision(group) != "full":
+            raise ValueError(
+                f"Invalid state_precision: {group['state_precision']!r}; {type(self).__name__} keeps its state in "
+                "the parameters' dtype (state_precision is an option of AdamW and RAdam)"
+            )
         # Averaging options any group may set (off when absent).
         if group.get(self.group_key("decoupling_c")) is not None:
             _validation.check_in_range("decoupling_c", group[self.group_key("decoupling_c")], 0.0, math.inf, low_open=True, high_open=True)
@@ -258,13 +264,13 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
     def _params_to_x(self, group: dict) -> None:
         ps, zs = self._params_with_z(group)
         if ps:
-            torch._foreach_lerp_(ps, zs, 1 - 1 / self.y_beta(group))
+            lerp_to_z(ps, zs, 1 - 1 / self.y_beta(group))
             self._sync_params(group, group["params"])
 
     def _params_to_y(self, group: dict) -> None:
         ps, zs = self._params_with_z(group)
         if ps:
-            torch._foreach_lerp_(ps, zs, 1 - self.y_beta(group))
+            lerp_to_z(ps, zs, 1 - self.y_beta(group))
             self._sync_params(group, group["params"])
 
     def _sync_params(self, group: dict, params: list[Tensor]) -> None:
@@ -291,7 +297,8 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
     def _x_of(self, group: dict, p: Tensor, in_train: bool) -> Tensor:
         state = self.state.get(p)
         if in_train and state and "z" in state:
-            return torch.lerp(work(p, state).detach(), state["z"], 1 - 1 / self.y_beta(group))
+            w = work(p, state).detach()
+            return torch.lerp(w, state["z"].to(w.dtype), 1 - 1 / self.y_beta(group))
         return (work(p, state) if state else p).detach().clone()
 
     # ------------------------------------------------------------------- step
@@ -438,7 +445,11 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             state["master"] = p.detach().to(wide, memory_format=torch.preserve_format, copy=True)
         src = work(p, state).detach()
         if "z" not in state:
-            state["z"] = torch.clone(src, memory_format=torch.preserve_format)
+            narrow = precision.z_dtype(group, p)
+            if narrow is None:
+                state["z"] = torch.clone(src, memory_format=torch.preserve_format)
+            else:
+                state["z"] = src.to(narrow, memory_format=torch.preserve_format, copy=True)
         if names:
             direction = self.direction_for(group)
             for name in names:

@@ -62,7 +62,7 @@ PUBLISHED_CLASSES = frozenset({
 })  # fmt: skip
 #: Options that sfoptim added to the published classes: a checkpoint that lacks
 #: them was saved by ``schedulefree`` and gets the constructed values.
-_ADDED_OPTIONS = ("state_dtype", "stochastic_rounding", "inner_momentum")
+_ADDED_OPTIONS = ("state_dtype", "stochastic_rounding", "inner_momentum", "state_precision")
 #: Per-parameter state that always has the parameter's shape, besides the
 #: direction's own buffers: the reference forms store x and y.
 _PARAMETER_SIZED = ("z", "master", "x", "y")
@@ -178,14 +178,18 @@ def _new_buffer(direction: Any, group: dict, name: str, p: Tensor, dtype: torch.
     return direction.new_buffer(group, name, torch.empty(p.shape, dtype=dtype, device="meta"))
 
 
-def _check_tensor(label: str, key: Any, value: Tensor, p: Tensor, shape: Any = None) -> None:
+def _check_tensor(label: str, key: Any, value: Tensor, p: Tensor, shape: Any = None, dtype: Any = None) -> None:
     where = f"state {key!r} of {label}"
     if value.shape != (p.shape if shape is None else shape):
         raise ValueError(
             f"Invalid state_dict: {where} has shape {tuple(value.shape)}, which is not the one the parameter needs; "
             "was the checkpoint saved for another model, or with the parameters in another order?"
         )
-    if not (value.is_floating_point() or value.is_complex()) or value.is_complex() != p.is_complex():
+    if dtype is not None and not (dtype.is_floating_point or dtype.is_complex):
+        # An integer buffer (the codes of 8-bit state) must come back as it was saved.
+        if value.dtype != dtype:
+            raise ValueError(f"Invalid state_dict: {where} has dtype {value.dtype}, but this optimizer stores it as {dtype}")
+    elif not (value.is_floating_point() or value.is_complex()) or value.is_complex() != p.is_complex():
         raise ValueError(
             f"Invalid state_dict: {where} has dtype {value.dtype}, which cannot hold state of a {p.dtype} parameter"
         )
@@ -222,6 +226,24 @@ def _check_structure(t: Target, saved_groups: list) -> None:
     raise ValueError(message)
 
 
+def _check_precision(gi: int, saved: dict, group: dict) -> None:
+    """Raises ValueError when the checkpoint's state format (``state_precision``) is not this group's.
+
+    A checkpoint's state is loaded as it was saved, never converted: z and
+    the second moment of a low-bit checkpoint have lost precision that a
+    full one would claim to have, and rounding a full one down is a choice
+    the user should make by building the optimizer that saved it.
+    """
+    ours = group.get("state_precision", "full")
+    theirs = saved.get("state_precision", "full")
+    if "state_precision" in group and ours != theirs:
+        raise ValueError(
+            f"Invalid state_dict: its param_groups[{gi}] was saved with state_precision={theirs!r}, but this "
+            f"optimizer keeps state_precision={ours!r}; the state is not converted between formats. Build the "
+            f"optimizer with state_precision={theirs!r} to resume from this checkpoint."
+        )
+
+
 def check_load(t: Target, state_dict: dict) -> None:
     """Raises ValueError unless ``state_dict`` can be loaded into ``t``; changes nothing.
 
@@ -236,6 +258,7 @@ def check_load(t: Target, state_dict: dict) -> None:
     _check_class(t, saved_groups)
     saved_state = state_dict["state"]
     for gi, (saved, group) in enumerate(zip(saved_groups, t.optimizer.param_groups)):
+        _check_precision(gi, saved, group)
         expected = _expected_group(t, saved, group)
         direction = t.direction_for(expected)
         own = set(direction.state_buffers(expected))
@@ -251,8 +274,8 @@ def check_load(t: Target, state_dict: dict) -> None:
                 if key in sized:
                     if not isinstance(value, Tensor):
                         raise ValueError(f"Invalid state_dict: state {key!r} of {label} is not a tensor")
-                    shape = _new_buffer(direction, expected, key, p, p.dtype).shape if key in own else None
-                    _check_tensor(label, key, value, p, shape)
+                    like = _new_buffer(direction, expected, key, p, p.dtype) if key in own else None
+                    _check_tensor(label, key, value, p, *((like.shape, like.dtype) if like is not None else ()))
 
 
 def settle_load(t: Target, state_dict: dict, previous_groups: list[dict]) -> None:
@@ -274,8 +297,11 @@ def settle_load(t: Target, state_dict: dict, previous_groups: list[dict]) -> Non
                 # copy (it holds the master's rounded value already).
                 state.pop("master", None)
                 work = p.dtype
+            narrow_z = precision.z_dtype(group, p)
             for key in sized & state.keys():
                 value = state[key]
                 want = _new_buffer(direction, group, key, p, work).dtype if key in own else work
+                if key == "z" and narrow_z is not None:
+                    want = narrow_z
                 if isinstance(value, Tensor) and value.dtype != want:
                     state[key] = value.to(dtype=want)

@@ -41,7 +41,7 @@ try:  # the frame callback dynamo installs while a compiled function runs (None 
 except ImportError:  # pragma: no cover - a torch without dynamo
     _dynamo_callback = None
 
-__all__ = ["GroupStep", "averaging", "real", "swap", "update"]
+__all__ = ["GroupStep", "averaging", "lerp_to_z", "real", "swap", "update"]
 
 _NO_REDUCTIONS: Mapping[str, Tensor] = {}
 
@@ -254,8 +254,17 @@ def _rebuild_inactive(p: GroupStep) -> None:
     """
     ys, zs, params, masters = p.inactive  # type: ignore[misc]
     if ys:
-        torch._foreach_lerp_(ys, zs, 1 - p.beta / p.beta_prev)
+        lerp_to_z(ys, zs, 1 - p.beta / p.beta_prev)
         precision.write_params(params, masters, p.stochastic)
+
+
+def lerp_to_z(ys: list[Tensor], zs: list[Tensor], weight: float) -> None:
+    """``y = lerp(y, z, weight)`` in place; a ``z`` kept narrower (low-bit state) is widened one tensor at a time."""
+    if all(y.dtype == z.dtype for y, z in zip(ys, zs)):
+        torch._foreach_lerp_(ys, zs, weight)
+        return
+    for y, z in zip(ys, zs):
+        y.lerp_(z if z.dtype == y.dtype else z.to(y.dtype), weight)
 
 
 def real(t: Tensor) -> Tensor:

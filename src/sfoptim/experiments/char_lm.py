@@ -207,7 +207,10 @@ def lm_methods(cfg: LMConfig, lrs=(0.004, 0.008, 0.016, 0.032), sf_lrs=(0.008, 0
     (``beta_horizon=200``), the rest at its defaults; ``prodigy-sf-algoperf``
     is schedule-free Prodigy in the AlgoPerf submission's form (averaging
     weights ``(k+1)**0.75``, ``betas=(0.9, 0.9955)``, no growth limit on
-    ``d``, no update clip).
+    ``d``, no update clip).  Three single runs compare how schedule-free
+    AdamW's state is stored (``state_precision``) at one configuration
+    (beta1 0.9, lr 0.016): ``sf-adamw-fixed`` (float32 state, the parameters'
+    dtype), ``sf-adamw-bf16state`` and ``sf-adamw-8bit``.
     """
     betas = (0.9, cfg.beta2)
 
@@ -220,6 +223,14 @@ def lm_methods(cfg: LMConfig, lrs=(0.004, 0.008, 0.016, 0.032), sf_lrs=(0.008, 0
     def sf_adamw(model, c):
         return sfoptim.AdamWScheduleFree(model.parameters(), lr=c["lr"], betas=(c["beta1"], cfg.beta2),
                                          warmup_steps=cfg.warmup)
+
+    def sf_adamw_precision(precision):
+        def build(model, c):
+            return sfoptim.AdamWScheduleFree(model.parameters(), lr=c["lr"], betas=(c["beta1"], cfg.beta2),
+                                             warmup_steps=cfg.warmup, state_precision=precision)
+        return build
+
+    fixed = grid(beta1=(0.9,), lr=(0.016,))
 
     def sf_muon_rising_beta(model, c):
         return sfoptim.MuonScheduleFree(hidden_matrices(model, _in_blocks), beta_horizon=c["beta_horizon"])
@@ -238,6 +249,10 @@ def lm_methods(cfg: LMConfig, lrs=(0.004, 0.008, 0.016, 0.032), sf_lrs=(0.008, 0
         Method("muon-sf-rising-beta", "SF Muon, rising beta", sf_muon_rising_beta, grid(beta_horizon=(200,)),
                schedule_free=True),
         Method("prodigy-sf-algoperf", "SF Prodigy, AlgoPerf form", sf_prodigy_algoperf, schedule_free=True),
+        Method("sf-adamw-fixed", "SF AdamW, float32 state", sf_adamw_precision("full"), fixed, schedule_free=True),
+        Method("sf-adamw-bf16state", "SF AdamW, bfloat16 state", sf_adamw_precision("bf16"), fixed,
+               schedule_free=True),
+        Method("sf-adamw-8bit", "SF AdamW, 8-bit state", sf_adamw_precision("8bit"), fixed, schedule_free=True),
     ]
     return {m.name: m for m in table}
 

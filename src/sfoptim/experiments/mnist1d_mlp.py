@@ -99,22 +99,28 @@ def demo_methods(cfg: DemoConfig) -> dict[str, Method]:
     (AdamW's decoupled weight decay, betas (0.9, 0.999)); the decay schedules
     warm up linearly over ``cfg.warmup_frac`` of each run, schedule-free AdamW
     over ``cfg.sf_warmup`` steps.  The untuned schedule-free optimizers run
-    once with their defaults.
+    once with their defaults.  ``sf-adamw-bf16state`` and ``sf-adamw-8bit``
+    are ``sf-adamw`` (same grid) with its state stored in bfloat16 and in 8
+    bits (``state_precision``).
     """
     tuned = grid(lr=cfg.lrs, weight_decay=cfg.weight_decays)
 
     def adamw(model, c):
         return torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=c["weight_decay"])
 
-    def sf_adamw(model, c):
+    def sf_adamw(model, c, precision="full"):
         return sfoptim.AdamWScheduleFree(model.parameters(), lr=c["lr"], weight_decay=c["weight_decay"],
-                                         warmup_steps=cfg.sf_warmup)
+                                         warmup_steps=cfg.sf_warmup, state_precision=precision)
 
     table = [
         Method("sf-adamw", "SF AdamW", sf_adamw, tuned, schedule_free=True),
         Method("adamw-cosine", "AdamW + cosine", adamw, tuned, schedule="cosine"),
         Method("adamw-linear", "AdamW + linear", adamw, tuned, schedule="linear"),
         *untuned_schedule_free_methods(_hidden_layer),
+        Method("sf-adamw-bf16state", "SF AdamW, bfloat16 state", lambda m, c: sf_adamw(m, c, "bf16"), tuned,
+               schedule_free=True),
+        Method("sf-adamw-8bit", "SF AdamW, 8-bit state", lambda m, c: sf_adamw(m, c, "8bit"), tuned,
+               schedule_free=True),
     ]
     return {m.name: m for m in table}
 
