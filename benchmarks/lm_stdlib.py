@@ -32,6 +32,9 @@ Methods (--methods; default: every one whose optimizer is installed):
                 schedule-free AdamW at beta1 0.9, lr 0.016 (one run each) with its
                 state in float32, in bfloat16 (state_precision="bf16") and in 8 bits
                 (state_precision="8bit"); not in the default set
+  muon-sf-tuned sfoptim.MuonScheduleFree over --grid (lr) x --muon-sf-horizons
+                (beta_horizon) x --muon-sf-weight-decays, the best run chosen for each stopping time
+                (a bound on tuning it; not run by default)
 
 The text is read from the running interpreter's standard library (the directory
 of ``os.__file__``); nothing is downloaded or shipped.  Every batch is new data
@@ -79,6 +82,10 @@ def ms(v):
     return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
 
 
+def _horizon(text):
+    return None if text.lower() == "none" else int(text)
+
+
 def build_parser():
     """The command-line options; ``build_parser().parse_args([])`` gives the defaults."""
     d = LMConfig()
@@ -103,6 +110,11 @@ def build_parser():
     p.add_argument("--grid", type=float, nargs="+", default=[0.004, 0.008, 0.016, 0.032],
                    help="learning rates of adamw-cosine, adamw-wsd and muon-wsd, tuned per stopping time "
                         "(default: %(default)s)")
+    p.add_argument("--muon-sf-horizons", type=_horizon, nargs="+", default=[None, 100, 200, 400],
+                   help="muon-sf-tuned: beta_horizon values ('none': constant beta), crossed with --grid "
+                        "(default: none 100 200 400)")
+    p.add_argument("--muon-sf-weight-decays", type=float, nargs="+", default=[0.1],
+                   help="muon-sf-tuned: weight decays, crossed with the above (default: 0.1, its default)")
     p.add_argument("--methods", nargs="+", metavar="NAME",
                    help="methods to run (listed above; default: every one whose optimizer is installed)")
     p.add_argument("--heldout", type=int, default=d.heldout, help="held-out windows (default: %(default)s)")
@@ -119,7 +131,9 @@ def config(a) -> LMConfig:
 def select_methods(a, cfg):
     """The methods named by --methods (an unknown or unavailable name is an error), or the
     installed ones of the default list; also returns the defaults left out and why."""
-    table = lm_methods(cfg, lrs=tuple(a.grid), sf_lrs=tuple(a.sf_lr), sf_betas=tuple(a.sf_betas))
+    table = lm_methods(cfg, lrs=tuple(a.grid), sf_lrs=tuple(a.sf_lr), sf_betas=tuple(a.sf_betas),
+                       muon_sf_horizons=tuple(a.muon_sf_horizons),
+                       muon_sf_weight_decays=tuple(a.muon_sf_weight_decays))
     if a.methods is None:
         skipped = {n: table[n].available() for n in DEFAULT_METHODS if table[n].available() is not None}
         return [table[n] for n in DEFAULT_METHODS if n not in skipped], skipped
@@ -152,8 +166,23 @@ def _on_edge(grid, i):
     return False
 
 
+def choose(method, mean_loss, horizons):
+    """``{stopping time: index of the configuration chosen there}``.
+
+    ``mean_loss(i, steps)`` is configuration ``i``'s held-out loss averaged over
+    the seeds and the stopping times ``steps``.  A method with a schedule, or
+    marked ``per_stopping_time``, takes the lowest at each stopping time; any
+    other keeps one configuration, the lowest averaged over all of them.
+    """
+    configs = range(len(method.grid))
+    if method.schedule is None and not method.per_stopping_time:
+        best = min(configs, key=lambda i: mean_loss(i, horizons))
+        return dict.fromkeys(horizons, best)
+    return {h: min(configs, key=lambda i: mean_loss(i, [h])) for h in horizons}
+
+
 def _config(c):
-    return ", ".join(f"{k} {v:g}" for k, v in c.items()) or "defaults"
+    return ", ".join(f"{k} {'none' if v is None else f'{v:g}'}" for k, v in c.items()) or "defaults"
 
 
 def main(argv=None):
@@ -208,13 +237,7 @@ def main(argv=None):
 
     # Tuned per stopping time: the lowest mean held-out loss there.  One run:
     # one configuration for all stopping times, the lowest mean over them.
-    chosen = {}
-    for m in methods:
-        if m.schedule is None:
-            best = min(range(len(m.grid)), key=lambda i: mean_loss(m.name, i, horizons))
-            chosen[m.name] = dict.fromkeys(horizons, best)
-        else:
-            chosen[m.name] = {h: min(range(len(m.grid)), key=lambda i: mean_loss(m.name, i, [h])) for h in horizons}
+    chosen = {m.name: choose(m, lambda i, steps, m=m: mean_loss(m.name, i, steps), horizons) for m in methods}
 
     rows = []
     for h in horizons:
@@ -256,7 +279,7 @@ def main(argv=None):
     body = []
     for m in methods:
         picks = [_config(r[m.name]["config"]) + ("*" if r[m.name]["edge"] else "") for r in rows]
-        chosen_text = picks[0] if m.schedule is None else "; ".join(f"{r['steps']}: {p}" for r, p in zip(rows, picks))
+        chosen_text = picks[0] if m.schedule is None and not m.per_stopping_time else "; ".join(f"{r['steps']}: {p}" for r, p in zip(rows, picks))
         body.append([m.label, m.tuning(), chosen_text, f"{seconds[m.name]:.0f} s"])
     lines += md(["method", "budget", "chosen", "wall"], body)
     table = "\n".join(lines)

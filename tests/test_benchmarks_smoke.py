@@ -51,6 +51,32 @@ def test_lm_smoke(tmp_path):
     assert "Tuning budget" in (tmp_path / "results.md").read_text()
 
 
+def test_lm_muon_sf_tuned_is_chosen_per_stopping_time(tmp_path):
+    bench = _load("lm_stdlib")
+    bench.main(["--steps", "16", "--seeds", "1", "--batch", "2", "--ctx", "16", "--d", "16", "--layers", "1",
+                "--heads", "2", "--grid", "0.003", "0.01", "--muon-sf-horizons", "none", "2", "--heldout", "8",
+                "--methods", "muon-sf-tuned", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["methods"]["muon-sf-tuned"]["tuning"] == (
+        "4 configs (lr {0.003, 0.01}, beta_horizon {none, 2}, weight_decay {0.1}), for each stopping time")
+    for r in result["rows"]:
+        grid = r["muon-sf-tuned"]["grid"]
+        assert r["muon-sf-tuned"]["loss"][0] == min(grid)
+    assert "beta_horizon none" in (tmp_path / "results.md").read_text() or "beta_horizon 2" in (
+        tmp_path / "results.md").read_text()
+
+    # The choice itself: per stopping time for a tuned run, one for all otherwise.
+    from sfoptim.experiments.char_lm import lm_methods
+
+    table = lm_methods(bench.config(bench.build_parser().parse_args([])), lrs=(0.01, 0.02),
+                       muon_sf_horizons=(None,))
+    losses = {0: {1: 1.0, 2: 3.0}, 1: {1: 2.0, 2: 1.0}}  # config 0 best at 1, config 1 at 2 and overall
+    mean_loss = lambda i, steps: sum(losses[i][h] for h in steps) / len(steps)  # noqa: E731
+    assert bench.choose(table["muon-sf-tuned"], mean_loss, [1, 2]) == {1: 0, 2: 1}
+    assert bench.choose(table["adamw-cosine"], mean_loss, [1, 2]) == {1: 0, 2: 1}
+    assert bench.choose(table["sf-adamw"], lambda i, steps: mean_loss(i % 2, steps), [1, 2]) == {1: 1, 2: 1}
+
+
 def test_lm_refuses_a_method_it_cannot_run(tmp_path, monkeypatch):
     import sys
 

@@ -191,7 +191,8 @@ def _in_blocks(name: str, module: nn.Module) -> bool:
 
 
 def lm_methods(cfg: LMConfig, lrs=(0.004, 0.008, 0.016, 0.032), sf_lrs=(0.008, 0.016),
-               sf_betas=(0.9, 0.98)) -> dict[str, Method]:
+               sf_betas=(0.9, 0.98), muon_sf_horizons=(None, 100, 200, 400),
+               muon_sf_weight_decays=(0.1,)) -> dict[str, Method]:
     """The benchmark's method table, by name.
 
     No weight decay anywhere, beta2 = ``cfg.beta2``, ``cfg.warmup`` warmup
@@ -211,6 +212,10 @@ def lm_methods(cfg: LMConfig, lrs=(0.004, 0.008, 0.016, 0.032), sf_lrs=(0.008, 0
     AdamW's state is stored (``state_precision``) at one configuration
     (beta1 0.9, lr 0.016): ``sf-adamw-fixed`` (float32 state, the parameters'
     dtype), ``sf-adamw-bf16state`` and ``sf-adamw-8bit``.
+    ``muon-sf-tuned`` (not run by default) is
+    schedule-free Muon on the grid ``lrs`` x ``muon_sf_horizons`` (``beta_horizon``,
+    None: constant beta) x ``muon_sf_weight_decays``, the best run chosen separately for each stopping time
+    as for the scheduled baselines: what tuning schedule-free Muon could give.
     """
     betas = (0.9, cfg.beta2)
 
@@ -239,6 +244,10 @@ def lm_methods(cfg: LMConfig, lrs=(0.004, 0.008, 0.016, 0.032), sf_lrs=(0.008, 0
         return sfoptim.ProdigyScheduleFree(model.parameters(), averaging="algoperf", betas=(0.9, 0.9955),
                                            d_growth=None, update_clip=None)
 
+    def sf_muon_tuned(model, c):
+        return sfoptim.MuonScheduleFree(hidden_matrices(model, _in_blocks), lr=c["lr"],
+                                        beta_horizon=c["beta_horizon"], weight_decay=c["weight_decay"])
+
     tuned = grid(lr=lrs)
     table = [
         Method("sf-adamw", "SF AdamW", sf_adamw, grid(beta1=sf_betas, lr=sf_lrs), schedule_free=True),
@@ -253,6 +262,8 @@ def lm_methods(cfg: LMConfig, lrs=(0.004, 0.008, 0.016, 0.032), sf_lrs=(0.008, 0
         Method("sf-adamw-bf16state", "SF AdamW, bfloat16 state", sf_adamw_precision("bf16"), fixed,
                schedule_free=True),
         Method("sf-adamw-8bit", "SF AdamW, 8-bit state", sf_adamw_precision("8bit"), fixed, schedule_free=True),
+        Method("muon-sf-tuned", "SF Muon, tuned per stopping time", sf_muon_tuned,
+               grid(lr=lrs, beta_horizon=muon_sf_horizons, weight_decay=muon_sf_weight_decays), schedule_free=True, per_stopping_time=True),
     ]
     return {m.name: m for m in table}
 

@@ -50,7 +50,9 @@ class Method:
     multiplied by that schedule, which knows the run's stopping time, and the
     best configuration is chosen separately for each stopping time; without it
     a run is never told when it stops, is evaluated at every stopping time and
-    one configuration is chosen for all of them.  ``schedule_free`` runs are
+    one configuration is chosen for all of them, or, with ``per_stopping_time``,
+    the best of the runs separately for each stopping time (a bound on what
+    tuning could give, not a usable recipe).  ``schedule_free`` runs are
     evaluated after ``optimizer.eval()``; ``needs_loss`` optimizers are stepped
     with ``step(loss=loss.detach())``.  ``requires`` names the optimizer class
     the recipe needs, for :meth:`available`.
@@ -63,6 +65,7 @@ class Method:
     schedule: str | None = None
     schedule_free: bool = False
     needs_loss: bool = False
+    per_stopping_time: bool = False
     requires: Callable[[], object] | None = None
 
     def available(self) -> str | None:
@@ -80,10 +83,19 @@ class Method:
         n = len(self.grid)
         if n == 1 and not self.grid[0]:
             return "defaults, not tuned"
-        values = ", ".join(f"{k} {{{', '.join(f'{v:g}' for v in sorted({c[k] for c in self.grid}))}}}"
+        values = ", ".join(f"{k} {{{', '.join(map(_fmt, _sorted({c[k] for c in self.grid})))}}}"
                            for k in self.grid[0])
-        each = "for each stopping time" if self.schedule else "one for all stopping times"
+        each = "for each stopping time" if self.schedule or self.per_stopping_time else "one for all stopping times"
         return f"{n} config{'s' * (n > 1)} ({values}), {each}"
+
+
+def _fmt(v: Any) -> str:
+    return "none" if v is None else f"{v:g}"
+
+
+def _sorted(values: set[Any]) -> list[Any]:
+    """Sorted, ``None`` (an option switched off) first."""
+    return sorted(values, key=lambda v: (v is not None, 0 if v is None else v))
 
 
 def step_with_loss(opt: Any, loss: torch.Tensor, method: Method) -> None:
