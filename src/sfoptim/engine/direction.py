@@ -9,7 +9,8 @@ Required: :meth:`~Direction.beta` and :meth:`~Direction.foreach`. Optional:
 state (:meth:`~Direction.state_buffers`, :meth:`~Direction.new_buffer`), the
 learning rate (:meth:`~Direction.lr`, pure), global sums
 (:attr:`~Direction.reductions`, :meth:`~Direction.reduce`, and from the
-kernel's one-pass sums :meth:`~Direction.reduce_sums`), per-group scalar state
+kernel's one-pass sums :meth:`~Direction.reduce_sums`, with what they read
+from :meth:`~Direction.sum_inputs`), per-group scalar state
 (:meth:`~Direction.commit`), a one-pass kernel (:meth:`~Direction.kernel`, a
 :class:`~sfoptim.backends.abi.KernelSpec`), the decay at ``y``
 (:meth:`~Direction.weight_decay_at_y`) and the flags below. A base optimizer
@@ -26,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..backends.abi import KERNEL_SCALARS, KIND_SLOTS, Bucket, BucketSum, KernelSpec, Kind
+from ..backends.abi import KERNEL_SCALARS, KIND_SLOTS, Bucket, BucketSum, KernelSpec, Kind, SumInputs
 
 __all__ = [
     "KERNEL_SCALARS",
@@ -37,6 +38,7 @@ __all__ = [
     "Direction",
     "KernelSpec",
     "Kind",
+    "SumInputs",
     "group_reduction",
     "warmup_lr",
 ]
@@ -131,6 +133,10 @@ class Direction:
         Must agree with :meth:`reduce` on the same bucket to rounding.
         """
         raise NotImplementedError
+
+    def sum_inputs(self, group: dict, step: int) -> SumInputs:
+        """The buffers and scalars the :attr:`bucket_sums` of the 1-based ``step`` read besides ``g``, ``z``, ``y`` (default none)."""
+        return SumInputs()
 
     def commit(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> None:
         """Records per-group scalar state after the group's 1-based ``step`` (default: none).
