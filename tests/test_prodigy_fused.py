@@ -305,7 +305,7 @@ def prodigy_sums_cases(draw: Any) -> dict:
 
 
 def check_prodigy_sums_case(case: dict) -> None:
-    """The kernel's two sums: float64 sums of the exact products, the same on 1 and 2 threads, and Prodigy's torch path."""
+    """The kernel's two sums: float64 sums to rounding, the same on 1 and 2 threads, and Prodigy's torch path."""
     pdt, bdt = case["pair"]
     gen = torch.Generator().manual_seed(case["seed"])
     g, z = ([torch.randn(n, generator=gen, dtype=torch.float64).to(pdt) for n in case["sizes"]] for _ in range(2))
@@ -329,10 +329,13 @@ def check_prodigy_sums_case(case: dict) -> None:
         BucketSum.GRAD_P0_MINUS_Z: [gi.double() * (pi.double() - zi.double()) for gi, zi, pi in zip(g, z, p0)],
         BucketSum.DECAYED_L1: [(rho * si.double() + a * gi.double()).abs() for gi, si in zip(g, s)],
     }
+    # Terms in the computing format (float32 below float64), 16 of them summed per lane and block
+    # before float64 takes over: within 2^-19 of the sum of magnitudes.
+    tol = 1e-12 if pdt == torch.float64 else 2.0**-19
     for which, parts in terms.items():
         exact = sum(float(t.sum()) for t in parts)
         scale = sum(float(t.abs().sum()) for t in parts) + 1e-300
-        assert abs(got[which] - exact) <= 1e-12 * scale, f"{which.name}: {got[which]!r} vs {exact!r}"
+        assert abs(got[which] - exact) <= tol * scale, f"{which.name}: {got[which]!r} vs {exact!r}"
     torch_path = direction.reduce(group, 1, Bucket(g, g, z, {"p0": p0, "s": s}), 0.9)
     fused = direction.reduce_sums(group, 1, 0.9, {k: torch.tensor(v, dtype=torch.float64) for k, v in got.items()})
     # torch reduces each tensor in the parameters' dtype, whose products (float16's a g) may be subnormal.

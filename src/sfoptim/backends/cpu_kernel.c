@@ -602,13 +602,15 @@ SF_SUMS_ENTRY(float16, f16, sf_f16)
  * written, as everywhere above.
  *
  * sf_prodigy_sums_<P>_<B>: the two global sums of Prodigy's estimate in one
- * read of g, z, p0 and s, in double, in the fixed order of sf_sums_<T>:
+ * read of g, z, p0 and s, each term computed in the computing format (as the
+ * foreach path does) and summed as described at SF_PLANES:
  *     out[SF_SUM_GRAD_P0_MINUS_Z] = sum g*(p0 - z)
  *     out[SF_SUM_DECAYED_L1]      = sum |rho*s + a*g|      (a = SF_ACCUM = d^2 gamma)
  *
  * sf_prodigy_step_<P>_<B>: with clip = s[SF_CLIP] > 0, first one read of g
  * and v for the sum of u^2 over each tensor (double, fixed order), which
- * gives each tensor its divisor max(1, RMS(u)/clip); then one pass that reads
+ * gives each tensor its divisor max(1, RMS(u)/clip) (NaN stays NaN, as
+ * torch's clamp_min leaves it); then one pass that reads
  * y, g, z, v, s and writes y, z, v, s:
  *     v' = beta2*v + d^2(1-beta2)*g*g        s' = rho*s + a*g
  *     u  = g / (sqrt(v') + d'*eps) * d'      (divided by the tensor's divisor)
@@ -620,6 +622,13 @@ SF_SUMS_ENTRY(float16, f16, sf_f16)
  * -1 has changed nothing. With `stochastic` every narrow store rounds
  * stochastically (streams: y, z, v, and s on the m stream).
  */
+/* Sums of Prodigy's passes: SF_PLANES running sums in the computing format over
+ * blocks of SF_PBLOCK elements (16 terms each), added into as many double
+ * sums after every block; the tail of a chunk goes to lane 0 in double. As
+ * for sf_sums_<T>, the order depends on the data only. */
+#define SF_PLANES 16
+#define SF_PBLOCK 256
+
 #define SF_PRODIGY_ENTRIES(NAME, P, PF, B, BF, T, SQRT)                                                  \
     static inline __attribute__((always_inline)) T sf_prodigy_u_##NAME(T gi, T vi, T epsd, T dn,       \
                                                                         T *vnew, const T b2, const T vscale) { \
@@ -686,16 +695,20 @@ SF_SUMS_ENTRY(float16, f16, sf_f16)
                 const int64_t idx = chunks[k].idx, o = chunks[k].start, len = chunks[k].len;             \
                 const P *restrict gg = g[idx] + o;                                                       \
                 const B *restrict vv = v[idx] + o;                                                       \
-                double sq[SF_LANES] = {0};                                                               \
+                double sq[SF_PLANES] = {0};                                                              \
                 int64_t i = 0;                                                                           \
-                for (; i + SF_LANES <= len; i += SF_LANES) {                                             \
-                    _Pragma("omp simd")                                                                  \
-                    for (int j = 0; j < SF_LANES; j++) {                                                 \
-                        T vn;                                                                            \
-                        const double u = (double)sf_prodigy_u_##NAME(SF_LOAD_##PF(gg[i + j]),            \
-                                                                     SF_LOAD_##BF(vv[i + j]), epsd, dn, &vn, b2, vscale); \
-                        sq[j] += u * u;                                                                  \
+                for (; i + SF_PBLOCK <= len; i += SF_PBLOCK) {                                           \
+                    T blk[SF_PLANES] = {0};                                                              \
+                    for (int r = 0; r < SF_PBLOCK; r += SF_PLANES) {                                     \
+                        _Pragma("omp simd")                                                              \
+                        for (int j = 0; j < SF_PLANES; j++) {                                            \
+                            T vn;                                                                        \
+                            const T u = sf_prodigy_u_##NAME(SF_LOAD_##PF(gg[i + r + j]),                 \
+                                                            SF_LOAD_##BF(vv[i + r + j]), epsd, dn, &vn, b2, vscale); \
+                            blk[j] += u * u;                                                             \
+                        }                                                                                \
                     }                                                                                    \
+                    for (int j = 0; j < SF_PLANES; j++) sq[j] += (double)blk[j];                         \
                 }                                                                                        \
                 for (; i < len; i++) {                                                                   \
                     T vn;                                                                                \
@@ -704,7 +717,7 @@ SF_SUMS_ENTRY(float16, f16, sf_f16)
                     sq[0] += u * u;                                                                      \
                 }                                                                                        \
                 double t = 0.0;                                                                          \
-                for (int j = 0; j < SF_LANES; j++) t += sq[j];                                           \
+                for (int j = 0; j < SF_PLANES; j++) t += sq[j];                                           \
                 part[k] = t;                                                                             \
             }                                                                                            \
             for (int64_t i = 0; i < n; i++) factor[i] = 0.0;                                             \
@@ -756,23 +769,32 @@ SF_SUMS_ENTRY(float16, f16, sf_f16)
             const int64_t idx = chunks[k].idx, o = chunks[k].start, len = chunks[k].len;                 \
             const P *restrict gg = g[idx] + o, *restrict zz = z[idx] + o;                                \
             const B *restrict pp = p0[idx] + o, *restrict ss = sv[idx] + o;                              \
-            double gap[SF_LANES] = {0}, l1[SF_LANES] = {0};                                              \
+            const T trho = (T)rho, tacc = (T)acc;                                                        \
+            double gap[SF_PLANES] = {0}, l1[SF_PLANES] = {0};                                            \
             int64_t i = 0;                                                                               \
-            for (; i + SF_LANES <= len; i += SF_LANES) {                                                 \
-                _Pragma("omp simd")                                                                      \
-                for (int j = 0; j < SF_LANES; j++) {                                                     \
-                    const double gj = SF_WIDE(PF, gg[i + j]);                                            \
-                    gap[j] += gj * (SF_WIDE(BF, pp[i + j]) - SF_WIDE(PF, zz[i + j]));                    \
-                    l1[j] += fabs(rho * SF_WIDE(BF, ss[i + j]) + acc * gj);                              \
+            for (; i + SF_PBLOCK <= len; i += SF_PBLOCK) {                                               \
+                T bgap[SF_PLANES] = {0}, bl1[SF_PLANES] = {0};                                           \
+                for (int r = 0; r < SF_PBLOCK; r += SF_PLANES) {                                         \
+                    _Pragma("omp simd")                                                                  \
+                    for (int j = 0; j < SF_PLANES; j++) {                                                \
+                        const T gj = SF_LOAD_##PF(gg[i + r + j]);                                        \
+                        bgap[j] += gj * (SF_LOAD_##BF(pp[i + r + j]) - SF_LOAD_##PF(zz[i + r + j]));     \
+                        const T t = SF_LOAD_##BF(ss[i + r + j]) * trho + tacc * gj;                      \
+                        bl1[j] += SF_PICK_##T(t < 0, -t, t);                                             \
+                    }                                                                                    \
+                }                                                                                        \
+                for (int j = 0; j < SF_PLANES; j++) {                                                    \
+                    gap[j] += (double)bgap[j];                                                           \
+                    l1[j] += (double)bl1[j];                                                             \
                 }                                                                                        \
             }                                                                                            \
             for (; i < len; i++) {                                                                       \
-                const double gi = SF_WIDE(PF, gg[i]);                                                    \
-                gap[0] += gi * (SF_WIDE(BF, pp[i]) - SF_WIDE(PF, zz[i]));                                \
-                l1[0] += fabs(rho * SF_WIDE(BF, ss[i]) + acc * gi);                                      \
+                const T gi = SF_LOAD_##PF(gg[i]);                                                        \
+                gap[0] += (double)(gi * (SF_LOAD_##BF(pp[i]) - SF_LOAD_##PF(zz[i])));                     \
+                l1[0] += fabs((double)(SF_LOAD_##BF(ss[i]) * trho + tacc * gi));                         \
             }                                                                                            \
             double a = 0.0, b = 0.0;                                                                     \
-            for (int j = 0; j < SF_LANES; j++) {                                                         \
+            for (int j = 0; j < SF_PLANES; j++) {                                                        \
                 a += gap[j];                                                                             \
                 b += l1[j];                                                                              \
             }                                                                                            \
