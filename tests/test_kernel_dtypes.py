@@ -71,11 +71,13 @@ def _make(name: str, params: list[torch.nn.Parameter], **kw: Any) -> Any:
         return sfoptim.RAdamScheduleFree(params, lr=0.01, **common)
     if name == "plus":
         return sfoptim.AdamCScheduleFreePlus(params, **common)
+    if name == "prodigy":
+        return sfoptim.ProdigyScheduleFree(params, d0=1e-2, update_clip=0.5, **common)
     raise AssertionError(name)
 
 
 STEP_CASES = dict(
-    name=st.sampled_from(["sgd", "adamw", "adamw-momentum", "radam", "plus"]),
+    name=st.sampled_from(["sgd", "adamw", "adamw-momentum", "radam", "plus", "prodigy"]),
     dtype=st.sampled_from(NARROW),
     steps=st.integers(1, 7),
     seed=st.integers(0, 2**16),
