@@ -265,8 +265,8 @@ def test_a_refused_step_changes_nothing() -> None:
         after = (broken.state_dict(), [p.detach() for p in ps])
         assert all(torch.equal(x, y) for x, y in zip(before[1], after[1]))
         assert before[0]["param_groups"] == after[0]["param_groups"]
-        for i, st in before[0]["state"].items():
-            for k, v in st.items():
+        for i, saved in before[0]["state"].items():
+            for k, v in saved.items():
                 assert torch.equal(v, after[0]["state"][i][k]) if isinstance(v, torch.Tensor) else v == after[0]["state"][i][k]
 
 
