@@ -613,7 +613,7 @@ SF_SUMS_ENTRY(float16, f16, sf_f16)
  * torch's clamp_min leaves it); then one pass that reads
  * y, g, z, v, s and writes y, z, v, s:
  *     v' = beta2*v + d^2(1-beta2)*g*g        s' = rho*s + a*g
- *     u  = g / (sqrt(v') + d'*eps) * d'      (divided by the tensor's divisor)
+ *     u  = g / (sqrt(v') + d'*eps) * (d' / divisor)   (the divisor of the tensor: 1 unclipped)
  *     y <- lerp(y, z, c) + lr*(beta*(1-c) - 1)*(u + wd*y);   z <- z - lr*(u + wd*y)
  * with d = SF_D (the estimate v accumulates with) and d' = SF_D_NEW (the new
  * one, which needs the sums of every bucket first). The update of u needs v'
@@ -637,12 +637,11 @@ SF_SUMS_ENTRY(float16, f16, sf_f16)
     }                                                                                                    \
     static inline __attribute__((always_inline)) void sf_prodigy_span_##NAME(                           \
         P *restrict y, const P *restrict g, P *restrict z, B *restrict v, B *restrict sv, int64_t n,     \
-        const sf_scalars *s, const T factor, const int clipped, const int sr, const sf_key *keys,        \
-        uint32_t base) {                                                                                 \
+        const sf_scalars *s, const double factor, const int sr, const sf_key *keys, uint32_t base) {     \
         const T c = (T)s[SF_CKP1], lr = (T)s[SF_LR], wd = (T)s[SF_WD];                                   \
         const T ystep = (T)(s[SF_LR] * (s[SF_BETA] * (1.0 - s[SF_CKP1]) - 1.0));                         \
         const T b2 = (T)s[SF_BETA2], vscale = (T)(s[SF_D] * s[SF_D] * (1.0 - s[SF_BETA2]));              \
-        const T rho = (T)s[SF_RHO], acc = (T)s[SF_ACCUM], dn = (T)s[SF_D_NEW];                           \
+        const T rho = (T)s[SF_RHO], acc = (T)s[SF_ACCUM], dn = (T)(s[SF_D_NEW] / factor);                \
         const T epsd = (T)(s[SF_D_NEW] * s[SF_EPS]);                                                     \
         const int upper = s[SF_CKP1] >= 0.5;                                                             \
         const T omc = (T)(1.0 - s[SF_CKP1]);                                                             \
@@ -650,9 +649,8 @@ SF_SUMS_ENTRY(float16, f16, sf_f16)
         for (int64_t i = 0; i < n; i++) {                                                                \
             const T yi = SF_LOAD_##PF(y[i]), gi = SF_LOAD_##PF(g[i]), zi = SF_LOAD_##PF(z[i]);           \
             T vi;                                                                                        \
-            T u = sf_prodigy_u_##NAME(gi, SF_LOAD_##BF(v[i]), epsd, dn, &vi, b2, vscale);                \
+            const T u = sf_prodigy_u_##NAME(gi, SF_LOAD_##BF(v[i]), epsd, dn, &vi, b2, vscale);          \
             const T si = SF_LOAD_##BF(sv[i]) * rho + acc * gi;                                           \
-            if (clipped) u = u / factor;                                                                 \
             const T d = u + wd * yi;                                                                     \
             const T diff = zi - yi;                                                                      \
             const T from_z = zi - diff * omc, from_y = yi + c * diff;                                    \
@@ -734,19 +732,13 @@ SF_SUMS_ENTRY(float16, f16, sf_f16)
             P *yy = y[i] + o, *zz = z[i] + o;                                                            \
             const P *gg = g[i] + o;                                                                      \
             B *vv = v[i] + o, *ss = sv[i] + o;                                                           \
-            const int clipped = factor != NULL && !(factor[i] == 1.0);                                   \
-            const T f = clipped ? (T)factor[i] : (T)1;                                                   \
+            const double f = factor != NULL ? factor[i] : 1.0;                                           \
             sf_key keys[SF_STREAMS] = {{0, 0}};                                                          \
             if (stochastic) {                                                                            \
                 for (int st = 0; st < SF_STREAMS; st++) keys[st] = sf_key_for(seed, st, i, o);           \
-                if (clipped)                                                                             \
-                    sf_prodigy_span_##NAME(yy, gg, zz, vv, ss, len, s, f, 1, 1, keys, (uint32_t)o);      \
-                else                                                                                     \
-                    sf_prodigy_span_##NAME(yy, gg, zz, vv, ss, len, s, f, 0, 1, keys, (uint32_t)o);      \
-            } else if (clipped) {                                                                        \
-                sf_prodigy_span_##NAME(yy, gg, zz, vv, ss, len, s, f, 1, 0, keys, (uint32_t)o);          \
+                sf_prodigy_span_##NAME(yy, gg, zz, vv, ss, len, s, f, 1, keys, (uint32_t)o);             \
             } else {                                                                                     \
-                sf_prodigy_span_##NAME(yy, gg, zz, vv, ss, len, s, f, 0, 0, keys, (uint32_t)o);          \
+                sf_prodigy_span_##NAME(yy, gg, zz, vv, ss, len, s, f, 0, keys, (uint32_t)o);             \
             }                                                                                            \
         }                                                                                                \
         free(factor);                                                                                    \
