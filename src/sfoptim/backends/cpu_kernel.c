@@ -676,71 +676,80 @@ SF_SUMS_ENTRY(float16, f16, sf_f16)
         sf_chunk *chunks = make_chunks(n, sizes, &count, &nthreads);                                     \
         if (!chunks) return -1;                                                                          \
         const double clip = s[SF_CLIP];                                                                  \
-        double *factor = NULL;                                                                           \
+        double *factor = NULL, *part = NULL;                                                             \
         if (clip > 0.0) {                                                                                \
             factor = (double *)malloc((size_t)(n > 0 ? n : 1) * sizeof(double));                         \
-            double *part = (double *)malloc((size_t)(count > 0 ? count : 1) * sizeof(double));           \
+            part = (double *)malloc((size_t)(count > 0 ? count : 1) * sizeof(double));                   \
             if (!factor || !part) {                                                                      \
                 free(factor);                                                                            \
                 free(part);                                                                              \
                 free(chunks);                                                                            \
                 return -1;                                                                               \
             }                                                                                            \
-            const T b2 = (T)s[SF_BETA2], vscale = (T)(s[SF_D] * s[SF_D] * (1.0 - s[SF_BETA2]));          \
-            const T dn = (T)s[SF_D_NEW], epsd = (T)(s[SF_D_NEW] * s[SF_EPS]);                            \
-            _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)")          \
-            for (int64_t k = 0; k < count; k++) {                                                        \
-                const int64_t idx = chunks[k].idx, o = chunks[k].start, len = chunks[k].len;             \
-                const P *restrict gg = g[idx] + o;                                                       \
-                const B *restrict vv = v[idx] + o;                                                       \
-                double sq[SF_PLANES] = {0};                                                              \
-                int64_t i = 0;                                                                           \
-                for (; i + SF_PBLOCK <= len; i += SF_PBLOCK) {                                           \
-                    T blk[SF_PLANES] = {0};                                                              \
-                    for (int r = 0; r < SF_PBLOCK; r += SF_PLANES) {                                     \
-                        _Pragma("omp simd")                                                              \
-                        for (int j = 0; j < SF_PLANES; j++) {                                            \
-                            T vn;                                                                        \
-                            const T u = sf_prodigy_u_##NAME(SF_LOAD_##PF(gg[i + r + j]),                 \
-                                                            SF_LOAD_##BF(vv[i + r + j]), epsd, dn, &vn, b2, vscale); \
-                            blk[j] += u * u;                                                             \
+        }                                                                                                \
+        const T b2 = (T)s[SF_BETA2], vscale = (T)(s[SF_D] * s[SF_D] * (1.0 - s[SF_BETA2]));              \
+        const T dn = (T)s[SF_D_NEW], epsd = (T)(s[SF_D_NEW] * s[SF_EPS]);                                \
+        /* One parallel region: the clip's sums, their total per tensor (one thread), the update. */     \
+        _Pragma("omp parallel num_threads(nthreads) if(nthreads > 1)")                                   \
+        {                                                                                                \
+            if (part) {                                                                                  \
+                _Pragma("omp for schedule(static)")                                                      \
+                for (int64_t k = 0; k < count; k++) {                                                    \
+                    const int64_t idx = chunks[k].idx, o = chunks[k].start, len = chunks[k].len;         \
+                    const P *restrict gg = g[idx] + o;                                                   \
+                    const B *restrict vv = v[idx] + o;                                                   \
+                    double sq[SF_PLANES] = {0};                                                          \
+                    int64_t i = 0;                                                                       \
+                    for (; i + SF_PBLOCK <= len; i += SF_PBLOCK) {                                       \
+                        T blk[SF_PLANES] = {0};                                                          \
+                        for (int r = 0; r < SF_PBLOCK; r += SF_PLANES) {                                 \
+                            _Pragma("omp simd")                                                          \
+                            for (int j = 0; j < SF_PLANES; j++) {                                        \
+                                T vn;                                                                    \
+                                const T u = sf_prodigy_u_##NAME(SF_LOAD_##PF(gg[i + r + j]),             \
+                                                                SF_LOAD_##BF(vv[i + r + j]), epsd, dn, &vn, b2, vscale); \
+                                blk[j] += u * u;                                                         \
+                            }                                                                            \
                         }                                                                                \
+                        for (int j = 0; j < SF_PLANES; j++) sq[j] += (double)blk[j];                     \
                     }                                                                                    \
-                    for (int j = 0; j < SF_PLANES; j++) sq[j] += (double)blk[j];                         \
+                    for (; i < len; i++) {                                                               \
+                        T vn;                                                                            \
+                        const double u = (double)sf_prodigy_u_##NAME(SF_LOAD_##PF(gg[i]), SF_LOAD_##BF(vv[i]), \
+                                                                     epsd, dn, &vn, b2, vscale);         \
+                        sq[0] += u * u;                                                                  \
+                    }                                                                                    \
+                    double t = 0.0;                                                                      \
+                    for (int j = 0; j < SF_PLANES; j++) t += sq[j];                                      \
+                    part[k] = t;                                                                         \
                 }                                                                                        \
-                for (; i < len; i++) {                                                                   \
-                    T vn;                                                                                \
-                    const double u = (double)sf_prodigy_u_##NAME(SF_LOAD_##PF(gg[i]), SF_LOAD_##BF(vv[i]), \
-                                                                 epsd, dn, &vn, b2, vscale);             \
-                    sq[0] += u * u;                                                                      \
+                _Pragma("omp single")                                                                    \
+                {                                                                                        \
+                    for (int64_t i = 0; i < n; i++) factor[i] = 0.0;                                     \
+                    for (int64_t k = 0; k < count; k++) factor[chunks[k].idx] += part[k];                \
+                    for (int64_t i = 0; i < n; i++) {                                                    \
+                        const double q = sizes[i] > 0 ? sqrt(factor[i]) / (clip * sqrt((double)sizes[i])) : 1.0; \
+                        factor[i] = q < 1.0 ? 1.0 : q; /* NaN stays NaN, as torch's clamp_min */        \
+                    }                                                                                    \
                 }                                                                                        \
-                double t = 0.0;                                                                          \
-                for (int j = 0; j < SF_PLANES; j++) t += sq[j];                                           \
-                part[k] = t;                                                                             \
             }                                                                                            \
-            for (int64_t i = 0; i < n; i++) factor[i] = 0.0;                                             \
-            for (int64_t k = 0; k < count; k++) factor[chunks[k].idx] += part[k];                        \
-            for (int64_t i = 0; i < n; i++) {                                                            \
-                const double q = sizes[i] > 0 ? sqrt(factor[i]) / (clip * sqrt((double)sizes[i])) : 1.0; \
-                factor[i] = q < 1.0 ? 1.0 : q; /* NaN stays NaN, as torch's clamp_min */                \
-            }                                                                                            \
-            free(part);                                                                                  \
-        }                                                                                                \
-        _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)")              \
-        for (int64_t k = 0; k < count; k++) {                                                            \
-            const int64_t i = chunks[k].idx, o = chunks[k].start, len = chunks[k].len;                  \
-            P *yy = y[i] + o, *zz = z[i] + o;                                                            \
-            const P *gg = g[i] + o;                                                                      \
-            B *vv = v[i] + o, *ss = sv[i] + o;                                                           \
-            const double f = factor != NULL ? factor[i] : 1.0;                                           \
-            sf_key keys[SF_STREAMS] = {{0, 0}};                                                          \
-            if (stochastic) {                                                                            \
-                for (int st = 0; st < SF_STREAMS; st++) keys[st] = sf_key_for(seed, st, i, o);           \
-                sf_prodigy_span_##NAME(yy, gg, zz, vv, ss, len, s, f, 1, keys, (uint32_t)o);             \
-            } else {                                                                                     \
-                sf_prodigy_span_##NAME(yy, gg, zz, vv, ss, len, s, f, 0, keys, (uint32_t)o);             \
+            _Pragma("omp for schedule(static)")                                                          \
+            for (int64_t k = 0; k < count; k++) {                                                        \
+                const int64_t i = chunks[k].idx, o = chunks[k].start, len = chunks[k].len;              \
+                P *yy = y[i] + o, *zz = z[i] + o;                                                        \
+                const P *gg = g[i] + o;                                                                  \
+                B *vv = v[i] + o, *ss = sv[i] + o;                                                       \
+                const double f = factor != NULL ? factor[i] : 1.0;                                       \
+                sf_key keys[SF_STREAMS] = {{0, 0}};                                                      \
+                if (stochastic) {                                                                        \
+                    for (int st = 0; st < SF_STREAMS; st++) keys[st] = sf_key_for(seed, st, i, o);       \
+                    sf_prodigy_span_##NAME(yy, gg, zz, vv, ss, len, s, f, 1, keys, (uint32_t)o);         \
+                } else {                                                                                 \
+                    sf_prodigy_span_##NAME(yy, gg, zz, vv, ss, len, s, f, 0, keys, (uint32_t)o);         \
+                }                                                                                        \
             }                                                                                            \
         }                                                                                                \
+        free(part);                                                                                      \
         free(factor);                                                                                    \
         free(chunks);                                                                                    \
         return 0;                                                                                        \
