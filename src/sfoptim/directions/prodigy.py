@@ -59,9 +59,10 @@ On CPU (``fused=None``, the default) a step is three passes over memory, one
 C call per bucket each; everything is written in the last, so a step that
 fails (out of memory for a work list) changes nothing:
 
-1. the sums: read ``g``, ``z``, ``p0``, ``s`` (4 streams), in float64 in an
-   order independent of the thread count. They come first and alone: the new
-   estimate :math:`d'` needs their totals over every bucket (and rank).
+1. the sums: read ``g``, ``z``, ``p0``, ``s`` (4 streams), added in an
+   order that does not depend on the thread count (so neither does ``d``).
+   They come first and alone: the new estimate :math:`d'` needs their totals
+   over every bucket (and rank).
 2. the clip: read ``g`` and ``v`` (2 streams) for :math:`\mathrm{RMS}(u_t)`
    of each tensor, which needs :math:`v_t` and :math:`d'`; skipped with
    ``update_clip=None``.
