@@ -12,7 +12,8 @@ every dtype's contenders interleaved in the same rounds):
 
 * Adam-like contenders against ``torch.optim.AdamW(fused=True)`` (ScheduleFree+
   among them, stepped with a fixed loss: its global sums over ``g``, ``y`` and
-  ``z`` are part of the step it is timed on),
+  ``z`` are part of the step it is timed on; schedule-free Prodigy too, with
+  its sums and its update clip),
 * SGD-like contenders against the fastest of ``torch.optim.SGD(momentum=0.9)``
   with ``fused=True`` and ``foreach=True`` (whichever is faster here),
 * with ``--muon``, on the ``gpt`` layout: ``sfoptim.MuonScheduleFree`` against
@@ -129,6 +130,7 @@ def contenders(args: argparse.Namespace) -> dict[str, tuple[str, Callable[[list]
     if args.foreach_too:
         out["sfoptim AdamW foreach"] = ("adam", lambda p: sfoptim.AdamWScheduleFree(p, lr=lr, weight_decay=wd, fused=False))
         out["sfoptim SGD foreach"] = ("sgd", lambda p: sfoptim.SGDScheduleFree(p, lr=lr, weight_decay=wd, fused=False))
+        out["sfoptim Prodigy foreach"] = ("adam", lambda p: sfoptim.ProdigyScheduleFree(p, weight_decay=wd, fused=False))
 
     def wanted(peer: str) -> bool:
         # Peers that --only leaves out are not even imported (pytorch_optimizer takes seconds).

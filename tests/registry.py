@@ -214,8 +214,8 @@ OPTIMIZERS: list[OptimizerInfo] = [
     OptimizerInfo("radam_sgd_phase", sfoptim.RAdamScheduleFree, RADAM_SGD_KW, sfoptim.RAdamScheduleFreeReference, flags=FAST, compile=True, fused_kernel=True),
     OptimizerInfo("muon", sfoptim.MuonScheduleFree, MUON_KW, sfoptim.MuonScheduleFreeReference, flags=FAST, invalid=MUON_INVALID, distributed=True),
     OptimizerInfo("normuon", sfoptim.MuonScheduleFree, NORMUON_KW, sfoptim.MuonScheduleFreeReference, flags=FAST, distributed=True),
-    OptimizerInfo("prodigy", sfoptim.ProdigyScheduleFree, PRODIGY_KW, sfoptim.ProdigyScheduleFreeReference, flags=FAST, invalid=PRODIGY_INVALID, distributed=True),
-    OptimizerInfo("prodigy_split", sfoptim.ProdigyScheduleFree, PRODIGY_SPLIT_KW, sfoptim.ProdigyScheduleFreeReference, flags=FAST, distributed=True),
+    OptimizerInfo("prodigy", sfoptim.ProdigyScheduleFree, PRODIGY_KW, sfoptim.ProdigyScheduleFreeReference, flags=FAST, invalid=PRODIGY_INVALID, distributed=True, fused_kernel=True),
+    OptimizerInfo("prodigy_split", sfoptim.ProdigyScheduleFree, PRODIGY_SPLIT_KW, sfoptim.ProdigyScheduleFreeReference, flags=FAST, distributed=True, fused_kernel=True),
     # Low-bit state (z bfloat16, v bfloat16 or 8-bit): no independent oracle (tests/test_state_precision.py
     # checks the math against float64); the fused kernel and the torch path agree bit for bit.
     OptimizerInfo("adamw_bf16state", sfoptim.AdamWScheduleFree, {**ADAMW_KW, "state_precision": "bf16"}, None, flags=LOWBIT, invalid=LOWBIT_INVALID, fused_kernel=True),
@@ -226,7 +226,7 @@ OPTIMIZERS: list[OptimizerInfo] = [
     OptimizerInfo("sgd_closure", sfoptim.SGDScheduleFreeClosure, SGD_KW, sfoptim.SGDScheduleFreeReference, closure=True, flags=FAST, fused_kernel=True),
     OptimizerInfo("adamw_closure", sfoptim.AdamWScheduleFreeClosure, ADAMW_KW, sfoptim.AdamWScheduleFreeReference, closure=True, flags=FAST, distributed=True, fused_kernel=True, compile=True),
     OptimizerInfo("radam_closure", sfoptim.RAdamScheduleFreeClosure, RADAM_KW, sfoptim.RAdamScheduleFreeReference, closure=True, flags=FAST, fused_kernel=True),
-    OptimizerInfo("prodigy_closure", sfoptim.ProdigyScheduleFreeClosure, PRODIGY_KW, sfoptim.ProdigyScheduleFreeReference, closure=True, flags=FAST, distributed=True),
+    OptimizerInfo("prodigy_closure", sfoptim.ProdigyScheduleFreeClosure, PRODIGY_KW, sfoptim.ProdigyScheduleFreeReference, closure=True, flags=FAST, distributed=True, fused_kernel=True),
     # The wrapper around plain and stateful base optimizers.
     OptimizerInfo("wrapper_sgd", sfoptim.ScheduleFreeWrapper, WRAPPER_KW, sfoptim.ScheduleFreeWrapperReference, base=_sgd, flags=frozenset({"fused"}), invalid=WRAPPER_INVALID, fused_kernel=True),
     OptimizerInfo("wrapper_adam", sfoptim.ScheduleFreeWrapper, WRAPPER_KW, sfoptim.ScheduleFreeWrapperReference, base=_adam, flags=frozenset({"fused"}), distributed=True, compile=True, fused_kernel=True),

@@ -430,7 +430,7 @@ def test_only_classes_the_published_package_has_point_to_it() -> None:
             assert "published package" not in doc and "same name" not in doc, cls.__name__
 
 
-@pytest.mark.parametrize("cls", [sfoptim.ProdigyScheduleFree, sfoptim.MuonScheduleFree])
+@pytest.mark.parametrize("cls", [sfoptim.MuonScheduleFree])
 def test_fused_true_without_a_kernel_names_the_optimizer_class(cls: type) -> None:
     from sfoptim.backends import dispatch
 

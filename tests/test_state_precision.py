@@ -31,7 +31,7 @@ SCALARS = dict(lr=0.01, ckp1=0.3, beta=0.9, wd=0.01, beta2=0.999, bc2=0.05, eps=
 
 def scalars(**changes: float) -> list[float]:
     values = dict(SCALARS, **changes)
-    return [values[name] for name in KERNEL_SCALARS]
+    return [values.get(name, 0.0) for name in KERNEL_SCALARS]
 
 
 def make_bucket(fmt: str, dtype: torch.dtype, sizes: list[int], seed: int = 0) -> list[Any]:

@@ -40,11 +40,12 @@ _compiled: dict[tuple, Any] = {}
 # Plain ints: dynamo does not fold comparisons with IntEnum members reliably.
 _SGD, _ADAM = int(Kind.SGD), int(Kind.ADAM)
 _warned = False
+_warned_family = False
 
 
 def update_one(y: Tensor, g: Tensor, z: Tensor, v: Tensor | None, m: Tensor | None, s: Tensor, kind: int) -> None:
-    """The kernel's update of one tensor in torch operations; ``s`` holds :data:`KERNEL_SCALARS` in order."""
-    lr, ckp1, beta, wd, beta2, bc2, eps, mu, bc1 = s.unbind(0)  # the order of KERNEL_SCALARS
+    """The kernel's update of one tensor in torch operations (families ``SGD``, ``ADAM``, ``SGD_V``); ``s`` holds :data:`KERNEL_SCALARS` in order."""
+    lr, ckp1, beta, wd, beta2, bc2, eps, mu, bc1 = s.unbind(0)[:9]  # the order of KERNEL_SCALARS
     if kind != _SGD:
         v.copy_(v * beta2 + g * g * (1 - beta2))  # type: ignore[union-attr, operator]
     if kind == _ADAM:
@@ -61,7 +62,9 @@ def update_one(y: Tensor, g: Tensor, z: Tensor, v: Tensor | None, m: Tensor | No
 
 
 # The unpacking above names the slots of the one declaration.
-assert KERNEL_SCALARS == ("lr", "ckp1", "beta", "wd", "beta2", "bc2", "eps", "mu", "bc1")
+assert KERNEL_SCALARS[:9] == ("lr", "ckp1", "beta", "wd", "beta2", "bc2", "eps", "mu", "bc1")
+#: The families :func:`update_one` computes; others (Prodigy's) take the foreach path on these devices.
+_FAMILIES = frozenset({Kind.SGD, Kind.ADAM, Kind.SGD_V})
 
 
 def _kernel(kind: int, has_m: bool, dtype: torch.dtype) -> Any:
@@ -93,10 +96,22 @@ def step(
     scalars: Sequence[float],
     explicit: bool = False,
 ) -> bool:
-    """Same contract as :func:`sfoptim.backends.cpu_kernel.step`; False (nothing changed) if it cannot run."""
-    global _warned
+    """Same contract as :func:`sfoptim.backends.cpu_kernel.step`; False (nothing changed) if it cannot run.
+
+    The ``PRODIGY`` family is not compiled: False, so its buckets take the foreach path.
+    """
+    global _warned, _warned_family
     if not ys:
         return True
+    if kind not in _FAMILIES:
+        if explicit and not _warned_family:
+            _warned_family = True
+            warnings.warn(
+                f"sfoptim: fused=True, but the {kind.name} family has no compiled kernel; "
+                "using the foreach implementation on this device.",
+                stacklevel=4,
+            )
+        return False
     lists = [ys, grads, zs, *slots]
     if not all(type(t) is Tensor and t.is_contiguous() for group in lists for t in group):
         if explicit and not _warned:

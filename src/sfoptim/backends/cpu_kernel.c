@@ -24,7 +24,9 @@
  * schedule-free step of one kernel family), sf_wrap_before_<T> /
  * sf_wrap_after_<T> (the wrapper's bookkeeping) and sf_sums_<T> (the bucket sums of a direction's global reductions, taken
  * before the step in a pass of their own, since the step size depends on
- * their totals over all buckets).
+ * their totals over all buckets); and Prodigy's sf_prodigy_step_<P>_<B> and
+ * sf_prodigy_sums_<P>_<B>, whose buffers have a format of their own (last
+ * section).
  */
 #include <math.h>
 #include <stdint.h>
@@ -47,7 +49,8 @@
 #define SF_MIN_PER_THREAD 32768
 
 #if !defined(SF_ABI_VERSION) || !defined(SF_SGD) || !defined(SF_ADAM) || !defined(SF_SGD_V) || !defined(SF_LR) || !defined(SF_BC1) || \
-    !defined(SF_SUM_GRAD_L1) || !defined(SF_SUM_GRAD_Z_MINUS_Y)
+    !defined(SF_SUM_GRAD_L1) || !defined(SF_SUM_GRAD_Z_MINUS_Y) || !defined(SF_PRODIGY) || !defined(SF_CLIP) || \
+    !defined(SF_SUM_GRAD_P0_MINUS_Z) || !defined(SF_SUM_DECAYED_L1)
 #error "build through sfoptim.backends.cpu_kernel, which defines the kinds and scalar slots"
 #endif
 
@@ -772,6 +775,237 @@ static inline int32_t sf_lb_exponent(float mx) {
 SF_LOWBIT_ENTRY(float, float, float)
 SF_LOWBIT_ENTRY(bfloat16, bf16, sf_bf16)
 SF_LOWBIT_ENTRY(float16, f16, sf_f16)
+
+/*
+ * Schedule-free Prodigy (the family SF_PRODIGY), in entry points of its own:
+ * its buffers v, s and p0 may be stored in another format B than the
+ * parameter and z (format P), so every entry is written once per pair (P, B)
+ * instantiated below, computed in double when P is double and in float
+ * otherwise. Every element is widened when read and rounded once when
+ * written, as everywhere above.
+ *
+ * sf_prodigy_sums_<P>_<B>: the two global sums of Prodigy's estimate in one
+ * read of g, z, p0 and s, each term computed in the computing format (as the
+ * foreach path does) and summed as described at SF_PLANES:
+ *     out[SF_SUM_GRAD_P0_MINUS_Z] = sum g*(p0 - z)
+ *     out[SF_SUM_DECAYED_L1]      = sum |rho*s + a*g|      (a = SF_ACCUM = d^2 gamma)
+ *
+ * sf_prodigy_step_<P>_<B>: with clip = s[SF_CLIP] > 0, first one read of g
+ * and v for the sum of u^2 over each tensor (double, fixed order), which
+ * gives each tensor its divisor max(1, RMS(u)/clip) (NaN stays NaN, as
+ * torch's clamp_min leaves it); then one pass that reads
+ * y, g, z, v, s and writes y, z, v, s:
+ *     v' = beta2*v + d^2(1-beta2)*g*g        s' = rho*s + a*g
+ *     u  = g / (sqrt(v') + d'*eps) * (d' / divisor)   (the divisor of the tensor: 1 unclipped)
+ *     y <- lerp(y, z, c) + lr*(beta*(1-c) - 1)*(u + wd*y);   z <- z - lr*(u + wd*y)
+ * with d = SF_D (the estimate v accumulates with) and d' = SF_D_NEW (the new
+ * one, which needs the sums of every bucket first). The update of u needs v'
+ * and d', so the clip cannot share the sums' pass. Everything that can fail
+ * (the work lists) is allocated before the first write: a call that returns
+ * -1 has changed nothing. With `stochastic` every narrow store rounds
+ * stochastically (streams: y, z, v, and s on the m stream).
+ */
+/* Sums of Prodigy's passes: SF_PLANES running sums in the computing format over
+ * blocks of SF_PBLOCK elements (16 terms each), added into as many double
+ * sums after every block; the tail of a chunk goes to lane 0 in double. As
+ * for sf_sums_<T>, the order depends on the data only. */
+#define SF_PLANES 16
+#define SF_PBLOCK 256
+
+#define SF_PRODIGY_ENTRIES(NAME, P, PF, B, BF, T, SQRT)                                                  \
+    static inline __attribute__((always_inline)) T sf_prodigy_u_##NAME(T gi, T vi, T epsd, T dn,       \
+                                                                        T *vnew, const T b2, const T vscale) { \
+        *vnew = b2 * vi + vscale * gi * gi;                                                              \
+        return gi / (SQRT(*vnew) + epsd) * dn;                                                           \
+    }                                                                                                    \
+    static inline __attribute__((always_inline)) void sf_prodigy_span_##NAME(                           \
+        P *restrict y, const P *restrict g, P *restrict z, B *restrict v, B *restrict sv, int64_t n,     \
+        const sf_scalars *s, const double factor, const int sr, const sf_key *keys, uint32_t base) {     \
+        const T c = (T)s[SF_CKP1], lr = (T)s[SF_LR], wd = (T)s[SF_WD];                                   \
+        const T ystep = (T)(s[SF_LR] * (s[SF_BETA] * (1.0 - s[SF_CKP1]) - 1.0));                         \
+        const T b2 = (T)s[SF_BETA2], vscale = (T)(s[SF_D] * s[SF_D] * (1.0 - s[SF_BETA2]));              \
+        const T rho = (T)s[SF_RHO], acc = (T)s[SF_ACCUM], dn = (T)(s[SF_D_NEW] / factor);                \
+        const T epsd = (T)(s[SF_D_NEW] * s[SF_EPS]);                                                     \
+        const int upper = s[SF_CKP1] >= 0.5;                                                             \
+        const T omc = (T)(1.0 - s[SF_CKP1]);                                                             \
+        _Pragma("omp simd")                                                                              \
+        for (int64_t i = 0; i < n; i++) {                                                                \
+            const T yi = SF_LOAD_##PF(y[i]), gi = SF_LOAD_##PF(g[i]), zi = SF_LOAD_##PF(z[i]);           \
+            T vi;                                                                                        \
+            const T u = sf_prodigy_u_##NAME(gi, SF_LOAD_##BF(v[i]), epsd, dn, &vi, b2, vscale);          \
+            const T si = SF_LOAD_##BF(sv[i]) * rho + acc * gi;                                           \
+            const T d = u + wd * yi;                                                                     \
+            const T diff = zi - yi;                                                                      \
+            const T from_z = zi - diff * omc, from_y = yi + c * diff;                                    \
+            const T yn = SF_PICK_##T(upper, from_z, from_y) + ystep * d, zn = zi - lr * d;               \
+            if (sr) {                                                                                    \
+                const uint32_t at = base + (uint32_t)i;                                                  \
+                (void)at;                                                                                \
+                y[i] = SF_SR_##PF(yn, sf_random(keys[SF_STREAM_Y], at));                                 \
+                z[i] = SF_SR_##PF(zn, sf_random(keys[SF_STREAM_Z], at));                                 \
+                v[i] = SF_SR_##BF(vi, sf_random(keys[SF_STREAM_V], at));                                 \
+                sv[i] = SF_SR_##BF(si, sf_random(keys[SF_STREAM_M], at));                                \
+            } else {                                                                                     \
+                y[i] = SF_NEAR_##PF(yn);                                                                 \
+                z[i] = SF_NEAR_##PF(zn);                                                                 \
+                v[i] = SF_NEAR_##BF(vi);                                                                 \
+                sv[i] = SF_NEAR_##BF(si);                                                                \
+            }                                                                                            \
+        }                                                                                                \
+    }                                                                                                    \
+    int sf_prodigy_step_##NAME(int64_t n, P **y, P **g, P **z, B **v, B **sv, const int64_t *sizes,     \
+                               const sf_scalars *s, int stochastic, uint64_t seed, int nthreads) {       \
+        int64_t count = 0;                                                                               \
+        sf_chunk *chunks = make_chunks(n, sizes, &count, &nthreads);                                     \
+        if (!chunks) return -1;                                                                          \
+        const double clip = s[SF_CLIP];                                                                  \
+        double *factor = NULL, *part = NULL;                                                             \
+        if (clip > 0.0) {                                                                                \
+            factor = (double *)malloc((size_t)(n > 0 ? n : 1) * sizeof(double));                         \
+            part = (double *)malloc((size_t)(count > 0 ? count : 1) * sizeof(double));                   \
+            if (!factor || !part) {                                                                      \
+                free(factor);                                                                            \
+                free(part);                                                                              \
+                free(chunks);                                                                            \
+                return -1;                                                                               \
+            }                                                                                            \
+        }                                                                                                \
+        const T b2 = (T)s[SF_BETA2], vscale = (T)(s[SF_D] * s[SF_D] * (1.0 - s[SF_BETA2]));              \
+        const T dn = (T)s[SF_D_NEW], epsd = (T)(s[SF_D_NEW] * s[SF_EPS]);                                \
+        /* One parallel region: the clip's sums, their total per tensor (one thread), the update. */     \
+        _Pragma("omp parallel num_threads(nthreads) if(nthreads > 1)")                                   \
+        {                                                                                                \
+            if (part) {                                                                                  \
+                _Pragma("omp for schedule(static)")                                                      \
+                for (int64_t k = 0; k < count; k++) {                                                    \
+                    const int64_t idx = chunks[k].idx, o = chunks[k].start, len = chunks[k].len;         \
+                    const P *restrict gg = g[idx] + o;                                                   \
+                    const B *restrict vv = v[idx] + o;                                                   \
+                    double sq[SF_PLANES] = {0};                                                          \
+                    int64_t i = 0;                                                                       \
+                    for (; i + SF_PBLOCK <= len; i += SF_PBLOCK) {                                       \
+                        T blk[SF_PLANES] = {0};                                                          \
+                        for (int r = 0; r < SF_PBLOCK; r += SF_PLANES) {                                 \
+                            _Pragma("omp simd")                                                          \
+                            for (int j = 0; j < SF_PLANES; j++) {                                        \
+                                T vn;                                                                    \
+                                const T u = sf_prodigy_u_##NAME(SF_LOAD_##PF(gg[i + r + j]),             \
+                                                                SF_LOAD_##BF(vv[i + r + j]), epsd, dn, &vn, b2, vscale); \
+                                blk[j] += u * u;                                                         \
+                            }                                                                            \
+                        }                                                                                \
+                        for (int j = 0; j < SF_PLANES; j++) sq[j] += (double)blk[j];                     \
+                    }                                                                                    \
+                    for (; i < len; i++) {                                                               \
+                        T vn;                                                                            \
+                        const double u = (double)sf_prodigy_u_##NAME(SF_LOAD_##PF(gg[i]), SF_LOAD_##BF(vv[i]), \
+                                                                     epsd, dn, &vn, b2, vscale);         \
+                        sq[0] += u * u;                                                                  \
+                    }                                                                                    \
+                    double t = 0.0;                                                                      \
+                    for (int j = 0; j < SF_PLANES; j++) t += sq[j];                                      \
+                    part[k] = t;                                                                         \
+                }                                                                                        \
+                _Pragma("omp single")                                                                    \
+                {                                                                                        \
+                    for (int64_t i = 0; i < n; i++) factor[i] = 0.0;                                     \
+                    for (int64_t k = 0; k < count; k++) factor[chunks[k].idx] += part[k];                \
+                    for (int64_t i = 0; i < n; i++) {                                                    \
+                        const double q = sizes[i] > 0 ? sqrt(factor[i]) / (clip * sqrt((double)sizes[i])) : 1.0; \
+                        factor[i] = q < 1.0 ? 1.0 : q; /* NaN stays NaN, as torch's clamp_min */        \
+                    }                                                                                    \
+                }                                                                                        \
+            }                                                                                            \
+            _Pragma("omp for schedule(static)")                                                          \
+            for (int64_t k = 0; k < count; k++) {                                                        \
+                const int64_t i = chunks[k].idx, o = chunks[k].start, len = chunks[k].len;              \
+                P *yy = y[i] + o, *zz = z[i] + o;                                                        \
+                const P *gg = g[i] + o;                                                                  \
+                B *vv = v[i] + o, *ss = sv[i] + o;                                                       \
+                const double f = factor != NULL ? factor[i] : 1.0;                                       \
+                sf_key keys[SF_STREAMS] = {{0, 0}};                                                      \
+                if (stochastic) {                                                                        \
+                    for (int st = 0; st < SF_STREAMS; st++) keys[st] = sf_key_for(seed, st, i, o);       \
+                    sf_prodigy_span_##NAME(yy, gg, zz, vv, ss, len, s, f, 1, keys, (uint32_t)o);         \
+                } else {                                                                                 \
+                    sf_prodigy_span_##NAME(yy, gg, zz, vv, ss, len, s, f, 0, keys, (uint32_t)o);         \
+                }                                                                                        \
+            }                                                                                            \
+        }                                                                                                \
+        free(part);                                                                                      \
+        free(factor);                                                                                    \
+        free(chunks);                                                                                    \
+        return 0;                                                                                        \
+    }                                                                                                    \
+    int sf_prodigy_sums_##NAME(int64_t n, P **g, P **z, B **p0, B **sv, const int64_t *sizes,           \
+                               const sf_scalars *s, double *out, int nthreads) {                         \
+        int64_t count = 0;                                                                               \
+        sf_chunk *chunks = make_chunks(n, sizes, &count, &nthreads);                                     \
+        if (!chunks) return -1;                                                                          \
+        double *part = (double *)malloc((size_t)(count > 0 ? count : 1) * 2 * sizeof(double));           \
+        if (!part) {                                                                                     \
+            free(chunks);                                                                                \
+            return -1;                                                                                   \
+        }                                                                                                \
+        const double rho = s[SF_RHO], acc = s[SF_ACCUM];                                                 \
+        _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)")              \
+        for (int64_t k = 0; k < count; k++) {                                                            \
+            const int64_t idx = chunks[k].idx, o = chunks[k].start, len = chunks[k].len;                 \
+            const P *restrict gg = g[idx] + o, *restrict zz = z[idx] + o;                                \
+            const B *restrict pp = p0[idx] + o, *restrict ss = sv[idx] + o;                              \
+            const T trho = (T)rho, tacc = (T)acc;                                                        \
+            double gap[SF_PLANES] = {0}, l1[SF_PLANES] = {0};                                            \
+            int64_t i = 0;                                                                               \
+            for (; i + SF_PBLOCK <= len; i += SF_PBLOCK) {                                               \
+                T bgap[SF_PLANES] = {0}, bl1[SF_PLANES] = {0};                                           \
+                for (int r = 0; r < SF_PBLOCK; r += SF_PLANES) {                                         \
+                    _Pragma("omp simd")                                                                  \
+                    for (int j = 0; j < SF_PLANES; j++) {                                                \
+                        const T gj = SF_LOAD_##PF(gg[i + r + j]);                                        \
+                        bgap[j] += gj * (SF_LOAD_##BF(pp[i + r + j]) - SF_LOAD_##PF(zz[i + r + j]));     \
+                        const T t = SF_LOAD_##BF(ss[i + r + j]) * trho + tacc * gj;                      \
+                        bl1[j] += SF_PICK_##T(t < 0, -t, t);                                             \
+                    }                                                                                    \
+                }                                                                                        \
+                for (int j = 0; j < SF_PLANES; j++) {                                                    \
+                    gap[j] += (double)bgap[j];                                                           \
+                    l1[j] += (double)bl1[j];                                                             \
+                }                                                                                        \
+            }                                                                                            \
+            for (; i < len; i++) {                                                                       \
+                const T gi = SF_LOAD_##PF(gg[i]);                                                        \
+                gap[0] += (double)(gi * (SF_LOAD_##BF(pp[i]) - SF_LOAD_##PF(zz[i])));                     \
+                l1[0] += fabs((double)(SF_LOAD_##BF(ss[i]) * trho + tacc * gi));                         \
+            }                                                                                            \
+            double a = 0.0, b = 0.0;                                                                     \
+            for (int j = 0; j < SF_PLANES; j++) {                                                        \
+                a += gap[j];                                                                             \
+                b += l1[j];                                                                              \
+            }                                                                                            \
+            part[2 * k] = a;                                                                             \
+            part[2 * k + 1] = b;                                                                         \
+        }                                                                                                \
+        double a = 0.0, b = 0.0;                                                                         \
+        for (int64_t k = 0; k < count; k++) {                                                            \
+            a += part[2 * k];                                                                            \
+            b += part[2 * k + 1];                                                                        \
+        }                                                                                                \
+        out[SF_SUM_GRAD_P0_MINUS_Z] = a;                                                                 \
+        out[SF_SUM_DECAYED_L1] = b;                                                                      \
+        free(part);                                                                                      \
+        free(chunks);                                                                                    \
+        return 0;                                                                                        \
+    }
+
+/* The (parameter, buffer) pairs: one format for both, or float32 with 16-bit buffers, or 16-bit with float32. */
+SF_PRODIGY_ENTRIES(float_float, float, float, float, float, float, sqrtf)
+SF_PRODIGY_ENTRIES(double_double, double, double, double, double, double, sqrt)
+SF_PRODIGY_ENTRIES(bfloat16_bfloat16, sf_bf16, bf16, sf_bf16, bf16, float, sqrtf)
+SF_PRODIGY_ENTRIES(float16_float16, sf_f16, f16, sf_f16, f16, float, sqrtf)
+SF_PRODIGY_ENTRIES(float_bfloat16, float, float, sf_bf16, bf16, float, sqrtf)
+SF_PRODIGY_ENTRIES(float_float16, float, float, sf_f16, f16, float, sqrtf)
+SF_PRODIGY_ENTRIES(bfloat16_float, sf_bf16, bf16, float, float, float, sqrtf)
+SF_PRODIGY_ENTRIES(float16_float, sf_f16, f16, float, float, float, sqrtf)
 
 /* Lets the loader check that the library it found is the one it built. */
 int sf_abi_version(void) { return SF_ABI_VERSION; }

@@ -21,6 +21,14 @@ A direction whose global reductions are generic bucket sums
 :func:`sums`, one more read of ``g``, ``z`` and ``y`` in a single call per
 bucket, accumulated in float64 and independent of the thread count.
 
+Schedule-free Prodigy (the ``PRODIGY`` family) has entry points of its own,
+since its buffers may be narrower than the parameter (``buffer_dtype``): a
+call takes parameters, gradients and ``z`` of one dtype and buffers of one
+dtype, in the pairs of :data:`PRODIGY_PAIRS`. Its sums (:math:`\sum g(p_0 -
+z)`, :math:`\sum |\rho s + a g|`) read ``g``, ``z``, ``p0`` and ``s``; its
+step reads ``g`` and ``v`` once more for the update clip (each tensor's RMS)
+and then updates ``y``, ``z``, ``v`` and ``s`` in one pass.
+
 Build contract: the source is compiled on first use with the system C compiler
 (``$SFOPTIM_CC``, else ``$CC``, else ``gcc``) into a per-user cache directory
 (``$SFOPTIM_CACHE_DIR``, else ``$XDG_CACHE_HOME/sfoptim``, else
@@ -63,11 +71,11 @@ import torch
 from torch import Tensor
 
 from . import kernel_cache
-from .abi import ABI_VERSION, KERNEL_SCALARS, KIND_SLOTS, BucketSum, Kind, build_defines
+from .abi import ABI_VERSION, BUFFER_SUMS, KERNEL_SCALARS, KIND_SLOTS, BucketSum, Kind, build_defines
 from .compiled import update_one
 from .lowbit import num_blocks
 
-__all__ = ["NARROW", "available", "lowbit_step", "step", "sums", "wrap_before", "wrap_after"]
+__all__ = ["NARROW", "PRODIGY_PAIRS", "available", "lowbit_step", "step", "sums", "wrap_before", "wrap_after"]
 
 _SOURCE = Path(__file__).with_name("cpu_kernel.c")
 _DEFINES = build_defines()
@@ -76,6 +84,13 @@ _LIBS = ("-lm",)
 _DTYPES = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 #: Dtypes whose stores round (a ``seed`` makes the rounding stochastic).
 NARROW = frozenset({torch.bfloat16, torch.float16})
+#: (parameter dtype, buffer dtype) pairs of the ``PRODIGY`` family: one dtype for
+#: both, or float32 with 16-bit buffers, or 16-bit parameters with float32 buffers.
+PRODIGY_PAIRS = frozenset(
+    {(t, t) for t in _DTYPES}
+    | {(torch.float32, t) for t in NARROW}
+    | {(t, torch.float32) for t in NARROW}
+)
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -113,6 +128,15 @@ def _declare(lib: ctypes.CDLL) -> None:
             fn = getattr(lib, f"{name}_{t}")
             fn.argtypes = [i64, ptrs, ptrs, ptrs, dbl, dbl, cint]
             fn.restype = cint
+    scalars = ctypes.POINTER(ctypes.c_double)
+    for pdt, bdt in PRODIGY_PAIRS:
+        pair = f"{_DTYPES[pdt]}_{_DTYPES[bdt]}"
+        fn = getattr(lib, f"sf_prodigy_step_{pair}")
+        fn.argtypes = [i64, ptrs, ptrs, ptrs, ptrs, ptrs, ptrs, scalars, cint, ctypes.c_uint64, cint]
+        fn.restype = cint
+        fn = getattr(lib, f"sf_prodigy_sums_{pair}")
+        fn.argtypes = [i64, ptrs, ptrs, ptrs, ptrs, ptrs, scalars, scalars, cint]
+        fn.restype = cint
 
 
 def _load() -> ctypes.CDLL | None:
@@ -183,6 +207,8 @@ class _Call(NamedTuple):
     n: int
     table: array.array
     address: int
+    #: The dtype of the lists from ``split`` on (the parameter's where the call has one dtype).
+    buffer_dtype: torch.dtype | None = None
 
     def array(self, k: int) -> int:
         return self.address + k * self.n * self.table.itemsize
@@ -198,8 +224,12 @@ _is_cpu = operator.attrgetter("is_cpu")
 _PLAIN = {Tensor}
 
 
-def _inspect(tensors: Sequence[Sequence[Tensor]]) -> str | _Call:
+def _inspect(tensors: Sequence[Sequence[Tensor]], split: int | None = None) -> str | _Call:
     """Checks every tensor of a kernel call: a refusal reason, or the call's pointers.
+
+    With ``split``, the lists from that index on (Prodigy's buffers) share a
+    dtype of their own, which must form one of :data:`PRODIGY_PAIRS` with the
+    others'.
 
     The C kernel trusts its arguments completely: every list holds, at each
     index, a dense tensor of the same number of elements and of the dtype the
@@ -239,23 +269,36 @@ def _inspect(tensors: Sequence[Sequence[Tensor]]) -> str | _Call:
     # type is checked first, so the reads below only ever see plain tensors.
     if set(map(type, flat)) != _PLAIN:
         return "layout"
+    cut = len(tensors) if split is None else split
+    main = n * cut
+    buffer_dtype = dtype
+    if main < len(flat) and n:
+        buffer_dtype = flat[main].dtype
+        if (dtype, buffer_dtype) not in PRODIGY_PAIRS:
+            return "pair" if buffer_dtype in _DTYPES else "layout"
+    dtypes = list(map(_dtype_of, flat))
     if (
-        list(map(_dtype_of, flat)).count(dtype) != len(flat)
+        dtypes[:main].count(dtype) != main
+        or dtypes[main:].count(buffer_dtype) != len(flat) - main
         or not all(map(_is_cpu, flat))
         or not all(map(Tensor.is_contiguous, flat))
     ):
         return "layout"
-    table = _table(list(map(Tensor.data_ptr, flat)), list(map(Tensor.numel, head)), first.element_size())
+    sizes = (first.element_size(),) * cut
+    if main < len(flat):
+        sizes += (flat[main].element_size(),) * (len(tensors) - cut)
+    table = _table(list(map(Tensor.data_ptr, flat)), list(map(Tensor.numel, head)), sizes)
     if table is None:
         return "alias"
-    return _Call(dtype, n, table, table.buffer_info()[0])
+    return _Call(dtype, n, table, table.buffer_info()[0], buffer_dtype)
 
 
-def _table(pointers: list[int], sizes: list[int], element_size: int) -> array.array | None:
+def _table(pointers: list[int], sizes: list[int], element_sizes: tuple[int, ...]) -> array.array | None:
     """The call's pointer table, or None when two tensors of the call share any byte of memory.
 
     ``pointers`` are those of all lists back to back, each list as long as
-    ``sizes`` (element counts by index). The kernel splits the work across
+    ``sizes`` (element counts by index), list ``k`` of elements of
+    ``element_sizes[k]`` bytes. The kernel splits the work across
     threads and keeps each element's values in registers between reading and
     writing them, which is only the foreach result when no element is
     reachable twice (the same parameter listed twice, overlapping views, a
@@ -265,12 +308,12 @@ def _table(pointers: list[int], sizes: list[int], element_size: int) -> array.ar
     exact addresses and sizes, so they are kept by those: a training loop
     whose tensors stay where they are builds neither again.
     """
-    key = (tuple(pointers), tuple(sizes), element_size)
+    key = (tuple(pointers), tuple(sizes), element_sizes)
     try:
         return _tables[key]
     except KeyError:
         pass
-    nbytes = [s * element_size for s in sizes] * (len(pointers) // len(sizes))
+    nbytes = [s * e for e in element_sizes for s in sizes]
     spans = sorted((start, start + size) for start, size in zip(pointers, nbytes) if size)
     table = None
     if not any(b[0] < a[1] for a, b in zip(spans, spans[1:])):
@@ -290,6 +333,8 @@ def _refuse(reason: str, explicit: bool) -> bool:
             "layout": "non-contiguous tensors, tensor subclasses such as DTensor, or mixed dtypes",
             "alias": "parameters or state that share memory (a parameter listed twice, overlapping views)",
             "lowbit-dtype": "low-bit state (state_precision) of parameters other than float32, bfloat16 and float16",
+            "pair": "this buffer_dtype with these parameters (supported: the parameters' dtype, float32 with 16-bit "
+            "buffers, 16-bit parameters with float32 buffers)",
         }[reason]
         _warn_once(reason, f"sfoptim: fused=True does not support {what}; using the foreach implementation for them.")
     return False
@@ -328,6 +373,8 @@ def step(
     fewest, most = KIND_SLOTS.get(kind, (-1, -1))
     if not fewest <= len(slots) <= most:
         raise ValueError(f"sfoptim fused kernel: direction kind {kind!r} takes {fewest} to {most} buffers, got {len(slots)}")
+    if kind == Kind.PRODIGY:
+        return _prodigy_step(ys, grads, zs, slots, scalars, explicit, seed)
     call = _inspect([ys, grads, zs, *slots])
     if isinstance(call, str):
         return _refuse(call, explicit)
@@ -355,20 +402,70 @@ def step(
     return True
 
 
-def sums(grads: list[Tensor], zs: list[Tensor], ys: list[Tensor], wanted: Sequence[BucketSum]) -> dict[BucketSum, float] | None:
+def _prodigy_step(
+    ys: list[Tensor],
+    grads: list[Tensor],
+    zs: list[Tensor],
+    slots: Sequence[list[Tensor]],
+    scalars: Sequence[float],
+    explicit: bool,
+    seed: int | None,
+) -> bool:
+    """The ``PRODIGY`` family: ``slots`` are ``v`` and ``s`` in a dtype of their own (see :func:`step`)."""
+    call = _inspect([ys, grads, zs, *slots], split=3)
+    if isinstance(call, str):
+        return _refuse(call, explicit)
+    lib = _load()
+    if lib is None:
+        return False
+    narrow = call.dtype in NARROW or call.buffer_dtype in NARROW
+    fn = getattr(lib, f"sf_prodigy_step_{_DTYPES[call.dtype]}_{_DTYPES[call.buffer_dtype]}")  # type: ignore[index]
+    rc = fn(
+        call.n,
+        call.array(0),
+        call.array(1),
+        call.array(2),
+        call.array(3),
+        call.array(4),
+        call.array(5),
+        _Scalars(*scalars),
+        int(seed is not None and narrow),
+        (seed or 0) & 0xFFFF_FFFF_FFFF_FFFF,
+        torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise MemoryError("sfoptim fused kernel: out of memory for its work list")
+    return True
+
+
+def sums(
+    grads: list[Tensor],
+    zs: list[Tensor],
+    ys: list[Tensor],
+    wanted: Sequence[BucketSum],
+    buffers: Sequence[list[Tensor]] = (),
+    scalars: Sequence[float] = (),
+) -> dict[BucketSum, float] | None:
     r"""The bucket sums ``wanted`` in one pass over the bucket; None if the kernel cannot take it.
 
     :math:`\sum |g|` (``GRAD_L1``) and :math:`\sum g\,(z - y)`
     (``GRAD_Z_MINUS_Y``) over every element of every tensor, accumulated in
     float64 in an order that depends only on the sizes (not on the thread
     count), so repeated calls agree bit for bit. Without ``GRAD_Z_MINUS_Y``
-    only the gradients are read (and checked). Every tensor passes the same
-    checks as for :func:`step`; nothing is written. Refusals are silent: the
-    caller's torch path gives the sums instead.
+    only the gradients are read (and checked). Or Prodigy's
+    :data:`~sfoptim.backends.abi.BUFFER_SUMS`, :math:`\sum g(p_0 - z)` and
+    :math:`\sum |\rho s + a g|`, with ``buffers`` = ``[p0, s]`` (in a dtype
+    of their own, see :data:`PRODIGY_PAIRS`) and ``scalars`` the values of
+    :data:`KERNEL_SCALARS` (``rho`` and ``accum`` are read); ``ys`` are not
+    read. Every tensor passes the same checks as for :func:`step`; nothing
+    is written. Refusals are silent: the caller's torch path gives the sums
+    instead.
     """
-    gap = BucketSum.GRAD_Z_MINUS_Y in wanted
     if not grads:
         return {s: 0.0 for s in wanted}
+    if BUFFER_SUMS & set(wanted):
+        return _buffer_sums(grads, zs, wanted, buffers, scalars)
+    gap = BucketSum.GRAD_Z_MINUS_Y in wanted
     call = _inspect([grads, zs, ys] if gap else [grads])
     if isinstance(call, str):
         return None
@@ -388,6 +485,30 @@ def sums(grads: list[Tensor], zs: list[Tensor], ys: list[Tensor], wanted: Sequen
         out,
         torch.get_num_threads(),
     )
+    if rc != 0:
+        raise MemoryError("sfoptim fused kernel: out of memory for its work list")
+    return {s: out[s] for s in wanted}
+
+
+def _buffer_sums(
+    grads: list[Tensor], zs: list[Tensor], wanted: Sequence[BucketSum], buffers: Sequence[list[Tensor]], scalars: Sequence[float]
+) -> dict[BucketSum, float] | None:
+    if not BUFFER_SUMS.issuperset(wanted) or len(buffers) != 2 or len(scalars) != len(KERNEL_SCALARS):
+        raise ValueError(
+            "sfoptim fused kernel: Prodigy's bucket sums are taken on their own, with the buffers p0 and s and every scalar"
+        )
+    call = _inspect([grads, zs, *buffers], split=2)
+    if isinstance(call, str):
+        return None
+    lib = _load()
+    if lib is None:
+        return None
+    out = _Sums()
+    fn = getattr(lib, f"sf_prodigy_sums_{_DTYPES[call.dtype]}_{_DTYPES[call.buffer_dtype]}")  # type: ignore[index]
+    rc = fn(
+        call.n, call.array(0), call.array(1), call.array(2), call.array(3), call.array(4),
+        _Scalars(*scalars), out, torch.get_num_threads(),
+    )  # fmt: skip
     if rc != 0:
         raise MemoryError("sfoptim fused kernel: out of memory for its work list")
     return {s: out[s] for s in wanted}
@@ -542,6 +663,8 @@ def step_op(
     the same update is done with torch operations, so the operator always
     completes the step.
     """
+    if kind == Kind.PRODIGY:
+        raise ValueError("sfoptim::cpu_kernel_step takes the SGD, ADAM and SGD_V families; Prodigy's runs eagerly")
     slots = [s for s in (v, m) if s]
     values = scalars.tolist()
     if step(ys, grads, zs, slots, Kind(kind), values):

@@ -152,15 +152,16 @@ def traced(u: BucketStep) -> TracedCall | None:
     path. On CPU, where the policy allows the kernel, the graph calls the C
     kernel as the operator ``sfoptim::cpu_kernel_step``; elsewhere (and with
     ``fused=False``) it traces the kernel's math (:func:`.compiled.update_one`),
-    which the compiler fuses.
+    which the compiler fuses. Prodigy's family runs here, eagerly.
     """
     call = u.kernel
     if call is None:
         _foreach(u)
         return None
     device = u.bucket.params[0].device
-    if call.state_precision != "full" or (u.backend is cpu_kernel and _stochastic(u.group, u.bucket)):
-        # The traced operator rounds to nearest; stochastic rounding takes the eager kernel.
+    if call.state_precision != "full" or call.kind == Kind.PRODIGY or (u.backend is cpu_kernel and _stochastic(u.group, u.bucket)):
+        # The traced operator rounds to nearest and has neither low-bit state
+        # nor the Prodigy family: those take the eager kernel (or foreach).
         run(u)
         return None
     scalars = torch.tensor([float(v) for v in call.scalars], dtype=torch.float64)
@@ -222,7 +223,10 @@ def reduce(
         and _kernel_allowed(fused, foreach_flag)
         and bucket.params[0].device.type == "cpu"
     ):
-        sums = cpu_kernel.sums(bucket.grads, bucket.z, bucket.params, wanted)
+        inputs = direction.sum_inputs(group, step_index)
+        buffers = [bucket.buffers[name] for name in inputs.buffers]
+        scalars = [dict(_SCALAR_DEFAULTS, **inputs.scalars)[name] for name in KERNEL_SCALARS] if inputs.scalars else []
+        sums = cpu_kernel.sums(bucket.grads, bucket.z, bucket.params, wanted, buffers, scalars)
         if sums is not None:
             return direction.reduce_sums(
                 group, step_index, beta, {s: torch.tensor(v, dtype=torch.float64) for s, v in sums.items()}

@@ -6,7 +6,8 @@ the base optimizer's :math:`d_t` in :math:`z_{t+1} = z_t - \gamma_t (d_t + \lamb
 the state it needs for it, and the step's :math:`\beta_t` and :math:`\gamma_t`.
 
 Required: :meth:`~Direction.beta` and :meth:`~Direction.foreach`; the other
-methods and flags have defaults. ``reduced``, which several methods receive,
+methods and flags have defaults (the bucket sums a kernel can take name what
+they read in :meth:`~Direction.sum_inputs`). ``reduced``, which several methods receive,
 holds the step's global sums (:attr:`~Direction.reductions`) and the inputs
 the optimizer passes for the step (ScheduleFree+'s loss). A base optimizer
 that moves ``z`` itself is a :class:`DelegatedDirection`. ``docs/design.md``
@@ -22,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..backends.abi import KERNEL_SCALARS, KIND_SLOTS, Bucket, BucketSum, KernelSpec, Kind
+from ..backends.abi import KERNEL_SCALARS, KIND_SLOTS, Bucket, BucketSum, KernelSpec, Kind, SumInputs
 
 __all__ = [
     "KERNEL_SCALARS",
@@ -33,6 +34,7 @@ __all__ = [
     "Direction",
     "KernelSpec",
     "Kind",
+    "SumInputs",
     "group_reduction",
     "warmup_lr",
 ]
@@ -117,6 +119,10 @@ class Direction:
         Must agree with :meth:`reduce` on the same bucket to rounding.
         """
         raise NotImplementedError
+
+    def sum_inputs(self, group: dict, step: int) -> SumInputs:
+        """The buffers and scalars the :attr:`bucket_sums` of the 1-based ``step`` read besides ``g``, ``z``, ``y`` (default none)."""
+        return SumInputs()
 
     def commit(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> None:
         """Records per-group scalar state after the group's 1-based ``step`` (default: none).
