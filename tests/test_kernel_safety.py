@@ -555,10 +555,12 @@ def check_fuzz_case(case: dict) -> None:
         shared = max((TOLERANCE[d] for d in narrow), default=0.0)
     for a, b in zip(fused, foreach):
         tol = max(TOLERANCE[a.dtype], shared)
-        if case["opt"].startswith("prodigy") and a.dtype == torch.float16:
+        if case["opt"].startswith("prodigy") and torch.float16 in {t.dtype for t in foreach}:
             # Prodigy's v holds d^2 (1 - beta2) g^2, near float16's smallest subnormal for a small
-            # d: foreach's float16 arithmetic loses most of its digits where the kernel's float32 does not.
-            tol = max(tol, TOLERANCE[torch.bfloat16])
+            # d: foreach's float16 arithmetic loses most of its digits where the kernel's float32 does not
+            # (an underflowed v leaves u = g/eps, which the clip then scales to its limit of up to 10),
+            # and through the shared d that reaches every tensor of the step.
+            tol = max(tol, 4 * TOLERANCE[torch.bfloat16])
         a_r, b_r = (torch.view_as_real(a), torch.view_as_real(b)) if a.is_complex() else (a, b)
         if a.dtype in (torch.bfloat16, torch.float16):
             # foreach's float16 arithmetic over- and underflows (Adam's eps is 0 in

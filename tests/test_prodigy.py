@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import functools
 
+import math
+
 import pytest
 import registry
 import torch
@@ -108,8 +110,12 @@ def test_d_grows_by_at_most_d_growth_per_step() -> None:
     assert max(b / a for a, b in zip(doubled, doubled[1:])) == pytest.approx(2.0, rel=1e-12)
 
 
-def _spike(update_clip: float | None, spike: float = 1e3) -> tuple[torch.Tensor, float]:
-    """Steps on small gradients, then one ``spike`` times larger with ``update_clip``; returns its change of ``z`` and ``d``."""
+def _spike(update_clip: float | None, spike: float = 1e3) -> tuple[torch.Tensor, float, float]:
+    """Steps on small gradients, then one ``spike`` times larger with ``update_clip``.
+
+    Returns its change of ``z`` divided by ``d`` (the normalised update), and the clip's limit for
+    that step, :math:`c\\,(d'/d)/\\sqrt{1-\\beta_2^t}` (inf without a clip).
+    """
     p = nn.Parameter(torch.zeros(200, dtype=F64))
     opt = sfoptim.ProdigyScheduleFree([p], d0=1e-3, d_growth=None)
     g = torch.Generator().manual_seed(0)
@@ -120,22 +126,44 @@ def _spike(update_clip: float | None, spike: float = 1e3) -> tuple[torch.Tensor,
     z, d = opt.state[p]["z"].clone(), opt.param_groups[0]["d"]
     p.grad = spike * 1e-3 * torch.randn(200, generator=g, dtype=F64)
     opt.step()
-    return z - opt.state[p]["z"], d
+    d_new = opt.param_groups[0]["d"]
+    limit = math.inf if update_clip is None else update_clip * (d_new / d) / math.sqrt(1 - 0.99**301)
+    return (z - opt.state[p]["z"]) / d, limit
+
+
+def _rms(t: torch.Tensor) -> float:
+    return float(t.square().mean().sqrt())
 
 
 def test_update_clip_bounds_the_rms_of_a_spike_and_is_inactive_below_it() -> None:
-    free, d = _spike(None)
-    rms = float(free.square().mean().sqrt()) / d
-    assert rms > 5, "without the clip the spike moves every coordinate by about d / sqrt(1 - beta2)"
-    clipped, d_clipped = _spike(1.0)
-    assert float(clipped.square().mean().sqrt()) / d_clipped == pytest.approx(1.0, rel=1e-12)
-    half, d_half = _spike(0.5)
-    assert float(half.square().mean().sqrt()) / d_half == pytest.approx(0.5, rel=1e-12)
-    loose, d_loose = _spike(1e9)
-    assert d_loose == d and torch.equal(loose, free), "a clip that does not bind changes nothing"
-    calm, d_calm = _spike(1.0, spike=0.3)
-    assert float(calm.square().mean().sqrt()) / d_calm < 1, "gradients smaller than v remembers are not clipped"
+    free, _ = _spike(None)
+    assert _rms(free) > 5, "without the clip the spike moves every coordinate by about d / sqrt(1 - beta2)"
+    for c in (1.0, 0.5):
+        clipped, limit = _spike(c)
+        assert 1.0 < limit / c < 1.5  # bias correction and the growth of d loosen it a little
+        assert _rms(clipped) == pytest.approx(limit, rel=1e-12)
+    loose, _ = _spike(1e9)
+    assert torch.equal(loose, free), "a clip that does not bind changes nothing"
+    calm, limit = _spike(1.0, spike=0.3)
+    assert _rms(calm) < limit, "gradients smaller than v remembers are not clipped"
     assert torch.equal(calm, _spike(None, spike=0.3)[0])
+
+
+def test_update_clip_does_not_bind_on_the_first_step() -> None:
+    """On the first step v = (1 - beta2) d^2 g^2, so u has an RMS of (d'/d)/sqrt(1 - beta2), 10 times
+    the limit if it were measured against v itself; against the bias-corrected v and the d that v was
+    accumulated with it is at the limit, and the clip leaves the step as it is."""
+    runs = []
+    for clip in (1.0, None):
+        torch.manual_seed(0)
+        p = nn.Parameter(torch.randn(500, dtype=F64))
+        opt = sfoptim.ProdigyScheduleFree([p], update_clip=clip, eps=0.0)
+        p.grad = torch.randn(500, dtype=F64)
+        z0 = opt.state[p]["z"].clone() if p in opt.state else p.detach().clone()
+        opt.step()
+        runs.append((opt.state[p]["z"] - z0) / opt.param_groups[0]["d"])
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-12, atol=0)
+
 
 
 def test_averaging_options_set_the_weights() -> None:

@@ -440,7 +440,7 @@ class ProdigyScheduleFreeReference(_XYZ):
             \qquad d' = \max(d,\; \min(\kappa d,\; c_d\, n_t / \textstyle\sum_p \|s_p\|_1)) \\
         v_p &\leftarrow \beta_2 v_p + (1-\beta_2)\, d^2 g_p^2, \qquad
         u_p = d' g_p / (\sqrt{v_p} + d'\epsilon), \qquad
-        z_p \leftarrow z_p - d\gamma_t \bigl(u_p / \max(1, \mathrm{RMS}(u_p)/c) + \lambda y_p\bigr) \\
+        z_p \leftarrow z_p - d\gamma_t \bigl(u_p / \max(1, \tfrac{d}{d'} \sqrt{1-\beta_2^t}\, \mathrm{RMS}(u_p)/c) + \lambda y_p\bigr) \\
         x_p &\leftarrow (1 - c_t)\, x_p + c_t z_p, \qquad
         c_t = \frac{w_t}{\sum_{i \le t} w_i}, \qquad w_t = t^r (\max_{i \le t} d_i\gamma_i)^{p},
         \qquad y_p = (1-\beta) z_p + \beta x_p
@@ -547,7 +547,7 @@ class ProdigyScheduleFreeReference(_XYZ):
                 u = d_new * g / (v.sqrt() + d_new * group["eps"])
                 if group["update_clip"] is not None and u.numel():
                     rms = math.sqrt(float(u.square().mean()))
-                    u = u / max(1.0, rms / group["update_clip"])
+                    u = u / max(1.0, (d / d_new) * math.sqrt(1 - beta2**t) * rms / group["update_clip"])
                 z.sub_(d * gamma * (u + decay * y))
                 x.mul_(1 - c).add_(z, alpha=c)
                 y.copy_((1 - beta) * z + beta * x)

@@ -16,7 +16,7 @@ authors' AlgoPerf submission) the estimate is taken along the base iterate
         \quad(\text{unchanged, with } n_t, \text{ while } \textstyle\sum |s_t| = 0) \\
     v_t &= \beta_2 v_{t-1} + (1-\beta_2)\, d^2 g_t^2, \qquad
     u_t = \frac{d'\, g_t}{\sqrt{v_t} + d'\epsilon} \\
-    z_{t+1} &= z_t - d\gamma_t \Bigl(\frac{u_t}{\max(1,\ \mathrm{RMS}(u_t) / c)} + \lambda y_t\Bigr)
+    z_{t+1} &= z_t - d\gamma_t \Bigl(\frac{u_t}{\max(1,\ \frac{d}{d'}\sqrt{1-\beta_2^t}\,\mathrm{RMS}(u_t) / c)} + \lambda y_t\Bigr)
 
 where :math:`\kappa` = ``d_growth`` limits the growth of :math:`d` per step
 (``None``: no limit, as in the submission). The sums run over every
@@ -31,8 +31,11 @@ uses it. :math:`u_t` has an RMS near 1 while the gradients are as large as
 :math:`v` remembers them (:math:`v` holds :math:`d^2 g^2`); after a stretch
 of small gradients :math:`v` has decayed and a larger gradient gives up to
 :math:`1/\sqrt{1-\beta_2}` in every coordinate, which the clip brings back
-to an RMS of :math:`c`. ``update_clip=None`` leaves :math:`u_t` as it is
-(the submission).
+to an RMS of :math:`c`. The RMS is measured against the bias-corrected
+:math:`v` (the factor :math:`\sqrt{1-\beta_2^t}`) and the :math:`d` that
+:math:`v` was accumulated with (the factor :math:`d/d'`), so that a young
+:math:`v` and a growing :math:`d` do not make the clip bind on the first
+steps. ``update_clip=None`` leaves :math:`u_t` as it is (the submission).
 
 The average ``x`` weights step :math:`t` by
 :math:`w_t = t^r (\max_{i \le t} d_i\gamma_i)^p`. By default
@@ -172,7 +175,7 @@ class ProdigyDirection(Direction):
             "d_new": self.estimate(group, reduced)[0],
             "accum": self._accumulator_scale(group, step),
             "rho": math.sqrt(beta2),
-            "clip": 0.0 if clip is None else float(clip),
+            "clip": 0.0 if clip is None else clip_limit(group, step, float(group["d"]), self.estimate(group, reduced)[0]),
         }
         return KernelSpec(Kind.PRODIGY, ("exp_avg_sq", "s"), scalars)
 
@@ -206,15 +209,27 @@ class ProdigyDirection(Direction):
         torch._foreach_add_(denom, d_new * group["eps"])
         direction = list(torch._foreach_div(grads, denom))
         torch._foreach_mul_(direction, d_new)
-        clip = group.get("update_clip")
-        if clip is not None:
-            clip_rms_(direction, clip)
+        if group.get("update_clip") is not None:
+            clip_rms_(direction, clip_limit(group, step, d, d_new))
         _write_back(v, v_work)
         _write_back(s, s_work)
         return direction, True
 
     def commit(self, group: dict, step: int, reduced: Mapping[str, Tensor]) -> None:
         group["d"], group["d_numerator"] = self.estimate(group, reduced)
+
+
+def clip_limit(group: dict, step: int, d: float, d_new: float) -> float:
+    r"""The RMS limit of :math:`u_t` this step: :math:`c\, (d'/d) / \sqrt{1-\beta_2^t}`.
+
+    :math:`v` holds :math:`d^2 g^2` accumulated since step 1 without bias
+    correction; measured against the bias-corrected :math:`v` and the
+    :math:`d` it was accumulated with, the normalised update has RMS near 1
+    whenever the gradients are as large as :math:`v` remembers them, so the
+    clip binds only on a genuine jump (and not on every early step).
+    """
+    beta2 = group["betas"][1]
+    return float(group["update_clip"]) * (d_new / d) / math.sqrt(1.0 - beta2**step)
 
 
 def clip_rms_(tensors: list[Tensor], limit: float) -> None:
@@ -262,10 +277,9 @@ class ProdigyScheduleFree(ScheduleFreeOptimizer):
     those steps are then large. Late in a run the same happens after a
     stretch of small gradients; ``update_clip`` bounds the RMS of each
     tensor's normalised update (StableAdamW's clipping), which stays
-    inactive while the gradients are as large as :math:`v` remembers. It
-    binds on the first steps too, while :math:`v` is young and while
-    :math:`d` outgrows the :math:`d` that :math:`v` was accumulated with,
-    so :math:`d` starts to grow later than without it.
+    inactive while the gradients are as large as :math:`v` remembers (its
+    RMS is taken against the bias-corrected :math:`v` and the :math:`d` it
+    was accumulated with, so a young :math:`v` does not trigger it).
 
     Args:
         params: parameters or parameter groups.
