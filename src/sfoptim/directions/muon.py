@@ -288,7 +288,7 @@ def _orthogonalized(
     """The direction of one whole matrix (module docstring), contiguous, in ``dtype``; updates NorMuon's ``v`` in place.
 
     ``ns_dtype`` is the resolved Newton-Schulz dtype (:func:`resolve_ns_dtype`)
-    and ``dtype`` the parameter's; ``whole`` may already be in ``ns_dtype``.
+    and ``dtype`` the parameter's.
     ``scratch``, a contiguous tensor of ``whole``'s shape in ``dtype`` that
     is free once the iterations have read ``whole``, may receive the result.
     A matrix without elements (``nn.Linear(4, 0)``) has the empty direction
@@ -308,20 +308,6 @@ def _orthogonalized(
         o = scratch.view(matrix.shape).copy_(laid_out) if scratch is not None else laid_out.to(dtype)
     o.mul_(adjusted_lr_ratio(group["adjust_lr_fn"], *matrix.shape))
     return o.view(whole.shape)
-
-
-def _nesterov(g: Tensor, moved: Tensor, mu: float, ns_dtype: torch.dtype | None) -> Tensor:
-    r"""The Nesterov mix :math:`\operatorname{lerp}(g, B, \mu)`, written over ``moved`` (a plain tensor) or into a new one.
-
-    A mix that :func:`newton_schulz` would cast straight to a dtype of no
-    narrower range (bfloat16 from float32) is written in that dtype instead:
-    the same bits as the cast, without a full-width copy.
-    """
-    if type(moved) is not Tensor:
-        return torch.lerp(g, moved, mu)
-    if ns_dtype is not None and ns_dtype != moved.dtype and not _narrower_range(ns_dtype, moved.dtype):
-        return torch.lerp(g, moved, mu, out=torch.empty_like(moved, dtype=ns_dtype))
-    return torch.lerp(g, moved, mu, out=moved)
 
 
 def orthogonalization_cost(shape: Size) -> int:
@@ -366,8 +352,8 @@ class MuonDirection(Direction):
         grads = bucket.grads
         buf = bucket.buffers.get("momentum_buffer") if mu > 0 else None
         ns_dtype = resolve_ns_dtype(group["ns_dtype"], grads[0].device) if grads else None
-        # The new momentum, beside the old; with Nesterov it is then mixed with the gradient (over it, or
-        # in the Newton-Schulz dtype), and it is formed again in place at the end (same bits).
+        # The new momentum, beside the old; with Nesterov it is then mixed with the gradient, and it is
+        # formed again in place at the end (same bits). Each direction is written over its temporary.
         moved = None if buf is None else list(torch._foreach_lerp(buf, grads, 1 - mu))
         nesterov = group["nesterov"]
 
@@ -375,7 +361,12 @@ class MuonDirection(Direction):
             """What Newton-Schulz orthogonalizes for matrix ``i``; formed one matrix at a time."""
             if moved is None:
                 return grads[i]
-            return _nesterov(grads[i], moved[i], mu, ns_dtype) if nesterov else moved[i]
+            m = moved[i]
+            if not nesterov:
+                return m
+            # Over the new momentum's temporary: a new tensor for the mix (or one in the Newton-Schulz
+            # dtype, which torch forms through a full-width temporary) costs more.
+            return torch.lerp(grads[i], m, mu, out=m) if type(m) is Tensor else torch.lerp(grads[i], m, mu)
 
         def scratch(i: int) -> Tensor | None:
             """The full-width temporary of matrix ``i`` that its direction may be written into."""
