@@ -35,6 +35,33 @@ def test_newton_schulz_is_torch_muons_bit_for_bit(shape):
     assert torch.equal(ours, _zeropower_via_newtonschulz(g, (3.4445, -4.7750, 2.0315), 5, 1e-7))
 
 
+@pytest.mark.parametrize("nesterov", [True, False], ids=["nesterov", "plain"])
+def test_direction_is_torch_muons_update_bit_for_bit_laid_out_as_the_parameter(nesterov):
+    """The bf16 direction of a wide and a tall matrix: torch's momentum, iterations and scale to the bit, contiguous."""
+    from sfoptim.directions.base import Bucket
+    from sfoptim.directions.muon import MuonDirection, adjusted_lr_ratio
+
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(48, 80), (80, 48)]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    bufs = [torch.randn(s, generator=gen) for s in shapes]
+    old = [b.clone() for b in bufs]
+    group = dict(
+        momentum=0.95, nesterov=nesterov, ns_dtype=torch.bfloat16, ns_coefficients=(3.4445, -4.7750, 2.0315),
+        ns_steps=5, ns_eps=1e-7, normuon=False, normuon_beta2=0.95, adjust_lr_fn="match_rms_adamw",
+    )
+    params = [torch.zeros(s) for s in shapes]
+    bucket = Bucket(params, grads, [torch.zeros(s) for s in shapes], {"momentum_buffer": bufs})
+    directions, _ = MuonDirection().foreach(group, 1, bucket, {})
+    for d, g, b, b0 in zip(directions, grads, bufs, old):
+        moved = b0.lerp(g, 0.05)
+        update = g.lerp(moved, 0.95) if nesterov else moved
+        o = _zeropower_via_newtonschulz(update, (3.4445, -4.7750, 2.0315), 5, 1e-7)
+        assert torch.equal(d, o.float() * adjusted_lr_ratio("match_rms_adamw", *g.shape))
+        assert d.is_contiguous(), "a direction laid out across the parameter's layout slows every later pass"
+        assert torch.equal(b, moved)
+
+
 @pytest.mark.parametrize(
     "options",
     [dict(), dict(nesterov=False), dict(adjust_lr_fn="match_rms_adamw"), dict(momentum=0.8, weight_decay=0.1)],

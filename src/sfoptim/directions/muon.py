@@ -281,20 +281,31 @@ def varying_beta(group: dict, step: int) -> float:
     return 1 - ((horizon - 1) / (s - 1)) ** group["beta_power"] * (1 - beta)
 
 
-def _orthogonalized(group: dict, whole: Tensor, v: Tensor | None) -> Tensor:
-    """The direction of one whole matrix (module docstring); updates NorMuon's ``v`` in place.
+def _orthogonalized(
+    group: dict, whole: Tensor, v: Tensor | None, ns_dtype: torch.dtype | None, dtype: torch.dtype,
+    scratch: Tensor | None = None,
+) -> Tensor:
+    """The direction of one whole matrix (module docstring), contiguous, in ``dtype``; updates NorMuon's ``v`` in place.
 
+    ``ns_dtype`` is the resolved Newton-Schulz dtype (:func:`resolve_ns_dtype`)
+    and ``dtype`` the parameter's.
+    ``scratch``, a contiguous tensor of ``whole``'s shape in ``dtype`` that
+    is free once the iterations have read ``whole``, may receive the result.
     A matrix without elements (``nn.Linear(4, 0)``) has the empty direction
     and leaves ``v`` as it is.
     """
     if whole.numel() == 0:
-        return torch.zeros_like(whole)
+        return torch.zeros(whole.shape, dtype=dtype, device=whole.device)
     matrix = whole.reshape(whole.shape[0], math.prod(whole.shape[1:]))
-    o = newton_schulz(
-        matrix, group["ns_coefficients"], group["ns_steps"], group["ns_eps"], resolve_ns_dtype(group["ns_dtype"], matrix.device)
-    ).to(whole.dtype)
+    o = newton_schulz(matrix, group["ns_coefficients"], group["ns_steps"], group["ns_eps"], ns_dtype)
     if v is not None:
-        o = _normuon(o, v, group["normuon_beta2"])
+        o = _normuon(o.to(dtype), v, group["normuon_beta2"])
+    # A tall matrix's result is a transposed view. The engine's passes read the direction beside the
+    # contiguous y and z, many times slower across layouts, so it is laid out once here (a narrow
+    # result transposed in its own dtype); NorMuon's sums, whose rounding depends on the layout, came first.
+    if o.dtype != dtype or not o.is_contiguous():
+        laid_out = o.contiguous() if o.dtype != dtype or scratch is None else o
+        o = scratch.view(matrix.shape).copy_(laid_out) if scratch is not None else laid_out.to(dtype)
     o.mul_(adjusted_lr_ratio(group["adjust_lr_fn"], *matrix.shape))
     return o.view(whole.shape)
 
@@ -337,40 +348,60 @@ class MuonDirection(Direction):
         """
         mu = group["momentum"]
         grads = bucket.grads
-        updates: list[Tensor] = grads
         buf = bucket.buffers.get("momentum_buffer") if mu > 0 else None
-        if buf is not None:
-            moved = list(torch._foreach_lerp(buf, grads, 1 - mu))
-            # With Nesterov only the mix is kept: the momentum is formed again in place at the end (same bits).
-            updates = list(torch._foreach_lerp(grads, moved, mu)) if group["nesterov"] else moved
-            del moved
+        ns_dtype = resolve_ns_dtype(group["ns_dtype"], grads[0].device) if grads else None
+        # The new momentum, beside the old; with Nesterov it is then mixed with the gradient, and it is
+        # formed again in place at the end (same bits). Each direction is written over its temporary.
+        moved = None if buf is None else list(torch._foreach_lerp(buf, grads, 1 - mu))
+        nesterov = group["nesterov"]
+
+        def update(i: int) -> Tensor:
+            """What Newton-Schulz orthogonalizes for matrix ``i``; formed one matrix at a time."""
+            if moved is None:
+                return grads[i]
+            m = moved[i]
+            if not nesterov:
+                return m
+            # Over the new momentum's temporary: a new tensor for the mix (or one in the Newton-Schulz
+            # dtype, which torch forms through a full-width temporary) costs more.
+            return torch.lerp(grads[i], m, mu, out=m) if type(m) is Tensor else torch.lerp(grads[i], m, mu)
+
+        def scratch(i: int) -> Tensor | None:
+            """The full-width temporary of matrix ``i`` that its direction may be written into."""
+            m = None if moved is None else moved[i]
+            return m if type(m) is Tensor and m.is_contiguous() else None
+
         vs = bucket.buffers.get("normuon_v")
         new_vs = None if vs is None else [v.clone() for v in vs]
         # FSDP2's row shards: each matrix orthogonalized whole on one rank. Under NorMuon a
         # single-column matrix's v has the parameter's shape, so it is sharded too: gathered below.
-        split = row_sharded(updates, vs) if any(type(u) is not Tensor for u in updates) else []
+        split = row_sharded(grads, vs) if any(type(g) is not Tensor for g in grads) else []
         shared: dict[int, Tensor] = {}
         if split:
             split_vs = None if new_vs is None else [new_vs[i] for i in split]
             directions = compute_on_owners(
-                [updates[i] for i in split],
-                lambda j, whole: _orthogonalized(group, whole, None if split_vs is None else split_vs[j]),
+                [update(i) for i in split],
+                lambda j, whole: _orthogonalized(
+                    group, whole, None if split_vs is None else split_vs[j], ns_dtype, whole.dtype
+                ),
                 orthogonalization_cost,
                 split_vs,
             )
             shared = dict(zip(split, directions))
         out = []
-        for i, u in enumerate(updates):
+        for i, g in enumerate(grads):
             if i in shared:
                 out.append(shared[i])
                 continue
+            u = update(i)
             sharded = type(u) is not Tensor and hasattr(u, "full_tensor")
             whole = u.full_tensor() if sharded else u  # type: ignore[attr-defined]
             v = None if new_vs is None else new_vs[i]
             # A single-column matrix's v has the parameter's shape, so it is sharded like the parameter.
             v_sharded = v is not None and type(v) is not Tensor and hasattr(v, "full_tensor")
             v_whole = v.full_tensor() if v_sharded else v  # type: ignore[union-attr]
-            d = _orthogonalized(group, whole, v_whole)
+            dtype = g.dtype if moved is None else moved[i].dtype
+            d = _orthogonalized(group, whole, v_whole, ns_dtype, dtype, None if sharded else scratch(i))
             if v_sharded:
                 new_vs[i] = shard_like(v_whole, v)  # type: ignore[index, arg-type]
             out.append(shard_like(d, u) if sharded else d)
