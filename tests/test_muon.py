@@ -200,7 +200,7 @@ def test_one_learning_rate_serves_both_parts():
     model = TinyLM()
     opt = sfoptim.MuonScheduleFree(model)
     muon, adam = opt.param_groups
-    assert muon["lr"] == adam["lr"] == 0.016
+    assert muon["lr"] == adam["lr"] == 0.032
     assert (muon["adjust_lr_fn"], muon["weight_decay"], muon["decay_at"], muon["warmup_steps"]) == ("match_rms_adamw", 0.1, "z", 20)
     assert [g["lr"] for g in sfoptim.MuonScheduleFree(model, lr=0.005).param_groups] == [0.005, 0.005]
     assert [g["lr"] for g in sfoptim.MuonScheduleFree(model, lr=0.005, adamw_lr=0.001).param_groups] == [0.005, 0.001]
