@@ -395,7 +395,7 @@ def test_adam_kernel_with_zero_inner_momentum_sets_m_to_g_without_reading_it(dty
     g = (torch.randn(n, generator=gen) * 1e-2).to(dtype)
     v0 = (torch.rand(n, generator=gen) * 1e-4).to(dtype)
     values = dict(lr=0.01, ckp1=0.3, beta=0.9, wd=0.01, beta2=0.95, bc2=0.1, eps=1e-8, mu=0.0, bc1=1.0)
-    scalars = [values[k] for k in KERNEL_SCALARS]
+    scalars = [values.get(k, 0.0) for k in KERNEL_SCALARS]  # other families' scalars unset (0)
     results = []
     for fill in (0.0, 3e4 if dtype == torch.float16 else 1e30, float("nan")):
         y, z, v = y0.clone(), z0.clone(), v0.clone()
