@@ -377,6 +377,36 @@ def test_state_is_exactly_z_and_v():
     assert set(_one_step(sfoptim.AdamWScheduleFree, [p], inner_momentum=0.9).state[p]) == {"z", "exp_avg_sq", "exp_avg"}
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("seed", [None, 7])
+def test_adam_kernel_with_zero_inner_momentum_sets_m_to_g_without_reading_it(dtype, seed):
+    """mu = 0 (ScheduleFree+'s default betas): m <- lerp(m, g, 1) is exactly g, as torch's lerp gives it.
+
+    The old m does not enter the step: a buffer of huge values (where
+    m + (g - m) loses g entirely) or of NaN gives the same y, z, v and m as
+    a buffer of zeros, and m holds g bit for bit, with either rounding.
+    """
+    from sfoptim.backends.abi import KERNEL_SCALARS, Kind
+
+    gen = torch.Generator().manual_seed(5)
+    n = 20_000  # more than one chunk
+    y0, z0 = (torch.randn(n, generator=gen).to(dtype) for _ in range(2))
+    g = (torch.randn(n, generator=gen) * 1e-2).to(dtype)
+    v0 = (torch.rand(n, generator=gen) * 1e-4).to(dtype)
+    values = dict(lr=0.01, ckp1=0.3, beta=0.9, wd=0.01, beta2=0.95, bc2=0.1, eps=1e-8, mu=0.0, bc1=1.0)
+    scalars = [values.get(k, 0.0) for k in KERNEL_SCALARS]  # other families' scalars unset (0)
+    results = []
+    for fill in (0.0, 3e4 if dtype == torch.float16 else 1e30, float("nan")):
+        y, z, v = y0.clone(), z0.clone(), v0.clone()
+        m = torch.full((n,), fill, dtype=dtype)
+        assert _fused_cpu.step([y], [g], [z], [[v], [m]], Kind.ADAM, scalars, seed=seed)
+        assert torch.equal(m, g), f"m is not g after a step with mu = 0 (old m = {fill})"
+        results.append((y, z, v))
+    for y, z, v in results[1:]:
+        for a, b in zip((y, z, v), results[0]):
+            assert torch.equal(a, b), "the old m entered the step"
+
 def test_empty_and_zero_size_parameters():
     ps = [torch.nn.Parameter(torch.randn(0)), torch.nn.Parameter(torch.randn(3))]
     opt = _one_step(sfoptim.AdamWScheduleFree, ps)

@@ -3,8 +3,10 @@ r"""The fused CPU backend: one C kernel call per bucket, one pass over memory.
 The kernel (``cpu_kernel.c``) reads ``y``, ``g``, ``z`` and ``v`` once and
 writes ``y``, ``z``, ``v`` once per element: for schedule-free AdamW the same
 seven passes as ``torch.optim.AdamW(fused=True)``, and no parameter-sized
-temporary (with inner momentum, ``m`` adds a read and a write). Scalars (step-dependent lr, ``c``, bias
-corrections) are plain arguments, so nothing is rebuilt when they change.
+temporary (with inner momentum, ``m`` adds a read and a write; an ``m`` slot
+with momentum 0, as in ScheduleFree+'s defaults, is set to ``g`` and only
+written). Scalars (step-dependent lr, ``c``, bias corrections) are plain
+arguments, so nothing is rebuilt when they change.
 
 Dtypes: every tensor of a call has the same dtype, one of float64 (computed in
 float64), float32, bfloat16 and float16 (computed in float32). A 16-bit
