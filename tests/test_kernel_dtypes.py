@@ -82,10 +82,11 @@ STEP_CASES = dict(
     steps=st.integers(1, 7),
     seed=st.integers(0, 2**16),
     decay_at=st.sampled_from(["y", "z"]),
+    weight_decay=st.sampled_from([0.01, 5.0]),
 )
 
 
-def check_step_case(name: str, dtype: torch.dtype, steps: int, seed: int, decay_at: str = "y", weight_decay: float = 0.01) -> None:
+def check_step_case(name: str, dtype: torch.dtype, steps: int, seed: int, decay_at: str, weight_decay: float) -> None:
     """Step by step from the same state: the kernel's y, z and buffers are foreach in float32, rounded.
 
     RAdam's first steps take the SGD_V family, its later ones ADAM; seven steps reach both.
@@ -130,14 +131,16 @@ def check_step_case(name: str, dtype: torch.dtype, steps: int, seed: int, decay_
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(**STEP_CASES)
-def test_each_step_is_float32_foreach_rounded_once(name: str, dtype: torch.dtype, steps: int, seed: int, decay_at: str) -> None:
-    check_step_case(name, dtype, steps, seed, decay_at)
+def test_each_step_is_float32_foreach_rounded_once(
+    name: str, dtype: torch.dtype, steps: int, seed: int, decay_at: str, weight_decay: float
+) -> None:
+    check_step_case(name, dtype, steps, seed, decay_at, weight_decay)
 
 
 @pytest.mark.parametrize("name", ["sgd", "adamw", "adamw-momentum", "radam", "plus", "prodigy"])
 def test_decay_at_z_takes_the_kernel_as_float32_foreach_rounded_once(name: str) -> None:
     """A decay large enough that taking it at y instead is many roundings off (ScheduleFree+'s aside, scaled by its lr)."""
-    check_step_case(name, torch.bfloat16, 12, 3, decay_at="z", weight_decay=5.0)
+    check_step_case(name, torch.bfloat16, 12, 3, "z", 5.0)
 
 
 @pytest.mark.parametrize("dtype", NARROW)
