@@ -212,8 +212,8 @@ OPTIMIZERS: list[OptimizerInfo] = [
     OptimizerInfo("adamw_paper", sfoptim.AdamWScheduleFreePaper, ADAMW_KW, _published("AdamWScheduleFreePaper"), flags=FAST, fused_kernel=True),
     OptimizerInfo("radam", sfoptim.RAdamScheduleFree, RADAM_KW, sfoptim.RAdamScheduleFreeReference, flags=FAST, invalid=RADAM_INVALID, distributed=True, fused_kernel=True),
     OptimizerInfo("radam_sgd_phase", sfoptim.RAdamScheduleFree, RADAM_SGD_KW, sfoptim.RAdamScheduleFreeReference, flags=FAST, compile=True, fused_kernel=True),
-    OptimizerInfo("muon", sfoptim.MuonScheduleFree, MUON_KW, sfoptim.MuonScheduleFreeReference, flags=FAST, invalid=MUON_INVALID, distributed=True),
-    OptimizerInfo("normuon", sfoptim.MuonScheduleFree, NORMUON_KW, sfoptim.MuonScheduleFreeReference, flags=FAST, distributed=True),
+    OptimizerInfo("muon", sfoptim.MuonScheduleFree, MUON_KW, sfoptim.MuonScheduleFreeReference, flags=FAST, invalid=MUON_INVALID, distributed=True, fused_kernel=True),
+    OptimizerInfo("normuon", sfoptim.MuonScheduleFree, NORMUON_KW, sfoptim.MuonScheduleFreeReference, flags=FAST, distributed=True, fused_kernel=True),
     OptimizerInfo("prodigy", sfoptim.ProdigyScheduleFree, PRODIGY_KW, sfoptim.ProdigyScheduleFreeReference, flags=FAST, invalid=PRODIGY_INVALID, distributed=True, fused_kernel=True),
     OptimizerInfo("prodigy_split", sfoptim.ProdigyScheduleFree, PRODIGY_SPLIT_KW, sfoptim.ProdigyScheduleFreeReference, flags=FAST, distributed=True, fused_kernel=True),
     # Low-bit state (z bfloat16, v bfloat16 or 8-bit): no independent oracle (tests/test_state_precision.py

@@ -495,3 +495,51 @@ def test_failing_compiler_warns_once_and_falls_back(fresh_loader, monkeypatch):
     with pytest.warns(RuntimeWarning, match="fused CPU kernel is unavailable"):
         _one_step(sfoptim.SGDScheduleFree, [p])
     assert torch.isfinite(p).all()
+
+
+# ------------------------------------------------------------ decay at z
+DECAY_AT_Z_CASES = {
+    "sgd": (sfoptim.SGDScheduleFree, dict(lr=0.05, weight_decay=0.5)),
+    "adamw": (sfoptim.AdamWScheduleFree, dict(lr=1e-2, weight_decay=0.5, warmup_steps=3)),
+    "adamw_inner": (sfoptim.AdamWScheduleFree, dict(lr=1e-2, weight_decay=0.5, inner_momentum=0.9)),
+    "radam": (sfoptim.RAdamScheduleFree, dict(lr=5e-2, weight_decay=0.5, silent_sgd_phase=False)),
+    "prodigy": (sfoptim.ProdigyScheduleFree, dict(d0=1e-2, weight_decay=0.5, update_clip=1.0)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("case", list(DECAY_AT_Z_CASES))
+def test_decay_at_z_takes_the_kernel_and_matches_foreach(case, dtype):
+    """``decay_at="z"`` runs on the kernel (the scalar ``wdz``), to rounding of the foreach path, and differs from decay at y."""
+    cls, kwargs = DECAY_AT_Z_CASES[case]
+    init = _make_params(dtype)
+    scalars = []
+    original = _fused_cpu.step
+
+    def spy(*args, **kw):
+        ran = original(*args, **kw)
+        if ran:
+            scalars.append(args[5])
+        return ran
+
+    _PATCHES.append((_fused_cpu, "step", original))
+    _fused_cpu.step = spy
+    runs = {}
+    for name, fused, decay_at in (("kernel", True, "z"), ("foreach", False, "z"), ("at_y", True, "y")):
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback warning: the kernel takes every bucket
+            opt = cls([{"params": params, "decay_at": decay_at}], fused=fused, **kwargs)
+            for step in range(30):
+                _set_grads(params, step)
+                opt.step()
+        runs[name] = [p.detach().clone() for p in params]
+        if name == "kernel":
+            wdz = sfoptim.backends.abi.KERNEL_SCALARS.index("wdz")
+            assert len(scalars) == 30 and all(s[wdz] != 0 and s[3] == 0 for s in scalars), "the kernel did not take the decay at z"
+    tol = 1e-12 if dtype == torch.float64 else RTOL
+    for i, (a, b) in enumerate(zip(runs["kernel"], runs["foreach"])):
+        a, b = torch.view_as_real(a) if a.is_complex() else a, torch.view_as_real(b) if b.is_complex() else b
+        err = (a - b).abs().max().item() / (b.abs().max().item() or 1.0)
+        assert err <= tol, f"tensor {i}: kernel and foreach differ by {err:.3g} > {tol}"
+    assert max((a - b).abs().max().item() for a, b in zip(runs["kernel"], runs["at_y"])) > 1e-3, "decay at y gives the same numbers"

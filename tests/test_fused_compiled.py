@@ -144,3 +144,30 @@ def test_no_recompilation_over_1000_steps(compiled_on_cpu: None) -> None:
     assert graphs() == settled
     assert opt.param_groups[0]["k"] == 1000
     assert all(torch.isfinite(p).all() for p in params)
+
+
+@pytest.mark.parametrize("inner_momentum", [0.0, 0.9], ids=["adamw", "adamw_inner"])
+def test_compiled_backend_takes_decay_at_z_and_matches_foreach(
+    compiled_on_cpu: None, monkeypatch: pytest.MonkeyPatch, inner_momentum: float
+) -> None:
+    """``decay_at="z"`` runs on the compiled kernel (the scalar ``wdz``) in float64, to rounding of the foreach path."""
+    g = torch.Generator().manual_seed(2)
+    init = [torch.randn(s, generator=g, dtype=torch.float64) for s in [(7, 5), (33,)]]
+    ends, ran = [], []
+    compiled_step = _fused_compiled.step
+    monkeypatch.setattr(_fused_compiled, "step", lambda *a, **k: ran.append(compiled_step(*a, **k)) or ran[-1])
+    for fused, decay_at in ((True, "z"), (False, "z"), (True, "y")):
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = sfoptim.AdamWScheduleFree(
+            [{"params": params, "decay_at": decay_at}], lr=0.05, weight_decay=0.5, inner_momentum=inner_momentum, fused=fused
+        )
+        for step in range(10):
+            gen = torch.Generator().manual_seed(100 + step)
+            for p in params:
+                p.grad = 0.5 * p.detach() + torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            opt.step()
+        ends.append([p.detach().clone() for p in params])
+    assert ran == [True] * 20, "the compiled kernel must have made every fused step"
+    for a, b, at_y in zip(*ends):
+        assert rel_diff(a, b) <= 1e-12, f"{rel_diff(a, b):.3g}"
+        assert rel_diff(at_y, b) > 1e-3, "decay at y gives the same numbers"

@@ -59,8 +59,8 @@ def _assert_rounded(actual: torch.Tensor, wide: torch.Tensor, what: str) -> None
     assert excess <= 0, f"{what}: {dtype} kernel is not float32 foreach rounded to nearest ({excess:.3g} over)"
 
 
-def _make(name: str, params: list[torch.nn.Parameter], **kw: Any) -> Any:
-    common: dict[str, Any] = dict(weight_decay=0.01, **kw)
+def _make(name: str, params: list[Any], **kw: Any) -> Any:
+    common: dict[str, Any] = {"weight_decay": 0.01, **kw}
     if name == "sgd":
         return sfoptim.SGDScheduleFree(params, lr=0.05, **common)
     if name == "adamw":
@@ -81,21 +81,24 @@ STEP_CASES = dict(
     dtype=st.sampled_from(NARROW),
     steps=st.integers(1, 7),
     seed=st.integers(0, 2**16),
+    decay_at=st.sampled_from(["y", "z"]),
+    weight_decay=st.sampled_from([0.01, 5.0]),
 )
 
 
-def check_step_case(name: str, dtype: torch.dtype, steps: int, seed: int) -> None:
+def check_step_case(name: str, dtype: torch.dtype, steps: int, seed: int, decay_at: str, weight_decay: float) -> None:
     """Step by step from the same state: the kernel's y, z and buffers are foreach in float32, rounded.
 
     RAdam's first steps take the SGD_V family, its later ones ADAM; seven steps reach both.
+    ``decay_at`` is the group's point of weight decay, ``weight_decay`` its coefficient.
     """
     gen = torch.Generator().manual_seed(seed)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in SIZES]
     wide = [torch.nn.Parameter(p.detach().float()) for p in params]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the kernel takes every bucket: no fallback warning
-        opt = _make(name, params, fused=True)
-    ref = _make(name, wide, fused=False, foreach=True)
+        opt = _make(name, [{"params": params, "decay_at": decay_at}], fused=True, weight_decay=weight_decay)
+    ref = _make(name, [{"params": wide, "decay_at": decay_at}], fused=False, foreach=True, weight_decay=weight_decay)
     calls = []
     original = _fused_cpu.step
 
@@ -128,8 +131,16 @@ def check_step_case(name: str, dtype: torch.dtype, steps: int, seed: int) -> Non
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(**STEP_CASES)
-def test_each_step_is_float32_foreach_rounded_once(name: str, dtype: torch.dtype, steps: int, seed: int) -> None:
-    check_step_case(name, dtype, steps, seed)
+def test_each_step_is_float32_foreach_rounded_once(
+    name: str, dtype: torch.dtype, steps: int, seed: int, decay_at: str, weight_decay: float
+) -> None:
+    check_step_case(name, dtype, steps, seed, decay_at, weight_decay)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "adamw-momentum", "radam", "plus", "prodigy"])
+def test_decay_at_z_takes_the_kernel_as_float32_foreach_rounded_once(name: str) -> None:
+    """A decay large enough that taking it at y instead is many roundings off (ScheduleFree+'s aside, scaled by its lr)."""
+    check_step_case(name, torch.bfloat16, 12, 3, "z", 5.0)
 
 
 @pytest.mark.parametrize("dtype", NARROW)

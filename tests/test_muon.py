@@ -466,3 +466,42 @@ def test_float16_newton_schulz_normalizes_before_the_cast(scale):
     for half, single in zip(runs[torch.float16], runs[F32]):
         assert torch.isfinite(half).all() and single.norm() > 0
         assert rel(half, single) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["float64", "float32"])
+def test_adamw_groups_decaying_at_z_take_the_kernel_and_match_foreach(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype):
+    """With the default decay at z, the AdamW groups (embedding, head, vectors) run on the fused CPU kernel."""
+    from sfoptim.backends import cpu_kernel
+    from sfoptim.backends.abi import KERNEL_SCALARS, Kind
+
+    if not cpu_kernel.available():
+        pytest.skip("no C compiler")
+    wdz = KERNEL_SCALARS.index("wdz")
+    taken: list[tuple[Kind, int, float]] = []
+    original = cpu_kernel.step
+
+    def spy(*args, **kwargs):
+        ran = original(*args, **kwargs)
+        if ran:
+            taken.append((args[4], len(args[0]), args[5][wdz]))
+        return ran
+
+    monkeypatch.setattr(cpu_kernel, "step", spy)
+    ends = []
+    for fused in (None, False):
+        torch.manual_seed(0)
+        model = TinyLM().to(dtype)
+        opt = sfoptim.MuonScheduleFree(model.named_parameters(), weight_decay=0.5, ns_dtype=None, fused=fused)
+        assert opt.param_groups[1]["decay_at"] == "z" and not opt.param_groups[1]["use_muon"]
+        shapes = [p.shape for p in model.parameters()]
+        for step in range(4):
+            for p, g in zip(model.parameters(), fixed_grads(shapes, step, dtype)):
+                p.grad = g
+            opt.step()
+        ends.append([p.detach().clone() for p in model.parameters()])
+        if fused is None:
+            # One call per step for the AdamW group's 6 tensors, with the decay in the kernel's z slot.
+            assert taken == [(Kind.ADAM, 6, 0.5)] * 4
+    assert len(taken) == 4, "fused=False must not take the kernel"
+    for a, b in zip(*ends):
+        assert rel(a, b) <= (1e-12 if dtype == F64 else 1e-5)

@@ -20,6 +20,7 @@ import pytest
 import registry
 import torch
 
+import sfoptim
 from sfoptim.backends import cpu_kernel as _fused_cpu
 
 pytestmark = pytest.mark.skipif(not _fused_cpu.available(), reason="no C compiler for the fused kernel")
@@ -112,3 +113,21 @@ def test_two_threads_float64_match_reference(threads, case: str) -> None:
     y_ref, x_ref = _run(ref, LARGE, torch.float64)
     _assert_close(y2, y_ref, RTOL64, "y against the reference form")
     _assert_close(x2, x_ref, RTOL64, "x against the reference form")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_decay_at_z_two_threads_match_one_bitwise(threads, layout: str, dtype: torch.dtype) -> None:
+    """The kernel's decay at z (AdamW with inner momentum, a decay that matters) is the same on any thread count."""
+
+    def fast(params: list[torch.Tensor]) -> Any:
+        return sfoptim.AdamWScheduleFree(
+            [{"params": params, "decay_at": "z"}], lr=0.01, weight_decay=0.5, inner_momentum=0.9, fused=True
+        )
+
+    threads(1)
+    y1, x1 = _run(fast, LAYOUTS[layout], dtype)
+    threads(2)
+    y2, x2 = _run(fast, LAYOUTS[layout], dtype)
+    _assert_bitwise(y2, y1, "y, 2 threads against 1")
+    _assert_bitwise(x2, x1, "x, 2 threads against 1")

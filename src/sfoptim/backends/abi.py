@@ -27,7 +27,7 @@ __all__ = [
 
 #: The version of the C kernel's entry points (``sf_abi_version``); a cached
 #: library that reports another is not used.
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 
 class Bucket(NamedTuple):
@@ -74,14 +74,17 @@ class Kind(enum.IntEnum):
 KIND_SLOTS: dict[Kind, tuple[int, int]] = {Kind.SGD: (0, 0), Kind.ADAM: (1, 2), Kind.SGD_V: (1, 1), Kind.PRODIGY: (2, 2)}
 
 #: The scalars every kernel call and every bucket-sums call receive, in slot
-#: order. The engine fills ``lr``, ``ckp1``, ``beta`` and ``wd``; a
+#: order. The engine fills ``lr``, ``ckp1``, ``beta`` and the weight decay:
+#: ``wd``, taken at ``y`` (:math:`d + \lambda y`), or, for a group that decays
+#: at ``z``, ``wdz`` (:math:`d + \lambda z`; when nonzero the kernels take it
+#: in place of ``wd``; the low-bit step has no decay at ``z``); a
 #: :class:`KernelSpec` or :class:`SumInputs` the others (unset ones are 0,
 #: except the bias corrections, which are 1). Prodigy's: ``d`` (the estimate
 #: :math:`v` is accumulated with), ``d_new`` (:math:`d'`, the one the
 #: direction is scaled by), ``accum`` (:math:`a = d^2\gamma`), ``rho``
 #: (:math:`\sqrt{\beta_2}`) and ``clip`` (:math:`c`; 0: no clipping).
 KERNEL_SCALARS: tuple[str, ...] = (
-    "lr", "ckp1", "beta", "wd", "beta2", "bc2", "eps", "mu", "bc1", "d", "d_new", "accum", "rho", "clip",
+    "lr", "ckp1", "beta", "wd", "beta2", "bc2", "eps", "mu", "bc1", "d", "d_new", "accum", "rho", "clip", "wdz",
 )  # fmt: skip
 
 

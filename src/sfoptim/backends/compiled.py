@@ -56,13 +56,16 @@ def update_one(y: Tensor, g: Tensor, z: Tensor, v: Tensor | None, m: Tensor | No
         d = num / ((v / bc2).sqrt() + eps)  # type: ignore[operator, arg-type]
     else:
         d = g
-    d = d + wd * y
+    wdz = s[_WDZ]
+    at_z = wdz != 0  # the decay at z (wdz) in place of that at y (wd), as the C kernel selects it
+    d = d + torch.where(at_z, wdz, wd) * torch.where(at_z, z, y)
     y.copy_(y + ckp1 * (z - y) + lr * (beta * (1 - ckp1) - 1) * d)
     z.copy_(z - lr * d)
 
 
 # The unpacking above names the slots of the one declaration.
 assert KERNEL_SCALARS[:9] == ("lr", "ckp1", "beta", "wd", "beta2", "bc2", "eps", "mu", "bc1")
+_WDZ = KERNEL_SCALARS.index("wdz")
 #: The families :func:`update_one` computes; others (Prodigy's) take the foreach path on these devices.
 _FAMILIES = frozenset({Kind.SGD, Kind.ADAM, Kind.SGD_V})
 

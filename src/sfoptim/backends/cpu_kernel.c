@@ -50,7 +50,7 @@
 
 #if !defined(SF_ABI_VERSION) || !defined(SF_SGD) || !defined(SF_ADAM) || !defined(SF_SGD_V) || !defined(SF_LR) || !defined(SF_BC1) || \
     !defined(SF_SUM_GRAD_L1) || !defined(SF_SUM_GRAD_Z_MINUS_Y) || !defined(SF_PRODIGY) || !defined(SF_CLIP) || \
-    !defined(SF_SUM_GRAD_P0_MINUS_Z) || !defined(SF_SUM_DECAYED_L1)
+    !defined(SF_SUM_GRAD_P0_MINUS_Z) || !defined(SF_SUM_DECAYED_L1) || !defined(SF_WDZ)
 #error "build through sfoptim.backends.cpu_kernel, which defines the kinds and scalar slots"
 #endif
 
@@ -59,7 +59,8 @@
  *   beta  interpolation weight                   wd    weight decay, computed at y
  *   beta2 second-moment decay                    bc2   1 - beta2^t, or 1 without bias correction
  *   eps                                          mu    inner momentum (0: no exp_avg buffer)
- *   bc1   1 - mu^t */
+ *   bc1   1 - mu^t                               wdz   weight decay computed at z instead (when nonzero;
+ *                                                      the step and Prodigy kernels, not the low-bit one) */
 typedef double sf_scalars;
 
 /* Work list: chunk k covers elements [start, start+len) of tensor idx. */
@@ -236,6 +237,7 @@ static inline uint32_t sf_random(sf_key k, uint32_t index) { return sf_mix32(sf_
  * (S stored, T computed, LD/ST the load and the round-to-nearest store).
  *   direction d = m_hat / (sqrt(v / bc2) + eps) + wd*y    (Adam; v updated first)
  *               = g + wd*y                                  (SGD, RAdam's SGD phase)
+ *   (with wdz nonzero: + wdz*z in place of + wd*y, selected per element, no extra pass)
  *   y <- lerp(y, z, c) + lr*(beta*(1-c) - 1)*d;   z <- z - lr*d
  * m_hat is g, or with the m buffer (has_m) m <- lerp(m, g, 1-mu), m_hat = m/bc1;
  * with mu = 0 that lerp is g (torch's two-sided lerp gives it exactly), so m
@@ -252,7 +254,8 @@ enum { SF_M_NONE, SF_M_EMA, SF_M_COPY };
     static inline __attribute__((always_inline)) void sf_step_span_##NAME(                                 \
         S *restrict y, const S *restrict g, S *restrict z, S *restrict v, S *restrict m, int64_t n,      \
         const sf_scalars *s, const int mode, const int has_m) {                                          \
-        const T c = (T)s[SF_CKP1], lr = (T)s[SF_LR], wd = (T)s[SF_WD];                                   \
+        const int atz = s[SF_WDZ] != 0.0; /* decay at z (wdz) instead of at y (wd) */                  \
+        const T c = (T)s[SF_CKP1], lr = (T)s[SF_LR], wd = (T)(atz ? s[SF_WDZ] : s[SF_WD]);               \
         const T ystep = (T)(s[SF_LR] * (s[SF_BETA] * (1.0 - s[SF_CKP1]) - 1.0));                         \
         const T b2 = (T)s[SF_BETA2], omb2 = (T)(1.0 - s[SF_BETA2]), bc2 = (T)s[SF_BC2];                  \
         const T eps = (T)s[SF_EPS], ommu = (T)(1.0 - s[SF_MU]), bc1 = (T)s[SF_BC1];                      \
@@ -284,7 +287,7 @@ enum { SF_M_NONE, SF_M_EMA, SF_M_COPY };
                     d = gi;                                                                              \
                 }                                                                                        \
             }                                                                                            \
-            d = d + wd * yi;                                                                             \
+            d = d + wd * SF_PICK_##T(atz, zi, yi);                                                       \
             const T diff = zi - yi;                                                                      \
             const T from_z = zi - diff * omc, from_y = yi + c * diff;           \
             const T lerped = SF_PICK_##T(upper, from_z, from_y);                                    \
@@ -812,6 +815,7 @@ SF_LOWBIT_ENTRY(float16, f16, sf_f16)
  *     v' = beta2*v + d^2(1-beta2)*g*g        s' = rho*s + a*g
  *     u  = g / (sqrt(v') + d'*eps) * (d' / divisor)   (the divisor of the tensor: 1 unclipped)
  *     y <- lerp(y, z, c) + lr*(beta*(1-c) - 1)*(u + wd*y);   z <- z - lr*(u + wd*y)
+ * (with wdz nonzero, wdz*z in place of wd*y)
  * with d = SF_D (the estimate v accumulates with) and d' = SF_D_NEW (the new
  * one, which needs the sums of every bucket first). The update of u needs v'
  * and d', so the clip cannot share the sums' pass. Everything that can fail
@@ -835,7 +839,8 @@ SF_LOWBIT_ENTRY(float16, f16, sf_f16)
     static inline __attribute__((always_inline)) void sf_prodigy_span_##NAME(                           \
         P *restrict y, const P *restrict g, P *restrict z, B *restrict v, B *restrict sv, int64_t n,     \
         const sf_scalars *s, const double factor, const int sr, const sf_key *keys, uint32_t base) {     \
-        const T c = (T)s[SF_CKP1], lr = (T)s[SF_LR], wd = (T)s[SF_WD];                                   \
+        const int atz = s[SF_WDZ] != 0.0; /* decay at z (wdz) instead of at y (wd) */                  \
+        const T c = (T)s[SF_CKP1], lr = (T)s[SF_LR], wd = (T)(atz ? s[SF_WDZ] : s[SF_WD]);               \
         const T ystep = (T)(s[SF_LR] * (s[SF_BETA] * (1.0 - s[SF_CKP1]) - 1.0));                         \
         const T b2 = (T)s[SF_BETA2], vscale = (T)(s[SF_D] * s[SF_D] * (1.0 - s[SF_BETA2]));              \
         const T rho = (T)s[SF_RHO], acc = (T)s[SF_ACCUM], dn = (T)(s[SF_D_NEW] / factor);                \
@@ -848,7 +853,7 @@ SF_LOWBIT_ENTRY(float16, f16, sf_f16)
             T vi;                                                                                        \
             const T u = sf_prodigy_u_##NAME(gi, SF_LOAD_##BF(v[i]), epsd, dn, &vi, b2, vscale);          \
             const T si = SF_LOAD_##BF(sv[i]) * rho + acc * gi;                                           \
-            const T d = u + wd * yi;                                                                     \
+            const T d = u + wd * SF_PICK_##T(atz, zi, yi);                                               \
             const T diff = zi - yi;                                                                      \
             const T from_z = zi - diff * omc, from_y = yi + c * diff;                                    \
             const T yn = SF_PICK_##T(upper, from_z, from_y) + ystep * d, zn = zi - lr * d;               \

@@ -104,6 +104,7 @@ load_count = 0
 
 
 _Scalars = ctypes.c_double * len(KERNEL_SCALARS)
+_WDZ = KERNEL_SCALARS.index("wdz")
 _Sums = ctypes.c_double * len(BucketSum)
 
 
@@ -361,8 +362,9 @@ def step(
     inner-momentum EMA divided by ``bc1``) or :math:`d = g + \lambda y`
     (``SGD``; ``SGD_V`` also updates ``v``), every element gets
     :math:`y \leftarrow \operatorname{lerp}(y, z, c) + \gamma(\beta(1-c)-1)d`,
-    :math:`z \leftarrow z - \gamma d`. ``grads`` are only read. When False is
-    returned nothing has been modified.
+    :math:`z \leftarrow z - \gamma d`, where the decay :math:`\lambda y` (``wd``)
+    is :math:`\lambda z` when the scalar ``wdz`` = :math:`\lambda` is nonzero.
+    ``grads`` are only read. When False is returned nothing has been modified.
 
     All tensors share one dtype (see the module docstring); bfloat16 and
     float16 are computed in float32 and every written element is rounded to
@@ -621,9 +623,12 @@ def lowbit_step(
     rounded stochastically with random bits from ``seed`` (None: to nearest).
     ``stochastic_y`` rounds 16-bit parameters stochastically too (the torch
     implementation rounds them to nearest). ``kind`` is ``ADAM`` or ``SGD_V``.
+    The decay is taken at ``y`` only (``wdz`` must be 0).
     """
     if not ys:
         return True
+    if len(scalars) > _WDZ and scalars[_WDZ] != 0:
+        raise ValueError(f"sfoptim low-bit kernel: wdz={scalars[_WDZ]!r}, but the low-bit step decays at y only")
     if kind not in (Kind.ADAM, Kind.SGD_V):
         raise ValueError(f"sfoptim low-bit kernel: direction kind {kind!r} is not ADAM or SGD_V")
     checked = _inspect_lowbit(ys, grads, zs, vs, exps)

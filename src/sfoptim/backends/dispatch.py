@@ -11,8 +11,8 @@ Policy, per bucket (tensors of one device and dtype):
   no compiler; with ``fused=True`` it warns once.
 * with ``fused=True`` and a direction that has no kernel: a warning, once per
   direction type.
-* weight decay at ``z`` (``decay_at="z"`` with a nonzero decay): never a
-  kernel, which decays at ``y`` only.
+* weight decay at ``z`` (``decay_at="z"``): the kernels take it as they
+  take it at ``y``, in the same pass (the scalar ``wdz``).
 * bfloat16 and float16 buckets (parameters kept in 16 bits, without
   ``state_dtype``): the C kernel computes in float32 and rounds every stored
   element once, to nearest, or stochastically with the group's
@@ -113,17 +113,7 @@ def prepare(
     """
     args: dict[str, Any] = dict(lr=lr, ckp1=ckp1, beta=beta, weight_decay=weight_decay)
     if decay_at_z and weight_decay != 0:
-        # The kernels decay at y only.
-        if fused and "decay_at" not in _no_kernel_warned:
-            _no_kernel_warned.add("decay_at")
-            warnings.warn(
-                'sfoptim: fused=True, but the fused kernels take weight decay at y only; a group with decay_at="z" '
-                "uses the foreach implementation.",
-                RuntimeWarning,
-                stacklevel=5,
-            )
         args["decay_at_z"] = True
-        return BucketStep(direction, group, step_index, bucket, reduced, args, None, None, fused, foreach_flag)
     allowed = _kernel_allowed(fused, foreach_flag)
     backend = kernel_backend(bucket.params[0].device.type, fused) if allowed else None
     call = _kernel_call(direction, group, step_index, bucket, reduced, fused, owner, **args)
@@ -207,22 +197,12 @@ def reduce(
     bucket: Bucket,
     beta: float,
     *,
-    decay_at_z: bool,
     fused: bool | None,
     foreach_flag: bool | None,
 ) -> dict[str, Tensor]:
-    """This bucket's contributions to the direction's reductions, on the backend its update will take.
-
-    ``decay_at_z`` is whether the group's decay is taken at ``z`` and nonzero
-    (such a bucket never takes a kernel).
-    """
+    """This bucket's contributions to the direction's reductions, on the backend its update will take."""
     wanted = direction.bucket_sums
-    if (
-        wanted
-        and not decay_at_z
-        and _kernel_allowed(fused, foreach_flag)
-        and bucket.params[0].device.type == "cpu"
-    ):
+    if wanted and _kernel_allowed(fused, foreach_flag) and bucket.params[0].device.type == "cpu":
         inputs = direction.sum_inputs(group, step_index)
         buffers = [bucket.buffers[name] for name in inputs.buffers]
         scalars = [dict(_SCALAR_DEFAULTS, **inputs.scalars)[name] for name in KERNEL_SCALARS] if inputs.scalars else []
@@ -265,6 +245,7 @@ def _kernel_call(
     ckp1: float,
     beta: float,
     weight_decay: float,
+    decay_at_z: bool = False,
 ) -> KernelCall | None:
     """The direction's kernel description filled in for this step; None (and a warning with ``fused=True``) without one."""
     spec = direction.kernel(group, step_index, reduced)
@@ -278,7 +259,10 @@ def _kernel_call(
                 stacklevel=6,
             )
         return None
-    values = dict(_SCALAR_DEFAULTS, lr=lr, ckp1=ckp1, beta=beta, wd=weight_decay)
+    if decay_at_z and spec.state_precision != "full":
+        return None  # the low-bit step decays at y only (such groups are refused at construction)
+    decay = dict(wdz=weight_decay) if decay_at_z else dict(wd=weight_decay)
+    values = dict(_SCALAR_DEFAULTS, lr=lr, ckp1=ckp1, beta=beta, **decay)
     values.update(spec.scalars)
     return KernelCall(
         spec.kind, [bucket.buffers[name] for name in spec.buffers], [values[name] for name in KERNEL_SCALARS], spec.state_precision

@@ -500,8 +500,7 @@ class MuonScheduleFree(ScheduleFreeOptimizer):
         {backend_args}
 
     The Muon groups have no fused kernel (their direction runs foreach); the
-    AdamW groups use the fused CPU kernel where it runs, except with decay at
-    ``z``.
+    AdamW groups use the fused CPU kernel where it runs.
 
     Under FSDP2 (parameters sharded by rows over a one-dimensional mesh) each
     matrix is orthogonalized by one rank, its owner: the matrices of a group

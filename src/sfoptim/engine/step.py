@@ -204,11 +204,10 @@ def reduce(plans: list[GroupStep]) -> Mapping[str, Tensor]:
     local: dict[str, Tensor] = {}
     sharded: dict[str, Tensor] = {}
     for p in plans:
-        at_z = _decay_at_z(p) and p.group[p.key("weight_decay")] != 0
         for bucket in p.buckets:
             target = sharded if type(bucket.params[0]) is not Tensor and hasattr(bucket.params[0], "placements") else local
             sums = dispatch.reduce(
-                p.direction, p.group, p.step, bucket, p.beta_prev, decay_at_z=at_z, fused=p.fused, foreach_flag=p.foreach
+                p.direction, p.group, p.step, bucket, p.beta_prev, fused=p.fused, foreach_flag=p.foreach
             )
             for name, value in sums.items():
                 target[name] = target[name] + value if name in target else value
