@@ -76,10 +76,13 @@ def _assert_bitwise(actual: list[torch.Tensor], expected: list[torch.Tensor], wh
 
 
 #: Every registered optimizer with a one-pass kernel and a reference form of ours, as (fused, reference).
+#: Muon's Newton-Schulz runs on torch's matrix products, whose bits may depend on how the BLAS
+#: library splits them over threads on a given CPU; its kernel groups (AdamW) are covered by
+#: tests/test_muon.py.
 CASES: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
     i.name: (functools.partial(i.make, fused=True), i.make_reference)
     for i in registry.select(fused_kernel=True, closure=False, needs_loss=False)
-    if i.reference_is_ours
+    if i.reference_is_ours and i.name not in ("muon", "normuon")
 }
 
 
