@@ -526,6 +526,18 @@ SF_WRAP_ENTRIES(double, double, double, double)
 SF_WRAP_ENTRIES(bfloat16, bf16, sf_bf16, float)
 SF_WRAP_ENTRIES(float16, f16, sf_f16, float)
 
+/* The totals of a sums pass: each chunk's two partial sums, added in chunk order
+ * (fixed by the data, not by the thread count) into out[first] and out[second]. */
+static void sf_add_parts(const double *part, int64_t count, double *out, int first, int second) {
+    double a = 0.0, b = 0.0;
+    for (int64_t k = 0; k < count; k++) {
+        a += part[2 * k];
+        b += part[2 * k + 1];
+    }
+    out[first] = a;
+    out[second] = b;
+}
+
 /*
  * Bucket sums for a direction's global reductions, one pass over g, z and y:
  *   out[SF_SUM_GRAD_L1] = sum |g|,   out[SF_SUM_GRAD_Z_MINUS_Y] = sum g*(z - y)
@@ -593,13 +605,7 @@ SF_WRAP_ENTRIES(float16, f16, sf_f16, float)
             part[2 * k] = a;                                                                             \
             part[2 * k + 1] = b;                                                                         \
         }                                                                                                \
-        double a = 0.0, b = 0.0;                                                                         \
-        for (int64_t k = 0; k < count; k++) {                                                            \
-            a += part[2 * k];                                                                            \
-            b += part[2 * k + 1];                                                                        \
-        }                                                                                                \
-        out[SF_SUM_GRAD_L1] = a;                                                                         \
-        out[SF_SUM_GRAD_Z_MINUS_Y] = b;                                                                  \
+        sf_add_parts(part, count, out, SF_SUM_GRAD_L1, SF_SUM_GRAD_Z_MINUS_Y);                           \
         free(part);                                                                                      \
         free(chunks);                                                                                    \
         return 0;                                                                                        \
@@ -1004,13 +1010,7 @@ SF_LOWBIT_ENTRY(float16, f16, sf_f16)
             part[2 * k] = a;                                                                             \
             part[2 * k + 1] = b;                                                                         \
         }                                                                                                \
-        double a = 0.0, b = 0.0;                                                                         \
-        for (int64_t k = 0; k < count; k++) {                                                            \
-            a += part[2 * k];                                                                            \
-            b += part[2 * k + 1];                                                                        \
-        }                                                                                                \
-        out[SF_SUM_GRAD_P0_MINUS_Z] = a;                                                                 \
-        out[SF_SUM_DECAYED_L1] = b;                                                                      \
+        sf_add_parts(part, count, out, SF_SUM_GRAD_P0_MINUS_Z, SF_SUM_DECAYED_L1);                       \
         free(part);                                                                                      \
         free(chunks);                                                                                    \
         return 0;                                                                                        \
