@@ -10,7 +10,10 @@ Policy, per bucket (tensors of one device and dtype):
   where it cannot run: other dtypes, non-contiguous tensors, DTensor shards,
   no compiler; with ``fused=True`` it warns once.
 * with ``fused=True`` and a direction that has no kernel: a warning, once per
-  direction type.
+  direction type. On CPU, where the policy allows a kernel, such a
+  direction's foreach form gives the direction and the C kernel's ``SGD``
+  family (:math:`d = g`) applies the decay and the update of ``y`` and ``z``
+  in one pass (Muon's matrices).
 * weight decay at ``z`` (``decay_at="z"``): the kernels take it as they
   take it at ``y``, in the same pass (the scalar ``wdz``).
 * bfloat16 and float16 buckets (parameters kept in 16 bits, without
@@ -131,6 +134,9 @@ def run(u: BucketStep) -> None:
         rounding = {"seed": _stochastic_seed()} if u.backend is cpu_kernel and _stochastic(u.group, b) else {}
         if u.backend.step(b.params, b.grads, b.z, call.slots, call.kind, call.scalars, explicit=u.fused is True, **rounding):
             return
+    if call is None and u.backend is cpu_kernel and u.foreach_flag is not False:
+        _update_on_kernel(u)
+        return
     _foreach(u)
 
 
@@ -212,6 +218,20 @@ def reduce(
                 group, step_index, beta, {s: torch.tensor(v, dtype=torch.float64) for s, v in sums.items()}
             )
     return direction.reduce(group, step_index, bucket, beta)
+
+
+def _update_on_kernel(u: BucketStep) -> None:
+    """A direction without a kernel of its own (Muon's orthogonalized update) on CPU: its
+    foreach form gives ``d``, and the C kernel's SGD family (:math:`d = g`) applies the decay
+    and the update of ``y`` and ``z`` in one pass; where the kernel refuses, foreach does."""
+    d, owned = u.direction.foreach(u.group, u.step, u.bucket, u.reduced)
+    a = u.args
+    decay = dict(wdz=a["weight_decay"]) if a.get("decay_at_z") else dict(wd=a["weight_decay"])
+    values = dict(_SCALAR_DEFAULTS, lr=a["lr"], ckp1=a["ckp1"], beta=a["beta"], **decay)
+    b = u.bucket
+    seed = _stochastic_seed() if _stochastic(u.group, b) else None
+    if not cpu_kernel.step(b.params, d, b.z, [], Kind.SGD, [values[n] for n in KERNEL_SCALARS], seed=seed):
+        foreach.update(b, d, owned=owned, **a)
 
 
 def _foreach(u: BucketStep) -> None:

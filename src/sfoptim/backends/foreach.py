@@ -16,7 +16,7 @@ from torch import Tensor
 from .abi import Bucket
 from .abi import DirectionHooks as Direction
 
-__all__ = ["interpolate_and_step", "step", "split", "wrap_after", "wrap_before"]
+__all__ = ["interpolate_and_step", "split", "step", "update", "wrap_after", "wrap_before"]
 
 
 def interpolate_and_step(
@@ -53,6 +53,21 @@ def step(
     are then updated with the same decayed direction.
     """
     d, owned = direction.foreach(group, step_index, bucket, reduced)
+    update(bucket, d, lr=lr, ckp1=ckp1, beta=beta, weight_decay=weight_decay, decay_at_z=decay_at_z, owned=owned)
+
+
+def update(
+    bucket: Bucket,
+    d: list[Tensor],
+    *,
+    lr: float,
+    ckp1: float,
+    beta: float,
+    weight_decay: float,
+    decay_at_z: bool = False,
+    owned: bool = False,
+) -> None:
+    """Weight decay and the update of ``y`` and ``z`` with the direction ``d`` (``owned``: ``d`` may be modified)."""
     if weight_decay != 0:
         at = bucket.z if decay_at_z else bucket.params
         if owned:
