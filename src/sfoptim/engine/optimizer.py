@@ -35,7 +35,7 @@ __all__ = ["ClosureForm", "ModeError", "ScheduleFreeOptimizer", "with_backend_ar
 #: Docstring entries of the backend and precision arguments that the
 #: optimizers share; each class inserts them where its docstring says
 #: ``{backend_args}`` (``{backend_args_cpu_kernel}`` for a class whose kernel
-#: runs on CPU only, ``{backend_args_no_kernel}`` for a class without one). Classes that the published package has too also get the
+#: runs on CPU only). Classes that the published package has too also get the
 #: sentence on its argument order.
 _FOREACH_DOC = """foreach: ``True``/``None`` updates all tensors of a device and dtype
             together; ``False`` one at a time (less temporary memory). The
@@ -55,9 +55,6 @@ _CPU_KERNEL_DOC = """fused: ``None`` (default) uses the fused CPU kernel whereve
             ``foreach`` elsewhere, GPUs included (this optimizer has no
             compiled kernel); ``True`` warns once where the kernel cannot run;
             ``False`` never uses it."""
-_NO_KERNEL_DOC = """fused: accepted for a uniform interface; this optimizer has no fused
-            kernel, so every value runs the foreach implementation (``True``
-            warns once)."""
 _PRECISION_DOC = """state_dtype: keep a master copy of narrower parameters and all their
             state in this dtype (e.g. ``torch.float32`` for bfloat16 weights;
             see :mod:`sfoptim.precision`). Default None: the parameter's dtype.
@@ -69,10 +66,10 @@ _PRECISION_DOC = """state_dtype: keep a master copy of narrower parameters and a
 
 
 def with_backend_args(cls: type) -> type:
-    """Class decorator: fills ``{backend_args}`` (``{backend_args_cpu_kernel}``, ``{backend_args_no_kernel}``) in the class docstring."""
+    """Class decorator: fills ``{backend_args}`` (``{backend_args_cpu_kernel}``) in the class docstring."""
     if cls.__doc__:
         foreach = _FOREACH_DOC + (_PUBLISHED_ORDER_DOC if cls.__name__ in state_checks.PUBLISHED_CLASSES else "")
-        keys = (("{backend_args}", _FUSED_DOC), ("{backend_args_cpu_kernel}", _CPU_KERNEL_DOC), ("{backend_args_no_kernel}", _NO_KERNEL_DOC))
+        keys = (("{backend_args}", _FUSED_DOC), ("{backend_args_cpu_kernel}", _CPU_KERNEL_DOC))
         for key, fused in keys:
             cls.__doc__ = cls.__doc__.replace(key, f"{foreach}\n        {fused}\n        {_PRECISION_DOC}")
     return cls
