@@ -139,8 +139,8 @@ static inline sf_bf16 sf_bf16_nearest(float f) {
  * lower neighbour in units of the gap. Infinities and NaN round to nearest. */
 static inline sf_bf16 sf_bf16_stochastic(float f, uint32_t rnd) {
     const uint32_t u = sf_to_bits(f);
-    const uint32_t r = (u + (rnd >> 16)) >> 16;
-    return (sf_bf16)sf_select((u & 0x7f800000u) == 0x7f800000u, sf_bf16_nearest(f), r);
+    const uint32_t r = (u + (rnd >> 16)) >> 16; /* an infinity stays itself: its low 16 bits are 0 */
+    return (sf_bf16)sf_select((u & 0x7fffffffu) > 0x7f800000u, 0x7fc0u, r);
 }
 
 static inline float sf_f16_load(sf_f16 h) {
@@ -696,10 +696,12 @@ static inline int32_t sf_lb_exponent(float mx) {
         const float scale = vformat == SF_LB_8BIT ? sf_pow2(ex[0]) : 1.0f;                              \
         const sf_bf16 *restrict v16 = (const sf_bf16 *)vp;                                              \
         const uint8_t *restrict v8 = (const uint8_t *)vp;                                               \
+        /* int counters (len <= SF_LB_BLOCK): the hashed index stays in 32-bit lanes. */                \
+        const int n = (int)len;                                                                         \
         float mx = 0.0f;                                                                                \
         /* One pass: read, step, write y, keep z and v (or s, clamped) for rounding. */                 \
         _Pragma("omp simd reduction(max:mx)")                                                           \
-        for (int64_t i = 0; i < len; i++) {                                                             \
+        for (int i = 0; i < n; i++) {                                                             \
             const float yi = SF_LOAD_##F(y[i]), gi = SF_LOAD_##F(g[i]), zi = sf_bf16_load(z[i]);        \
             float vo;                                                                                   \
             if (vformat == SF_LB_BF16) {                                                                \
@@ -724,28 +726,28 @@ static inline int32_t sf_lb_exponent(float mx) {
         }                                                                                               \
         if (ysr) {                                                                                      \
             _Pragma("omp simd")                                                                         \
-            for (int64_t i = 0; i < len; i++) y[i] = SF_SR_##F(yb[i], sf_lb_random(keys[SF_STREAM_Y], at + (uint32_t)i)); \
+            for (int i = 0; i < n; i++) y[i] = SF_SR_##F(yb[i], sf_lb_random(keys[SF_STREAM_Y], at + (uint32_t)i)); \
         }                                                                                               \
         uint32_t rb[SF_LB_BLOCK];                                                                        \
         if (sr) {                                                                                        \
             _Pragma("omp simd")                                                                          \
-            for (int64_t i = 0; i < len; i++) {                                                          \
+            for (int i = 0; i < n; i++) {                                                          \
                 const uint32_t r = sf_lb_random(keys[SF_STREAM_Z], at + (uint32_t)i);                       \
                 z[i] = sf_bf16_stochastic(zb[i], r);                                                     \
                 rb[i] = r << 16;                                                                         \
             }                                                                                            \
         } else {                                                                                         \
             _Pragma("omp simd")                                                                          \
-            for (int64_t i = 0; i < len; i++) z[i] = sf_bf16_nearest(zb[i]);                             \
+            for (int i = 0; i < n; i++) z[i] = sf_bf16_nearest(zb[i]);                             \
         }                                                                                                \
         if (vformat == SF_LB_BF16) {                                                                     \
             sf_bf16 *restrict v = (sf_bf16 *)vp;                                                         \
             if (sr) {                                                                                    \
                 _Pragma("omp simd")                                                                      \
-                for (int64_t i = 0; i < len; i++) v[i] = sf_bf16_stochastic(vb[i], rb[i]);               \
+                for (int i = 0; i < n; i++) v[i] = sf_bf16_stochastic(vb[i], rb[i]);               \
             } else {                                                                                     \
                 _Pragma("omp simd")                                                                      \
-                for (int64_t i = 0; i < len; i++) v[i] = sf_bf16_nearest(vb[i]);                         \
+                for (int i = 0; i < n; i++) v[i] = sf_bf16_nearest(vb[i]);                         \
             }                                                                                            \
         } else {                                                                                         \
             uint8_t *restrict v = (uint8_t *)vp;                                                         \
@@ -753,7 +755,7 @@ static inline int32_t sf_lb_exponent(float mx) {
             const float inv = sf_pow2(-e);                                                               \
             ex[0] = (int8_t)e;                                                                           \
             _Pragma("omp simd")                                                                          \
-            for (int64_t i = 0; i < len; i++) {                                                          \
+            for (int i = 0; i < n; i++) {                                                          \
                 v[i] = sf_lb_encode(vb[i] * inv, sr ? rb[i] : 0x80000000u);                              \
             }                                                                                            \
         }                                                                                                \
