@@ -139,8 +139,8 @@ static inline sf_bf16 sf_bf16_nearest(float f) {
  * lower neighbour in units of the gap. Infinities and NaN round to nearest. */
 static inline sf_bf16 sf_bf16_stochastic(float f, uint32_t rnd) {
     const uint32_t u = sf_to_bits(f);
-    const uint32_t r = (u + (rnd >> 16)) >> 16;
-    return (sf_bf16)sf_select((u & 0x7f800000u) == 0x7f800000u, sf_bf16_nearest(f), r);
+    const uint32_t r = (u + (rnd >> 16)) >> 16; /* an infinity stays itself: its low 16 bits are 0 */
+    return (sf_bf16)sf_select((u & 0x7fffffffu) > 0x7f800000u, 0x7fc0u, r);
 }
 
 static inline float sf_f16_load(sf_f16 h) {
@@ -680,26 +680,47 @@ static inline int32_t sf_lb_exponent(float mx) {
     return e + (mx > sf_pow2(e) * 1.9375f);
 }
 
+/* The step's scalars in float, computed once per call (not per block: the
+ * stores of codes, bytes, may alias anything, so they would not be hoisted). */
+typedef struct {
+    float c, lr, wd, ystep, b2, omb2, rsbc2, eps, omc;
+    int upper;
+} sf_lb_consts;
+
+static sf_lb_consts sf_lb_consts_of(const sf_scalars *s) {
+    sf_lb_consts k;
+    k.c = (float)s[SF_CKP1];
+    k.lr = (float)s[SF_LR];
+    k.wd = (float)s[SF_WD];
+    k.ystep = (float)(s[SF_LR] * (s[SF_BETA] * (1.0 - s[SF_CKP1]) - 1.0));
+    k.b2 = (float)s[SF_BETA2];
+    k.omb2 = (float)(1.0 - s[SF_BETA2]);
+    k.rsbc2 = (float)(1.0 / sqrt(s[SF_BC2]));
+    k.eps = (float)s[SF_EPS];
+    k.omc = (float)(1.0 - s[SF_CKP1]);
+    k.upper = s[SF_CKP1] >= 0.5;
+    return k;
+}
+
 #define SF_LOWBIT_ENTRY(NAME, F, S)                                                                      \
     static inline __attribute__((always_inline)) void sf_lowbit_block_##NAME(                           \
         S *restrict y, const S *restrict g, sf_bf16 *restrict z, void *restrict vp, int8_t *restrict ex, \
-        int64_t len, const sf_scalars *s, const int mode, const int vformat, const int rounding,         \
+        int64_t len, const sf_lb_consts *restrict k, const int mode, const int vformat, const int rounding,         \
         const sf_key *keys, uint32_t at) {                                                               \
         float yb[SF_LB_BLOCK], zb[SF_LB_BLOCK], vb[SF_LB_BLOCK];                                        \
-        const float c = (float)s[SF_CKP1], lr = (float)s[SF_LR], wd = (float)s[SF_WD];                  \
-        const float ystep = (float)(s[SF_LR] * (s[SF_BETA] * (1.0 - s[SF_CKP1]) - 1.0));                \
-        const float b2 = (float)s[SF_BETA2], omb2 = (float)(1.0 - s[SF_BETA2]);                         \
-        const float rsbc2 = (float)(1.0 / sqrt(s[SF_BC2])), eps = (float)s[SF_EPS];                     \
-        const int upper = s[SF_CKP1] >= 0.5;                                                            \
-        const float omc = (float)(1.0 - s[SF_CKP1]);                                                    \
+        const float c = k->c, lr = k->lr, wd = k->wd, ystep = k->ystep, b2 = k->b2, omb2 = k->omb2;     \
+        const float rsbc2 = k->rsbc2, eps = k->eps, omc = k->omc;                                       \
+        const int upper = k->upper;                                                                     \
         const int sr = rounding & 1, ysr = (rounding & 2) && SF_NARROW_##F;                             \
         const float scale = vformat == SF_LB_8BIT ? sf_pow2(ex[0]) : 1.0f;                              \
         const sf_bf16 *restrict v16 = (const sf_bf16 *)vp;                                              \
         const uint8_t *restrict v8 = (const uint8_t *)vp;                                               \
+        /* int counters (len <= SF_LB_BLOCK): the hashed index stays in 32-bit lanes. */                \
+        const int n = (int)len;                                                                         \
         float mx = 0.0f;                                                                                \
         /* One pass: read, step, write y, keep z and v (or s, clamped) for rounding. */                 \
         _Pragma("omp simd reduction(max:mx)")                                                           \
-        for (int64_t i = 0; i < len; i++) {                                                             \
+        for (int i = 0; i < n; i++) {                                                             \
             const float yi = SF_LOAD_##F(y[i]), gi = SF_LOAD_##F(g[i]), zi = sf_bf16_load(z[i]);        \
             float vo;                                                                                   \
             if (vformat == SF_LB_BF16) {                                                                \
@@ -724,28 +745,28 @@ static inline int32_t sf_lb_exponent(float mx) {
         }                                                                                               \
         if (ysr) {                                                                                      \
             _Pragma("omp simd")                                                                         \
-            for (int64_t i = 0; i < len; i++) y[i] = SF_SR_##F(yb[i], sf_lb_random(keys[SF_STREAM_Y], at + (uint32_t)i)); \
+            for (int i = 0; i < n; i++) y[i] = SF_SR_##F(yb[i], sf_lb_random(keys[SF_STREAM_Y], at + (uint32_t)i)); \
         }                                                                                               \
         uint32_t rb[SF_LB_BLOCK];                                                                        \
         if (sr) {                                                                                        \
             _Pragma("omp simd")                                                                          \
-            for (int64_t i = 0; i < len; i++) {                                                          \
+            for (int i = 0; i < n; i++) {                                                          \
                 const uint32_t r = sf_lb_random(keys[SF_STREAM_Z], at + (uint32_t)i);                       \
                 z[i] = sf_bf16_stochastic(zb[i], r);                                                     \
                 rb[i] = r << 16;                                                                         \
             }                                                                                            \
         } else {                                                                                         \
             _Pragma("omp simd")                                                                          \
-            for (int64_t i = 0; i < len; i++) z[i] = sf_bf16_nearest(zb[i]);                             \
+            for (int i = 0; i < n; i++) z[i] = sf_bf16_nearest(zb[i]);                             \
         }                                                                                                \
         if (vformat == SF_LB_BF16) {                                                                     \
             sf_bf16 *restrict v = (sf_bf16 *)vp;                                                         \
             if (sr) {                                                                                    \
                 _Pragma("omp simd")                                                                      \
-                for (int64_t i = 0; i < len; i++) v[i] = sf_bf16_stochastic(vb[i], rb[i]);               \
+                for (int i = 0; i < n; i++) v[i] = sf_bf16_stochastic(vb[i], rb[i]);               \
             } else {                                                                                     \
                 _Pragma("omp simd")                                                                      \
-                for (int64_t i = 0; i < len; i++) v[i] = sf_bf16_nearest(vb[i]);                         \
+                for (int i = 0; i < n; i++) v[i] = sf_bf16_nearest(vb[i]);                         \
             }                                                                                            \
         } else {                                                                                         \
             uint8_t *restrict v = (uint8_t *)vp;                                                         \
@@ -753,7 +774,7 @@ static inline int32_t sf_lb_exponent(float mx) {
             const float inv = sf_pow2(-e);                                                               \
             ex[0] = (int8_t)e;                                                                           \
             _Pragma("omp simd")                                                                          \
-            for (int64_t i = 0; i < len; i++) {                                                          \
+            for (int i = 0; i < n; i++) {                                                          \
                 v[i] = sf_lb_encode(vb[i] * inv, sr ? rb[i] : 0x80000000u);                              \
             }                                                                                            \
         }                                                                                                \
@@ -764,6 +785,7 @@ static inline int32_t sf_lb_exponent(float mx) {
         int64_t count = 0;                                                                               \
         sf_chunk *chunks = make_chunks(n, sizes, &count, &nthreads);                                     \
         if (!chunks) return -1;                                                                          \
+        const sf_lb_consts kc = sf_lb_consts_of(s);                                                      \
         _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)")              \
         for (int64_t k = 0; k < count; k++) {                                                            \
             const int64_t i = chunks[k].idx, o = chunks[k].start, len = chunks[k].len;                   \
@@ -790,7 +812,7 @@ static inline int32_t sf_lb_exponent(float mx) {
     }
 
 #define SF_LB_CALL(NAME, MODE, FMT)                                                                     \
-    sf_lowbit_block_##NAME(y[i] + at, g[i] + at, z[i] + at, vbase + at * vsize, eb, bl, s, MODE, FMT, rounding, \
+    sf_lowbit_block_##NAME(y[i] + at, g[i] + at, z[i] + at, vbase + at * vsize, eb, bl, &kc, MODE, FMT, rounding, \
                            keys, (uint32_t)at)
 #define SF_NARROW_float 0
 #define SF_NARROW_bf16 1
