@@ -197,7 +197,7 @@ def main(argv=None):
     train_files, held_files = load_text()
     held = chunks(held_files, a.ctx, 12345)[: a.heldout]
     horizons = [round(a.steps * f) for f in FRACTIONS]
-    curve = sorted({round(a.steps * i / 24) for i in range(1, 25)} | set(horizons))
+    curve = sorted({max(1, round(a.steps * i / 24)) for i in range(1, 25)} | set(horizons))
     total = a.seeds * sum(len(m.grid) * _steps_per_config(m, a, horizons) for m in methods)
     need = a.steps * a.batch
     print(f"stdlib: {sum(map(len, train_files)) / 1e6:.1f} MB train, {sum(map(len, held_files)) / 1e6:.1f} MB "

@@ -36,6 +36,15 @@ def test_batchnorm_smoke(tmp_path):
     assert rows and all(0.0 <= r["x_recomputed_bn"][0] <= 1.0 for r in rows)
 
 
+def test_lm_short_horizon_has_no_step_zero(tmp_path):
+    """With T < 12 the curve's first point rounds to step 0, which the training loop never reaches."""
+    _load("lm_stdlib").main(["--steps", "8", "--seeds", "1", "--batch", "2", "--ctx", "16", "--d", "16",
+                             "--layers", "1", "--heads", "2", "--warmup", "2", "--sf-betas", "0.9", "--sf-lr", "0.01",
+                             "--heldout", "8", "--methods", "sf-adamw", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["steps"] for r in rows] == [1, 2, 4, 8]
+
+
 def test_lm_smoke(tmp_path):
     methods = ["sf-adamw", "adamw-cosine", "adamw-wsd", "muon-wsd", "prodigyplus"]
     _load("lm_stdlib").main(["--steps", "16", "--seeds", "1", "--batch", "2", "--ctx", "16", "--d", "16",
