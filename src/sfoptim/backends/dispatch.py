@@ -220,14 +220,19 @@ def reduce(
     return direction.reduce(group, step_index, bucket, beta)
 
 
+def _engine_scalars(lr: float, ckp1: float, beta: float, weight_decay: float, decay_at_z: bool) -> dict[str, Any]:
+    """The kernel scalars the engine owns (the rest at their defaults); the decay goes to ``wdz`` when taken at ``z``."""
+    decay = dict(wdz=weight_decay) if decay_at_z else dict(wd=weight_decay)
+    return dict(_SCALAR_DEFAULTS, lr=lr, ckp1=ckp1, beta=beta, **decay)
+
+
 def _update_on_kernel(u: BucketStep) -> None:
     """A direction without a kernel of its own (Muon's orthogonalized update) on CPU: its
     foreach form gives ``d``, and the C kernel's SGD family (:math:`d = g`) applies the decay
     and the update of ``y`` and ``z`` in one pass; where the kernel refuses, foreach does."""
     d, owned = u.direction.foreach(u.group, u.step, u.bucket, u.reduced)
     a = u.args
-    decay = dict(wdz=a["weight_decay"]) if a.get("decay_at_z") else dict(wd=a["weight_decay"])
-    values = dict(_SCALAR_DEFAULTS, lr=a["lr"], ckp1=a["ckp1"], beta=a["beta"], **decay)
+    values = _engine_scalars(a["lr"], a["ckp1"], a["beta"], a["weight_decay"], a.get("decay_at_z", False))
     b = u.bucket
     seed = _stochastic_seed() if _stochastic(u.group, b) else None
     if not cpu_kernel.step(b.params, d, b.z, [], Kind.SGD, [values[n] for n in KERNEL_SCALARS], seed=seed):
@@ -281,8 +286,7 @@ def _kernel_call(
         return None
     if decay_at_z and spec.state_precision != "full":
         return None  # the low-bit step decays at y only (such groups are refused at construction)
-    decay = dict(wdz=weight_decay) if decay_at_z else dict(wd=weight_decay)
-    values = dict(_SCALAR_DEFAULTS, lr=lr, ckp1=ckp1, beta=beta, **decay)
+    values = _engine_scalars(lr, ckp1, beta, weight_decay, decay_at_z)
     values.update(spec.scalars)
     return KernelCall(
         spec.kind, [bucket.buffers[name] for name in spec.buffers], [values[name] for name in KERNEL_SCALARS], spec.state_precision
