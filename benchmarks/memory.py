@@ -209,8 +209,13 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str], tuple[float, fl
                         help="parameter dtypes (default: float32 bfloat16)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     args = parser.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        parser.error(f"--device {args.device!r}: {err}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device")
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     numel = sum(torch.Size(s).numel() for s in LAYOUTS[args.layout])
     print(f"torch {torch.__version__}, device {device}, layout {args.layout} ({numel / 1e6:.2f}M parameters in "
           f"{len(LAYOUTS[args.layout])} tensors), python {sys.version.split()[0]}")

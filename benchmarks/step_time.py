@@ -319,8 +319,13 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str, str], float]:
 
     if not args.warm_cache:
         os.environ["SFOPTIM_CACHE_DIR"] = tempfile.mkdtemp(prefix="sfoptim-bench-")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        parser.error(f"--device {args.device!r}: {err}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device")
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
           f"dtypes {' '.join(args.dtype)}, rounds {args.rounds} (median), python {sys.version.split()[0]}")
     results = {name: run_layout(name, args, device) for name in args.layouts}

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -182,6 +183,15 @@ def test_step_time_smoke(capsys):
         assert all(ratios[("tiny", n, dtype)] > 0 for n in names)
     out = capsys.readouterr().out
     assert "tiny float32" in out and "tiny bfloat16" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a CUDA device")
+@pytest.mark.parametrize("script", ["step_time", "memory"])
+def test_cuda_request_without_cuda_is_a_usage_error(script, capsys):
+    with pytest.raises(SystemExit) as info:
+        _load(script).main(["--device", "cuda"])
+    assert info.value.code == 2
+    assert "sees no CUDA device" in capsys.readouterr().err
 
 
 def test_memory_smoke(capsys):
