@@ -46,9 +46,10 @@ with :math:`\beta_s = \beta` for :math:`s \le T_0` and
 :math:`T_0` = ``warmup_steps``, as AMUSE does: the weight rises from the end
 of the learning-rate warmup, with no horizon to choose. The rise follows the
 averaging weights :math:`c_s = 1/s` of a run without warmup,
-:math:`(T_0 - 1)/(s - 1) = (c_s/(1-c_s)) / (c_{T_0}/(1-c_{T_0}))`; AMUSE
-starts lower than the constant weight (:math:`\beta` 0.6 to 0.8, :math:`\rho`
-0.3 to 0.8 in its runs).
+:math:`(T_0 - 1)/(s - 1) = (c_s/(1-c_s)) / (c_{T_0}/(1-c_{T_0}))`. AMUSE
+starts below the constant default (:math:`\beta` from 0.4 to 0.8 and
+:math:`\rho` from 0.3 to 0.8 in its published runs): early gradients are taken
+near ``z``, later ones ever nearer ``x``.
 """
 
 from __future__ import annotations
