@@ -24,8 +24,8 @@ Methods (--methods; default: every one whose optimizer is installed):
                 sfoptim.MuonScheduleFree with AMUSE's interpolation weight rising
                 after step 200 (beta_horizon=200), the rest defaults
   muon-sf-amuse sfoptim.MuonScheduleFree with AMUSE's interpolation weight as AMUSE
-                sets it: from 0.8, rising from the end of the warmup
-                (beta=0.8, beta_horizon="warmup", beta_power=0.3), the rest defaults
+                sets it: from 0.6, rising from the end of the warmup
+                (beta=0.6, beta_horizon="warmup", beta_power=0.3), the rest defaults
   prodigy-sf    sfoptim.ProdigyScheduleFree, defaults (lr 1.0)
   prodigy-sf-algoperf
                 sfoptim.ProdigyScheduleFree in the AlgoPerf submission's form

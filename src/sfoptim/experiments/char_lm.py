@@ -207,9 +207,9 @@ def lm_methods(cfg: LMConfig, lrs=(0.004, 0.008, 0.016, 0.032), sf_lrs=(0.008, 0
     with AMUSE's interpolation weight rising after step 200
     (``beta_horizon=200``), the rest at its defaults; ``muon-sf-amuse`` is
     schedule-free Muon with AMUSE's weight as AMUSE sets it, starting lower
-    and rising from the end of the warmup (``beta=0.8, beta_horizon="warmup",
-    beta_power=0.3``, the values of AMUSE's CIFAR-10 run), the rest at its
-    defaults; ``prodigy-sf-algoperf``
+    and rising from the end of the warmup (``beta=0.6, beta_horizon="warmup",
+    beta_power=0.3``: the beta of AMUSE's 124M-parameter language model, the
+    rho of its CIFAR-10 run), the rest at its defaults; ``prodigy-sf-algoperf``
     is schedule-free Prodigy in the AlgoPerf submission's form (averaging
     weights ``(k+1)**0.75``, ``betas=(0.9, 0.9955)``, no growth limit on
     ``d``, no update clip).  Three single runs compare how schedule-free
@@ -266,7 +266,7 @@ def lm_methods(cfg: LMConfig, lrs=(0.004, 0.008, 0.016, 0.032), sf_lrs=(0.008, 0
         Method("muon-sf-rising-beta", "SF Muon, rising beta", sf_muon_rising_beta, grid(beta_horizon=(200,)),
                schedule_free=True),
         Method("muon-sf-amuse", "SF Muon, AMUSE's rising beta", sf_muon_amuse,
-               grid(beta=(0.8,), beta_horizon=("warmup",), beta_power=(0.3,)), schedule_free=True),
+               grid(beta=(0.6,), beta_horizon=("warmup",), beta_power=(0.3,)), schedule_free=True),
         Method("prodigy-sf-algoperf", "SF Prodigy, AlgoPerf form", sf_prodigy_algoperf, schedule_free=True),
         Method("sf-adamw-fixed", "SF AdamW, float32 state", sf_adamw_precision("full"), fixed, schedule_free=True),
         Method("sf-adamw-bf16state", "SF AdamW, bfloat16 state", sf_adamw_precision("bf16"), fixed,
