@@ -23,6 +23,9 @@ Methods (--methods; default: every one whose optimizer is installed):
   muon-sf-rising-beta
                 sfoptim.MuonScheduleFree with AMUSE's interpolation weight rising
                 after step 200 (beta_horizon=200), the rest defaults
+  muon-sf-amuse sfoptim.MuonScheduleFree with AMUSE's interpolation weight as AMUSE
+                sets it: from 0.6, rising from the end of the warmup
+                (beta=0.6, beta_horizon="warmup", beta_power=0.3), the rest defaults
   prodigy-sf    sfoptim.ProdigyScheduleFree, defaults (lr 1.0)
   prodigy-sf-algoperf
                 sfoptim.ProdigyScheduleFree in the AlgoPerf submission's form
@@ -83,7 +86,9 @@ def ms(v):
 
 
 def _horizon(text):
-    return None if text.lower() == "none" else int(text)
+    if text.lower() in ("none", "warmup"):
+        return None if text.lower() == "none" else "warmup"
+    return int(text)
 
 
 def build_parser():
@@ -111,7 +116,8 @@ def build_parser():
                    help="learning rates of adamw-cosine, adamw-wsd and muon-wsd, tuned per stopping time "
                         "(default: %(default)s)")
     p.add_argument("--muon-sf-horizons", type=_horizon, nargs="+", default=[None, 100, 200, 400],
-                   help="muon-sf-tuned: beta_horizon values ('none': constant beta), crossed with --grid "
+                   help="muon-sf-tuned: beta_horizon values ('none': constant beta; 'warmup': from the end of the "
+                        "warmup), crossed with --grid "
                         "(default: none 100 200 400)")
     p.add_argument("--muon-sf-weight-decays", type=float, nargs="+", default=[0.1],
                    help="muon-sf-tuned: weight decays, crossed with the above (default: 0.1, its default)")
@@ -182,7 +188,8 @@ def choose(method, mean_loss, horizons):
 
 
 def _config(c):
-    return ", ".join(f"{k} {'none' if v is None else f'{v:g}'}" for k, v in c.items()) or "defaults"
+    return ", ".join(f"{k} {'none' if v is None else v if isinstance(v, str) else f'{v:g}'}"
+                     for k, v in c.items()) or "defaults"
 
 
 def main(argv=None):

@@ -140,7 +140,7 @@ WRAPPER_INVALID = (("momentum", 0.0), ("weight_decay_at_y", -1.0), ("r", float("
 
 MUON_INVALID = COMMON_INVALID + WARMUP_INVALID + (
     ("beta", 0.0), ("momentum", 1.0), ("decay_at", "x"), ("ns_steps", 0), ("adjust_lr_fn", "cubic"),
-    ("normuon_beta2", 1.0), ("beta_horizon", 0), ("adamw_beta2", 1.0), ("adamw_eps", -1.0),
+    ("normuon_beta2", 1.0), ("beta_horizon", 0), ("beta_horizon", "later"), ("adamw_beta2", 1.0), ("adamw_eps", -1.0),
 )  # fmt: skip
 FAST = frozenset({"foreach", "fused", "state_dtype"})
 #: Low-bit state refuses ``state_dtype`` (its own ValueError names it).

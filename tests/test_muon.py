@@ -6,6 +6,8 @@ validation) run through ``tests/registry.py``; these are the Muon-specific ones.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -507,3 +509,77 @@ def test_adamw_groups_decaying_at_z_take_the_kernel_and_match_foreach(monkeypatc
     assert len(taken) == 8, "fused=False must not take the kernel"
     for a, b in zip(*ends):
         assert rel(a, b) <= (1e-12 if dtype == F64 else 1e-5)
+
+
+def amuse_beta(beta: float, horizon: int, power: float, s: int) -> float:
+    """AMUSE's interpolation weight of the gradient of step ``s`` (Kim et al., 2026), written out independently."""
+    return beta if s <= horizon else 1 - ((horizon - 1) / (s - 1)) ** power * (1 - beta)
+
+
+WARMUP_RISE_KW = dict(lr=0.02, beta=0.7, beta_horizon="warmup", beta_power=0.3, warmup_steps=3, weight_decay=0.05,
+                      ns_dtype=None)  # fmt: skip
+
+
+def test_beta_rising_after_warmup_follows_amuse():
+    """``beta_horizon="warmup"``: y = (1-b) z + b x with AMUSE's b, T0 = warmup_steps, in the reference and the engine."""
+    shapes = [(5, 4), (4,)]
+    a = [nn.Parameter(t) for t in fixed_grads(shapes, -1, F64)]
+    b = [nn.Parameter(t.clone()) for t in a]
+    opt = sfoptim.MuonScheduleFree(list(zip("wb", a)), **WARMUP_RISE_KW)
+    ref = sfoptim.MuonScheduleFreeReference(list(zip("wb", b)), **WARMUP_RISE_KW)
+    for t in range(1, 9):
+        for p, q, g in zip(a, b, fixed_grads(shapes, t, F64)):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+        want = amuse_beta(0.7, 3, 0.3, t + 1)  # the y built by step t is where the gradient of step t + 1 is taken
+        if t + 1 > 3:
+            assert want > 0.7
+        for q in b if t > 1 else ():  # after the first step x = z
+            s = ref.state[q]
+            toward_x = s["x"] - s["z"]
+            got = float(((s["y"] - s["z"]) * toward_x).sum() / toward_x.square().sum())
+            assert got == pytest.approx(want, abs=1e-9), f"step {t}"
+        assert max(rel(p, q) for p, q in zip(a, b)) < 1e-10, f"step {t}"
+
+
+def test_beta_rising_after_warmup_is_the_warmup_length_as_horizon():
+    shapes = [(6, 3), (3,)]
+    runs = []
+    for horizon in ("warmup", 3):
+        ps = [nn.Parameter(t) for t in fixed_grads(shapes, -1, F32)]
+        opt = sfoptim.MuonScheduleFree(list(zip("wb", ps)), **dict(WARMUP_RISE_KW, beta_horizon=horizon))
+        for t in range(6):
+            for p, g in zip(ps, fixed_grads(shapes, t, F32)):
+                p.grad = g
+            opt.step()
+        runs.append(ps)
+    assert all(torch.equal(p, q) for p, q in zip(*runs))
+
+
+def test_beta_rising_after_warmup_round_trips_and_is_validated():
+    shapes = [(6, 3), (3,)]
+    ps = [nn.Parameter(t) for t in fixed_grads(shapes, -1, F32)]
+    qs = [nn.Parameter(t.clone()) for t in ps]
+    opt = sfoptim.MuonScheduleFree(list(zip("wb", ps)), **WARMUP_RISE_KW)
+    for t in range(5):
+        for p, g in zip(ps, fixed_grads(shapes, t, F32)):
+            p.grad = g
+        opt.step()
+    with torch.no_grad():
+        for p, q in zip(ps, qs):
+            q.copy_(p)
+    again = sfoptim.MuonScheduleFree(list(zip("wb", qs)), **dict(WARMUP_RISE_KW, beta_horizon=None, warmup_steps=7))
+    again.load_state_dict(copy.deepcopy(opt.state_dict()))  # a load keeps the very tensors it is given
+    assert all(g["beta_horizon"] == "warmup" and g["warmup_steps"] == 3 for g in again.param_groups)
+    for t in range(5, 9):
+        for o, params in ((opt, ps), (again, qs)):
+            for p, g in zip(params, fixed_grads(shapes, t, F32)):
+                p.grad = g
+            o.step()
+    assert all(torch.equal(p, q) for p, q in zip(ps, qs))
+    for cls in (sfoptim.MuonScheduleFree, sfoptim.MuonScheduleFreeReference):
+        with pytest.raises(ValueError, match="beta_horizon"):
+            cls([("w", nn.Parameter(torch.ones(3, 3)))], beta_horizon="warmup", warmup_steps=0)
+        with pytest.raises(ValueError, match="beta_horizon"):
+            cls([("w", nn.Parameter(torch.ones(3, 3)))], beta_horizon="later")

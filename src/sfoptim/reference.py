@@ -708,7 +708,8 @@ class MuonScheduleFreeReference(_XYZ):
     :math:`0.2\sqrt{\max(A,B)}`; for the rest Adam's
     :math:`g / (\sqrt{v/(1-\beta_2^t)} + \epsilon)`. With ``beta_horizon``
     :math:`T_0` the weight of the ``y`` the gradient of step :math:`s` is taken
-    at is :math:`1 - ((T_0-1)/(s-1))^\rho (1-\beta)` once :math:`s > T_0`.
+    at is :math:`1 - ((T_0-1)/(s-1))^\rho (1-\beta)` once :math:`s > T_0` (``beta_horizon="warmup"``:
+    :math:`T_0` = ``warmup_steps``).
     """
 
     def __init__(
@@ -730,7 +731,7 @@ class MuonScheduleFreeReference(_XYZ):
         adjust_lr_fn: str | None = "match_rms_adamw",
         normuon: bool = False,
         normuon_beta2: float = 0.95,
-        beta_horizon: int | None = None,
+        beta_horizon: int | str | None = None,
         beta_power: float = 1.0,
         adamw_lr: float | None = None,
         adamw_beta2: float = 0.999,
@@ -788,12 +789,15 @@ class MuonScheduleFreeReference(_XYZ):
         if not isinstance(group["ns_steps"], int) or not 1 <= group["ns_steps"] < 100:
             raise ValueError(f"Invalid ns_steps: {group['ns_steps']!r} (expected a whole number in [1, 100))")
         horizon = group["beta_horizon"]
-        if horizon is not None and (not isinstance(horizon, int) or horizon < 1):
-            raise ValueError(f"Invalid beta_horizon: {horizon!r} (expected None or a whole number >= 1)")
+        if horizon == "warmup":
+            if group["warmup_steps"] < 1:
+                raise ValueError("Invalid beta_horizon: 'warmup' needs warmup_steps >= 1")
+        elif horizon is not None and (not isinstance(horizon, int) or horizon < 1):
+            raise ValueError(f"Invalid beta_horizon: {horizon!r} (expected None, 'warmup' or a whole number >= 1)")
 
     def _beta(self, group: dict, s: int) -> float:
         """The weight of the ``y`` at which the gradient of step ``s`` is taken."""
-        horizon = group["beta_horizon"]
+        horizon = group["warmup_steps"] if group["beta_horizon"] == "warmup" else group["beta_horizon"]
         if horizon is None or s <= horizon:
             return group["beta"]
         return 1 - ((horizon - 1) / (s - 1)) ** group["beta_power"] * (1 - group["beta"])

@@ -42,7 +42,14 @@ The interpolation weight is ``beta`` or, with ``beta_horizon`` =
 gradient of step :math:`s` is taken at :math:`y = (1-\beta_s) z + \beta_s x`
 with :math:`\beta_s = \beta` for :math:`s \le T_0` and
 :math:`\beta_s = 1 - ((T_0 - 1)/(s - 1))^{\rho} (1 - \beta)` after
-(:math:`\rho` = ``beta_power``).
+(:math:`\rho` = ``beta_power``). ``beta_horizon="warmup"`` takes
+:math:`T_0` = ``warmup_steps``, as AMUSE does: the weight rises from the end
+of the learning-rate warmup, with no horizon to choose. The rise follows the
+averaging weights :math:`c_s = 1/s` of a run without warmup,
+:math:`(T_0 - 1)/(s - 1) = (c_s/(1-c_s)) / (c_{T_0}/(1-c_{T_0}))`. AMUSE
+starts below the constant default (:math:`\beta` from 0.4 to 0.8 and
+:math:`\rho` from 0.3 to 0.8 in its published runs): early gradients are taken
+near ``z``, later ones ever nearer ``x``.
 """
 
 from __future__ import annotations
@@ -272,9 +279,15 @@ def adamw_lr_of(group: Mapping[str, Any], defaults: Mapping[str, Any]) -> Any:
     return group.get("lr", defaults["lr"]) if adamw_lr is None else adamw_lr
 
 
+def beta_horizon_of(group: Mapping[str, Any]) -> int | None:
+    """:math:`T_0` of the group's rising interpolation weight: ``beta_horizon``, ``warmup_steps`` for ``"warmup"``."""
+    horizon = group["beta_horizon"]
+    return int(group["warmup_steps"]) if horizon == "warmup" else horizon
+
+
 def varying_beta(group: dict, step: int) -> float:
     """The interpolation weight of the ``y`` built by the 1-based ``step`` (module docstring)."""
-    beta, horizon = group["beta"], group["beta_horizon"]
+    beta, horizon = group["beta"], beta_horizon_of(group)
     s = step + 1  # that y is where the gradient of step s = step + 1 is taken
     if horizon is None or s <= horizon:
         return beta
@@ -491,7 +504,9 @@ class MuonScheduleFree(ScheduleFreeOptimizer):
         normuon: NorMuon's per-row normalization (default False).
         normuon_beta2: its second-moment decay in [0, 1) (default 0.95).
         beta_horizon: :math:`T_0 \ge 1`, after which the interpolation weight
-            rises towards 1 (AMUSE); None (default) keeps ``beta``.
+            rises towards 1 (AMUSE); ``"warmup"``: :math:`T_0` =
+            ``warmup_steps`` (then at least 1), AMUSE's choice; None (default)
+            keeps ``beta``.
         beta_power: :math:`\rho \ge 0` of that rise (default 1).
         adamw_lr: learning rate of the AdamW groups that set none (default
             None: ``lr``).
@@ -564,7 +579,7 @@ class MuonScheduleFree(ScheduleFreeOptimizer):
         adjust_lr_fn: str | None = "match_rms_adamw",
         normuon: bool = False,
         normuon_beta2: float = 0.95,
-        beta_horizon: int | None = None,
+        beta_horizon: int | str | None = None,
         beta_power: float = 1.0,
         adamw_lr: float | None = None,
         adamw_beta2: float = 0.999,
@@ -657,7 +672,15 @@ class MuonScheduleFree(ScheduleFreeOptimizer):
         adjusted_lr_ratio(group["adjust_lr_fn"], 1, 1)
         _validation.check_in_range("normuon_beta2", group["normuon_beta2"], 0.0, 1.0, low_open=False, high_open=True)
         horizon = group["beta_horizon"]
-        if horizon is not None:
+        if horizon == "warmup":
+            if group["warmup_steps"] < 1:
+                raise ValueError(
+                    f"Invalid beta_horizon: 'warmup' with warmup_steps={group['warmup_steps']!r} "
+                    "(the rise starts after warmup_steps >= 1; give beta_horizon as a number of steps)"
+                )
+        elif isinstance(horizon, str):
+            raise ValueError(f"Invalid beta_horizon: {horizon!r} (expected None, 'warmup' or a whole number >= 1)")
+        elif horizon is not None:
             _validation.check_steps("beta_horizon", horizon, 1)
         _validation.check_nonnegative("beta_power", group["beta_power"])
         if group["adamw_lr"] is not None:

@@ -48,7 +48,7 @@ __all__ = [
 
 #: Methods run when none are named (those whose optimizer is installed).
 DEFAULT_METHODS = ("sf-adamw", "adamw-cosine", "adamw-wsd", "muon-wsd", "prodigyplus", "sf-plus", "muon-sf",
-                   "muon-sf-rising-beta", "prodigy-sf", "prodigy-sf-algoperf")
+                   "muon-sf-rising-beta", "muon-sf-amuse", "prodigy-sf", "prodigy-sf-algoperf")
 
 
 @dataclass
@@ -203,9 +203,13 @@ def lm_methods(cfg: LMConfig, lrs=(0.004, 0.008, 0.016, 0.032), sf_lrs=(0.008, 0
     AdamW on the embeddings, head, norms and biases.  ``sf-adamw`` is one run
     per (beta1, lr) in ``sf_betas`` x ``sf_lrs``, one of them chosen for all
     stopping times.  The untuned schedule-free optimizers run with their
-    defaults.  Two variants: ``muon-sf-rising-beta`` is schedule-free Muon
+    defaults.  Three variants: ``muon-sf-rising-beta`` is schedule-free Muon
     with AMUSE's interpolation weight rising after step 200
-    (``beta_horizon=200``), the rest at its defaults; ``prodigy-sf-algoperf``
+    (``beta_horizon=200``), the rest at its defaults; ``muon-sf-amuse`` is
+    schedule-free Muon with AMUSE's weight as AMUSE sets it, starting lower
+    and rising from the end of the warmup (``beta=0.6, beta_horizon="warmup",
+    beta_power=0.3``: the beta of AMUSE's 124M-parameter language model, the
+    rho of its CIFAR-10 run), the rest at its defaults; ``prodigy-sf-algoperf``
     is schedule-free Prodigy in the AlgoPerf submission's form (averaging
     weights ``(k+1)**0.75``, ``betas=(0.9, 0.9955)``, no growth limit on
     ``d``, no update clip).  Three single runs compare how schedule-free
@@ -240,6 +244,10 @@ def lm_methods(cfg: LMConfig, lrs=(0.004, 0.008, 0.016, 0.032), sf_lrs=(0.008, 0
     def sf_muon_rising_beta(model, c):
         return sfoptim.MuonScheduleFree(hidden_matrices(model, _in_blocks), beta_horizon=c["beta_horizon"])
 
+    def sf_muon_amuse(model, c):
+        return sfoptim.MuonScheduleFree(hidden_matrices(model, _in_blocks), beta=c["beta"],
+                                        beta_horizon=c["beta_horizon"], beta_power=c["beta_power"])
+
     def sf_prodigy_algoperf(model, c):
         return sfoptim.ProdigyScheduleFree(model.parameters(), averaging="algoperf", betas=(0.9, 0.9955),
                                            d_growth=None, update_clip=None)
@@ -257,6 +265,8 @@ def lm_methods(cfg: LMConfig, lrs=(0.004, 0.008, 0.016, 0.032), sf_lrs=(0.008, 0
         *untuned_schedule_free_methods(_in_blocks),
         Method("muon-sf-rising-beta", "SF Muon, rising beta", sf_muon_rising_beta, grid(beta_horizon=(200,)),
                schedule_free=True),
+        Method("muon-sf-amuse", "SF Muon, AMUSE's rising beta", sf_muon_amuse,
+               grid(beta=(0.6,), beta_horizon=("warmup",), beta_power=(0.3,)), schedule_free=True),
         Method("prodigy-sf-algoperf", "SF Prodigy, AlgoPerf form", sf_prodigy_algoperf, schedule_free=True),
         Method("sf-adamw-fixed", "SF AdamW, float32 state", sf_adamw_precision("full"), fixed, schedule_free=True),
         Method("sf-adamw-bf16state", "SF AdamW, bfloat16 state", sf_adamw_precision("bf16"), fixed,

@@ -90,12 +90,12 @@ class Method:
 
 
 def _fmt(v: Any) -> str:
-    return "none" if v is None else f"{v:g}"
+    return "none" if v is None else v if isinstance(v, str) else f"{v:g}"
 
 
 def _sorted(values: set[Any]) -> list[Any]:
-    """Sorted, ``None`` (an option switched off) first."""
-    return sorted(values, key=lambda v: (v is not None, 0 if v is None else v))
+    """Sorted, ``None`` (an option switched off) first, then words (such as ``"warmup"``), then numbers."""
+    return sorted(values, key=lambda v: (0, "", 0) if v is None else (1, v, 0) if isinstance(v, str) else (2, "", v))
 
 
 def step_with_loss(opt: Any, loss: torch.Tensor, method: Method) -> None:
