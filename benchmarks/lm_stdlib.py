@@ -35,8 +35,9 @@ Methods (--methods; default: every one whose optimizer is installed):
                 schedule-free AdamW at beta1 0.9, lr 0.016 (one run each) with its
                 state in float32, in bfloat16 (state_precision="bf16") and in 8 bits
                 (state_precision="8bit"); not in the default set
-  muon-sf-tuned sfoptim.MuonScheduleFree over --grid (lr) x --muon-sf-horizons
-                (beta_horizon) x --muon-sf-weight-decays, the best run chosen for each stopping time
+  muon-sf-tuned sfoptim.MuonScheduleFree over --grid (lr) x --muon-sf-betas x --muon-sf-horizons
+                (beta_horizon) x --muon-sf-powers x --muon-sf-weight-decays, the best run chosen
+                for each stopping time
                 (a bound on tuning it; not run by default)
 
 The text is read from the running interpreter's standard library (the directory
@@ -121,6 +122,10 @@ def build_parser():
                         "(default: none 100 200 400)")
     p.add_argument("--muon-sf-weight-decays", type=float, nargs="+", default=[0.1],
                    help="muon-sf-tuned: weight decays, crossed with the above (default: 0.1, its default)")
+    p.add_argument("--muon-sf-betas", type=float, nargs="+", default=[0.9],
+                   help="muon-sf-tuned: interpolation weights beta, crossed with the above (default: 0.9, its default)")
+    p.add_argument("--muon-sf-powers", type=float, nargs="+", default=[1.0],
+                   help="muon-sf-tuned: beta_power values of the rise, crossed with the above (default: 1, its default)")
     p.add_argument("--methods", nargs="+", metavar="NAME",
                    help="methods to run (listed above; default: every one whose optimizer is installed)")
     p.add_argument("--heldout", type=int, default=d.heldout, help="held-out windows (default: %(default)s)")
@@ -139,7 +144,8 @@ def select_methods(a, cfg):
     installed ones of the default list; also returns the defaults left out and why."""
     table = lm_methods(cfg, lrs=tuple(a.grid), sf_lrs=tuple(a.sf_lr), sf_betas=tuple(a.sf_betas),
                        muon_sf_horizons=tuple(a.muon_sf_horizons),
-                       muon_sf_weight_decays=tuple(a.muon_sf_weight_decays))
+                       muon_sf_weight_decays=tuple(a.muon_sf_weight_decays),
+                       muon_sf_betas=tuple(a.muon_sf_betas), muon_sf_powers=tuple(a.muon_sf_powers))
     if a.methods is None:
         skipped = {n: table[n].available() for n in DEFAULT_METHODS if table[n].available() is not None}
         return [table[n] for n in DEFAULT_METHODS if n not in skipped], skipped

@@ -192,7 +192,7 @@ def _in_blocks(name: str, module: nn.Module) -> bool:
 
 def lm_methods(cfg: LMConfig, lrs=(0.004, 0.008, 0.016, 0.032), sf_lrs=(0.008, 0.016),
                sf_betas=(0.9, 0.98), muon_sf_horizons=(None, 100, 200, 400),
-               muon_sf_weight_decays=(0.1,)) -> dict[str, Method]:
+               muon_sf_weight_decays=(0.1,), muon_sf_betas=(0.9,), muon_sf_powers=(1.0,)) -> dict[str, Method]:
     """The benchmark's method table, by name.
 
     No weight decay anywhere, beta2 = ``cfg.beta2``, ``cfg.warmup`` warmup
@@ -217,8 +217,8 @@ def lm_methods(cfg: LMConfig, lrs=(0.004, 0.008, 0.016, 0.032), sf_lrs=(0.008, 0
     (beta1 0.9, lr 0.016): ``sf-adamw-fixed`` (float32 state, the parameters'
     dtype), ``sf-adamw-bf16state`` and ``sf-adamw-8bit``.
     ``muon-sf-tuned`` (not run by default) is
-    schedule-free Muon on the grid ``lrs`` x ``muon_sf_horizons`` (``beta_horizon``,
-    None: constant beta) x ``muon_sf_weight_decays``, the best run chosen separately for each stopping time
+    schedule-free Muon on the grid ``lrs`` x ``muon_sf_betas`` x ``muon_sf_horizons`` (``beta_horizon``,
+    None: constant beta) x ``muon_sf_powers`` (``beta_power``) x ``muon_sf_weight_decays``, the best run chosen separately for each stopping time
     as for the scheduled baselines: what tuning schedule-free Muon could give.
     """
     betas = (0.9, cfg.beta2)
@@ -253,8 +253,9 @@ def lm_methods(cfg: LMConfig, lrs=(0.004, 0.008, 0.016, 0.032), sf_lrs=(0.008, 0
                                            d_growth=None, update_clip=None)
 
     def sf_muon_tuned(model, c):
-        return sfoptim.MuonScheduleFree(hidden_matrices(model, _in_blocks), lr=c["lr"],
-                                        beta_horizon=c["beta_horizon"], weight_decay=c["weight_decay"])
+        return sfoptim.MuonScheduleFree(hidden_matrices(model, _in_blocks), lr=c["lr"], beta=c["beta"],
+                                        beta_horizon=c["beta_horizon"], beta_power=c["beta_power"],
+                                        weight_decay=c["weight_decay"])
 
     tuned = grid(lr=lrs)
     table = [
@@ -273,7 +274,8 @@ def lm_methods(cfg: LMConfig, lrs=(0.004, 0.008, 0.016, 0.032), sf_lrs=(0.008, 0
                schedule_free=True),
         Method("sf-adamw-8bit", "SF AdamW, 8-bit state", sf_adamw_precision("8bit"), fixed, schedule_free=True),
         Method("muon-sf-tuned", "SF Muon, tuned per stopping time", sf_muon_tuned,
-               grid(lr=lrs, beta_horizon=muon_sf_horizons, weight_decay=muon_sf_weight_decays), schedule_free=True, per_stopping_time=True),
+               grid(lr=lrs, beta=muon_sf_betas, beta_horizon=muon_sf_horizons,
+                    beta_power=muon_sf_powers, weight_decay=muon_sf_weight_decays), schedule_free=True, per_stopping_time=True),
     ]
     return {m.name: m for m in table}
 
