@@ -223,6 +223,21 @@ def test_8bit_stochastic_rounding_is_unbiased() -> None:
     assert (mean - s.double()).abs().mean() < 0.3 * (nearest - s.double()).abs().mean()
 
 
+def test_random_bits_are_uncorrelated_between_halves_and_between_nearby_elements() -> None:
+    """The rounding numbers of one step: z's half and v's half independent, no pattern along the tensor."""
+    steps, n = 256, 2048
+    r = torch.stack([lowbit.random_bits(t, lowbit.STREAM_Z, 3, 4096, n, torch.device("cpu")) for t in range(steps)])
+    hi, lo = (r >> 16).double(), (r & 0xFFFF).double()
+    for half in (hi, lo):
+        assert abs(half.mean().item() / 65535 - 0.5) < 0.01
+        centred = half - half.mean(1, keepdim=True)
+        for lag in range(1, 17):
+            corr = (centred[:, :-lag] * centred[:, lag:]).mean() / centred.var()
+            assert abs(corr.item()) < 0.02, lag  # a single multiply leaves up to 0.45
+    pooled = ((hi - hi.mean()) * (lo - lo.mean())).mean() / (hi.std() * lo.std())
+    assert abs(pooled.item()) < 0.01
+
+
 def test_8bit_stochastic_rounding_is_unbiased_on_the_subnormal_codes() -> None:
     """Below 2^-14 of the block scale the codes have a fixed gap of 2^-18; the rounding is unbiased there too."""
     s = torch.cat([torch.tensor([1.0]), torch.linspace(0.0, 2.0**-14, 511)])  # one block, E = 0: q = s

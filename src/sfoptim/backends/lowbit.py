@@ -102,11 +102,9 @@ def _key(seed: int, stream: int, tensor: int, start: int) -> tuple[int, int]:
 
 
 def _mix32(x: Tensor) -> Tensor:
+    x = (x * 0x9E3779B1) & _M32
     x = x ^ (x >> 16)
-    x = (x * 0x21F0AAAD) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x735A2D97) & _M32
-    return x ^ (x >> 15)
+    return (x * 0x85EBCA6B) & _M32
 
 
 def random_bits(seed: int, stream: int, tensor: int, start: int, n: int, device: torch.device) -> Tensor:
@@ -114,9 +112,9 @@ def random_bits(seed: int, stream: int, tensor: int, start: int, n: int, device:
 
     ``start`` and ``start + n`` must lie in one span of 2^32 elements.
     """
-    a, b = _key(seed, stream, tensor, start)
+    a = _key(seed, stream, tensor, start)[0]
     index = torch.arange(start & _M32, (start & _M32) + n, dtype=torch.int64, device=device)
-    return (_mix32(index ^ a) + b) & _M32
+    return _mix32(index ^ a)
 
 
 # --------------------------------------------------------------------- formats
@@ -179,7 +177,7 @@ def encode_sqrt(s: Tensor, rnd: Tensor | None) -> tuple[Tensor, Tensor]:
     # same formula; they are the larger (as signed integers) exactly there (and for q = -0).
     plain = q.view(torch.int32).to(torch.int64)
     lifted = (q + 2.0**-14).view(torch.int32).to(torch.int64) - (1 << 23)
-    code = (((torch.maximum(plain, lifted) + r) >> 19) - 1792).clamp(max=255)
+    code = ((torch.maximum(plain, lifted) + r) >> 19) - 1792  # at most 255, as q <= 1.9375
     return code.to(torch.uint8), e.to(torch.int8)
 
 
