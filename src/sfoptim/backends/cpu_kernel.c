@@ -728,13 +728,13 @@ static sf_lb_consts sf_lb_consts_of(const sf_scalars *s) {
 #define SF_LOWBIT_ENTRY(NAME, F, S)                                                                      \
     static inline __attribute__((always_inline)) void sf_lowbit_block_##NAME(                           \
         S *restrict y, const S *restrict g, sf_bf16 *restrict z, void *restrict vp, int8_t *restrict ex, \
-        int64_t len, const sf_lb_consts *restrict k, const int mode, const int vformat, const int rounding,         \
+        int64_t len, const sf_lb_consts *restrict k, const int mode, const int vformat, const int upper, const int rounding, \
         const sf_key *keys, uint32_t at) {                                                               \
         float yb[SF_LB_BLOCK], zb[SF_LB_BLOCK], vb[SF_LB_BLOCK];                                        \
         const float lr = k->lr, wd = k->wd, ystep = k->ystep, b2 = k->b2, omb2 = k->omb2;                \
         const float rsbc2 = k->rsbc2, eps = k->eps;                                                      \
-        /* torch's two-sided lerp as base + diff * w: z - diff (1-c) or y + diff c (negating is exact). */ \
-        const int upper = k->upper;                                                                     \
+        /* torch's two-sided lerp as base + diff * w: z - diff (1-c) or y + diff c (negating is exact);  \
+         * `upper` (c >= 0.5) is a constant at each call, so the loop has no select for it. */           \
         const float w = upper ? -k->omc : k->c;                                                          \
         const int sr = rounding & 1, ysr = (rounding & 2) && SF_NARROW_##F;                             \
         const float scale = vformat == SF_LB_8BIT ? sf_pow2(ex[0]) : 1.0f;                              \
@@ -758,7 +758,7 @@ static sf_lb_consts sf_lb_consts_of(const sf_scalars *s) {
             float d = mode == SF_ADAM ? gi / (si * rsbc2 + eps) : gi;                                   \
             d = d + wd * yi;                                                                            \
             const float diff = zi - yi;                                                                 \
-            const float lerped = SF_PICK_float(upper, zi, yi) + diff * w;                                \
+            const float lerped = (upper ? zi : yi) + diff * w;                                           \
             const float yn = lerped + ystep * d;                                                        \
             y[i] = SF_NEAR_##F(yn);                                                                     \
             if (SF_NARROW_##F) yb[i] = yn;                                                              \
@@ -820,24 +820,31 @@ static sf_lb_consts sf_lb_consts_of(const sf_scalars *s) {
             for (int64_t b = 0; b < len; b += SF_LB_BLOCK) {                                             \
                 const int64_t at = o + b, bl = len - b < SF_LB_BLOCK ? len - b : SF_LB_BLOCK;            \
                 int8_t *eb = vformat == SF_LB_8BIT ? ex[i] + at / SF_LB_BLOCK : 0;                       \
-                /* Constant family and format at each call, so each inlined copy is one vector loop. */  \
+                /* Constant family, format and lerp side at each call, so each inlined copy is one vector loop. */ \
                 if (mode == SF_SGD_V && vformat == SF_LB_BF16)                                           \
-                    SF_LB_CALL(NAME, SF_SGD_V, SF_LB_BF16);                                              \
+                    SF_LB_CALLS(NAME, SF_SGD_V, SF_LB_BF16);                                             \
                 else if (mode == SF_SGD_V)                                                               \
-                    SF_LB_CALL(NAME, SF_SGD_V, SF_LB_8BIT);                                              \
+                    SF_LB_CALLS(NAME, SF_SGD_V, SF_LB_8BIT);                                             \
                 else if (vformat == SF_LB_BF16)                                                          \
-                    SF_LB_CALL(NAME, SF_ADAM, SF_LB_BF16);                                               \
+                    SF_LB_CALLS(NAME, SF_ADAM, SF_LB_BF16);                                              \
                 else                                                                                     \
-                    SF_LB_CALL(NAME, SF_ADAM, SF_LB_8BIT);                                               \
+                    SF_LB_CALLS(NAME, SF_ADAM, SF_LB_8BIT);                                              \
             }                                                                                            \
         }                                                                                                \
         free(chunks);                                                                                    \
         return 0;                                                                                        \
     }
 
-#define SF_LB_CALL(NAME, MODE, FMT)                                                                     \
-    sf_lowbit_block_##NAME(y[i] + at, g[i] + at, z[i] + at, vbase + at * vsize, eb, bl, &kc, MODE, FMT, rounding, \
-                           keys, (uint32_t)at)
+#define SF_LB_CALL(NAME, MODE, FMT, UPPER)                                                              \
+    sf_lowbit_block_##NAME(y[i] + at, g[i] + at, z[i] + at, vbase + at * vsize, eb, bl, &kc, MODE, FMT, UPPER, \
+                           rounding, keys, (uint32_t)at)
+#define SF_LB_CALLS(NAME, MODE, FMT)                                                                    \
+    do {                                                                                                \
+        if (kc.upper)                                                                                   \
+            SF_LB_CALL(NAME, MODE, FMT, 1);                                                             \
+        else                                                                                            \
+            SF_LB_CALL(NAME, MODE, FMT, 0);                                                             \
+    } while (0)
 #define SF_NARROW_float 0
 #define SF_NARROW_bf16 1
 #define SF_NARROW_f16 1
