@@ -651,7 +651,7 @@ SF_SUMS_ENTRY(float16, f16, sf_f16)
 /* 1.9375 * 2^64: larger square roots (whose square overflows float) and NaN are coded as this. */
 #define SF_LB_SMAX 35740566642812256256.0f
 
-/* Multiply, xorshift, multiply: x = (index ^ a) * odd, x ^= x >> 16, x * odd.
+/* Multiply, xorshift, multiply: x = (index + a) * odd, x ^= x >> 16, x * odd.
  * The key a is new at every step (it hashes the step's seed), so for each
  * element x is uniform over 32 bits from step to step, its high half (for z)
  * and low half (for v) independent of each other; the second multiply
@@ -659,7 +659,7 @@ SF_SUMS_ENTRY(float16, f16, sf_f16)
  * step (one multiply alone leaves correlations of up to 0.45 at lags of
  * 1 to 16 elements). Half the multiplies and a third of the shifts of sf_random. */
 static inline uint32_t sf_lb_random(sf_key k, uint32_t index) {
-    uint32_t x = (index ^ k.a) * 0x9e3779b1u;
+    uint32_t x = (index + k.a) * 0x9e3779b1u;
     x ^= x >> 16;
     return x * 0x85ebca6bu;
 }

@@ -114,7 +114,7 @@ def random_bits(seed: int, stream: int, tensor: int, start: int, n: int, device:
     """
     a = _key(seed, stream, tensor, start)[0]
     index = torch.arange(start & _M32, (start & _M32) + n, dtype=torch.int64, device=device)
-    return _mix32(index ^ a)
+    return _mix32((index + a) & _M32)
 
 
 # --------------------------------------------------------------------- formats
