@@ -76,6 +76,7 @@ def kernel_cases(draw: Any) -> dict:
         sizes=sizes,
         kind=draw(st.sampled_from([Kind.ADAM, Kind.SGD_V])),
         ckp1=draw(st.sampled_from([0.0, 0.3, 0.5, 0.9, 1.0])),
+        wd=draw(st.sampled_from([0.0, 0.01])),
         seed=draw(st.one_of(st.none(), st.integers(0, 2**64 - 1))),
         data=draw(st.integers(0, 1000)),
     )
@@ -85,7 +86,7 @@ def check_kernel_case(case: dict) -> None:
     """The kernel and the torch step give the same bits for the same seed (and the kernel takes the call)."""
     a = make_bucket(case["fmt"], case["dtype"], case["sizes"], case["data"])
     b = clone_bucket(a)
-    sc = scalars(ckp1=case["ckp1"])
+    sc = scalars(ckp1=case["ckp1"], wd=case["wd"])
     assert cpu_kernel.lowbit_step(*a, case["kind"], sc, case["seed"])
     lowbit.step(*b, case["kind"], sc, case["seed"])
     assert_same_bits(a, b)
@@ -114,12 +115,26 @@ def test_kernel_and_torch_step_agree_on_blocks_that_span_the_subnormal_codes(dty
         v[torch.rand(n, generator=gen) < 0.05] = 0.0
         a[3][i], a[4][i] = lowbit.encode_sqrt(v.sqrt(), None)
     b = clone_bucket(a)
-    for kind in (Kind.ADAM, Kind.SGD_V):
-        assert cpu_kernel.lowbit_step(*a, kind, scalars(), seed)
-        lowbit.step(*b, kind, scalars(), seed)
+    for kind, wd in ((Kind.ADAM, 0.01), (Kind.SGD_V, 0.01), (Kind.ADAM, 0.0), (Kind.SGD_V, 0.0)):
+        assert cpu_kernel.lowbit_step(*a, kind, scalars(wd=wd), seed)
+        lowbit.step(*b, kind, scalars(wd=wd), seed)
         assert_same_bits(a, b)
     subnormal = sum(int(((c > 0) & (c < 16)).sum()) for c in a[3])
     assert subnormal > 1000
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", ["bf16", "8bit"])
+def test_without_decay_d_has_no_decay_term(fmt: str) -> None:
+    """With wd = 0 neither step adds 0 * y to d: an infinite y leaves z finite (0 * inf would be NaN)."""
+    a = make_bucket(fmt, torch.float32, [1000], seed=4)
+    a[0][0][:10] = float("inf")
+    b = clone_bucket(a)
+    for kind in (Kind.ADAM, Kind.SGD_V):
+        assert cpu_kernel.lowbit_step(*a, kind, scalars(wd=0.0), 7)
+        lowbit.step(*b, kind, scalars(wd=0.0), 7)
+        assert_same_bits(a, b)
+        assert torch.isfinite(a[2][0].float()).all()
 
 
 @needs_kernel

@@ -631,7 +631,7 @@ SF_SUMS_ENTRY(float16, f16, sf_f16)
  *
  * Per element, in float:
  *   v' = beta2 v + (1-beta2) g^2;  s = sqrt(v')
- *   d  = g / (s * (1/sqrt(bc2)) + eps) + wd*y     (SF_SGD_V: g + wd*y)
+ *   d  = g / (s * (1/sqrt(bc2)) + eps) + wd*y     (SF_SGD_V: g + wd*y; no term with wd = 0)
  *   y <- lerp(y, z, c) + lr*(beta*(1-c) - 1)*d;  z <- z - lr*d
  * z and v' are rounded stochastically (bit 0 of `rounding`; to nearest
  * without), y to nearest or, for 16-bit parameters with bit 1, stochastically.
@@ -707,7 +707,7 @@ static inline int32_t sf_lb_exponent(float mx) {
  * stores of codes, bytes, may alias anything, so they would not be hoisted). */
 typedef struct {
     float c, lr, wd, ystep, b2, omb2, rsbc2, eps, omc;
-    int upper;
+    int upper, decay;
 } sf_lb_consts;
 
 static sf_lb_consts sf_lb_consts_of(const sf_scalars *s) {
@@ -722,19 +722,21 @@ static sf_lb_consts sf_lb_consts_of(const sf_scalars *s) {
     k.eps = (float)s[SF_EPS];
     k.omc = (float)(1.0 - s[SF_CKP1]);
     k.upper = s[SF_CKP1] >= 0.5;
+    k.decay = s[SF_WD] != 0.0;
     return k;
 }
 
 #define SF_LOWBIT_ENTRY(NAME, F, S)                                                                      \
     static inline __attribute__((always_inline)) void sf_lowbit_block_##NAME(                           \
         S *restrict y, const S *restrict g, sf_bf16 *restrict z, void *restrict vp, int8_t *restrict ex, \
-        int64_t len, const sf_lb_consts *restrict k, const int mode, const int vformat, const int upper, const int rounding, \
-        const sf_key *keys, uint32_t at) {                                                               \
+        int64_t len, const sf_lb_consts *restrict k, const int mode, const int vformat, const int upper, \
+        const int decay, const int rounding, const sf_key *keys, uint32_t at) {                          \
         float yb[SF_LB_BLOCK], zb[SF_LB_BLOCK], vb[SF_LB_BLOCK];                                        \
         const float lr = k->lr, wd = k->wd, ystep = k->ystep, b2 = k->b2, omb2 = k->omb2;                \
         const float rsbc2 = k->rsbc2, eps = k->eps;                                                      \
-        /* torch's two-sided lerp as base + diff * w: z - diff (1-c) or y + diff c (negating is exact);  \
-         * `upper` (c >= 0.5) is a constant at each call, so the loop has no select for it. */           \
+        /* torch's two-sided lerp as base + diff * w: z - diff (1-c) or y + diff c (negating is exact).  \
+         * `upper` (c >= 0.5) and `decay` (wd != 0; without it d is left as it is) are constants where   \
+         * ADAM calls this, so its loops select nothing for them; SGD_V (RAdam's first steps) selects. */ \
         const float w = upper ? -k->omc : k->c;                                                          \
         const int sr = rounding & 1, ysr = (rounding & 2) && SF_NARROW_##F;                             \
         const float scale = vformat == SF_LB_8BIT ? sf_pow2(ex[0]) : 1.0f;                              \
@@ -763,9 +765,9 @@ static sf_lb_consts sf_lb_consts_of(const sf_scalars *s) {
             }                                                                                            \
             const float vi = b2 * vo + omb2 * gi * gi, si = sqrtf(vi);                                  \
             float d = mode == SF_ADAM ? gi / (si * rsbc2 + eps) : gi;                                   \
-            d = d + wd * yi;                                                                            \
+            d = SF_PICK_float(decay, d + wd * yi, d);                                                    \
             const float diff = zi - yi;                                                                 \
-            const float lerped = (upper ? zi : yi) + diff * w;                                           \
+            const float lerped = SF_PICK_float(upper, zi, yi) + diff * w;                                \
             const float yn = lerped + ystep * d;                                                        \
             y[i] = SF_NEAR_##F(yn);                                                                     \
             if (SF_NARROW_##F) yb[i] = yn;                                                              \
@@ -791,7 +793,7 @@ static sf_lb_consts sf_lb_consts_of(const sf_scalars *s) {
         if (sr) {                                                                                        \
             const sf_key kz = keys[SF_STREAM_Z];                                                         \
             _Pragma("omp simd")                                                                          \
-            for (int i = 0; i < n; i++) {                                                          \
+            for (int i = 0; i < n; i++) {                                                                \
                 const uint32_t r = sf_lb_random(kz, at + (uint32_t)i);                                   \
                 z[i] = sf_lb_bf16_stochastic(zb[i], r);                                                  \
                 if (vformat == SF_LB_BF16)                                                               \
@@ -801,7 +803,7 @@ static sf_lb_consts sf_lb_consts_of(const sf_scalars *s) {
             }                                                                                            \
         } else {                                                                                         \
             _Pragma("omp simd")                                                                          \
-            for (int i = 0; i < n; i++) {                                                          \
+            for (int i = 0; i < n; i++) {                                                                \
                 z[i] = sf_bf16_nearest(zb[i]);                                                           \
                 if (vformat == SF_LB_BF16)                                                               \
                     vw16[i] = sf_bf16_nearest(vb[i]);                                                    \
@@ -827,11 +829,12 @@ static sf_lb_consts sf_lb_consts_of(const sf_scalars *s) {
             for (int64_t b = 0; b < len; b += SF_LB_BLOCK) {                                             \
                 const int64_t at = o + b, bl = len - b < SF_LB_BLOCK ? len - b : SF_LB_BLOCK;            \
                 int8_t *eb = vformat == SF_LB_8BIT ? ex[i] + at / SF_LB_BLOCK : 0;                       \
-                /* Constant family, format and lerp side at each call, so each inlined copy is one vector loop. */ \
+                /* Constant family and format (and for ADAM lerp side and decay) at each call: each inlined \
+                 * copy is one vector loop. */                                                           \
                 if (mode == SF_SGD_V && vformat == SF_LB_BF16)                                           \
-                    SF_LB_CALLS(NAME, SF_SGD_V, SF_LB_BF16);                                             \
+                    SF_LB_CALL(NAME, SF_SGD_V, SF_LB_BF16, kc.upper, kc.decay);                          \
                 else if (mode == SF_SGD_V)                                                               \
-                    SF_LB_CALLS(NAME, SF_SGD_V, SF_LB_8BIT);                                             \
+                    SF_LB_CALL(NAME, SF_SGD_V, SF_LB_8BIT, kc.upper, kc.decay);                          \
                 else if (vformat == SF_LB_BF16)                                                          \
                     SF_LB_CALLS(NAME, SF_ADAM, SF_LB_BF16);                                              \
                 else                                                                                     \
@@ -842,15 +845,19 @@ static sf_lb_consts sf_lb_consts_of(const sf_scalars *s) {
         return 0;                                                                                        \
     }
 
-#define SF_LB_CALL(NAME, MODE, FMT, UPPER)                                                              \
+#define SF_LB_CALL(NAME, MODE, FMT, UPPER, DECAY)                                                       \
     sf_lowbit_block_##NAME(y[i] + at, g[i] + at, z[i] + at, vbase + at * vsize, eb, bl, &kc, MODE, FMT, UPPER, \
-                           rounding, keys, (uint32_t)at)
+                           DECAY, rounding, keys, (uint32_t)at)
 #define SF_LB_CALLS(NAME, MODE, FMT)                                                                    \
     do {                                                                                                 \
-        if (kc.upper)                                                                                   \
-            SF_LB_CALL(NAME, MODE, FMT, 1);                                                             \
+        if (kc.upper && kc.decay)                                                                       \
+            SF_LB_CALL(NAME, MODE, FMT, 1, 1);                                                          \
+        else if (kc.upper)                                                                              \
+            SF_LB_CALL(NAME, MODE, FMT, 1, 0);                                                          \
+        else if (kc.decay)                                                                              \
+            SF_LB_CALL(NAME, MODE, FMT, 0, 1);                                                          \
         else                                                                                            \
-            SF_LB_CALL(NAME, MODE, FMT, 0);                                                             \
+            SF_LB_CALL(NAME, MODE, FMT, 0, 0);                                                          \
     } while (0)
 #define SF_NARROW_float 0
 #define SF_NARROW_bf16 1

@@ -210,7 +210,8 @@ def step(
     Per element, computed in float32 (float64 for float64 parameters):
 
     :math:`v' = \beta_2 \hat v + (1-\beta_2) g^2`,
-    :math:`d = g / (\sqrt{v'} \cdot bc_2^{-1/2} + \epsilon) + \lambda y` (``SGD_V``: :math:`g + \lambda y`),
+    :math:`d = g / (\sqrt{v'} \cdot bc_2^{-1/2} + \epsilon) + \lambda y` (``SGD_V``: :math:`g + \lambda y`;
+    no decay term when :math:`\lambda = 0`),
     :math:`y \leftarrow \operatorname{lerp}(y, z, c) + \gamma(\beta(1-c)-1) d`,
     :math:`z \leftarrow z - \gamma d`;
 
@@ -264,7 +265,8 @@ def _step_slice(
         d = gi / (root * (1.0 / math.sqrt(s["bc2"])) + s["eps"])
     else:
         d = gi
-    d = d + yi * s["wd"]
+    if s["wd"] != 0:
+        d = d + yi * s["wd"]
     c = s["ckp1"]
     diff = zi - yi
     lerped = zi - diff * (1.0 - c) if c >= 0.5 else yi + diff * c
