@@ -819,9 +819,19 @@ static sf_lb_consts sf_lb_consts_of(const sf_scalars *s) {
         sf_chunk *chunks = make_chunks(n, sizes, &count, &nthreads);                                     \
         if (!chunks) return -1;                                                                          \
         const sf_lb_consts kc = sf_lb_consts_of(s);                                                      \
-        _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)")              \
+        int64_t total = 0;                                                                               \
+        for (int64_t k = 0; k < count; k++) total += chunks[k].len;                                      \
+        /* Each thread takes the chunks that start in its equal share of the elements, not an equal      \
+         * number of chunks (a tensor's last chunk is shorter: 13 vectors of 8192 would otherwise all    \
+         * fall to one thread). */                                                                       \
+        _Pragma("omp parallel num_threads(nthreads) if(nthreads > 1)")                                   \
+        {                                                                                                \
+        const int64_t parts = omp_get_num_threads(), part = omp_get_thread_num();                        \
+        int64_t next = 0;                                                                                \
         for (int64_t k = 0; k < count; k++) {                                                            \
-            const int64_t i = chunks[k].idx, o = chunks[k].start, len = chunks[k].len;                   \
+            const int64_t i = chunks[k].idx, o = chunks[k].start, len = chunks[k].len, first = next;     \
+            next += len;                                                                                 \
+            if (first * parts / total != part) continue;                                                 \
             sf_key keys[SF_STREAMS];                                                                     \
             for (int st = 0; st < SF_STREAMS; st++) keys[st] = sf_key_for(seed, st, i, o);               \
             const int64_t vsize = vformat == SF_LB_BF16 ? 2 : 1;                                         \
@@ -840,6 +850,7 @@ static sf_lb_consts sf_lb_consts_of(const sf_scalars *s) {
                 else                                                                                     \
                     SF_LB_CALLS(NAME, SF_ADAM, SF_LB_8BIT);                                              \
             }                                                                                            \
+        }                                                                                                \
         }                                                                                                \
         free(chunks);                                                                                    \
         return 0;                                                                                        \
