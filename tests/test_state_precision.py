@@ -102,7 +102,9 @@ def test_kernel_and_torch_step_agree_bit_for_bit(case: dict) -> None:
 @needs_kernel
 @pytest.mark.parametrize("dtype", PARAM_DTYPES)
 @pytest.mark.parametrize("seed", [None, 2**64 - 5])
-def test_kernel_and_torch_step_agree_on_blocks_that_span_the_subnormal_codes(dtype: torch.dtype, seed: int | None) -> None:
+def test_kernel_and_torch_step_agree_on_blocks_that_span_the_subnormal_codes(
+    dtype: torch.dtype, seed: int | None
+) -> None:
     """Gradients and second moments over many orders of magnitude within each block, and zeros."""
     gen = torch.Generator().manual_seed(3)
     a = make_bucket("8bit", dtype, [5000, 16_384 + 700], seed=3)
