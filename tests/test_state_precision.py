@@ -76,6 +76,7 @@ def kernel_cases(draw: Any) -> dict:
         sizes=sizes,
         kind=draw(st.sampled_from([Kind.ADAM, Kind.SGD_V])),
         ckp1=draw(st.sampled_from([0.0, 0.3, 0.5, 0.9, 1.0])),
+        wd=draw(st.sampled_from([0.0, 0.01])),
         seed=draw(st.one_of(st.none(), st.integers(0, 2**64 - 1))),
         data=draw(st.integers(0, 1000)),
     )
@@ -85,7 +86,7 @@ def check_kernel_case(case: dict) -> None:
     """The kernel and the torch step give the same bits for the same seed (and the kernel takes the call)."""
     a = make_bucket(case["fmt"], case["dtype"], case["sizes"], case["data"])
     b = clone_bucket(a)
-    sc = scalars(ckp1=case["ckp1"])
+    sc = scalars(ckp1=case["ckp1"], wd=case["wd"])
     assert cpu_kernel.lowbit_step(*a, case["kind"], sc, case["seed"])
     lowbit.step(*b, case["kind"], sc, case["seed"])
     assert_same_bits(a, b)
@@ -96,6 +97,46 @@ def check_kernel_case(case: dict) -> None:
 @given(case=kernel_cases())
 def test_kernel_and_torch_step_agree_bit_for_bit(case: dict) -> None:
     check_kernel_case(case)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", PARAM_DTYPES)
+@pytest.mark.parametrize("seed", [None, 2**64 - 5])
+def test_kernel_and_torch_step_agree_on_blocks_that_span_the_subnormal_codes(
+    dtype: torch.dtype, seed: int | None
+) -> None:
+    """Gradients and second moments over many orders of magnitude within each block, and zeros."""
+    gen = torch.Generator().manual_seed(3)
+    a = make_bucket("8bit", dtype, [5000, 16_384 + 700], seed=3)
+    for i, g in enumerate(a[1]):
+        n = g.numel()
+        wide = torch.randn(n, generator=gen) * 10.0 ** (-12 * torch.rand(n, generator=gen))
+        wide[torch.rand(n, generator=gen) < 0.05] = 0.0
+        g.copy_(wide)
+        v = torch.rand(n, generator=gen) * 10.0 ** (-24 * torch.rand(n, generator=gen))
+        v[torch.rand(n, generator=gen) < 0.05] = 0.0
+        a[3][i], a[4][i] = lowbit.encode_sqrt(v.sqrt(), None)
+    b = clone_bucket(a)
+    for kind, wd in ((Kind.ADAM, 0.01), (Kind.SGD_V, 0.01), (Kind.ADAM, 0.0), (Kind.SGD_V, 0.0)):
+        assert cpu_kernel.lowbit_step(*a, kind, scalars(wd=wd), seed)
+        lowbit.step(*b, kind, scalars(wd=wd), seed)
+        assert_same_bits(a, b)
+    subnormal = sum(int(((c > 0) & (c < 16)).sum()) for c in a[3])
+    assert subnormal > 1000
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", ["bf16", "8bit"])
+def test_without_decay_d_has_no_decay_term(fmt: str) -> None:
+    """With wd = 0 neither step adds 0 * y to d: an infinite y leaves z finite (0 * inf would be NaN)."""
+    a = make_bucket(fmt, torch.float32, [1000], seed=4)
+    a[0][0][:10] = float("inf")
+    b = clone_bucket(a)
+    for kind in (Kind.ADAM, Kind.SGD_V):
+        assert cpu_kernel.lowbit_step(*a, kind, scalars(wd=0.0), 7)
+        lowbit.step(*b, kind, scalars(wd=0.0), 7)
+        assert_same_bits(a, b)
+        assert torch.isfinite(a[2][0].float()).all()
 
 
 @needs_kernel
@@ -197,6 +238,37 @@ def test_8bit_stochastic_rounding_is_unbiased() -> None:
     assert ((mean - s.double()).abs() <= 4 * (s.double() / 8) / math.sqrt(draws) * 0.5 + 1e-7).all()
     nearest = lowbit.decode_sqrt(*lowbit.encode_sqrt(s, None)).double()
     assert (mean - s.double()).abs().mean() < 0.3 * (nearest - s.double()).abs().mean()
+
+
+def test_random_bits_are_uncorrelated_between_halves_and_between_nearby_elements() -> None:
+    """The rounding numbers of one step: z's half and v's half independent, no pattern along the tensor."""
+    steps, n = 256, 2048
+    r = torch.stack([lowbit.random_bits(t, lowbit.STREAM_Z, 3, 4096, n, torch.device("cpu")) for t in range(steps)])
+    hi, lo = (r >> 16).double(), (r & 0xFFFF).double()
+    for half in (hi, lo):
+        assert abs(half.mean().item() / 65535 - 0.5) < 0.01
+        centred = half - half.mean(1, keepdim=True)
+        for lag in range(1, 17):
+            corr = (centred[:, :-lag] * centred[:, lag:]).mean() / centred.var()
+            assert abs(corr.item()) < 0.02, lag  # a single multiply leaves up to 0.45
+    pooled = ((hi - hi.mean()) * (lo - lo.mean())).mean() / (hi.std() * lo.std())
+    assert abs(pooled.item()) < 0.01
+
+
+def test_8bit_stochastic_rounding_is_unbiased_on_the_subnormal_codes() -> None:
+    """Below 2^-14 of the block scale the codes have a fixed gap of 2^-18; the rounding is unbiased there too."""
+    s = torch.cat([torch.tensor([1.0]), torch.linspace(0.0, 2.0**-14, 511)])  # one block, E = 0: q = s
+    total = torch.zeros(512, dtype=torch.float64)
+    draws = 400
+    for k in range(draws):
+        code, e = lowbit.encode_sqrt(s, lowbit.random_bits(k, lowbit.STREAM_V, 0, 0, s.numel(), s.device))
+        assert e.tolist() == [0] and (code[1:] <= 16).all()
+        total += lowbit.decode_sqrt(code, e).double()
+    err = (total / draws - s.double())[1:]
+    # Half a gap of standard deviation at most; 4 sigma of the mean of 400 draws.
+    assert (err.abs() <= 4 * 0.5 * 2.0**-18 / math.sqrt(draws)).all()
+    nearest = lowbit.decode_sqrt(*lowbit.encode_sqrt(s, None)).double()
+    assert err.abs().mean() < 0.3 * (nearest - s.double())[1:].abs().mean()
 
 
 @needs_kernel

@@ -631,7 +631,7 @@ SF_SUMS_ENTRY(float16, f16, sf_f16)
  *
  * Per element, in float:
  *   v' = beta2 v + (1-beta2) g^2;  s = sqrt(v')
- *   d  = g / (s * (1/sqrt(bc2)) + eps) + wd*y     (SF_SGD_V: g + wd*y)
+ *   d  = g / (s * (1/sqrt(bc2)) + eps) + wd*y     (SF_SGD_V: g + wd*y; no term with wd = 0)
  *   y <- lerp(y, z, c) + lr*(beta*(1-c) - 1)*d;  z <- z - lr*d
  * z and v' are rounded stochastically (bit 0 of `rounding`; to nearest
  * without), y to nearest or, for 16-bit parameters with bit 1, stochastically.
@@ -651,27 +651,50 @@ SF_SUMS_ENTRY(float16, f16, sf_f16)
 /* 1.9375 * 2^64: larger square roots (whose square overflows float) and NaN are coded as this. */
 #define SF_LB_SMAX 35740566642812256256.0f
 
-/* One round of the hash per element (sf_random takes two): a bijection of the
- * element index for each key, plenty for rounding, half the multiplies. */
-static inline uint32_t sf_lb_random(sf_key k, uint32_t index) { return sf_mix32(index ^ k.a) + k.b; }
+/* Multiply, xorshift, multiply: x = (index + a) * odd, x ^= x >> 16, x * odd.
+ * The key a is new at every step (it hashes the step's seed), so for each
+ * element x is uniform over 32 bits from step to step, its high half (for z)
+ * and low half (for v) independent of each other; the second multiply
+ * leaves no correlation between the numbers of nearby elements within a
+ * step (one multiply alone leaves correlations of up to 0.45 at lags of
+ * 1 to 16 elements). Half the multiplies and a third of the shifts of sf_random. */
+static inline uint32_t sf_lb_random(sf_key k, uint32_t index) {
+    uint32_t x = (index + k.a) * 0x9e3779b1u;
+    x ^= x >> 16;
+    return x * 0x85ebca6bu;
+}
+
+/* sf_bf16_stochastic, with NaN replaced before the shift (the same bits). */
+static inline sf_bf16 sf_lb_bf16_stochastic(float f, uint32_t rnd) {
+    const uint32_t sum = sf_to_bits(f) + (rnd >> 16);
+    return (sf_bf16)(sf_select(f != f, 0x7fc00000u, sum) >> 16);
+}
 
 static inline float sf_pow2(int32_t e) { return sf_from_bits((uint32_t)(e + 127) << 23); }
 
-static inline float sf_lb_decode(uint8_t c) {
-    const float normal = sf_from_bits(((uint32_t)c + 1792u) << 19);
-    const float sub = (float)c * 3.814697265625e-06f; /* 2^-18 */
-    return SF_PICK_float(c >= 16, normal, sub);
+/* q of a code c (widened to 32 bits), with no branch and no select: t = c 2^19
+ * in the bits of a float with the exponent moved by 112 is q for a normal
+ * code (c >= 16) and (16 + c) 2^-19 > q = c 2^-18 for a subnormal one; with
+ * the exponent moved by 113, less 2^-14, it is exactly q = c 2^-18 for a
+ * subnormal code and 2q - 2^-14 >= q for a normal one. q is the smaller. */
+static inline float sf_lb_decode(uint32_t c) {
+    const uint32_t t = c << 19;
+    const int32_t normal = (int32_t)(t + (112u << 23));
+    const int32_t sub = (int32_t)sf_to_bits(sf_from_bits(t + (113u << 23)) - 6.103515625e-05f);
+    return sf_from_bits((uint32_t)(normal < sub ? normal : sub));
 }
 
-static inline uint8_t sf_lb_encode(float q, uint32_t r) {
-    const uint32_t u = sf_to_bits(q);
-    uint32_t normal = ((u + (r >> 13)) >> 19) - 1792u;
-    normal = normal > 255u ? 255u : normal;
-    const float t = q * 262144.0f;
-    const int32_t whole = (int32_t)t;
-    const int32_t frac = (int32_t)((t - (float)whole) * 16777216.0f);
-    const uint32_t sub = (uint32_t)whole + (uint32_t)(frac > (int32_t)(r >> 8));
-    return (uint8_t)sf_select(u >= (113u << 23), normal, sub);
+/* The code of q in [0, 1.9375] rounded up with probability r / 2^19 of the gap
+ * (r < 2^19): the bits of q above its 4 kept mantissa bits, with r added below
+ * them. Below 2^-14 (subnormal codes, a fixed gap of 2^-18) the bits of
+ * (q + 2^-14) / 2 (q to the nearest multiple of 2^-37, in a float of exponent
+ * -15) give the subnormal code by the same formula; as signed integers they
+ * are the larger of the two exactly when q < 2^-14 (and for q = -0). */
+static inline uint32_t sf_lb_encode(float q, uint32_t r) {
+    const int32_t lifted = (int32_t)(sf_to_bits(q + 6.103515625e-05f) - (1u << 23));
+    const int32_t plain = (int32_t)sf_to_bits(q);
+    const uint32_t u = (uint32_t)(lifted > plain ? lifted : plain);
+    return ((u + r) >> 19) - 1792u; /* at most 255: q <= 1.9375 has no bits below the kept ones */
 }
 
 /* The exponent of a block whose largest (coded) square root is mx >= 0. */
@@ -684,7 +707,7 @@ static inline int32_t sf_lb_exponent(float mx) {
  * stores of codes, bytes, may alias anything, so they would not be hoisted). */
 typedef struct {
     float c, lr, wd, ystep, b2, omb2, rsbc2, eps, omc;
-    int upper;
+    int upper, decay;
 } sf_lb_consts;
 
 static sf_lb_consts sf_lb_consts_of(const sf_scalars *s) {
@@ -699,18 +722,22 @@ static sf_lb_consts sf_lb_consts_of(const sf_scalars *s) {
     k.eps = (float)s[SF_EPS];
     k.omc = (float)(1.0 - s[SF_CKP1]);
     k.upper = s[SF_CKP1] >= 0.5;
+    k.decay = s[SF_WD] != 0.0;
     return k;
 }
 
 #define SF_LOWBIT_ENTRY(NAME, F, S)                                                                      \
     static inline __attribute__((always_inline)) void sf_lowbit_block_##NAME(                           \
         S *restrict y, const S *restrict g, sf_bf16 *restrict z, void *restrict vp, int8_t *restrict ex, \
-        int64_t len, const sf_lb_consts *restrict k, const int mode, const int vformat, const int rounding,         \
-        const sf_key *keys, uint32_t at) {                                                               \
+        int64_t len, const sf_lb_consts *restrict k, const int mode, const int vformat, const int upper, \
+        const int decay, const int rounding, const sf_key *keys, uint32_t at) {                          \
         float yb[SF_LB_BLOCK], zb[SF_LB_BLOCK], vb[SF_LB_BLOCK];                                        \
-        const float c = k->c, lr = k->lr, wd = k->wd, ystep = k->ystep, b2 = k->b2, omb2 = k->omb2;     \
-        const float rsbc2 = k->rsbc2, eps = k->eps, omc = k->omc;                                       \
-        const int upper = k->upper;                                                                     \
+        const float lr = k->lr, wd = k->wd, ystep = k->ystep, b2 = k->b2, omb2 = k->omb2;                \
+        const float rsbc2 = k->rsbc2, eps = k->eps;                                                      \
+        /* torch's two-sided lerp as base + diff * w: z - diff (1-c) or y + diff c (negating is exact).  \
+         * `upper` (c >= 0.5) and `decay` (wd != 0; without it d is left as it is) are constants where   \
+         * ADAM calls this, so its loops select nothing for them; SGD_V (RAdam's first steps) selects. */ \
+        const float w = upper ? -k->omc : k->c;                                                          \
         const int sr = rounding & 1, ysr = (rounding & 2) && SF_NARROW_##F;                             \
         const float scale = vformat == SF_LB_8BIT ? sf_pow2(ex[0]) : 1.0f;                              \
         const sf_bf16 *restrict v16 = (const sf_bf16 *)vp;                                              \
@@ -718,6 +745,14 @@ static sf_lb_consts sf_lb_consts_of(const sf_scalars *s) {
         /* int counters (len <= SF_LB_BLOCK): the hashed index stays in 32-bit lanes. */                \
         const int n = (int)len;                                                                         \
         float mx = 0.0f;                                                                                \
+        if (vformat == SF_LB_8BIT) {                                                                     \
+            /* The old v from the codes first, in a loop of its own: the step's loop then has no byte lanes. */ \
+            _Pragma("omp simd")                                                                          \
+            for (int i = 0; i < n; i++) {                                                                \
+                const float so = sf_lb_decode(v8[i]) * scale;                                            \
+                vb[i] = so * so;                                                                         \
+            }                                                                                            \
+        }                                                                                                \
         /* One pass: read, step, write y, keep z and v (or s, clamped) for rounding. */                 \
         _Pragma("omp simd reduction(max:mx)")                                                           \
         for (int i = 0; i < n; i++) {                                                             \
@@ -725,57 +760,55 @@ static sf_lb_consts sf_lb_consts_of(const sf_scalars *s) {
             float vo;                                                                                   \
             if (vformat == SF_LB_BF16) {                                                                \
                 vo = sf_bf16_load(v16[i]);                                                              \
-            } else {                                                                                    \
-                const float so = sf_lb_decode(v8[i]) * scale;                                           \
-                vo = so * so;                                                                           \
-            }                                                                                           \
+            } else {                                                                                     \
+                vo = vb[i];                                                                              \
+            }                                                                                            \
             const float vi = b2 * vo + omb2 * gi * gi, si = sqrtf(vi);                                  \
             float d = mode == SF_ADAM ? gi / (si * rsbc2 + eps) : gi;                                   \
-            d = d + wd * yi;                                                                            \
+            d = SF_PICK_float(decay, d + wd * yi, d);                                                    \
             const float diff = zi - yi;                                                                 \
-            const float from_z = zi - diff * omc, from_y = yi + c * diff;                               \
-            const float lerped = SF_PICK_float(upper, from_z, from_y);                                  \
+            const float lerped = SF_PICK_float(upper, zi, yi) + diff * w;                                \
             const float yn = lerped + ystep * d;                                                        \
             y[i] = SF_NEAR_##F(yn);                                                                     \
             if (SF_NARROW_##F) yb[i] = yn;                                                              \
             zb[i] = zi - lr * d;                                                                        \
-            const float keep = vformat == SF_LB_BF16 ? vi : (si <= SF_LB_SMAX ? si : SF_LB_SMAX);       \
+            /* NaN and square roots above SF_LB_SMAX are coded as SF_LB_SMAX */                          \
+            const float keep = vformat == SF_LB_BF16 ? vi : (si < SF_LB_SMAX ? si : SF_LB_SMAX);         \
             vb[i] = keep;                                                                               \
             mx = keep > mx ? keep : mx;                                                                 \
-        }                                                                                               \
-        if (ysr) {                                                                                      \
-            _Pragma("omp simd")                                                                         \
-            for (int i = 0; i < n; i++) y[i] = SF_SR_##F(yb[i], sf_lb_random(keys[SF_STREAM_Y], at + (uint32_t)i)); \
-        }                                                                                               \
-        uint32_t rb[SF_LB_BLOCK];                                                                        \
-        if (sr) {                                                                                        \
-            _Pragma("omp simd")                                                                          \
-            for (int i = 0; i < n; i++) {                                                          \
-                const uint32_t r = sf_lb_random(keys[SF_STREAM_Z], at + (uint32_t)i);                       \
-                z[i] = sf_bf16_stochastic(zb[i], r);                                                     \
-                rb[i] = r << 16;                                                                         \
-            }                                                                                            \
-        } else {                                                                                         \
-            _Pragma("omp simd")                                                                          \
-            for (int i = 0; i < n; i++) z[i] = sf_bf16_nearest(zb[i]);                             \
         }                                                                                                \
-        if (vformat == SF_LB_BF16) {                                                                     \
-            sf_bf16 *restrict v = (sf_bf16 *)vp;                                                         \
-            if (sr) {                                                                                    \
-                _Pragma("omp simd")                                                                      \
-                for (int i = 0; i < n; i++) v[i] = sf_bf16_stochastic(vb[i], rb[i]);               \
-            } else {                                                                                     \
-                _Pragma("omp simd")                                                                      \
-                for (int i = 0; i < n; i++) v[i] = sf_bf16_nearest(vb[i]);                         \
+        if (ysr) {                                                                                      \
+            _Pragma("omp simd")                                                                          \
+            for (int i = 0; i < n; i++) y[i] = SF_SR_##F(yb[i], sf_lb_random(keys[SF_STREAM_Y], at + (uint32_t)i)); \
+        }                                                                                                \
+        float inv = 1.0f;                                                                                \
+        if (vformat == SF_LB_8BIT) {                                                                     \
+            const int32_t e = sf_lb_exponent(mx);                                                        \
+            inv = sf_pow2(-e);                                                                           \
+            ex[0] = (int8_t)e;                                                                           \
+        }                                                                                                \
+        sf_bf16 *restrict vw16 = (sf_bf16 *)vp;                                                          \
+        uint8_t *restrict vw8 = (uint8_t *)vp;                                                           \
+        /* The second pass rounds z and v: one hash per element, its high half for z, its low half for v. */ \
+        if (sr) {                                                                                        \
+            const sf_key kz = keys[SF_STREAM_Z];                                                         \
+            _Pragma("omp simd")                                                                          \
+            for (int i = 0; i < n; i++) {                                                                \
+                const uint32_t r = sf_lb_random(kz, at + (uint32_t)i);                                   \
+                z[i] = sf_lb_bf16_stochastic(zb[i], r);                                                  \
+                if (vformat == SF_LB_BF16)                                                               \
+                    vw16[i] = sf_bf16_stochastic(vb[i], r << 16);                                        \
+                else                                                                                     \
+                    vw8[i] = (uint8_t)sf_lb_encode(vb[i] * inv, (r & 0xffffu) << 3);                     \
             }                                                                                            \
         } else {                                                                                         \
-            uint8_t *restrict v = (uint8_t *)vp;                                                         \
-            const int32_t e = sf_lb_exponent(mx);                                                        \
-            const float inv = sf_pow2(-e);                                                               \
-            ex[0] = (int8_t)e;                                                                           \
             _Pragma("omp simd")                                                                          \
-            for (int i = 0; i < n; i++) {                                                          \
-                v[i] = sf_lb_encode(vb[i] * inv, sr ? rb[i] : 0x80000000u);                              \
+            for (int i = 0; i < n; i++) {                                                                \
+                z[i] = sf_bf16_nearest(zb[i]);                                                           \
+                if (vformat == SF_LB_BF16)                                                               \
+                    vw16[i] = sf_bf16_nearest(vb[i]);                                                    \
+                else                                                                                     \
+                    vw8[i] = (uint8_t)sf_lb_encode(vb[i] * inv, 1u << 18);                               \
             }                                                                                            \
         }                                                                                                \
     }                                                                                                    \
@@ -786,9 +819,19 @@ static sf_lb_consts sf_lb_consts_of(const sf_scalars *s) {
         sf_chunk *chunks = make_chunks(n, sizes, &count, &nthreads);                                     \
         if (!chunks) return -1;                                                                          \
         const sf_lb_consts kc = sf_lb_consts_of(s);                                                      \
-        _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)")              \
+        int64_t total = 0;                                                                               \
+        for (int64_t k = 0; k < count; k++) total += chunks[k].len;                                      \
+        /* Each thread takes the chunks that start in its equal share of the elements, not an equal      \
+         * number of chunks (a tensor's last chunk is shorter: 13 vectors of 8192 would otherwise all    \
+         * fall to one thread). */                                                                       \
+        _Pragma("omp parallel num_threads(nthreads) if(nthreads > 1)")                                   \
+        {                                                                                                \
+        const int64_t parts = omp_get_num_threads(), part = omp_get_thread_num();                        \
+        int64_t next = 0;                                                                                \
         for (int64_t k = 0; k < count; k++) {                                                            \
-            const int64_t i = chunks[k].idx, o = chunks[k].start, len = chunks[k].len;                   \
+            const int64_t i = chunks[k].idx, o = chunks[k].start, len = chunks[k].len, first = next;     \
+            next += len;                                                                                 \
+            if (first * parts / total != part) continue;                                                 \
             sf_key keys[SF_STREAMS];                                                                     \
             for (int st = 0; st < SF_STREAMS; st++) keys[st] = sf_key_for(seed, st, i, o);               \
             const int64_t vsize = vformat == SF_LB_BF16 ? 2 : 1;                                         \
@@ -796,24 +839,37 @@ static sf_lb_consts sf_lb_consts_of(const sf_scalars *s) {
             for (int64_t b = 0; b < len; b += SF_LB_BLOCK) {                                             \
                 const int64_t at = o + b, bl = len - b < SF_LB_BLOCK ? len - b : SF_LB_BLOCK;            \
                 int8_t *eb = vformat == SF_LB_8BIT ? ex[i] + at / SF_LB_BLOCK : 0;                       \
-                /* Constant family and format at each call, so each inlined copy is one vector loop. */  \
+                /* Constant family and format (and for ADAM lerp side and decay) at each call: each inlined \
+                 * copy is one vector loop. */                                                           \
                 if (mode == SF_SGD_V && vformat == SF_LB_BF16)                                           \
-                    SF_LB_CALL(NAME, SF_SGD_V, SF_LB_BF16);                                              \
+                    SF_LB_CALL(NAME, SF_SGD_V, SF_LB_BF16, kc.upper, kc.decay);                          \
                 else if (mode == SF_SGD_V)                                                               \
-                    SF_LB_CALL(NAME, SF_SGD_V, SF_LB_8BIT);                                              \
+                    SF_LB_CALL(NAME, SF_SGD_V, SF_LB_8BIT, kc.upper, kc.decay);                          \
                 else if (vformat == SF_LB_BF16)                                                          \
-                    SF_LB_CALL(NAME, SF_ADAM, SF_LB_BF16);                                               \
+                    SF_LB_CALLS(NAME, SF_ADAM, SF_LB_BF16);                                              \
                 else                                                                                     \
-                    SF_LB_CALL(NAME, SF_ADAM, SF_LB_8BIT);                                               \
+                    SF_LB_CALLS(NAME, SF_ADAM, SF_LB_8BIT);                                              \
             }                                                                                            \
+        }                                                                                                \
         }                                                                                                \
         free(chunks);                                                                                    \
         return 0;                                                                                        \
     }
 
-#define SF_LB_CALL(NAME, MODE, FMT)                                                                     \
-    sf_lowbit_block_##NAME(y[i] + at, g[i] + at, z[i] + at, vbase + at * vsize, eb, bl, &kc, MODE, FMT, rounding, \
-                           keys, (uint32_t)at)
+#define SF_LB_CALL(NAME, MODE, FMT, UPPER, DECAY)                                                       \
+    sf_lowbit_block_##NAME(y[i] + at, g[i] + at, z[i] + at, vbase + at * vsize, eb, bl, &kc, MODE, FMT, UPPER, \
+                           DECAY, rounding, keys, (uint32_t)at)
+#define SF_LB_CALLS(NAME, MODE, FMT)                                                                    \
+    do {                                                                                                 \
+        if (kc.upper && kc.decay)                                                                       \
+            SF_LB_CALL(NAME, MODE, FMT, 1, 1);                                                          \
+        else if (kc.upper)                                                                              \
+            SF_LB_CALL(NAME, MODE, FMT, 1, 0);                                                          \
+        else if (kc.decay)                                                                              \
+            SF_LB_CALL(NAME, MODE, FMT, 0, 1);                                                          \
+        else                                                                                            \
+            SF_LB_CALL(NAME, MODE, FMT, 0, 0);                                                          \
+    } while (0)
 #define SF_NARROW_float 0
 #define SF_NARROW_bf16 1
 #define SF_NARROW_f16 1
@@ -883,7 +939,7 @@ SF_LOWBIT_ENTRY(float16, f16, sf_f16)
             const T si = SF_LOAD_##BF(sv[i]) * rho + acc * gi;                                           \
             const T d = u + wd * SF_PICK_##T(atz, zi, yi);                                               \
             const T diff = zi - yi;                                                                      \
-            const T from_z = zi - diff * omc, from_y = yi + c * diff;                                    \
+            const T from_z = zi - diff * omc, from_y = yi + c * diff;           \
             const T yn = SF_PICK_##T(upper, from_z, from_y) + ystep * d, zn = zi - lr * d;               \
             if (sr) {                                                                                    \
                 const uint32_t at = base + (uint32_t)i;                                                  \

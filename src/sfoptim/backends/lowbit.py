@@ -102,11 +102,9 @@ def _key(seed: int, stream: int, tensor: int, start: int) -> tuple[int, int]:
 
 
 def _mix32(x: Tensor) -> Tensor:
+    x = (x * 0x9E3779B1) & _M32
     x = x ^ (x >> 16)
-    x = (x * 0x21F0AAAD) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x735A2D97) & _M32
-    return x ^ (x >> 15)
+    return (x * 0x85EBCA6B) & _M32
 
 
 def random_bits(seed: int, stream: int, tensor: int, start: int, n: int, device: torch.device) -> Tensor:
@@ -114,9 +112,9 @@ def random_bits(seed: int, stream: int, tensor: int, start: int, n: int, device:
 
     ``start`` and ``start + n`` must lie in one span of 2^32 elements.
     """
-    a, b = _key(seed, stream, tensor, start)
+    a = _key(seed, stream, tensor, start)[0]
     index = torch.arange(start & _M32, (start & _M32) + n, dtype=torch.int64, device=device)
-    return (_mix32(index ^ a) + b) & _M32
+    return _mix32((index + a) & _M32)
 
 
 # --------------------------------------------------------------------- formats
@@ -166,20 +164,20 @@ def _expand(e: Tensor, n: int) -> Tensor:
 def encode_sqrt(s: Tensor, rnd: Tensor | None) -> tuple[Tensor, Tensor]:
     """Codes (uint8, one per element) and block exponents (int8) of the square roots ``s`` (flat float32).
 
-    Stochastic rounding with the 32-bit random numbers ``rnd`` (int64), to
-    nearest without. NaN and values above :data:`S_MAX` are stored as
+    Stochastic rounding with the low 16 bits of the random numbers ``rnd``
+    (int64), to nearest without. NaN and values above :data:`S_MAX` are stored as
     :data:`S_MAX`.
     """
-    s = torch.where(s <= S_MAX, s, torch.full_like(s, S_MAX))
+    s = torch.where(s < S_MAX, s, torch.full_like(s, S_MAX))
     e = _block_exponents(s)
     q = s * _pow2(-_expand(e, s.numel()))
-    r = rnd if rnd is not None else torch.full_like(s, 0x8000_0000, dtype=torch.int64)
-    normal = ((_bits(q) + (r >> 13)) >> 19) - 1792
-    t = q * 262144.0
-    whole = t.to(torch.int32)
-    frac = ((t - whole.to(torch.float32)) * 16777216.0).to(torch.int64)
-    sub = whole.to(torch.int64) + (frac > (r >> 8)).to(torch.int64)
-    code = torch.where(q >= 2.0**-14, normal.clamp(max=255), sub)
+    # r / 2^19 of the gap rounds up: 16 random bits, or one half (to nearest).
+    r = ((rnd & 0xFFFF) << 3) if rnd is not None else torch.full_like(s, 1 << 18, dtype=torch.int64)
+    # Below 2^-14 (subnormal codes, a gap of 2^-18) the bits of (q + 2^-14) / 2 code q with the
+    # same formula; they are the larger (as signed integers) exactly there (and for q = -0).
+    plain = q.view(torch.int32).to(torch.int64)
+    lifted = (q + 2.0**-14).view(torch.int32).to(torch.int64) - (1 << 23)
+    code = ((torch.maximum(plain, lifted) + r) >> 19) - 1792  # at most 255, as q <= 1.9375
     return code.to(torch.uint8), e.to(torch.int8)
 
 
@@ -212,7 +210,8 @@ def step(
     Per element, computed in float32 (float64 for float64 parameters):
 
     :math:`v' = \beta_2 \hat v + (1-\beta_2) g^2`,
-    :math:`d = g / (\sqrt{v'} \cdot bc_2^{-1/2} + \epsilon) + \lambda y` (``SGD_V``: :math:`g + \lambda y`),
+    :math:`d = g / (\sqrt{v'} \cdot bc_2^{-1/2} + \epsilon) + \lambda y` (``SGD_V``: :math:`g + \lambda y`;
+    no decay term when :math:`\lambda = 0`),
     :math:`y \leftarrow \operatorname{lerp}(y, z, c) + \gamma(\beta(1-c)-1) d`,
     :math:`z \leftarrow z - \gamma d`;
 
@@ -266,7 +265,8 @@ def _step_slice(
         d = gi / (root * (1.0 / math.sqrt(s["bc2"])) + s["eps"])
     else:
         d = gi
-    d = d + yi * s["wd"]
+    if s["wd"] != 0:
+        d = d + yi * s["wd"]
     c = s["ckp1"]
     diff = zi - yi
     lerped = zi - diff * (1.0 - c) if c >= 0.5 else yi + diff * c
@@ -276,11 +276,10 @@ def _step_slice(
     # One hash per element: its high 16 bits round z, its low 16 bits (shifted up) round v.
     r = None if seed is None else random_bits(seed, STREAM_Z, index, start, y.numel(), y.device)
     z.copy_(bf16_round(z_new, r))
-    rv = None if r is None else (r << 16) & _M32
     if e is None:
-        v.copy_(bf16_round(vi.to(torch.float32), rv))
+        v.copy_(bf16_round(vi.to(torch.float32), None if r is None else (r << 16) & _M32))
     else:
-        code, exps = encode_sqrt(root.to(torch.float32), rv)
+        code, exps = encode_sqrt(root.to(torch.float32), r)
         v.copy_(code)
         e.copy_(exps)
 
