@@ -244,10 +244,6 @@ def lm_methods(cfg: LMConfig, lrs=(0.004, 0.008, 0.016, 0.032), sf_lrs=(0.008, 0
     def sf_muon_rising_beta(model, c):
         return sfoptim.MuonScheduleFree(hidden_matrices(model, _in_blocks), beta_horizon=c["beta_horizon"])
 
-    def sf_muon_amuse(model, c):
-        return sfoptim.MuonScheduleFree(hidden_matrices(model, _in_blocks), beta=c["beta"],
-                                        beta_horizon=c["beta_horizon"], beta_power=c["beta_power"])
-
     def sf_prodigy_algoperf(model, c):
         return sfoptim.ProdigyScheduleFree(model.parameters(), averaging="algoperf", betas=(0.9, 0.9955),
                                            d_growth=None, update_clip=None)
@@ -266,8 +262,6 @@ def lm_methods(cfg: LMConfig, lrs=(0.004, 0.008, 0.016, 0.032), sf_lrs=(0.008, 0
         *untuned_schedule_free_methods(_in_blocks),
         Method("muon-sf-rising-beta", "SF Muon, rising beta", sf_muon_rising_beta, grid(beta_horizon=(200,)),
                schedule_free=True),
-        Method("muon-sf-amuse", "SF Muon, AMUSE's rising beta", sf_muon_amuse,
-               grid(beta=(0.6,), beta_horizon=("warmup",), beta_power=(0.3,)), schedule_free=True),
         Method("prodigy-sf-algoperf", "SF Prodigy, AlgoPerf form", sf_prodigy_algoperf, schedule_free=True),
         Method("sf-adamw-fixed", "SF AdamW, float32 state", sf_adamw_precision("full"), fixed, schedule_free=True),
         Method("sf-adamw-bf16state", "SF AdamW, bfloat16 state", sf_adamw_precision("bf16"), fixed,

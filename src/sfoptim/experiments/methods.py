@@ -176,12 +176,18 @@ def hidden_matrices(model: nn.Module, hidden: Callable[[str, nn.Module], bool]) 
     return [{"params": matrices, "use_muon": True}, {"params": rest, "use_muon": False}]
 
 
+#: Schedule-free Muon's option of a rising interpolation weight, as AMUSE sets
+#: it: a lower start, rising from the end of the warmup (``muon-sf-amuse``).
+AMUSE_MUON: dict[str, Any] = dict(beta=0.6, beta_horizon="warmup", beta_power=0.3)
+
+
 def untuned_schedule_free_methods(hidden: Callable[[str, nn.Module], bool] | None = None) -> list[Method]:
     """The learning-rate-free and spectral schedule-free optimizers, each run once with its defaults.
 
     ``ScheduleFree+`` (``sfoptim.AdamCScheduleFreePlus``, lr 1.0) takes its
     Polyak step size from the loss; schedule-free Muon and schedule-free
-    Prodigy come from sfoptim; ``prodigyplus`` is the
+    Prodigy come from sfoptim (``muon-sf-amuse``: schedule-free Muon with
+    :data:`AMUSE_MUON`); ``prodigyplus`` is the
     ``prodigy-plus-schedule-free`` package's ``ProdigyPlusScheduleFree``.  An
     entry whose optimizer is not installed reports itself unavailable.
     ``hidden(name, module)`` picks the ``nn.Linear`` modules whose weights
@@ -192,12 +198,14 @@ def untuned_schedule_free_methods(hidden: Callable[[str, nn.Module], bool] | Non
         return Method(name, label, lambda model, _: cls(model.parameters(), **kwargs),
                       schedule_free=True, needs_loss=needs_loss)
 
+    def muon_params(model: nn.Module) -> Any:
+        return hidden_matrices(model, hidden) if hidden is not None else model.named_parameters()
+
     return [
         sfoptim_method("sf-plus", "ScheduleFree+", sfoptim.AdamCScheduleFreePlus, needs_loss=True, lr=1.0),
-        Method("muon-sf", "SF Muon",
-               lambda model, _: sfoptim.MuonScheduleFree(
-                   hidden_matrices(model, hidden) if hidden is not None else model.named_parameters()),
-               schedule_free=True),
+        Method("muon-sf", "SF Muon", lambda model, _: sfoptim.MuonScheduleFree(muon_params(model)), schedule_free=True),
+        Method("muon-sf-amuse", "SF Muon, AMUSE's rising beta",
+               lambda model, _: sfoptim.MuonScheduleFree(muon_params(model), **AMUSE_MUON), schedule_free=True),
         sfoptim_method("prodigy-sf", "SF Prodigy", sfoptim.ProdigyScheduleFree, lr=1.0),
         Method("prodigyplus", "prodigyplus", lambda model, _: _prodigyplus()(model.parameters()),
                schedule_free=True, requires=_prodigyplus),
