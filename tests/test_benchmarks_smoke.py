@@ -65,10 +65,11 @@ def test_lm_muon_sf_tuned_is_chosen_per_stopping_time(tmp_path):
     bench = _load("lm_stdlib")
     bench.main(["--steps", "16", "--seeds", "1", "--batch", "2", "--ctx", "16", "--d", "16", "--layers", "1",
                 "--heads", "2", "--grid", "0.003", "0.01", "--muon-sf-horizons", "none", "2", "--heldout", "8",
-                "--methods", "muon-sf-tuned", "--out", str(tmp_path)])
+                "--muon-sf-betas", "0.6", "0.9", "--methods", "muon-sf-tuned", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["methods"]["muon-sf-tuned"]["tuning"] == (
-        "4 configs (lr {0.003, 0.01}, beta_horizon {none, 2}, weight_decay {0.1}), for each stopping time")
+        "8 configs (lr {0.003, 0.01}, beta {0.6, 0.9}, beta_horizon {none, 2}, beta_power {1}, weight_decay {0.1}), "
+        "for each stopping time")
     for r in result["rows"]:
         grid = r["muon-sf-tuned"]["grid"]
         assert r["muon-sf-tuned"]["loss"][0] == min(grid)
